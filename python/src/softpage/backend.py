@@ -1,0 +1,186 @@
+"""The source-side backend contract: one ops table, two implementations.
+
+Modelled on ``struct xc_sr_save_ops`` (tools/libs/guest/xg_sr_common.h). The
+migration driver (``softpage.driver``) talks only to these protocols; it never
+imports the Xen backend. ``softpage.sim`` implements them on simulated memory,
+``softpage.xen.backend`` on a real domain through libxenctrl & co. One contract
+test suite (tests/contract/) runs against both.
+
+Call order, as the driver makes it::
+
+    describe()                                   once, first
+    static_info()                                once
+    enable_logdirty()                            once, before any page is read
+    { harvest_dirty(final=False) | page_types() | read_pages() }*   precopy rounds
+    suspend()                                    once; on failure the driver calls resume()
+    harvest_dirty(final=True), page_types(), read_pages(), end_of_checkpoint()
+    resume()                                     only if the migration is abandoned
+    cleanup()                                    exactly once, on success or failure
+
+The guest's soft-page channel is a separate protocol, ``SoftPageChannel``:
+a backend for a guest without the module simply returns ``None`` from
+``soft_channel()``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Optional, Protocol, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from softpage.pfnset import PfnArray, PfnSet
+
+PAGE_SIZE = 4096
+
+
+class GuestType(enum.Enum):
+    """Guest types, as the libxc domain header distinguishes them (PVH is HVM)."""
+
+    PV = "pv"
+    PVH = "pvh"
+    HVM = "hvm"
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    """What the driver needs to know about the source domain."""
+
+    domid: int
+    name: str
+    guest_type: GuestType
+    p2m_size: int
+    """PFNs ``[0, p2m_size)`` are walked: ``xc_domain_maximum_gpfn() + 1``."""
+    max_memkb: int
+    nr_vcpus: int
+    xen_version: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class StaticInfo:
+    """The records that precede memory in the libxc stream (v3 'static data')."""
+
+    cpuid_policy: bytes
+    """``xen_cpuid_leaf_t[]`` as ``xc_cpu_policy_serialise`` gives it."""
+    msr_policy: bytes
+    """``xen_msr_entry_t[]``."""
+
+
+@dataclass(frozen=True)
+class TscInfo:
+    mode: int
+    khz: int
+    nsec: int
+    incarnation: int
+
+
+@dataclass(frozen=True)
+class EndOfCheckpoint:
+    """The records that follow memory, read with the guest suspended."""
+
+    tsc: TscInfo
+    hvm_context: bytes
+    hvm_params: Sequence[tuple[int, int]] = field(default_factory=tuple)
+
+
+class MigrationBackend(Protocol):
+    """Source-side operations on one domain. Errors: ``BackendError`` or ``OSError``."""
+
+    def describe(self) -> DomainInfo:
+        """Static facts about the domain. Called once, first."""
+        ...
+
+    def static_info(self) -> StaticInfo:
+        """CPU policy records for the start of the stream."""
+        ...
+
+    def enable_logdirty(self) -> None:
+        """Start dirty logging. Called once, before the first ``read_pages``.
+
+        After it returns, every guest write to a PFN is reported by the next
+        ``harvest_dirty``.
+        """
+        ...
+
+    def harvest_dirty(self, final: bool) -> PfnSet:
+        """Return the PFNs written since the previous harvest (or since
+        ``enable_logdirty``) and reset the log (``XEN_DOMCTL_SHADOW_OP_CLEAN``).
+
+        ``final`` is set for the stop-and-copy harvest with the domain
+        suspended; it also reports pages the hypervisor has mapped writable.
+        The result's universe is ``describe().p2m_size``.
+        """
+        ...
+
+    def page_types(self, pfns: PfnArray) -> npt.NDArray[np.uint32]:
+        """``XEN_DOMCTL_PFINFO_*`` type of each PFN (``>> 28`` gives the stream's
+        4-bit type). XTAB means "no RAM here"."""
+        ...
+
+    def read_pages(self, pfns: PfnArray) -> memoryview:
+        """The contents of ``pfns``, ``len(pfns) * PAGE_SIZE`` bytes in order.
+
+        The view is valid until the next ``read_pages`` call; the driver
+        writes it out before asking again. PFNs must be RAM (not XTAB).
+        """
+        ...
+
+    def suspend(self) -> None:
+        """Ask the guest to suspend and wait until the domain is suspended.
+
+        Raises ``GuestProtocolError`` if the guest does not acknowledge in
+        time, ``BackendError`` for anything else; in both cases the driver
+        then calls ``resume()``.
+        """
+        ...
+
+    def end_of_checkpoint(self) -> EndOfCheckpoint:
+        """TSC info and HVM context/params, read with the domain suspended."""
+        ...
+
+    def resume(self) -> None:
+        """Undo ``suspend()`` on the source (``xc_domain_resume(fast=1)``);
+        a no-op if the domain is running. Used when the migration fails."""
+        ...
+
+    def soft_channel(self) -> Optional[SoftPageChannel]:
+        """The guest's soft-page channel, or None if the guest has no module."""
+        ...
+
+    def cleanup(self) -> None:
+        """Turn dirty logging off and release every mapping and handle.
+
+        Called exactly once, after success or after a failure.
+        """
+        ...
+
+
+class SoftPageChannel(Protocol):
+    """The guest side of docs/spec/guest-protocol.md, seen from dom0.
+
+    Everything it returns is untrusted raw bytes; the caller decodes them with
+    ``softpage.bitmap.decode`` which validates everything.
+    """
+
+    def arm(self, armed: bool) -> None:
+        """Write ``armed`` (1 before the first request, 0 on cancel)."""
+        ...
+
+    def request(self, request_id: int) -> None:
+        """Write ``request = request_id`` and notify the guest."""
+        ...
+
+    def read(self, request_id: int, timeout: float) -> Optional[bytes]:
+        """Wait up to ``timeout`` seconds for the header to show ``request_id``
+        with an even generation, then return a consistent copy: the header
+        page followed by the ``4 * frames_per_category`` bitmap pages in
+        category-major order (``bitmap.decode``'s input; the list pages are a
+        transport detail and are not included). ``None`` on timeout or on a
+        torn read that did not settle."""
+        ...
+
+    def read_current(self) -> Optional[bytes]:
+        """Whatever is published now, without waiting (for ``softpage inspect``)."""
+        ...
