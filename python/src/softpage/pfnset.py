@@ -132,6 +132,12 @@ class PfnSet:
     def __repr__(self) -> str:
         return f"PfnSet(nr_pfns={self.nr_pfns}, count={self.count()})"
 
+    def contains_many(self, pfns: PfnArray) -> npt.NDArray[np.bool_]:
+        """Membership of each PFN in ``pfns`` (all must be < nr_pfns)."""
+        indexes = pfns.astype(np.uint64, copy=False)
+        words = self.words[(indexes >> np.uint64(6)).astype(np.intp)]
+        return ((words >> (indexes & np.uint64(63))) & np.uint64(1)).astype(bool)
+
     def issubset(self, other: PfnSet) -> bool:
         self._check(other)
         return not bool((self.words & ~other.words).any())
