@@ -172,6 +172,11 @@ class SoftPageChannel(Protocol):
         """Write ``request = request_id`` and notify the guest."""
         ...
 
+    def request_final(self, request_id: int) -> None:
+        """Write ``request = request_id`` for the suspend-time report, without
+        notifying: the guest answers it from its freeze callback."""
+        ...
+
     def read(self, request_id: int, timeout: float) -> Optional[bytes]:
         """Wait up to ``timeout`` seconds for the header to show ``request_id``
         with an even generation, then return a consistent copy: the header
