@@ -25,8 +25,9 @@ a backend for a guest without the module simply returns ``None`` from
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -145,7 +146,7 @@ class MigrationBackend(Protocol):
         a no-op if the domain is running. Used when the migration fails."""
         ...
 
-    def soft_channel(self) -> Optional[SoftPageChannel]:
+    def soft_channel(self) -> SoftPageChannel | None:
         """The guest's soft-page channel, or None if the guest has no module."""
         ...
 
@@ -177,7 +178,7 @@ class SoftPageChannel(Protocol):
         notifying: the guest answers it from its freeze callback."""
         ...
 
-    def read(self, request_id: int, timeout: float) -> Optional[bytes]:
+    def read(self, request_id: int, timeout: float) -> bytes | None:
         """Wait up to ``timeout`` seconds for the header to show ``request_id``
         with an even generation, then return a consistent copy: the header
         page followed by the ``4 * frames_per_category`` bitmap pages in
@@ -186,6 +187,6 @@ class SoftPageChannel(Protocol):
         torn read that did not settle."""
         ...
 
-    def read_current(self) -> Optional[bytes]:
+    def read_current(self) -> bytes | None:
         """Whatever is published now, without waiting (for ``softpage inspect``)."""
         ...

@@ -13,7 +13,7 @@ beyond ``nr_pfns`` are always zero.
 
 from __future__ import annotations
 
-from typing import Iterable, Union
+from collections.abc import Iterable
 
 import numpy as np
 import numpy.typing as npt
@@ -68,7 +68,7 @@ class PfnSet:
         return result
 
     @classmethod
-    def from_pfns(cls, nr_pfns: int, pfns: Union[Iterable[int], npt.NDArray[np.integer]]) -> PfnSet:
+    def from_pfns(cls, nr_pfns: int, pfns: Iterable[int] | npt.NDArray[np.integer]) -> PfnSet:
         array = np.asarray(pfns if isinstance(pfns, np.ndarray) else list(pfns), dtype=np.int64)
         if array.size and (array.min() < 0 or array.max() >= nr_pfns):
             raise PlannerError(f"PFN out of range [0, {nr_pfns}): {array.min()}..{array.max()}")
@@ -77,7 +77,7 @@ class PfnSet:
         return cls(nr_pfns, np.packbits(bools, bitorder="little").view(np.uint64).copy())
 
     @classmethod
-    def from_bytes(cls, nr_pfns: int, data: Union[bytes, bytearray, memoryview]) -> PfnSet:
+    def from_bytes(cls, nr_pfns: int, data: bytes | bytearray | memoryview) -> PfnSet:
         """Copy a little-endian bitmap; ``data`` may be longer than needed.
 
         Bits at or beyond ``nr_pfns`` in ``data`` are dropped. Callers that

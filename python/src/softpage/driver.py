@@ -1,0 +1,388 @@
+"""The migration driver: precopy rounds with soft-page pruning, then stop-and-copy.
+
+It reads top to bottom in stream order, like ``save()`` in
+tools/libs/guest/xg_sr_save.c, and talks only to the protocols of
+``softpage.backend`` and to a ``PageSink`` (the stream writer, or a test
+double). It never imports the Xen backend.
+
+Ownership of the domain's fate: ``send_domain`` returns with the domain
+suspended and the stream complete. If anything fails before that, it resumes
+the domain on the source, disarms the guest and raises ``MigrationError``. The
+caller decides afterwards (destroy after the receiver took over, or
+``backend.resume()`` if the handshake fails) and calls ``backend.cleanup()``
+exactly once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import resource
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from softpage import bitmap
+from softpage.backend import (
+    DomainInfo,
+    EndOfCheckpoint,
+    MigrationBackend,
+    SoftPageChannel,
+    StaticInfo,
+)
+from softpage.errors import BitmapError, MigrationError, SoftpageError
+from softpage.pfnset import PfnArray, PfnSet
+from softpage.planner import RoundPlan, RoundPlanner, SentPages
+from softpage.policy import Decision, PrecopyPolicy, PrecopyStats
+from softpage.snapshot import PRUNABLE, Category, SoftSnapshot
+from softpage.stream.records import PFINFO_SHIFT, PageType
+
+MAX_BATCH_SIZE = 1024
+"""PFNs per PAGE_DATA record, as libxenguest's MAX_BATCH_SIZE."""
+
+
+class PageSink(Protocol):
+    """Where the stream goes: ``softpage.stream`` implements it."""
+
+    def begin(self, domain: DomainInfo, static: StaticInfo) -> None:
+        """Write everything up to and including STATIC_DATA_END."""
+        ...
+
+    def write_pages(self, pfns: PfnArray, types: npt.NDArray[np.uint32], data: memoryview) -> int:
+        """Write one PAGE_DATA record; ``data`` holds the pages of the entries
+        whose type carries data, in order. Returns the bytes written."""
+        ...
+
+    def end(self, end_of_checkpoint: EndOfCheckpoint) -> None:
+        """Write the post-memory records and the END records."""
+        ...
+
+
+@dataclass(frozen=True)
+class DriverOptions:
+    prune: tuple[Category, ...] = PRUNABLE
+    """Categories skipped in precopy rounds; empty means plain precopy (``--no-prune``)."""
+    policy: PrecopyPolicy = field(default_factory=PrecopyPolicy)
+    snapshot_timeout: float = 5.0
+    """Seconds to wait for each precopy snapshot before sending that round in full."""
+    final_snapshot_timeout: float = 2.0
+    """Seconds to wait for the FINAL report once the domain is suspended."""
+    live: bool = True
+    """False: suspend first and send everything once (``xl save`` without live)."""
+
+
+@dataclass
+class RoundStats:
+    """One JSON record of ``--stats``."""
+
+    round: int
+    kind: str
+    """"live" or "final"."""
+    candidates: int
+    pages_data: int = 0
+    pages_xalloc: int = 0
+    pages_skipped: int = 0
+    holes: int = 0
+    bytes: int = 0
+    duration_s: float = 0.0
+    snapshot_used: bool = False
+    snapshot_note: str = ""
+    guest_scan_ms: float | None = None
+
+
+@dataclass
+class MigrationStats:
+    domid: int
+    rounds: list[RoundStats] = field(default_factory=list)
+    total_bytes: int = 0
+    duration_s: float = 0.0
+    suspended_at: float | None = None
+    """``time.monotonic()`` when the domain was suspended (downtime starts)."""
+    sender_cpu_s: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def pages_data(self) -> int:
+        return sum(r.pages_data for r in self.rounds)
+
+    @property
+    def pages_xalloc(self) -> int:
+        return sum(r.pages_xalloc for r in self.rounds)
+
+    @property
+    def pages_skipped(self) -> int:
+        return sum(r.pages_skipped for r in self.rounds)
+
+
+Log = Callable[[str], None]
+Progress = Callable[[RoundStats], None]
+
+
+def send_domain(
+    backend: MigrationBackend,
+    sink: PageSink,
+    options: DriverOptions,
+    log: Log,
+    progress: Progress | None = None,
+) -> MigrationStats:
+    """Write the whole stream for the backend's domain; see the module docstring."""
+    session = MigrationSession(backend, sink, options, log, progress)
+    try:
+        session.start()
+        if options.live:
+            _precopy(session, options.policy)
+        session.stop_and_copy()
+    except BaseException as error:
+        session.abandon()
+        if isinstance(error, (SoftpageError, OSError)) and not isinstance(error, MigrationError):
+            raise MigrationError(f"migration of domain {session.domain.domid} failed: {error}") from error
+        raise
+    return session.finish()
+
+
+def _precopy(session: MigrationSession, policy: PrecopyPolicy) -> None:
+    """Live rounds, with the stop decision made at the same points as libxenguest's."""
+    total_written = 0
+    iteration = 0
+    candidates = None
+    while True:
+        round_stats = session.live_round(candidates)
+        iteration += 1
+        total_written += round_stats.pages_data + round_stats.pages_xalloc
+        if policy.decide(PrecopyStats(iteration, total_written, -1)) is Decision.STOP_AND_COPY:
+            return
+        candidates = session.harvest()
+        stats = PrecopyStats(iteration, total_written, candidates.count())
+        if policy.decide(stats) is Decision.STOP_AND_COPY:
+            # As libxenguest: the pages already harvested go out live, then suspend.
+            session.live_round(candidates)
+            return
+
+
+class MigrationSession:
+    """One migration, step by step: ``start``, ``live_round``*, ``stop_and_copy``.
+
+    ``send_domain`` drives it with a precopy policy; tests drive it directly to
+    interleave guest activity with the rounds. After any failure the caller
+    must call ``abandon()``.
+    """
+
+    def __init__(
+        self,
+        backend: MigrationBackend,
+        sink: PageSink,
+        options: DriverOptions,
+        log: Log,
+        progress: Progress | None = None,
+    ) -> None:
+        self.backend = backend
+        self.sink = sink
+        self.options = options
+        self.log = log
+        self.progress = progress
+        self.domain = backend.describe()
+        self.stats = MigrationStats(domid=self.domain.domid)
+        self.channel: SoftPageChannel | None = None
+        self.suspended = False
+        self._requests = _RequestIds()
+        self._started = time.monotonic()
+        self._cpu_started = _cpu_seconds()
+        self.planner = RoundPlanner(self.domain.p2m_size, options.prune, honour_held=False)
+
+    def start(self) -> None:
+        """Stream headers and static data, log-dirty on, the guest armed."""
+        if self.options.prune:
+            self.channel = self.backend.soft_channel()
+            if self.channel is None:
+                self._warn(f"domain {self.domain.domid} publishes no soft pages (module not loaded): "
+                           "plain precopy")
+        self.planner.honour_held = self.channel is not None
+        self.sink.begin(self.domain, self.backend.static_info())
+        # Log-dirty before the first snapshot request: a soft page written
+        # after the guest reported it must show in the next harvest.
+        self.backend.enable_logdirty()
+        if self.channel is not None:
+            self.channel.arm(True)
+
+    def harvest(self) -> PfnSet:
+        return self.backend.harvest_dirty(final=False)
+
+    def live_round(self, candidates: PfnSet | None = None) -> RoundStats:
+        """Send ``candidates`` (default: every PFN, the first round) while the guest runs.
+
+        The soft snapshot is requested after ``candidates`` was harvested, so
+        it may prune them (planner rule 2).
+        """
+        if candidates is None:
+            candidates = PfnSet.full(self.domain.p2m_size)
+        snapshot, request_id = self._precopy_snapshot()
+        plan = self.planner.plan_precopy(candidates, snapshot, request_id)
+        round_stats = _send_round(
+            self.backend, self.sink, self.planner, plan, len(self.stats.rounds) + 1, "live", snapshot
+        )
+        self._finish_round(round_stats)
+        return round_stats
+
+    def stop_and_copy(self) -> RoundStats:
+        """Suspend, send what may be stale (less what the guest holds), end the stream."""
+        final_request = self._requests.next()
+        if self.channel is not None:
+            self.channel.request_final(final_request)
+        self.backend.suspend()
+        self.suspended = True
+        self.stats.suspended_at = time.monotonic()
+        final_dirty = self.backend.harvest_dirty(final=True)
+        if not self.planner.rounds_planned:
+            final_dirty = PfnSet.full(self.domain.p2m_size)
+        final_snapshot = self._read_snapshot(final_request, self.options.final_snapshot_timeout)
+        plan = self.planner.plan_final(final_dirty, final_snapshot, final_request)
+        round_stats = _send_round(
+            self.backend, self.sink, self.planner, plan, len(self.stats.rounds) + 1, "final", final_snapshot
+        )
+        self._finish_round(round_stats)
+        unaccounted = self.planner.unaccounted()
+        if unaccounted:
+            raise MigrationError(f"{unaccounted.count()} PFNs were never named in the stream; not ending it")
+        self.sink.end(self.backend.end_of_checkpoint())
+        return round_stats
+
+    def finish(self) -> MigrationStats:
+        self.stats.total_bytes = sum(r.bytes for r in self.stats.rounds)
+        self.stats.duration_s = time.monotonic() - self._started
+        self.stats.sender_cpu_s = _cpu_seconds() - self._cpu_started
+        return self.stats
+
+    def abandon(self) -> None:
+        """Leave the guest running on the source; never raises over the original error."""
+        if self.suspended:
+            try:
+                self.backend.resume()
+                self.suspended = False
+            except (SoftpageError, OSError) as error:
+                self.log(f"error: could not resume domain {self.domain.domid} on the source: {error}")
+        if self.channel is not None:
+            try:
+                self.channel.arm(False)
+            except (SoftpageError, OSError) as error:
+                self.log(f"warning: could not disarm the guest: {error}")
+
+    # -- snapshots --------------------------------------------------------
+    def _precopy_snapshot(self) -> tuple[SoftSnapshot | None, int | None]:
+        if self.channel is None:
+            return None, None
+        request_id = self._requests.next()
+        self.channel.request(request_id)
+        return self._read_snapshot(request_id, self.options.snapshot_timeout), request_id
+
+    def _read_snapshot(self, request_id: int, timeout: float) -> SoftSnapshot | None:
+        if self.channel is None:
+            return None
+        raw = self.channel.read(request_id, timeout)
+        if raw is None:
+            self._warn(f"domain {self.domain.domid}: no soft-page report for request {request_id} "
+                       f"within {timeout:g} s: sending that round in full")
+            return None
+        try:
+            return bitmap.decode(raw, self.domain.p2m_size)
+        except BitmapError as error:
+            self._warn(f"domain {self.domain.domid}: ignoring a malformed soft-page report: {error}")
+            return None
+
+    # -- bookkeeping ------------------------------------------------------
+    def _finish_round(self, round_stats: RoundStats) -> None:
+        self.stats.rounds.append(round_stats)
+        if not round_stats.snapshot_used and round_stats.snapshot_note not in ("pruning off", "no snapshot"):
+            self.log(f"round {round_stats.round}: soft pages not used: {round_stats.snapshot_note}")
+        if self.progress is not None:
+            self.progress(round_stats)
+
+    def _warn(self, message: str) -> None:
+        self.stats.warnings.append(message)
+        self.log(f"warning: {message}")
+
+
+# -- one round ------------------------------------------------------------------
+def _send_round(
+    backend: MigrationBackend,
+    sink: PageSink,
+    planner: RoundPlanner,
+    plan: RoundPlan,
+    round_number: int,
+    kind: str,
+    snapshot: SoftSnapshot | None,
+) -> RoundStats:
+    started = time.monotonic()
+    planned = plan.data | plan.xalloc
+    round_stats = RoundStats(
+        round=round_number,
+        kind=kind,
+        candidates=planned.count() + plan.skipped.count(),
+        pages_skipped=plan.skipped.count(),
+        snapshot_used=plan.snapshot_used,
+        snapshot_note=plan.snapshot_note,
+        guest_scan_ms=snapshot.scan_ns / 1e6 if snapshot is not None else None,
+    )
+    sent_data: list[PfnArray] = []
+    sent_xalloc: list[PfnArray] = []
+    holes: list[PfnArray] = []
+    for batch in _batches(planned.to_pfns()):
+        types = backend.page_types(batch)
+        stream_types = types >> np.uint32(PFINFO_SHIFT)
+        # Holes are left out of the stream altogether: the receiver treats an
+        # unnamed PFN exactly like an XTAB one (neither populated nor written).
+        is_hole = (stream_types == PageType.XTAB) | (stream_types == PageType.BROKEN)
+        # XALLOC only for plain pages: PV page tables keep their type and data.
+        use_xalloc = plan.xalloc.contains_many(batch) & (stream_types == PageType.NOTAB)
+        with_data = ~is_hole & ~use_xalloc
+        named = ~is_hole
+        if named.any():
+            data_pfns = batch[with_data]
+            pages = backend.read_pages(data_pfns) if data_pfns.size else memoryview(b"")
+            entry_types = np.where(use_xalloc, np.uint32(PageType.XALLOC.pfinfo), types).astype(np.uint32)
+            round_stats.bytes += sink.write_pages(batch[named], entry_types[named], pages)
+        sent_data.append(batch[with_data])
+        sent_xalloc.append(batch[use_xalloc])
+        holes.append(batch[is_hole])
+    sent = SentPages(
+        data=_pfn_set(planner.p2m_size, sent_data),
+        xalloc=_pfn_set(planner.p2m_size, sent_xalloc),
+        holes=_pfn_set(planner.p2m_size, holes),
+    )
+    planner.record_sent(plan, sent)
+    round_stats.pages_data = sent.data.count()
+    round_stats.pages_xalloc = sent.xalloc.count()
+    round_stats.holes = sent.holes.count()
+    round_stats.duration_s = time.monotonic() - started
+    return round_stats
+
+
+def _batches(pfns: PfnArray) -> Iterator[PfnArray]:
+    for start in range(0, pfns.size, MAX_BATCH_SIZE):
+        yield pfns[start : start + MAX_BATCH_SIZE]
+
+
+def _pfn_set(p2m_size: int, parts: list[PfnArray]) -> PfnSet:
+    if not parts:
+        return PfnSet.empty(p2m_size)
+    return PfnSet.from_pfns(p2m_size, np.concatenate(parts))
+
+
+# -- request ids ----------------------------------------------------------------
+class _RequestIds:
+    """Request ids that only grow, unique per driver run (docs/spec/guest-protocol.md)."""
+
+    def __init__(self) -> None:
+        # Nanoseconds since the epoch, so a later migration of the same guest
+        # never reuses an id an earlier one wrote.
+        self._counter = itertools.count(time.time_ns())
+
+    def next(self) -> int:
+        return next(self._counter)
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
