@@ -1,0 +1,124 @@
+"""libxenforeignmemory: read-only batched mappings of a domain's pages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from softpage.errors import BackendError
+from softpage.pfnset import PfnArray
+from softpage.xen._binding import XenBinding, errno_error, load_binding
+
+PAGE_SIZE = 4096
+
+
+class ForeignMapping:
+    """``len(pfns)`` pages mapped contiguously, read-only.
+
+    ``view`` is a zero-copy memoryview of the mapping, valid until
+    ``unmap()``; unmapping releases it, so a use after that raises
+    ``ValueError`` instead of touching unmapped memory (views sliced from it
+    are the caller's to drop first).
+    """
+
+    def __init__(self, owner: ForeignMemory, address: Any, nr_pages: int, domid: int) -> None:
+        self._owner = owner
+        self._address: Any = address
+        self.nr_pages = nr_pages
+        self.domid = domid
+        self.view: memoryview = memoryview(owner.binding.ffi.buffer(address, nr_pages * PAGE_SIZE))
+
+    def unmap(self) -> None:
+        """Idempotent."""
+        if self._address is None:
+            return
+        address, self._address = self._address, None
+        try:
+            self.view.release()
+        except BufferError:
+            # Someone still holds a slice; the view object stays usable to
+            # them but the pages go away below, so refuse loudly instead.
+            raise BackendError(
+                f"dom {self.domid}: a slice of a foreign mapping is still in use at unmap"
+            ) from None
+        finally:
+            self._owner.unmap_raw(address, self.nr_pages, self.domid)
+
+    def __enter__(self) -> ForeignMapping:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.unmap()
+
+
+class ForeignMemory:
+    """An open ``xenforeignmemory_handle``."""
+
+    def __init__(self, binding: XenBinding, handle: Any) -> None:
+        self.binding = binding
+        self._handle: Any = handle
+
+    @classmethod
+    def open(cls, binding: XenBinding | None = None) -> ForeignMemory:
+        binding = binding or load_binding()
+        handle = binding.lib.xenforeignmemory_open(binding.ffi.NULL, 0)
+        binding.check_ptr(handle, "xenforeignmemory_open")
+        return cls(binding, handle)
+
+    @property
+    def handle(self) -> Any:
+        if self._handle is None:
+            raise BackendError("xenforeignmemory handle used after close()")
+        return self._handle
+
+    def close(self) -> None:
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            self.binding.lib.xenforeignmemory_close(handle)
+
+    def __enter__(self) -> ForeignMemory:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def map_readonly(self, domid: int, pfns: PfnArray) -> ForeignMapping:
+        """Map ``pfns`` (GFNs) of ``domid`` in one call, PROT_READ.
+
+        Every page must map: if any does not, the whole mapping is undone and
+        ``OSError`` names the first failing PFN and how many failed.
+        """
+        ffi, lib = self.binding.ffi, self.binding.lib
+        gfns = np.ascontiguousarray(pfns, dtype=np.uint64)
+        if gfns.size == 0:
+            raise BackendError(f"dom {domid}: asked to map no pages")
+        errors = np.zeros(gfns.size, dtype=np.intc)
+        address = lib.xenforeignmemory_map(
+            self.handle,
+            domid,
+            lib.PROT_READ,
+            gfns.size,
+            ffi.from_buffer("xen_pfn_t[]", gfns),
+            ffi.from_buffer("int[]", errors),
+        )
+        self.binding.check_ptr(address, "xenforeignmemory_map", domid, int(gfns[0]))
+        failed = np.flatnonzero(errors)
+        if failed.size:
+            self.unmap_raw(address, gfns.size, domid)
+            first = int(failed[0])
+            error = errno_error(
+                int(errors[first]),
+                f"xenforeignmemory_map ({failed.size} of {gfns.size} pages failed, first)",
+                domid,
+                int(gfns[first]),
+            )
+            raise error
+        return ForeignMapping(self, address, int(gfns.size), domid)
+
+    def unmap_raw(self, address: Any, nr_pages: int, domid: int) -> None:
+        self.binding.check_rc(
+            self.binding.lib.xenforeignmemory_unmap(self.handle, address, nr_pages),
+            "xenforeignmemory_unmap",
+            domid,
+        )

@@ -1,0 +1,95 @@
+"""libxengnttab: read-only mappings of pages a domain granted to dom0."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from softpage.errors import BackendError
+from softpage.xen._binding import XenBinding, load_binding
+
+PAGE_SIZE = 4096
+
+
+class GrantMapping:
+    """Granted pages mapped contiguously, read-only; ``view`` is zero-copy and
+    released by ``unmap()``."""
+
+    def __init__(self, owner: GrantTable, address: Any, nr_pages: int, domid: int) -> None:
+        self._owner = owner
+        self._address: Any = address
+        self.nr_pages = nr_pages
+        self.domid = domid
+        self.view: memoryview = memoryview(owner.binding.ffi.buffer(address, nr_pages * PAGE_SIZE))
+
+    def unmap(self) -> None:
+        """Idempotent."""
+        if self._address is None:
+            return
+        address, self._address = self._address, None
+        try:
+            self.view.release()
+        except BufferError:
+            raise BackendError(
+                f"dom {self.domid}: a slice of a grant mapping is still in use at unmap"
+            ) from None
+        finally:
+            self._owner.binding.check_rc(
+                self._owner.binding.lib.xengnttab_unmap(self._owner.handle, address, self.nr_pages),
+                "xengnttab_unmap",
+                self.domid,
+            )
+
+    def __enter__(self) -> GrantMapping:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.unmap()
+
+
+class GrantTable:
+    """An open ``xengnttab_handle`` (needs xen-gntdev in dom0)."""
+
+    def __init__(self, binding: XenBinding, handle: Any) -> None:
+        self.binding = binding
+        self._handle: Any = handle
+
+    @classmethod
+    def open(cls, binding: XenBinding | None = None) -> GrantTable:
+        binding = binding or load_binding()
+        handle = binding.lib.xengnttab_open(binding.ffi.NULL, 0)
+        binding.check_ptr(handle, "xengnttab_open")
+        return cls(binding, handle)
+
+    @property
+    def handle(self) -> Any:
+        if self._handle is None:
+            raise BackendError("xengnttab handle used after close()")
+        return self._handle
+
+    def close(self) -> None:
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            self.binding.lib.xengnttab_close(handle)
+
+    def __enter__(self) -> GrantTable:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def map_readonly(self, domid: int, refs: Sequence[int]) -> GrantMapping:
+        """Map grant ``refs`` of ``domid`` in one call (all or nothing)."""
+        if not refs:
+            raise BackendError(f"dom {domid}: asked to map no grants")
+        ffi, lib = self.binding.ffi, self.binding.lib
+        ref_array = np.asarray(refs, dtype=np.uint32)
+        address = lib.xengnttab_map_domain_grant_refs(
+            self.handle, ref_array.size, domid, ffi.from_buffer("uint32_t[]", ref_array), lib.PROT_READ
+        )
+        self.binding.check_ptr(
+            address, f"xengnttab_map_domain_grant_refs(first ref {int(ref_array[0])})", domid
+        )
+        return GrantMapping(self, address, int(ref_array.size), domid)
