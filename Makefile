@@ -1,0 +1,57 @@
+# softpage: soft-page pruning for Xen live migration.
+#
+#   make setup      host packages (as root) + .venv with the package and test tools
+#   make test       everything: lint, unit, property (CI profile), contract, e2e on the testbed
+#   make test-fast  unit + property (dev profile), no Xen
+#   make lint       ruff, mypy --strict, checkpatch for the guest module
+#   make testbed    build the cached Xen-in-QEMU testbed (testbed/)
+#   make demo       build the testbed and migrate a guest, stock xl vs softpage
+#   make bench      benchmarks: the planner, and softpage vs stock xl migrate on the testbed
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SETUP_STAMP := $(VENV)/.softpage-setup
+PYTEST := $(PY) -m pytest
+# Inputs of the editable install (the cffi modules are compiled from these).
+SETUP_INPUTS := python/pyproject.toml python/setup.py guest_kmod/uapi/softpage_abi.h \
+	$(wildcard python/src/softpage/_cffi_build/*) scripts/host-setup.sh
+
+.PHONY: setup test test-fast test-unit test-property test-e2e lint bench demo clean
+
+setup: $(SETUP_STAMP)
+
+$(SETUP_STAMP): $(SETUP_INPUTS)
+	scripts/host-setup.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e 'python[test,xen]'
+	touch $@
+
+test: setup lint test-unit test-property test-e2e
+
+test-fast: setup
+	$(PYTEST) -q -m 'not e2e' tests/unit tests/property tests/contract
+
+test-unit: setup
+	$(PYTEST) -q -m 'not e2e' tests/unit tests/contract
+
+test-property: setup
+	HYPOTHESIS_PROFILE=ci $(PYTEST) -q tests/property
+
+test-e2e: setup testbed
+	$(PYTEST) -v -m e2e tests
+
+lint: setup
+	cd python && ../$(VENV)/bin/ruff check src ../tests
+	cd python && ../$(VENV)/bin/mypy src
+	$(MAKE) -C guest_kmod checkpatch
+
+bench: setup
+	$(PYTEST) -q tests/bench
+
+clean:
+	rm -rf $(VENV) python/build python/src/*.egg-info
+	-$(MAKE) -C guest_kmod clean
+
+-include testbed/testbed.mk
