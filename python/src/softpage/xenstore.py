@@ -36,7 +36,8 @@ import itertools
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from softpage.errors import BackendError
@@ -180,7 +181,7 @@ class _MemoryTransaction:
         self._nodes = nodes
         self.start_generation = start_generation
         self.touched: set[str] = set()
-        self.changed: set[str] = set()
+        self.change = _Change()
         self._ended = False
 
     def _check_open(self) -> None:
@@ -194,12 +195,12 @@ class _MemoryTransaction:
 
     def write(self, path: str, value: str) -> None:
         self._check_open()
-        self.changed.update(_write_node(self._nodes, check_path(path), value))
+        self.change.merge(_write_node(self._nodes, check_path(path), value))
 
     def rm(self, path: str) -> None:
         self._check_open()
         self.touched.add(check_path(path))
-        self.changed.update(_remove_node(self._nodes, path))
+        self.change.merge(_remove_node(self._nodes, path))
 
     def list(self, path: str) -> list[str]:
         self._check_open()
@@ -225,27 +226,46 @@ class _MemoryTransaction:
         self.abort()
 
 
-def _write_node(nodes: dict[str, str], path: str, value: str) -> list[str]:
-    """Write into ``nodes``; return every path whose node or child list changed."""
-    changed = [path]
+@dataclass
+class _Change:
+    """What one operation did: ``nodes`` were created, changed or removed
+    (watches at or above them fire), ``removed_roots`` were removed with their
+    subtrees (watches below them fire too), and ``parents`` gained or lost a
+    child (only transactions that listed them conflict)."""
+
+    nodes: list[str] = field(default_factory=list)
+    removed_roots: list[str] = field(default_factory=list)
+    parents: list[str] = field(default_factory=list)
+
+    def merge(self, other: _Change) -> None:
+        self.nodes += other.nodes
+        self.removed_roots += other.removed_roots
+        self.parents += other.parents
+
+    def all_paths(self) -> set[str]:
+        return {*self.nodes, *self.removed_roots, *self.parents}
+
+
+def _write_node(nodes: dict[str, str], path: str, value: str) -> _Change:
+    change = _Change(nodes=[path])
     missing = path
     while missing != "/" and _parent(missing) not in nodes:
         missing = _parent(missing)
         nodes[missing] = ""
-        changed.append(missing)
+        change.nodes.append(missing)
     if path not in nodes:
-        changed.append(_parent(path))
+        change.parents.append(_parent(path))
     nodes[path] = value
-    return changed
+    return change
 
 
-def _remove_node(nodes: dict[str, str], path: str) -> list[str]:
+def _remove_node(nodes: dict[str, str], path: str) -> _Change:
     doomed = [name for name in nodes if _is_at_or_below(name, path)]
     for name in doomed:
         del nodes[name]
-    if doomed and path != "/":
-        doomed.append(_parent(path))
-    return doomed
+    if not doomed:
+        return _Change()
+    return _Change(nodes=doomed, removed_roots=[path], parents=[_parent(path)] if path != "/" else [])
 
 
 def _children(nodes: dict[str, str], path: str) -> list[str]:
@@ -297,20 +317,13 @@ class MemoryStore:
 
     def _commit(self, transaction: _MemoryTransaction) -> bool:
         with self._lock:
-            watched_by_transaction = transaction.touched | transaction.changed
             if any(
                 self._changed_at.get(path, -1) > transaction.start_generation
-                for path in watched_by_transaction
+                for path in transaction.touched | transaction.change.all_paths()
             ):
                 return False
-            changed = {
-                path
-                for path in set(self._nodes) | set(transaction.nodes)
-                if self._nodes.get(path) != transaction.nodes.get(path)
-            }
-            changed |= transaction.changed
             self._nodes = dict(transaction.nodes)
-            self._apply(sorted(changed))
+            self._apply(transaction.change)
             return True
 
     # -- watches ---------------------------------------------------------
@@ -348,19 +361,21 @@ class MemoryStore:
         self.close()
 
     # -- helpers (lock held) ---------------------------------------------
-    def _apply(self, changed_paths: Sequence[str]) -> None:
-        if not changed_paths:
+    def _apply(self, change: _Change) -> None:
+        paths = change.all_paths()
+        if not paths:
             return
         self._generation += 1
-        for path in changed_paths:
+        for path in paths:
             self._changed_at[path] = self._generation
         for watch in self._watches:
             if watch.path in SPECIAL_WATCH_PATHS:
                 continue
-            for path in changed_paths:
-                if _is_at_or_below(path, watch.path) or _is_at_or_below(watch.path, path):
-                    watch.deliver(path if _is_at_or_below(path, watch.path) else watch.path)
-                    break
+            fired = next((path for path in change.nodes if _is_at_or_below(path, watch.path)), None)
+            if fired is None and any(_is_at_or_below(watch.path, root) for root in change.removed_roots):
+                fired = watch.path
+            if fired is not None:
+                watch.deliver(fired)
 
 
 # -- pyxs ----------------------------------------------------------------------
