@@ -1,0 +1,299 @@
+"""``XenSoftPageChannel``: the dom0 side of docs/spec/guest-protocol.md.
+
+Everything the guest publishes (xenstore keys, the header, the list pages) is
+untrusted. The geometry is checked before anything beyond the header page is
+mapped, and bounded by the domain's own size, so a lying guest can make dom0
+map at most ``1 + 64 + 4 * ceil(p2m_size / 32768)`` pages and never crash
+it: any failure while connecting gives no channel and a reason the caller
+logs (the migration then runs as plain precopy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from softpage import abi
+from softpage.errors import BackendError
+from softpage.xenstore import XenStore
+
+PROTOCOL_VERSION = "1"
+READY = "ready"
+MAX_U32 = (1 << 32) - 1
+POLL_INTERVALS = (0.001, 0.005, 0.02, 0.05)
+"""Seconds between header polls while waiting: quick at first (the guest
+usually answers within a scan), then gentle on a 2-core dom0."""
+TORN_RETRIES = 8
+"""Copies ``read_current`` tries before giving up on a guest mid-publish."""
+
+
+def softpage_home(domid: int) -> str:
+    return f"/local/domain/{domid}/data/softpage"
+
+
+class PageMapping(Protocol):
+    """A read-only mapping of granted pages (``gnttab.GrantMapping``)."""
+
+    view: memoryview
+
+    def unmap(self) -> None: ...
+
+
+class GrantMapper(Protocol):
+    def map_readonly(self, domid: int, refs: list[int]) -> PageMapping: ...
+
+    def close(self) -> None: ...
+
+
+class EventNotifier(Protocol):
+    def bind_interdomain(self, domid: int, remote_port: int) -> int: ...
+
+    def notify(self, local_port: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ChannelKeys:
+    """The guest's xenstore keys, parsed."""
+
+    header_gref: int
+    event_channel: int
+
+
+def parse_u32(text: str | None, key: str, minimum: int = 0) -> int:
+    """A decimal u32 the guest wrote; ``BackendError`` naming the key otherwise."""
+    if text is None:
+        raise BackendError(f"{key}: expected a decimal number, the key is absent")
+    stripped = text.strip()
+    if not stripped.isdigit() or not stripped.isascii():
+        raise BackendError(f"{key}: expected a decimal number, got {text[:32]!r}")
+    value = int(stripped)
+    if not minimum <= value <= MAX_U32:
+        raise BackendError(f"{key}: expected {minimum}..{MAX_U32}, got {value}")
+    return value
+
+
+def read_keys(store: XenStore, domid: int) -> ChannelKeys | None:
+    """None if the guest has no module (``state`` absent); ``BackendError`` if
+    the keys are there but unusable."""
+    home = softpage_home(domid)
+    state = store.read(f"{home}/state")
+    if state is None:
+        return None
+    if state != READY:
+        raise BackendError(f"{home}/state: expected {READY!r}, got {state[:32]!r}")
+    version = store.read(f"{home}/version")
+    if version != PROTOCOL_VERSION:
+        raise BackendError(f"{home}/version: expected {PROTOCOL_VERSION!r}, got {version!r}")
+    return ChannelKeys(
+        header_gref=parse_u32(store.read(f"{home}/header-gref"), f"{home}/header-gref"),
+        event_channel=parse_u32(store.read(f"{home}/event-channel"), f"{home}/event-channel", minimum=1),
+    )
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The fixed shape of the guest's publication, from a checked header."""
+
+    nr_pfns: int
+    frames_per_category: int
+    list_grefs: tuple[int, ...]
+
+    @property
+    def nr_bitmap_frames(self) -> int:
+        return abi.NR_CATEGORIES * self.frames_per_category
+
+
+def check_geometry(header_page: bytes | memoryview, p2m_size: int) -> Geometry:
+    """Validate the header fields that decide how much dom0 maps, bounded by
+    the domain's ``p2m_size``; ``BackendError`` says which one is wrong."""
+    header = abi.unpack_header(header_page)
+    if header.magic != abi.MAGIC:
+        raise BackendError(f"header magic: expected {abi.MAGIC:#010x}, got {header.magic:#010x}")
+    if header.version != abi.VERSION:
+        raise BackendError(f"header version: expected {abi.VERSION}, got {header.version}")
+    if header.header_size != abi.HEADER.size:
+        raise BackendError(f"header_size: expected {abi.HEADER.size}, got {header.header_size}")
+    if not 1 <= header.nr_pfns <= p2m_size:
+        raise BackendError(f"nr_pfns: expected 1..{p2m_size} (the domain's p2m size), got {header.nr_pfns}")
+    frames = abi.frames_per_category(header.nr_pfns)
+    if header.frames_per_category != frames:
+        raise BackendError(
+            f"frames_per_category: expected {frames} for nr_pfns {header.nr_pfns}, "
+            f"got {header.frames_per_category}"
+        )
+    list_frames = abi.nr_list_frames(frames)
+    if header.nr_list_frames != list_frames or list_frames > abi.MAX_LIST_FRAMES:
+        raise BackendError(
+            f"nr_list_frames: expected {list_frames} (at most {abi.MAX_LIST_FRAMES}), "
+            f"got {header.nr_list_frames}"
+        )
+    return Geometry(
+        nr_pfns=header.nr_pfns,
+        frames_per_category=frames,
+        list_grefs=tuple(header.list_gref[:list_frames]),
+    )
+
+
+def bitmap_grefs(list_pages: bytes | memoryview, geometry: Geometry) -> list[int]:
+    """The bitmap grant refs, category-major, from the copied list pages."""
+    refs = np.frombuffer(list_pages, dtype="<u4")[: geometry.nr_bitmap_frames]
+    if refs.size != geometry.nr_bitmap_frames:
+        raise BackendError(f"list pages name {refs.size} bitmap refs, expected {geometry.nr_bitmap_frames}")
+    return [int(ref) for ref in refs]
+
+
+def _generation(header_view: memoryview) -> int:
+    return int.from_bytes(header_view[16:24], "little")
+
+
+def _request_id(header_view: memoryview) -> int:
+    return int.from_bytes(header_view[24:32], "little")
+
+
+class XenSoftPageChannel:
+    """``softpage.backend.SoftPageChannel`` over grants, xenstore and an event channel."""
+
+    def __init__(
+        self,
+        domid: int,
+        store: XenStore,
+        header: PageMapping,
+        bitmaps: PageMapping,
+        events: EventNotifier,
+        local_port: int,
+        close_handles: Callable[[], None],
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.domid = domid
+        self._store = store
+        self._home = softpage_home(domid)
+        self._header: PageMapping | None = header
+        self._bitmaps: PageMapping | None = bitmaps
+        self._events = events
+        self._local_port = local_port
+        self._close_handles = close_handles
+        self._clock = clock
+        self._sleep = sleep
+
+    @classmethod
+    def connect(
+        cls,
+        domid: int,
+        store: XenStore,
+        p2m_size: int,
+        grants: GrantMapper,
+        events: EventNotifier,
+    ) -> tuple[XenSoftPageChannel | None, str | None]:
+        """``(channel, None)``, or ``(None, reason)`` when the guest has no usable
+        channel. On failure ``grants`` and ``events`` are closed; on success
+        the channel owns them."""
+        header: PageMapping | None = None
+        bitmaps: PageMapping | None = None
+
+        def close_handles() -> None:
+            grants.close()
+            events.close()
+
+        try:
+            keys = read_keys(store, domid)
+            if keys is None:
+                close_handles()
+                return None, f"dom {domid}: no softpage module ({softpage_home(domid)}/state absent)"
+            header = grants.map_readonly(domid, [keys.header_gref])
+            geometry = check_geometry(bytes(header.view[: abi.HEADER.size]), p2m_size)
+            list_mapping = grants.map_readonly(domid, list(geometry.list_grefs))
+            try:
+                refs = bitmap_grefs(bytes(list_mapping.view), geometry)
+            finally:
+                list_mapping.unmap()
+            bitmaps = grants.map_readonly(domid, refs)
+            local_port = events.bind_interdomain(domid, keys.event_channel)
+        except (BackendError, OSError) as error:
+            # Already failing: the reason returned below is the one that matters.
+            with contextlib.suppress(BackendError, OSError):
+                for mapping in (bitmaps, header):
+                    if mapping is not None:
+                        mapping.unmap()
+            with contextlib.suppress(BackendError, OSError):
+                close_handles()
+            return None, f"dom {domid}: soft-page channel unusable: {error}"
+        return cls(domid, store, header, bitmaps, events, local_port, close_handles), None
+
+    # -- SoftPageChannel ---------------------------------------------------
+    def arm(self, armed: bool) -> None:
+        self._store.write(f"{self._home}/armed", "1" if armed else "0")
+
+    def request(self, request_id: int) -> None:
+        self._store.write(f"{self._home}/request", str(request_id))
+        self._events.notify(self._local_port)
+
+    def request_final(self, request_id: int) -> None:
+        self._store.write(f"{self._home}/request", str(request_id))
+
+    def read(self, request_id: int, timeout: float) -> bytes | None:
+        header, _bitmaps = self._mappings()
+        deadline = self._clock() + timeout
+        attempt = 0
+        while True:
+            if _request_id(header.view) == request_id:
+                copy = self._consistent_copy()
+                if copy is not None and _request_id(memoryview(copy)) == request_id:
+                    return copy
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                return None
+            self._sleep(min(remaining, POLL_INTERVALS[min(attempt, len(POLL_INTERVALS) - 1)]))
+            attempt += 1
+
+    def read_current(self) -> bytes | None:
+        for _attempt in range(TORN_RETRIES):
+            copy = self._consistent_copy()
+            if copy is not None:
+                return copy
+            self._sleep(POLL_INTERVALS[0])
+        return None
+
+    # -- life cycle ----------------------------------------------------------
+    def close(self) -> None:
+        """Unmap and unbind; idempotent. The first error is raised after every step ran."""
+        errors: list[Exception] = []
+        for mapping in (self._bitmaps, self._header):
+            if mapping is not None:
+                try:
+                    mapping.unmap()
+                except (BackendError, OSError) as error:
+                    errors.append(error)
+        if self._header is None and self._bitmaps is None:
+            return
+        self._header = self._bitmaps = None
+        try:
+            self._close_handles()
+        except (BackendError, OSError) as error:
+            errors.append(error)
+        if errors:
+            raise errors[0]
+
+    # -- helpers ---------------------------------------------------------------
+    def _mappings(self) -> tuple[PageMapping, PageMapping]:
+        if self._header is None or self._bitmaps is None:
+            raise BackendError(f"dom {self.domid}: soft-page channel used after close()")
+        return self._header, self._bitmaps
+
+    def _consistent_copy(self) -> bytes | None:
+        """Header page + bitmap pages under the generation seqlock, or None if torn."""
+        header, bitmaps = self._mappings()
+        before = _generation(header.view)
+        if before % 2:
+            return None
+        copy = bytes(header.view) + bytes(bitmaps.view)
+        if _generation(header.view) != before or _generation(memoryview(copy)) != before:
+            return None
+        return copy

@@ -1,0 +1,105 @@
+"""Suspending a PV/PVH Linux guest the way libxl does.
+
+``tools/libs/light/libxl_dom_suspend.c`` (Xen 4.17), for a guest without a
+suspend event channel (Linux 6.1 publishes none):
+
+1. write ``control/shutdown = "suspend"`` and wait (60 s) for the guest to
+   acknowledge by rewriting the node: any value other than "suspend" counts
+   (``domain_suspend_pvcontrol_acked``);
+2. on timeout, in a transaction: if the node still says "suspend", clear it
+   (write "") so the guest does not suspend later, and fail; if the guest
+   acked in the nick of time, carry on;
+3. wait (60 s) for the domain to be shut down with reason
+   ``SHUTDOWN_suspend`` (``domain_suspend_common_wait_guest`` watches
+   ``@releaseDomain`` and checks ``XEN_DOMINF_shutdown``).
+
+Written against ``XenStore`` and a domain-state callable so the simulator and
+unit tests drive the same code with ``MemoryStore``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from softpage.errors import BackendError, GuestProtocolError
+from softpage.xen.ctrl import DomainState
+from softpage.xenstore import XenStore, XenStoreOps, run_transaction
+
+SUSPEND_REQUEST = "suspend"
+LIBXL_TIMEOUT = 60.0
+"""Seconds libxl allows for the ack and again for the suspend itself."""
+STATE_POLL_INTERVAL = 0.5
+"""Seconds between domain-state checks even without an @releaseDomain event
+(a missed event must not cost the full timeout)."""
+
+
+@dataclass(frozen=True)
+class SuspendTimeouts:
+    ack: float = LIBXL_TIMEOUT
+    suspended: float = LIBXL_TIMEOUT
+
+
+def shutdown_node(domid: int) -> str:
+    return f"/local/domain/{domid}/control/shutdown"
+
+
+def _acked(value: str | None) -> bool:
+    return value != SUSPEND_REQUEST
+
+
+def suspend_guest(
+    store: XenStore,
+    domid: int,
+    domain_state: Callable[[], DomainState],
+    timeouts: SuspendTimeouts = SuspendTimeouts(),
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Ask ``domid`` to suspend and return once it is suspended.
+
+    Raises ``GuestProtocolError`` if the guest does not acknowledge in time
+    (the request is withdrawn first), ``BackendError`` if it acknowledges but
+    does not suspend in time, or shuts down for another reason.
+    """
+    node = shutdown_node(domid)
+    if domain_state().suspended:
+        return
+    with store.watch(node) as shutdown_watch, store.watch("@releaseDomain") as release_watch:
+        store.write(node, SUSPEND_REQUEST)
+        deadline = clock() + timeouts.ack
+        while not _acked(store.read(node)):
+            remaining = deadline - clock()
+            if remaining <= 0:
+                if not run_transaction(store, lambda ops: _withdraw_request(ops, node)):
+                    raise GuestProtocolError(
+                        f"dom {domid}: guest did not acknowledge {node} = {SUSPEND_REQUEST!r} within "
+                        f"{timeouts.ack:g} s; request withdrawn"
+                    )
+                break
+            shutdown_watch.wait(remaining)
+
+        deadline = clock() + timeouts.suspended
+        while True:
+            state = domain_state()
+            if state.shutdown:
+                if state.suspended:
+                    return
+                raise BackendError(
+                    f"dom {domid}: expected shutdown reason suspend (2), got {state.shutdown_reason}"
+                )
+            remaining = deadline - clock()
+            if remaining <= 0:
+                raise BackendError(
+                    f"dom {domid}: acknowledged the suspend request but was not suspended "
+                    f"within {timeouts.suspended:g} s"
+                )
+            release_watch.wait(min(remaining, STATE_POLL_INTERVAL))
+
+
+def _withdraw_request(ops: XenStoreOps, node: str) -> bool:
+    """libxl's timeout path: True if the guest acked after all, else clear the node."""
+    if _acked(ops.read(node)):
+        return True
+    ops.write(node, "")
+    return False
