@@ -1,0 +1,253 @@
+#!/bin/bash
+# Build the cached Xen-in-QEMU testbed for softpage, from Debian packages and this directory only.
+#
+#   testbed/build.sh all               deps fetch rootfs image data   (what `make testbed` runs)
+#   testbed/build.sh <stage>...        one or more stages, in order
+#   testbed/build.sh payload [OUT]     per-session payload disk from the CURRENT checkout (cheap)
+#   testbed/build.sh env               print the paths the harness uses (KEY=VALUE lines)
+#
+# Every cached stage writes $CACHE/stamps/<stage> holding a hash of its inputs (the files of this
+# directory it reads, the Debian package versions it installs, and the stamps of the stages it
+# depends on). A stage whose stamp matches is skipped, so a second `make testbed` costs seconds and
+# a changed input rebuilds exactly the stages downstream of it. Stage times go to stdout and to
+# $CACHE/stage-times.txt.
+#
+# Knobs (environment):
+#   SOFTPAGE_TESTBED_CACHE   cache directory (default ${XDG_CACHE_HOME:-~/.cache}/softpage/testbed)
+#   SOFTPAGE_DATA_MB         size of the guest data-disk files (default 512)
+#   SOFTPAGE_SKIP_APT=1      deps stage: do not apt-get install on the host (already provisioned)
+set -euo pipefail
+TESTBED_DIR=$(cd "$(dirname "$0")" && pwd)
+REPO_DIR=$(cd "$TESTBED_DIR/.." && pwd)
+CACHE=${SOFTPAGE_TESTBED_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/softpage/testbed}
+DATA_MB=${SOFTPAGE_DATA_MB:-512}
+# PV live migration needs shadow paging, which the current bookworm-security build compiled out
+# (XSA-495); the bookworm point release still has it. Both boot the same dom0 and toolstack.
+XEN_OLD_VERSION=4.17.5+72-g01140da4e8-1
+ROOTFS=$CACHE/rootfs
+DOM0_IMG=$CACHE/dom0.img
+DOM0_IMG_SIZE=4G
+STAMPS=$CACHE/stamps
+
+DOM0_PACKAGES="xen-utils-4.17 xen-utils-common xenstore-utils python3 python3-numpy python3-cffi
+ python3-pyxs python3-dev python3-pip python3-setuptools gcc make libc6-dev libxen-dev
+ initramfs-tools systemd-sysv udev kmod iproute2 procps busybox e2fsprogs less file"
+HOST_PACKAGES="qemu-system-x86 qemu-utils debootstrap busybox-static cpio e2fsprogs gzip xz-utils
+ gcc make libc6-dev libxen-dev python3 kmod"
+
+log() { echo "[testbed $(date -u +%T)] $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# The Debian mirror comes from the host's own apt configuration, so nothing here names a host.
+debian_mirror() {
+    if [ -n "${SOFTPAGE_DEBIAN_MIRROR:-}" ]; then echo "$SOFTPAGE_DEBIAN_MIRROR"; return; fi
+    local uri
+    uri=$(awk '/^URIs:/{print $2}' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -1)
+    [ -n "$uri" ] || uri=$(awk '$1=="deb" && $3 ~ /^bookworm$/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null)
+    [ -n "$uri" ] || die "no Debian mirror found in /etc/apt; set SOFTPAGE_DEBIAN_MIRROR"
+    echo "$uri"
+}
+
+# ABI name of the kernel behind linux-image-amd64 (e.g. 6.1.0-56-amd64): dom0 and guest both run it.
+kernel_abi() {
+    apt-cache depends linux-image-amd64 2>/dev/null |
+        awk '/Depends: linux-image-[0-9]/{sub("linux-image-","",$2); print $2; exit}'
+}
+
+candidate_version() { apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/{print $2; exit}'; }
+
+package_versions() {  # "name=version" for every package list given, sorted: part of stage keys
+    local p
+    for p in "$@"; do echo "$p=$(candidate_version "$p")"; done | sort
+}
+
+hash_inputs() {  # stdin text + named files -> sha256
+    { cat; local f; for f in "$@"; do echo "== $f"; cat "$TESTBED_DIR/$f"; done; } | sha256sum | cut -c1-16
+}
+
+stamp_of() { cat "$STAMPS/$1" 2>/dev/null || echo none; }
+
+# run_stage NAME KEY: runs stage_NAME unless its stamp already holds KEY; prints the time taken.
+run_stage() {
+    local name=$1 key=$2 t0 dt
+    if [ "$(stamp_of "$name")" = "$key" ]; then
+        log "stage $name: cached ($key)"
+        echo "stage $name cached 0" >> "$CACHE/stage-times.txt"
+        return
+    fi
+    log "stage $name: building ($key)"
+    t0=$(date +%s.%N)
+    rm -f "$STAMPS/$name"
+    "stage_$name"
+    echo "$key" > "$STAMPS/$name"
+    dt=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')
+    log "stage $name: took ${dt} s"
+    echo "stage $name built $dt" >> "$CACHE/stage-times.txt"
+}
+
+key_deps() { { echo "deps $HOST_PACKAGES"; declare -f stage_deps; } | hash_inputs; }
+key_fetch() {
+    local k; k=$(kernel_abi)
+    { echo "fetch $XEN_OLD_VERSION $k $GUEST_MODULES"; declare -f stage_fetch guest_modules; package_versions xen-hypervisor-4.17-amd64 "linux-image-$k"; } |
+        hash_inputs
+}
+key_rootfs() {
+    local k; k=$(kernel_abi)
+    { echo "rootfs $DOM0_PACKAGES $k"; package_versions $DOM0_PACKAGES "linux-image-$k"; } |
+        hash_inputs rootfs.sh
+}
+key_image() {
+    { echo "image $(stamp_of rootfs) $DOM0_IMG_SIZE"; declare -f stage_image; } |
+        hash_inputs dom0/softpage-agent.py dom0/softpage-agent.service dom0/configure.sh
+}
+key_data() { { echo "data $DATA_MB"; declare -f stage_data; } | hash_inputs guest/workload.c; }
+
+stage_deps() {
+    if [ "${SOFTPAGE_SKIP_APT:-0}" = 1 ]; then log "SOFTPAGE_SKIP_APT=1: not installing host packages"; return; fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get -o DPkg::Lock::Timeout=900 update -qq
+    local k; k=$(kernel_abi)
+    [ -n "$k" ] || die "cannot resolve linux-image-amd64 to a kernel ABI"
+    # shellcheck disable=SC2086
+    apt-get install -o DPkg::Lock::Timeout=900 -y -qq --no-install-recommends $HOST_PACKAGES "linux-headers-$k" >/dev/null
+}
+
+stage_fetch() {
+    local k debs boot
+    k=$(kernel_abi); debs=$CACHE/debs; boot=$CACHE/boot
+    rm -rf "$debs" "$boot"; mkdir -p "$debs/new" "$debs/old" "$boot"
+    # apt-get download warns about the _apt sandbox when run as root: harmless.
+    ( cd "$debs/new" && apt-get download -q xen-hypervisor-4.17-amd64 "linux-image-$k" 2>&1 ) | grep -v -i sandbox || true
+    ( cd "$debs/old" && apt-get download -q "xen-hypervisor-4.17-amd64=$XEN_OLD_VERSION" 2>&1 ) | grep -v -i sandbox || true
+    local x; x=$(mktemp -d)
+    dpkg-deb -x "$(ls "$debs"/new/xen-hypervisor-4.17-amd64_*.deb)" "$x/new"
+    dpkg-deb -x "$(ls "$debs"/old/xen-hypervisor-4.17-amd64_*.deb)" "$x/old"
+    dpkg-deb -x "$(ls "$debs"/new/linux-image-"$k"_*.deb)" "$x/kernel"
+    # QEMU's multiboot loader takes the 32-bit ELF, not the gzip.
+    zcat "$x/new/boot/xen-4.17-amd64.gz" > "$boot/xen-4.17.7"
+    zcat "$x/old/boot/xen-4.17-amd64.gz" > "$boot/xen-4.17.5"
+    grep -q '^CONFIG_SHADOW_PAGING=y' "$x/old/boot/xen-4.17-amd64.config" ||
+        die "pinned $XEN_OLD_VERSION has no shadow paging: PV live migration would not work"
+    cp "$x/kernel/boot/vmlinuz-$k" "$boot/vmlinuz"
+    # The guest is a busybox initramfs: it needs the block frontend as a module (console and
+    # xenbus are built in). Decompress so busybox insmod can load it whatever the packaging.
+    guest_modules "$x/kernel" "$k" "$boot/guest-modules"
+    echo "$k" > "$boot/kernel-abi"
+    rm -rf "$x"
+    ls -l "$boot"
+}
+
+# guest_modules KERNEL_TREE ABI OUT: the modules the busybox guest loads (block frontend, ext4
+# for the data disk, the crc32c that ext4 asks for at mount) with their dependencies, in a
+# lib/modules tree of their own with a modules.dep, ready to copy into the guest initramfs.
+GUEST_MODULES="xen_blkfront ext4 crc32c_generic"
+guest_modules() {
+    local tree=$1 k=$2 out=$3 wanted dep
+    depmod -b "$tree" "$k"
+    rm -rf "$out"; mkdir -p "$out/lib/modules/$k"
+    wanted=$(for m in $GUEST_MODULES; do
+        dep=$(awk -v m="$m" -F: '{n=$1; sub(".*/","",n); sub("[.]ko.*","",n); gsub("-","_",n)
+              if (n==m) {print $1 $2; exit}}' "$tree/lib/modules/$k/modules.dep")
+        [ -n "$dep" ] || die "module $m not found in linux-image-$k"
+        echo "$dep"
+    done | tr ' ' '\n' | grep . | sort -u)
+    for dep in $wanted; do
+        mkdir -p "$out/lib/modules/$k/$(dirname "$dep")"
+        case "$dep" in
+            *.xz) xz -dc "$tree/lib/modules/$k/$dep" > "$out/lib/modules/$k/${dep%.xz}" ;;
+            *.zst) zstd -dc "$tree/lib/modules/$k/$dep" > "$out/lib/modules/$k/${dep%.zst}" ;;
+            *) cp "$tree/lib/modules/$k/$dep" "$out/lib/modules/$k/$dep" ;;
+        esac
+    done
+    depmod -b "$out" "$k"
+    echo "guest modules: $(find "$out" -name '*.ko' | wc -l) files"
+}
+
+stage_rootfs() {
+    MIRROR=$(debian_mirror) KERNEL_ABI=$(kernel_abi) ROOTFS=$ROOTFS DOM0_PACKAGES=$DOM0_PACKAGES \
+        bash "$TESTBED_DIR/rootfs.sh"
+}
+
+stage_image() {
+    local staging; staging=$(mktemp -d)
+    # The agent and its configuration are small and change more often than the packages: they
+    # go into a copy-on-write overlay of the rootfs, so changing them never re-runs debootstrap.
+    mount_overlay "$staging"
+    ROOT="$staging/merged" TESTBED_DIR="$TESTBED_DIR" bash "$TESTBED_DIR/dom0/configure.sh"
+    rm -f "$DOM0_IMG.tmp"
+    mkfs.ext4 -q -F -L softpage-dom0 -d "$staging/merged" "$DOM0_IMG.tmp" "$DOM0_IMG_SIZE"
+    umount_overlay "$staging"
+    mv "$DOM0_IMG.tmp" "$DOM0_IMG"
+    du -h --apparent-size "$DOM0_IMG"; du -h "$DOM0_IMG"
+}
+
+stage_data() {
+    local build; build=$(mktemp -d)
+    gcc -O2 -static -Wall -Wextra -o "$build/workload" "$TESTBED_DIR/guest/workload.c"
+    mkdir -p "$build/files"
+    "$build/workload" gendata "$build/files" "$DATA_MB"
+    ( cd "$build/files" && sha256sum data-* > SHA256SUMS )
+    rm -f "$CACHE/data.img"
+    mkfs.ext4 -q -F -L softpage-data -d "$build/files" "$CACHE/data.img.tmp" "$(( DATA_MB + DATA_MB / 8 + 32 ))M"
+    mv "$CACHE/data.img.tmp" "$CACHE/data.img"
+    cp "$build/files/MANIFEST" "$CACHE/data.manifest"
+    rm -rf "$build"
+    du -h "$CACHE/data.img"
+}
+
+# mount_overlay DIR: DIR/merged = copy-on-write view of the cached rootfs (nothing written to it).
+mount_overlay() {
+    mkdir -p "$1/upper" "$1/work" "$1/merged"
+    mount -t overlay overlay -o "lowerdir=$ROOTFS,upperdir=$1/upper,workdir=$1/work" "$1/merged"
+}
+umount_overlay() {
+    local m
+    for m in dev/pts dev proc sys; do
+        mountpoint -q "$1/merged/$m" && umount "$1/merged/$m"
+    done
+    umount "$1/merged"
+    rm -rf "$1"
+}
+
+stage_payload() {
+    OUT=${1:-$CACHE/payload.img} CACHE=$CACHE ROOTFS=$ROOTFS REPO_DIR=$REPO_DIR TESTBED_DIR=$TESTBED_DIR \
+        bash "$TESTBED_DIR/payload.sh"
+}
+
+print_env() {
+    cat <<EOF
+SOFTPAGE_TESTBED_CACHE=$CACHE
+DOM0_IMG=$DOM0_IMG
+DATA_IMG=$CACHE/data.img
+XEN_4_17_7=$CACHE/boot/xen-4.17.7
+XEN_4_17_5=$CACHE/boot/xen-4.17.5
+VMLINUZ=$CACHE/boot/vmlinuz
+DOM0_INITRD=$(ls "$ROOTFS"/boot/initrd.img-* 2>/dev/null | head -1)
+EOF
+}
+
+main() {
+    [ $# -ge 1 ] || { sed -n 2,20p "$0"; exit 2; }
+    mkdir -p "$CACHE" "$STAMPS"
+    [ "$(id -u)" = 0 ] || die "the testbed build needs root (debootstrap, chroot, mount)"
+    case "$1" in
+        env) print_env; return ;;
+        payload) shift; local t0; t0=$(date +%s.%N); stage_payload "$@"
+            log "payload: took $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s"; return ;;
+        all) set -- deps fetch rootfs image data ;;
+    esac
+    # One build at a time per cache: two engineers running `make testbed` must not race.
+    exec 9>"$CACHE/.build.lock"
+    flock 9
+    : > "$CACHE/stage-times.txt"
+    local stage
+    for stage in "$@"; do
+        case "$stage" in
+            deps|fetch|rootfs|image|data) run_stage "$stage" "$("key_$stage")" ;;
+            *) die "unknown stage '$stage'" ;;
+        esac
+    done
+    log "stage times:"; sed 's/^/    /' "$CACHE/stage-times.txt" >&2
+}
+
+main "$@"
