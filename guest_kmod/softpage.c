@@ -1,0 +1,1001 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * softpage: tell dom0 which guest pages are "soft" (free, clean page cache,
+ * and at suspend the free memory this module holds) so that a Xen migration
+ * can send them as allocate-only pages without their contents.
+ *
+ * The contract with dom0 is docs/spec/guest-protocol.md; the layout of the
+ * shared pages is owned by uapi/softpage_abi.h.
+ *
+ * Safety does not depend on the precopy snapshots being exact: dom0 sends in
+ * the final round every page it skipped earlier unless this module reports it
+ * HELD, and held pages are owned by the module until resume.  So the scan reads
+ * struct page without locks (as /proc/kpageflags does) and only the HELD
+ * bitmap has to be, and is, exact.
+ */
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
+#include <linux/bitmap.h>
+#include <linux/device.h>
+#include <linux/fs.h>
+#include <linux/gfp.h>
+#include <linux/ktime.h>
+#include <linux/list.h>
+#include <linux/mm.h>
+#include <linux/mmzone.h>
+#include <linux/module.h>
+#include <linux/mutex.h>
+#include <linux/page-flags.h>
+#include <linux/pagemap.h>
+#include <linux/platform_device.h>
+#include <linux/slab.h>
+#include <linux/vmalloc.h>
+#include <linux/vmstat.h>
+#include <linux/workqueue.h>
+
+#include <asm/xen/hypercall.h>
+#include <xen/events.h>
+#include <xen/grant_table.h>
+#include <xen/interface/event_channel.h>
+#include <xen/page.h>
+#include <xen/xen.h>
+#include <xen/xenbus.h>
+
+#include "uapi/softpage_abi.h"
+
+#ifndef SOFTPAGE_MODULE_VERSION
+#error "build through guest_kmod/Makefile: it passes the version from dkms.conf"
+#endif
+
+#ifndef __LITTLE_ENDIAN
+#error "the softpage ABI is little-endian (x86 guests only)"
+#endif
+
+#define SOFTPAGE_XS_DIR		"data/softpage"
+#define SOFTPAGE_XS_ARMED	SOFTPAGE_XS_DIR "/armed"
+#define SOFTPAGE_DOM0		0
+/* The scan yields the CPU this often; a 1 GiB guest has 262144 PFNs. */
+#define SOFTPAGE_SCAN_BATCH	4096
+#define SOFTPAGE_LONGS_PER_FRAME BITS_TO_LONGS(SOFTPAGE_PFNS_PER_FRAME)
+
+/*
+ * Holding must never push the guest into reclaim or the emergency reserves:
+ * no reclaim at all (kswapd is frozen at suspend anyway), no retries, no
+ * warnings, no memalloc reserves.  Movable so that the held blocks come from
+ * the same pageblocks user memory does and do not pin unmovable ones.
+ */
+#define SOFTPAGE_HOLD_GFP ((GFP_HIGHUSER_MOVABLE & ~__GFP_RECLAIM) | \
+			   __GFP_NORETRY | __GFP_NOWARN | __GFP_NOMEMALLOC)
+
+static bool report_free = true;
+module_param(report_free, bool, 0644);
+MODULE_PARM_DESC(report_free, "Report free (buddy) pages in the FREE bitmap");
+
+static bool report_cache = true;
+module_param(report_cache, bool, 0644);
+MODULE_PARM_DESC(report_cache,
+		 "Report clean, unmapped, unlocked page cache in the CACHE bitmap");
+
+static bool skip_hot_cache;
+module_param(skip_hot_cache, bool, 0644);
+MODULE_PARM_DESC(skip_hot_cache,
+		 "Leave active or referenced (hot) page cache out of the CACHE bitmap");
+
+static uint drop_caches_at_freeze = 3;
+module_param(drop_caches_at_freeze, uint, 0644);
+MODULE_PARM_DESC(drop_caches_at_freeze,
+		 "Value written to /proc/sys/vm/drop_caches at an armed suspend: 0 none, 1 page cache, 2 reclaimable slab, 3 both");
+
+static ulong hold_reserve_kb = 32768;
+module_param(hold_reserve_kb, ulong, 0644);
+MODULE_PARM_DESC(hold_reserve_kb,
+		 "Free memory (KiB) left unheld at an armed suspend so the suspend path never starves");
+
+static uint scan_interval_ms = 1000;
+module_param(scan_interval_ms, uint, 0644);
+MODULE_PARM_DESC(scan_interval_ms,
+		 "Rescan period while data/softpage/armed is 1 (0: only on dom0 requests)");
+
+/* Guest-side counters, shown under /sys/devices/platform/softpage/stats/. */
+struct softpage_stats {
+	u64 scans;
+	u64 last_scan_ns;
+	u64 max_scan_ns;
+	u64 last_request_id;
+	u64 count[SOFTPAGE_NR_CATEGORIES];
+	u64 dropped_cache_pages;	/* NR_FILE_PAGES fall across the drop */
+	u64 dropped_slab_pages;		/* reclaimable slab fall across the drop */
+	s64 drop_error;			/* last drop_caches error, 0 if none */
+	u64 held_pages;			/* pages held at the last armed suspend */
+	u64 hold_ns;
+	u64 hold_short;			/* suspends where the reserve stopped the hold */
+	u64 freezes;			/* armed suspends */
+	u64 thaws;
+	u64 restores;
+};
+
+struct softpage {
+	struct device *dev;
+	/* Serialises scans, publication, the PM callbacks and the counters. */
+	struct mutex lock;
+
+	unsigned long nr_pfns;
+	unsigned int frames_per_category;
+	unsigned int nr_list_frames;
+	/* [0] header, then the list pages, then the bitmap pages. */
+	unsigned int nr_shared;
+	struct page **shared;
+	grant_ref_t *grefs;
+	unsigned int nr_granted;
+	struct softpage_header *header;
+	unsigned long *shared_bitmaps;	/* vmap of the bitmap pages */
+	unsigned long *scan_bitmaps;	/* private copy, same layout */
+	u64 generation;
+
+	evtchn_port_t port;
+	int irq;
+	struct work_struct request_work;
+	struct delayed_work periodic_work;
+	struct xenbus_watch armed_watch;
+	bool watch_registered;
+	bool armed;
+	/*
+	 * From an armed .freeze to .thaw/.restore: FINAL is published and
+	 * nothing else may be.  Also set while the device goes away.
+	 */
+	bool frozen;
+	bool stopping;
+
+	struct list_head held_blocks;	/* page->lru, order in page_private */
+	unsigned long held_pages;
+
+	struct softpage_stats stats;
+};
+
+static unsigned int softpage_bitmap_frames(const struct softpage *sp)
+{
+	return SOFTPAGE_NR_CATEGORIES * sp->frames_per_category;
+}
+
+static unsigned long *softpage_category(const struct softpage *sp,
+					unsigned long *bitmaps,
+					unsigned int category)
+{
+	return bitmaps + (size_t)category * sp->frames_per_category *
+			 SOFTPAGE_LONGS_PER_FRAME;
+}
+
+/* Bitmaps cover [0, highest RAM PFN); max_pfn is not exported to modules. */
+static unsigned long softpage_highest_ram_pfn(void)
+{
+	unsigned long end = 0;
+	int nid;
+
+	for_each_online_node(nid)
+		end = max(end, pgdat_end_pfn(NODE_DATA(nid)));
+	return end;
+}
+
+static u32 softpage_guest_flags(void)
+{
+	u32 flags = 0;
+
+	/*
+	 * With init_on_free the allocator trusts free pages to be zero, which
+	 * an allocate-only page on the destination is not; dom0 decides.
+	 */
+	if (want_init_on_free())
+		flags |= SOFTPAGE_FLAG_INIT_ON_FREE;
+	if (page_poisoning_enabled())
+		flags |= SOFTPAGE_FLAG_PAGE_POISON;
+	return flags;
+}
+
+static bool softpage_is_clean_cache(struct page *page, bool skip_hot)
+{
+	if (!PageLRU(page) || PageAnon(page) || PageSwapBacked(page))
+		return false;
+	/* ramfs and mlocked pages cannot be dropped at suspend. */
+	if (PageUnevictable(page))
+		return false;
+	if (PageDirty(page) || PageWriteback(page) || PageLocked(page))
+		return false;
+	if (skip_hot && (PageActive(page) || PageReferenced(page)))
+		return false;
+	/* drop_caches (invalidate_mapping_pages) keeps mapped pages. */
+	if (page_mapped(page))
+		return false;
+	return page_mapping(page);
+}
+
+/*
+ * Classify the page at @pfn and return how many PFNs it accounts for: a whole
+ * free buddy block at once, a whole subsection for a hole.
+ */
+static unsigned long softpage_classify(const struct softpage *sp,
+				       unsigned long pfn, unsigned long end,
+				       bool want_free, bool want_cache,
+				       bool skip_hot)
+{
+	struct page *page = pfn_to_online_page(pfn);
+	unsigned long order, nr;
+
+	if (!page)
+		return min(SUBSECTION_ALIGN_UP(pfn + 1), end) - pfn;
+
+	if (PageBuddy(page)) {
+		/* buddy_order_unsafe(): mm/internal.h is not for modules. */
+		order = READ_ONCE(page_private(page));
+		/* A racing allocation may reuse private: trust it no further. */
+		if (order >= MAX_ORDER || !PageBuddy(page))
+			order = 0;
+		nr = min(1UL << order, end - pfn);
+		if (want_free)
+			bitmap_set(softpage_category(sp, sp->scan_bitmaps,
+						     SOFTPAGE_CAT_FREE), pfn, nr);
+		return nr;
+	}
+
+	if (want_cache && softpage_is_clean_cache(page, skip_hot))
+		__set_bit(pfn, softpage_category(sp, sp->scan_bitmaps,
+						 SOFTPAGE_CAT_CACHE));
+	return 1;
+}
+
+/*
+ * Fill the private bitmaps from a walk of every online node.  The SLAB bitmap
+ * stays empty: telling reclaimable slab pages apart needs struct slab, which
+ * is private to mm/.  Reclaimable slab is instead freed by the drop at an
+ * armed suspend, after which those pages are free and get held.
+ */
+static u64 softpage_scan(struct softpage *sp)
+{
+	bool want_free = READ_ONCE(report_free);
+	bool want_cache = READ_ONCE(report_cache);
+	bool skip_hot = READ_ONCE(skip_hot_cache);
+	unsigned long since_resched = 0;
+	u64 start = ktime_get_ns();
+	int nid;
+
+	memset(sp->scan_bitmaps, 0,
+	       (size_t)softpage_bitmap_frames(sp) * PAGE_SIZE);
+	for_each_online_node(nid) {
+		pg_data_t *pgdat = NODE_DATA(nid);
+		unsigned long end = min(pgdat_end_pfn(pgdat), sp->nr_pfns);
+		unsigned long pfn = pgdat->node_start_pfn;
+
+		while (pfn < end) {
+			unsigned long nr = softpage_classify(sp, pfn, end,
+							     want_free,
+							     want_cache,
+							     skip_hot);
+
+			pfn += nr;
+			since_resched += nr;
+			if (since_resched >= SOFTPAGE_SCAN_BATCH) {
+				since_resched = 0;
+				cond_resched();
+			}
+		}
+	}
+	return ktime_get_ns() - start;
+}
+
+/* Mark every held block in the private HELD bitmap. */
+static void softpage_mark_held(struct softpage *sp)
+{
+	unsigned long *held = softpage_category(sp, sp->scan_bitmaps,
+						SOFTPAGE_CAT_HELD);
+	struct page *page;
+
+	list_for_each_entry(page, &sp->held_blocks, lru) {
+		unsigned long pfn = page_to_pfn(page);
+		unsigned long nr = 1UL << page_private(page);
+
+		/* Memory hot-added after load is held but cannot be named. */
+		if (pfn >= sp->nr_pfns)
+			continue;
+		bitmap_set(held, pfn, min(nr, sp->nr_pfns - pfn));
+	}
+}
+
+/*
+ * Copy the private bitmaps into the granted pages and update the header under
+ * the generation sequence lock (odd while writing, even when stable).
+ */
+static void softpage_publish(struct softpage *sp, u32 state, u64 request_id,
+			     u64 scan_ns, u32 state_flags)
+{
+	struct softpage_header *header = sp->header;
+	unsigned int category;
+
+	WRITE_ONCE(header->generation, ++sp->generation);
+	/* dom0 reads from another domain: order against it, even on UP. */
+	virt_wmb();
+	memcpy(sp->shared_bitmaps, sp->scan_bitmaps,
+	       (size_t)softpage_bitmap_frames(sp) * PAGE_SIZE);
+	for (category = 0; category < SOFTPAGE_NR_CATEGORIES; category++) {
+		unsigned long *bitmap = softpage_category(sp, sp->scan_bitmaps,
+							  category);
+		unsigned long weight = bitmap_weight(bitmap, sp->nr_pfns);
+
+		header->count[category] = weight;
+		sp->stats.count[category] = weight;
+	}
+	header->flags = softpage_guest_flags() | state_flags;
+	header->state = state;
+	header->request_id = request_id;
+	header->scan_ns = scan_ns;
+	/* The even generation must not become visible before the data. */
+	virt_wmb();
+	WRITE_ONCE(header->generation, ++sp->generation);
+	sp->stats.last_request_id = request_id;
+}
+
+static void softpage_publish_empty(struct softpage *sp)
+{
+	memset(sp->scan_bitmaps, 0,
+	       (size_t)softpage_bitmap_frames(sp) * PAGE_SIZE);
+	softpage_publish(sp, SOFTPAGE_STATE_EMPTY, 0, 0, 0);
+}
+
+static int softpage_read_u64(const char *node, u64 *value)
+{
+	int found = xenbus_scanf(XBT_NIL, SOFTPAGE_XS_DIR, node, "%llu",
+				 value);
+
+	if (found < 0)
+		return found;
+	return found == 1 ? 0 : -EINVAL;
+}
+
+static void softpage_account_scan(struct softpage *sp, u64 scan_ns)
+{
+	sp->stats.scans++;
+	sp->stats.last_scan_ns = scan_ns;
+	sp->stats.max_scan_ns = max(sp->stats.max_scan_ns, scan_ns);
+}
+
+/* Answer the newest request: read it first, so the scan starts after it. */
+static void softpage_answer_request(struct softpage *sp)
+{
+	u64 request_id, scan_ns;
+	int err;
+
+	lockdep_assert_held(&sp->lock);
+	if (sp->frozen || sp->stopping)
+		return;
+	err = softpage_read_u64("request", &request_id);
+	if (err) {
+		dev_warn_ratelimited(sp->dev, "cannot read request: %d\n",
+				     err);
+		return;
+	}
+	scan_ns = softpage_scan(sp);
+	softpage_account_scan(sp, scan_ns);
+	softpage_publish(sp, SOFTPAGE_STATE_SNAPSHOT, request_id, scan_ns,
+			 0);
+}
+
+static void softpage_request_work(struct work_struct *work)
+{
+	struct softpage *sp = container_of(work, struct softpage,
+					   request_work);
+
+	mutex_lock(&sp->lock);
+	softpage_answer_request(sp);
+	mutex_unlock(&sp->lock);
+}
+
+static void softpage_queue_periodic(struct softpage *sp)
+{
+	uint interval = READ_ONCE(scan_interval_ms);
+
+	lockdep_assert_held(&sp->lock);
+	if (sp->armed && interval && !sp->frozen && !sp->stopping)
+		mod_delayed_work(system_wq, &sp->periodic_work,
+				 msecs_to_jiffies(interval));
+	else
+		cancel_delayed_work(&sp->periodic_work);
+}
+
+static void softpage_periodic_work(struct work_struct *work)
+{
+	struct softpage *sp = container_of(to_delayed_work(work),
+					   struct softpage, periodic_work);
+
+	mutex_lock(&sp->lock);
+	softpage_answer_request(sp);
+	softpage_queue_periodic(sp);
+	mutex_unlock(&sp->lock);
+}
+
+static irqreturn_t softpage_interrupt(int irq, void *dev_id)
+{
+	struct softpage *sp = dev_id;
+
+	/* Scanning sleeps; do it in process context. */
+	schedule_work(&sp->request_work);
+	return IRQ_HANDLED;
+}
+
+static void softpage_armed_changed(struct xenbus_watch *watch,
+				   const char *path, const char *token)
+{
+	struct softpage *sp = container_of(watch, struct softpage,
+					   armed_watch);
+	u64 armed;
+
+	mutex_lock(&sp->lock);
+	sp->armed = !softpage_read_u64("armed", &armed) && armed == 1;
+	softpage_queue_periodic(sp);
+	mutex_unlock(&sp->lock);
+}
+
+/*
+ * Grant every shared page read-only to dom0.  After a resume in a new domain
+ * the grant table is fresh but Linux still owns our reference numbers, so the
+ * same references are filled again (with the new frame numbers on PV) and the
+ * list pages and header stay valid.
+ */
+static int softpage_grant_all(struct softpage *sp)
+{
+	unsigned int i;
+
+	for (i = 0; i < sp->nr_shared; i++) {
+		int ref = gnttab_grant_foreign_access(SOFTPAGE_DOM0,
+						      xen_page_to_gfn(sp->shared[i]),
+						      1);
+
+		if (ref < 0)
+			return ref;
+		sp->grefs[i] = ref;
+		sp->nr_granted = i + 1;
+	}
+	return 0;
+}
+
+static void softpage_regrant_all(struct softpage *sp)
+{
+	unsigned int i;
+
+	for (i = 0; i < sp->nr_granted; i++)
+		gnttab_grant_foreign_access_ref(sp->grefs[i], SOFTPAGE_DOM0,
+						xen_page_to_gfn(sp->shared[i]),
+						1);
+}
+
+/* Fill the list pages and the header fields that never change. */
+static void softpage_write_layout(struct softpage *sp)
+{
+	unsigned int nr_bitmap = softpage_bitmap_frames(sp);
+	struct softpage_header *header = sp->header;
+	unsigned int i;
+
+	for (i = 0; i < nr_bitmap; i++) {
+		u32 *list = page_address(sp->shared[1 + i /
+					 SOFTPAGE_REFS_PER_LIST_FRAME]);
+
+		list[i % SOFTPAGE_REFS_PER_LIST_FRAME] =
+			sp->grefs[1 + sp->nr_list_frames + i];
+	}
+	header->magic = SOFTPAGE_MAGIC;
+	header->version = SOFTPAGE_VERSION;
+	header->header_size = sizeof(*header);
+	header->nr_pfns = sp->nr_pfns;
+	header->frames_per_category = sp->frames_per_category;
+	header->nr_list_frames = sp->nr_list_frames;
+	for (i = 0; i < sp->nr_list_frames; i++)
+		header->list_gref[i] = sp->grefs[1 + i];
+}
+
+static int softpage_bind_event_channel(struct softpage *sp)
+{
+	struct evtchn_alloc_unbound alloc = {
+		.dom = DOMID_SELF,
+		.remote_dom = SOFTPAGE_DOM0,
+	};
+	int err;
+
+	err = HYPERVISOR_event_channel_op(EVTCHNOP_alloc_unbound, &alloc);
+	if (err)
+		return err;
+	err = bind_evtchn_to_irqhandler(alloc.port, softpage_interrupt, 0,
+					KBUILD_MODNAME, sp);
+	if (err < 0) {
+		struct evtchn_close close = { .port = alloc.port };
+
+		HYPERVISOR_event_channel_op(EVTCHNOP_close, &close);
+		return err;
+	}
+	sp->port = alloc.port;
+	sp->irq = err;
+	return 0;
+}
+
+static void softpage_unbind_event_channel(struct softpage *sp)
+{
+	/* Closes the port too, unless a resume already forgot it. */
+	if (sp->irq > 0)
+		unbind_from_irqhandler(sp->irq, sp);
+	sp->irq = 0;
+	sp->port = 0;
+}
+
+/* Write every key of guest-protocol.md; state last, in one transaction. */
+static int softpage_advertise(struct softpage *sp)
+{
+	struct xenbus_transaction xbt;
+	int err;
+
+	do {
+		err = xenbus_transaction_start(&xbt);
+		if (err)
+			return err;
+		err = xenbus_printf(xbt, SOFTPAGE_XS_DIR, "version", "%u",
+				    SOFTPAGE_VERSION);
+		if (!err)
+			err = xenbus_printf(xbt, SOFTPAGE_XS_DIR,
+					    "header-gref", "%u", sp->grefs[0]);
+		if (!err)
+			err = xenbus_printf(xbt, SOFTPAGE_XS_DIR,
+					    "event-channel", "%u", sp->port);
+		if (!err)
+			err = xenbus_printf(xbt, SOFTPAGE_XS_DIR, "request",
+					    "0");
+		if (!err)
+			err = xenbus_printf(xbt, SOFTPAGE_XS_DIR, "armed", "0");
+		if (!err)
+			err = xenbus_printf(xbt, SOFTPAGE_XS_DIR, "state",
+					    "ready");
+		if (err) {
+			xenbus_transaction_end(xbt, 1);
+			return err;
+		}
+		err = xenbus_transaction_end(xbt, 0);
+	} while (err == -EAGAIN);
+	return err;
+}
+
+/* Drop clean page cache and/or reclaimable slab, as root writing the sysctl. */
+static int softpage_drop_caches(unsigned int mode)
+{
+	char value[8];
+	struct file *file;
+	loff_t pos = 0;
+	ssize_t written;
+	int len;
+
+	if (!mode)
+		return 0;
+	file = filp_open("/proc/sys/vm/drop_caches", O_WRONLY, 0);
+	if (IS_ERR(file))
+		return PTR_ERR(file);
+	len = scnprintf(value, sizeof(value), "%u\n", mode);
+	written = kernel_write(file, value, len, &pos);
+	filp_close(file, NULL);
+	if (written < 0)
+		return written;
+	return written == len ? 0 : -EIO;
+}
+
+static void softpage_drop_and_account(struct softpage *sp)
+{
+	unsigned long file_before = global_node_page_state(NR_FILE_PAGES);
+	unsigned long slab_before =
+		global_node_page_state_pages(NR_SLAB_RECLAIMABLE_B);
+	unsigned long file_after, slab_after;
+	int err;
+
+	err = softpage_drop_caches(READ_ONCE(drop_caches_at_freeze));
+	sp->stats.drop_error = err;
+	if (err)
+		dev_warn(sp->dev, "drop_caches at suspend failed: %d\n", err);
+	file_after = global_node_page_state(NR_FILE_PAGES);
+	slab_after = global_node_page_state_pages(NR_SLAB_RECLAIMABLE_B);
+	sp->stats.dropped_cache_pages = file_before > file_after ?
+					file_before - file_after : 0;
+	sp->stats.dropped_slab_pages = slab_before > slab_after ?
+				       slab_before - slab_after : 0;
+}
+
+/*
+ * Allocate free memory in blocks as large as the buddy allocator will give,
+ * down to the reserve.  Returns true if the reserve, rather than the
+ * allocator, ended the hold.
+ */
+static bool softpage_hold_free_memory(struct softpage *sp)
+{
+	unsigned long reserve = READ_ONCE(hold_reserve_kb) >>
+				(PAGE_SHIFT - 10);
+	int order = MAX_ORDER - 1;
+
+	while (order >= 0) {
+		unsigned long nr = 1UL << order;
+		struct page *page;
+
+		if (global_zone_page_state(NR_FREE_PAGES) < reserve + nr) {
+			if (!order)
+				return true;
+			order--;
+			continue;
+		}
+		page = alloc_pages(SOFTPAGE_HOLD_GFP, order);
+		if (!page) {
+			order--;
+			continue;
+		}
+		set_page_private(page, order);
+		list_add(&page->lru, &sp->held_blocks);
+		sp->held_pages += nr;
+		cond_resched();
+	}
+	return false;
+}
+
+/* Back through __free_pages, so init_on_free and poisoning apply as usual. */
+static void softpage_release_held(struct softpage *sp)
+{
+	struct page *page, *next;
+
+	list_for_each_entry_safe(page, next, &sp->held_blocks, lru) {
+		unsigned int order = page_private(page);
+
+		list_del(&page->lru);
+		set_page_private(page, 0);
+		__free_pages(page, order);
+		cond_resched();
+	}
+	sp->held_pages = 0;
+}
+
+/* Stop the scan workers; they see frozen/stopping and do not requeue. */
+static void softpage_quiesce(struct softpage *sp)
+{
+	cancel_delayed_work_sync(&sp->periodic_work);
+	cancel_work_sync(&sp->request_work);
+}
+
+/*
+ * Runs in the xenwatch thread from do_suspend(): user space and freezable
+ * kernel threads are frozen, xenstore still works.
+ */
+static int softpage_pm_freeze(struct device *dev)
+{
+	struct softpage *sp = dev_get_drvdata(dev);
+	u64 armed, request_id, scan_ns, start;
+	bool hold_short;
+	int err;
+
+	mutex_lock(&sp->lock);
+	if (softpage_read_u64("armed", &armed) || armed != 1) {
+		/* Stock xl save/migrate: stay out of the way. */
+		mutex_unlock(&sp->lock);
+		return 0;
+	}
+	sp->frozen = true;
+	mutex_unlock(&sp->lock);
+	softpage_quiesce(sp);
+
+	mutex_lock(&sp->lock);
+	sp->stats.freezes++;
+	err = softpage_read_u64("request", &request_id);
+	if (err) {
+		/* Without Rf dom0 would not use FINAL anyway. */
+		dev_warn(dev, "armed suspend without a request: %d\n", err);
+		mutex_unlock(&sp->lock);
+		return 0;
+	}
+	softpage_drop_and_account(sp);
+
+	start = ktime_get_ns();
+	hold_short = softpage_hold_free_memory(sp);
+	sp->stats.hold_ns = ktime_get_ns() - start;
+	sp->stats.held_pages = sp->held_pages;
+	if (hold_short)
+		sp->stats.hold_short++;
+
+	scan_ns = softpage_scan(sp);
+	softpage_account_scan(sp, scan_ns);
+	softpage_mark_held(sp);
+	softpage_publish(sp, SOFTPAGE_STATE_FINAL, request_id, scan_ns,
+			 hold_short ? SOFTPAGE_FLAG_HOLD_SHORT : 0);
+	dev_info(dev, "final: request %llu, held %lu pages in %llu us%s\n",
+		 request_id, sp->held_pages, sp->stats.hold_ns / 1000,
+		 hold_short ? " (stopped at the reserve)" : "");
+	mutex_unlock(&sp->lock);
+	return 0;
+}
+
+/* The suspend was cancelled: same domain, same grants and port. */
+static int softpage_pm_thaw(struct device *dev)
+{
+	struct softpage *sp = dev_get_drvdata(dev);
+	int err;
+
+	mutex_lock(&sp->lock);
+	if (!sp->frozen) {
+		mutex_unlock(&sp->lock);
+		return 0;
+	}
+	sp->stats.thaws++;
+	softpage_release_held(sp);
+	softpage_publish_empty(sp);
+	sp->armed = false;
+	sp->frozen = false;
+	softpage_queue_periodic(sp);
+	err = xenbus_printf(XBT_NIL, SOFTPAGE_XS_DIR, "armed", "0");
+	if (err)
+		dev_warn(dev, "cannot clear armed: %d\n", err);
+	mutex_unlock(&sp->lock);
+	return 0;
+}
+
+/*
+ * Resumed in a new domain (restore or migration): grants, the event channel
+ * and our xenstore keys are gone.
+ */
+static int softpage_pm_restore(struct device *dev)
+{
+	struct softpage *sp = dev_get_drvdata(dev);
+	int err;
+
+	mutex_lock(&sp->lock);
+	sp->stats.restores++;
+	softpage_release_held(sp);
+	softpage_regrant_all(sp);
+	softpage_unbind_event_channel(sp);
+	err = softpage_bind_event_channel(sp);
+	if (err) {
+		dev_err(dev, "no event channel after resume: %d\n", err);
+		goto out;
+	}
+	softpage_publish_empty(sp);
+	sp->armed = false;
+	sp->frozen = false;
+	softpage_queue_periodic(sp);
+	err = softpage_advertise(sp);
+	if (err)
+		dev_err(dev, "cannot advertise after resume: %d\n", err);
+	else
+		dev_info(dev, "republished: header-gref %u, event-channel %u\n",
+			 sp->grefs[0], sp->port);
+out:
+	mutex_unlock(&sp->lock);
+	/* Failing here would only abort the resume of every other device. */
+	return 0;
+}
+
+static const struct dev_pm_ops softpage_pm_ops = {
+	.freeze = softpage_pm_freeze,
+	.thaw = softpage_pm_thaw,
+	.restore = softpage_pm_restore,
+};
+
+static void softpage_free_shared(struct softpage *sp)
+{
+	unsigned int i;
+
+	if (sp->shared_bitmaps)
+		vunmap(sp->shared_bitmaps);
+	vfree(sp->scan_bitmaps);
+	if (!sp->shared)
+		return;
+	/* A page dom0 still maps is freed once dom0 lets go of it. */
+	for (i = 0; i < sp->nr_granted; i++)
+		gnttab_end_foreign_access(sp->grefs[i], sp->shared[i]);
+	for (; i < sp->nr_shared; i++)
+		if (sp->shared[i])
+			__free_page(sp->shared[i]);
+	kfree(sp->grefs);
+	kfree(sp->shared);
+}
+
+static int softpage_alloc_shared(struct softpage *sp)
+{
+	unsigned int nr_bitmap, i;
+
+	sp->nr_pfns = softpage_highest_ram_pfn();
+	sp->frames_per_category = DIV_ROUND_UP(sp->nr_pfns,
+					       SOFTPAGE_PFNS_PER_FRAME);
+	nr_bitmap = softpage_bitmap_frames(sp);
+	sp->nr_list_frames = DIV_ROUND_UP(nr_bitmap,
+					  SOFTPAGE_REFS_PER_LIST_FRAME);
+	if (!sp->nr_pfns || sp->nr_list_frames > SOFTPAGE_MAX_LIST_FRAMES) {
+		dev_err(sp->dev, "%lu PFNs do not fit the ABI\n", sp->nr_pfns);
+		return -E2BIG;
+	}
+	sp->nr_shared = 1 + sp->nr_list_frames + nr_bitmap;
+	sp->shared = kcalloc(sp->nr_shared, sizeof(*sp->shared), GFP_KERNEL);
+	sp->grefs = kcalloc(sp->nr_shared, sizeof(*sp->grefs), GFP_KERNEL);
+	if (!sp->shared || !sp->grefs)
+		return -ENOMEM;
+	for (i = 0; i < sp->nr_shared; i++) {
+		sp->shared[i] = alloc_page(GFP_KERNEL | __GFP_ZERO);
+		if (!sp->shared[i])
+			return -ENOMEM;
+	}
+	sp->header = page_address(sp->shared[0]);
+	sp->shared_bitmaps = vmap(&sp->shared[1 + sp->nr_list_frames],
+				  nr_bitmap, VM_MAP, PAGE_KERNEL);
+	sp->scan_bitmaps = vzalloc((size_t)nr_bitmap * PAGE_SIZE);
+	if (!sp->shared_bitmaps || !sp->scan_bitmaps)
+		return -ENOMEM;
+	return softpage_grant_all(sp);
+}
+
+static void softpage_teardown(struct softpage *sp)
+{
+	mutex_lock(&sp->lock);
+	sp->stopping = true;
+	mutex_unlock(&sp->lock);
+	if (sp->watch_registered)
+		unregister_xenbus_watch(&sp->armed_watch);
+	/* Before quiescing: an event would queue the request work again. */
+	softpage_unbind_event_channel(sp);
+	softpage_quiesce(sp);
+	/* dom0 must not find a header that is about to disappear. */
+	xenbus_rm(XBT_NIL, "data", "softpage");
+	softpage_release_held(sp);
+	softpage_free_shared(sp);
+}
+
+#define SOFTPAGE_STAT_ATTR(name, field)					\
+static ssize_t name##_show(struct device *dev,				\
+			   struct device_attribute *attr, char *buf)	\
+{									\
+	struct softpage *sp = dev_get_drvdata(dev);			\
+	ssize_t len;							\
+									\
+	mutex_lock(&sp->lock);						\
+	len = sysfs_emit(buf, "%lld\n", (long long)sp->stats.field);	\
+	mutex_unlock(&sp->lock);					\
+	return len;							\
+}									\
+static DEVICE_ATTR_RO(name)
+
+SOFTPAGE_STAT_ATTR(scans, scans);
+SOFTPAGE_STAT_ATTR(last_scan_ns, last_scan_ns);
+SOFTPAGE_STAT_ATTR(max_scan_ns, max_scan_ns);
+SOFTPAGE_STAT_ATTR(last_request_id, last_request_id);
+SOFTPAGE_STAT_ATTR(free_pages, count[SOFTPAGE_CAT_FREE]);
+SOFTPAGE_STAT_ATTR(cache_pages, count[SOFTPAGE_CAT_CACHE]);
+SOFTPAGE_STAT_ATTR(slab_pages, count[SOFTPAGE_CAT_SLAB]);
+SOFTPAGE_STAT_ATTR(held_bitmap_pages, count[SOFTPAGE_CAT_HELD]);
+SOFTPAGE_STAT_ATTR(dropped_cache_pages, dropped_cache_pages);
+SOFTPAGE_STAT_ATTR(dropped_slab_pages, dropped_slab_pages);
+SOFTPAGE_STAT_ATTR(drop_error, drop_error);
+SOFTPAGE_STAT_ATTR(held_pages, held_pages);
+SOFTPAGE_STAT_ATTR(hold_ns, hold_ns);
+SOFTPAGE_STAT_ATTR(hold_short, hold_short);
+SOFTPAGE_STAT_ATTR(freezes, freezes);
+SOFTPAGE_STAT_ATTR(thaws, thaws);
+SOFTPAGE_STAT_ATTR(restores, restores);
+
+static ssize_t nr_pfns_show(struct device *dev, struct device_attribute *attr,
+			    char *buf)
+{
+	struct softpage *sp = dev_get_drvdata(dev);
+
+	return sysfs_emit(buf, "%lu\n", sp->nr_pfns);
+}
+static DEVICE_ATTR_RO(nr_pfns);
+
+static struct attribute *softpage_stats_attrs[] = {
+	&dev_attr_scans.attr,
+	&dev_attr_last_scan_ns.attr,
+	&dev_attr_max_scan_ns.attr,
+	&dev_attr_last_request_id.attr,
+	&dev_attr_free_pages.attr,
+	&dev_attr_cache_pages.attr,
+	&dev_attr_slab_pages.attr,
+	&dev_attr_held_bitmap_pages.attr,
+	&dev_attr_dropped_cache_pages.attr,
+	&dev_attr_dropped_slab_pages.attr,
+	&dev_attr_drop_error.attr,
+	&dev_attr_held_pages.attr,
+	&dev_attr_hold_ns.attr,
+	&dev_attr_hold_short.attr,
+	&dev_attr_freezes.attr,
+	&dev_attr_thaws.attr,
+	&dev_attr_restores.attr,
+	&dev_attr_nr_pfns.attr,
+	NULL,
+};
+
+static const struct attribute_group softpage_stats_group = {
+	.name = "stats",
+	.attrs = softpage_stats_attrs,
+};
+
+static const struct attribute_group *softpage_groups[] = {
+	&softpage_stats_group,
+	NULL,
+};
+
+static int softpage_probe(struct platform_device *pdev)
+{
+	struct softpage *sp;
+	int err;
+
+	sp = devm_kzalloc(&pdev->dev, sizeof(*sp), GFP_KERNEL);
+	if (!sp)
+		return -ENOMEM;
+	sp->dev = &pdev->dev;
+	mutex_init(&sp->lock);
+	INIT_LIST_HEAD(&sp->held_blocks);
+	INIT_WORK(&sp->request_work, softpage_request_work);
+	INIT_DELAYED_WORK(&sp->periodic_work, softpage_periodic_work);
+	platform_set_drvdata(pdev, sp);
+
+	err = softpage_alloc_shared(sp);
+	if (err)
+		goto fail;
+	softpage_write_layout(sp);
+	softpage_publish_empty(sp);
+	err = softpage_bind_event_channel(sp);
+	if (err)
+		goto fail;
+	err = softpage_advertise(sp);
+	if (err)
+		goto fail;
+	sp->armed_watch.node = SOFTPAGE_XS_ARMED;
+	sp->armed_watch.callback = softpage_armed_changed;
+	err = register_xenbus_watch(&sp->armed_watch);
+	if (err)
+		goto fail;
+	sp->watch_registered = true;
+	dev_info(sp->dev,
+		 "publishing %lu PFNs in %u+%u pages: header-gref %u, event-channel %u, flags %#x\n",
+		 sp->nr_pfns, sp->nr_list_frames, softpage_bitmap_frames(sp),
+		 sp->grefs[0], sp->port, softpage_guest_flags());
+	return 0;
+
+fail:
+	dev_err(sp->dev, "cannot start: %d\n", err);
+	softpage_teardown(sp);
+	return err;
+}
+
+static int softpage_remove(struct platform_device *pdev)
+{
+	softpage_teardown(platform_get_drvdata(pdev));
+	return 0;
+}
+
+static struct platform_driver softpage_driver = {
+	.remove = softpage_remove,
+	.driver = {
+		.name = KBUILD_MODNAME,
+		.pm = &softpage_pm_ops,
+		.dev_groups = softpage_groups,
+	},
+};
+
+/* The device exists only for dev_pm_ops; exit needs it to unregister. */
+static struct platform_device *softpage_pdev;
+
+static int __init softpage_init(void)
+{
+	if (!xen_domain()) {
+		pr_err("not running in a Xen guest; refusing to load\n");
+		return -ENODEV;
+	}
+	softpage_pdev = platform_create_bundle(&softpage_driver,
+					       softpage_probe, NULL, 0, NULL,
+					       0);
+	return PTR_ERR_OR_ZERO(softpage_pdev);
+}
+
+static void __exit softpage_exit(void)
+{
+	platform_device_unregister(softpage_pdev);
+	platform_driver_unregister(&softpage_driver);
+}
+
+module_init(softpage_init);
+module_exit(softpage_exit);
+
+MODULE_DESCRIPTION("Publish soft (free, clean cache, held) pages to dom0 for Xen migration");
+MODULE_LICENSE("GPL");
+MODULE_VERSION(SOFTPAGE_MODULE_VERSION);
