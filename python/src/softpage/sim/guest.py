@@ -1,0 +1,435 @@
+"""A simulated guest: memory, the kernel's page bookkeeping, and the softpage module.
+
+Every PFN has a *kind* (what the guest kernel uses it for) and a *content
+token*: a 64-bit value that stands for the page's bytes. Every write gives
+the page a token never used before, so two pages hold the same content only if
+one was copied from the other; ``SimBackend.read_pages`` puts the token and the
+PFN in the first two words of the page it returns.
+
+The module side follows docs/spec/guest-protocol.md: a request is answered by
+a scan published in the real binary format (``bitmap.encode``); the freeze
+callback drops clean cache and reclaimable slab, holds free pages down to a
+reserve and publishes FINAL. ``ReportBehaviour`` and ``FinalBehaviour`` make
+it misbehave the ways a real guest can (late, lagging, lying, malformed).
+
+Everything is vectorised over numpy arrays: a 2 GiB guest (524,288 PFNs) is
+one ``uint64`` and one ``uint8`` array, and no operation loops over pages in
+Python.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from softpage import abi, bitmap
+from softpage.errors import BackendError
+from softpage.pfnset import PfnArray, PfnSet
+from softpage.snapshot import SnapshotState, SoftSnapshot
+
+Mask = npt.NDArray[np.bool_]
+GuestActivity = Callable[["SimGuest"], None]
+"""Guest work run at a point where a real guest would keep running (a hook)."""
+
+
+class PageKind(enum.IntEnum):
+    """What the guest kernel uses a PFN for."""
+
+    HOLE = 0
+    """Not RAM: typed XTAB, never named in the stream."""
+    KERNEL = 1
+    """Unreclaimable kernel memory."""
+    FREE = 2
+    CACHE = 3
+    """Clean page cache (reported soft; dropped at freeze unless pinned)."""
+    CACHE_DIRTY = 4
+    """Page cache with unwritten changes: not soft."""
+    SLAB = 5
+    """Reclaimable slab."""
+    ANON = 6
+    """User allocations."""
+    HELD = 7
+    """Held by the module between freeze and thaw/restore."""
+
+
+class ReportBehaviour(enum.Enum):
+    """How the module answers the next precopy request."""
+
+    PROMPT = "prompt"
+    """Scan after reading the request, publish with its id (the protocol)."""
+    SILENT = "silent"
+    """Publish nothing: dom0's read times out."""
+    LAGGING = "lagging"
+    """Publish the previous scan's sets under the new request id (a guest bug)."""
+    OLD_REQUEST = "old-request"
+    """Publish a fresh scan labelled with the previous request id."""
+    LYING = "lying"
+    """Answer the request but also call some in-use pages soft."""
+    MALFORMED = "malformed"
+    """Answer the request with bytes that break a decoder rule."""
+    TORN = "torn"
+    """Leave the generation odd (a writer that never finished)."""
+
+
+class FinalBehaviour(enum.Enum):
+    """How the freeze callback behaves."""
+
+    PROMPT = "prompt"
+    SILENT = "silent"
+    """Hold pages but publish nothing (the FINAL read times out)."""
+    STALE_REQUEST = "stale-request"
+    """Publish FINAL labelled with an older request id."""
+    LYING = "lying"
+    """Claim in-use pages as held besides the really held ones."""
+    MALFORMED = "malformed"
+
+
+@dataclass(frozen=True)
+class FinalReport:
+    """What the guest published at freeze, as the oracle needs it."""
+
+    request_id: int
+    claimed_held: PfnSet
+    well_formed: bool
+    """The bytes decode (FINAL state, even generation, every rule kept)."""
+
+
+_MALFORMATIONS = ("magic", "count", "stray-bit", "reserved", "flags")
+
+
+class SimGuest:
+    """Guest memory and kernel bookkeeping for one simulated domain."""
+
+    def __init__(self, p2m_size: int, holes: PfnArray | None = None, seed: int = 0) -> None:
+        if p2m_size < 1:
+            raise BackendError(f"p2m_size: expected at least 1, got {p2m_size}")
+        self.p2m_size = p2m_size
+        self.rng = np.random.default_rng(seed)
+        self.kind = np.full(p2m_size, PageKind.FREE, dtype=np.uint8)
+        if holes is not None and holes.size:
+            self.kind[holes.astype(np.intp)] = PageKind.HOLE
+        self.pinned = np.zeros(p2m_size, dtype=bool)
+        """Clean cache that is mapped or locked and cannot be dropped."""
+        # Distinct non-zero boot contents: a fresh destination page (zero)
+        # never equals a source page by accident.
+        self.tokens = np.arange(1, p2m_size + 1, dtype=np.uint64)
+        self._next_token = p2m_size + 1
+        self.dirty = np.zeros(p2m_size, dtype=bool)
+        self.logdirty = False
+        self.running = True
+        self.writes = 0
+        # The module.
+        self.module_loaded = True
+        self.armed = False
+        self.frozen = False
+        """The freeze callback ran and ``thaw`` has not yet."""
+        self.request_value = 0
+        self.generation = 0
+        self.published: bytes | None = None
+        self.report_behaviour = ReportBehaviour.PROMPT
+        self.final_behaviour = FinalBehaviour.PROMPT
+        self.after_scan: GuestActivity | None = None
+        """Runs after a scan and before its publication: pages reported soft
+        are reallocated and written meanwhile."""
+        self.hold_reserve = 0
+        """Free pages the freeze callback leaves unheld."""
+        self.hold_capacity: int | None = None
+        """At most this many pages can be held (memory pressure); None: no limit."""
+        self.scan_ns_per_pfn = 2
+        self.final_report: FinalReport | None = None
+        self._previous_scan: tuple[Mask, Mask, Mask] | None = None
+        self._previous_request = 0
+
+    # -- views ------------------------------------------------------------
+    @property
+    def ram(self) -> Mask:
+        return self.kind != PageKind.HOLE
+
+    def count(self, kind: PageKind) -> int:
+        return int(np.count_nonzero(self.kind == kind))
+
+    def pfns_of(self, kind: PageKind) -> PfnArray:
+        return np.flatnonzero(self.kind == kind).astype(np.uint64)
+
+    # -- memory -----------------------------------------------------------
+    def write(self, pfns: npt.NDArray[np.integer]) -> None:
+        """Give each PFN new contents; logged if log-dirty is on."""
+        if not self.running:
+            raise BackendError("the simulated guest is suspended: it cannot write")
+        indexes = np.asarray(pfns, dtype=np.intp)
+        if indexes.size == 0:
+            return
+        if (self.kind[indexes] == PageKind.HOLE).any():
+            raise BackendError("a guest write to a PFN that is not RAM")
+        self.tokens[indexes] = np.arange(self._next_token, self._next_token + indexes.size, dtype=np.uint64)
+        self._next_token += indexes.size
+        self.writes += indexes.size
+        if self.logdirty:
+            self.dirty[indexes] = True
+
+    def harvest(self) -> Mask:
+        """The dirty log, and clear it."""
+        dirty: Mask = self.dirty.copy()
+        self.dirty[:] = False
+        return dirty
+
+    def _pick(self, mask: Mask, count: int) -> npt.NDArray[np.intp]:
+        candidates = np.flatnonzero(mask)
+        take = min(max(count, 0), candidates.size)
+        if take == candidates.size:
+            return candidates
+        return np.sort(self.rng.choice(candidates, size=take, replace=False))
+
+    # -- kernel activity ----------------------------------------------------
+    def allocate_anon(self, count: int) -> int:
+        """User allocation: free pages first, then reclaim clean cache and slab; written."""
+        if not self.running:
+            return 0
+        pages = self._pick(self.kind == PageKind.FREE, count)
+        short = count - pages.size
+        if short > 0:
+            reclaimable = ((self.kind == PageKind.CACHE) & ~self.pinned) | (self.kind == PageKind.SLAB)
+            pages = np.concatenate((pages, self._pick(reclaimable, short)))
+        self.kind[pages] = PageKind.ANON
+        self.write(pages)
+        return int(pages.size)
+
+    def free_anon(self, count: int) -> int:
+        """Processes exit: their pages go back to the buddy allocator with stale contents."""
+        if not self.running:
+            return 0
+        pages = self._pick(self.kind == PageKind.ANON, count)
+        self.kind[pages] = PageKind.FREE
+        return int(pages.size)
+
+    def fill_cache(self, count: int) -> int:
+        """Read files: free pages become clean page cache holding the file data."""
+        if not self.running:
+            return 0
+        pages = self._pick(self.kind == PageKind.FREE, count)
+        self.kind[pages] = PageKind.CACHE
+        self.pinned[pages] = False
+        self.write(pages)
+        return int(pages.size)
+
+    def dirty_cache(self, count: int) -> int:
+        """Write to cached files: clean cache becomes dirty cache."""
+        if not self.running:
+            return 0
+        pages = self._pick(self.kind == PageKind.CACHE, count)
+        self.kind[pages] = PageKind.CACHE_DIRTY
+        self.write(pages)
+        return int(pages.size)
+
+    def write_back(self, count: int) -> int:
+        """Writeback: dirty cache becomes clean again; the page itself is not written."""
+        if not self.running:
+            return 0
+        pages = self._pick(self.kind == PageKind.CACHE_DIRTY, count)
+        self.kind[pages] = PageKind.CACHE
+        return int(pages.size)
+
+    def pin_cache(self, count: int) -> int:
+        """mmap or mlock clean cache: it cannot be dropped at freeze."""
+        if not self.running:
+            return 0
+        pages = self._pick((self.kind == PageKind.CACHE) & ~self.pinned, count)
+        self.pinned[pages] = True
+        return int(pages.size)
+
+    def drop_cache(self, count: int) -> int:
+        """Reclaim clean, unpinned cache without writing it."""
+        if not self.running:
+            return 0
+        pages = self._pick((self.kind == PageKind.CACHE) & ~self.pinned, count)
+        self.kind[pages] = PageKind.FREE
+        return int(pages.size)
+
+    def grow_slab(self, count: int) -> int:
+        if not self.running:
+            return 0
+        pages = self._pick(self.kind == PageKind.FREE, count)
+        self.kind[pages] = PageKind.SLAB
+        self.write(pages)
+        return int(pages.size)
+
+    def shrink_slab(self, count: int) -> int:
+        if not self.running:
+            return 0
+        pages = self._pick(self.kind == PageKind.SLAB, count)
+        self.kind[pages] = PageKind.FREE
+        return int(pages.size)
+
+    def dirty_in_use(self, count: int) -> int:
+        """Write ``count`` random pages in use (user, kernel and dirty-cache memory)."""
+        if not self.running:
+            return 0
+        in_use = (self.kind == PageKind.ANON) | (self.kind == PageKind.KERNEL) | (
+            self.kind == PageKind.CACHE_DIRTY
+        )
+        pages = self._pick(in_use, count)
+        self.write(pages)
+        return int(pages.size)
+
+    def churn(self, count: int) -> int:
+        """Free and reallocate: pages reported free come back written."""
+        freed = self.free_anon(count)
+        return freed + self.allocate_anon(count)
+
+    # -- the module: precopy reports ------------------------------------------
+    def scan(self) -> tuple[Mask, Mask, Mask]:
+        """The module's walk: free, clean cache (pinned or not), reclaimable slab."""
+        return (
+            self.kind == PageKind.FREE,
+            self.kind == PageKind.CACHE,
+            self.kind == PageKind.SLAB,
+        )
+
+    def answer_request(self, request_id: int) -> None:
+        """The module read ``request = request_id`` after a notify."""
+        self.request_value = request_id
+        if not self.module_loaded or self.report_behaviour is ReportBehaviour.SILENT:
+            return
+        free, cache, slab = self.scan()
+        if self.after_scan is not None:
+            self.after_scan(self)
+        behaviour = self.report_behaviour
+        published_id = request_id
+        if behaviour is ReportBehaviour.LAGGING and self._previous_scan is not None:
+            free, cache, slab = self._previous_scan
+        elif behaviour is ReportBehaviour.OLD_REQUEST:
+            published_id = self._previous_request
+        elif behaviour is ReportBehaviour.LYING:
+            in_use = (self.kind == PageKind.ANON) | (self.kind == PageKind.KERNEL)
+            lie = np.zeros(self.p2m_size, dtype=bool)
+            lie[self._pick(in_use, max(1, int(in_use.sum()) // 4))] = True
+            free = free | lie
+        self._previous_scan = self.scan()
+        self._previous_request = request_id
+        snapshot = self._snapshot(SnapshotState.SNAPSHOT, published_id, free, cache, slab, None, 0)
+        self._publish(
+            snapshot,
+            malformed=behaviour is ReportBehaviour.MALFORMED,
+            torn=behaviour is ReportBehaviour.TORN,
+        )
+
+    # -- the module: suspend -------------------------------------------------
+    def freeze(self) -> None:
+        """``dev_pm_ops.freeze``: user space is frozen, the kernel still runs."""
+        if not self.module_loaded or not self.armed:
+            return
+        self.frozen = True
+        droppable = ((self.kind == PageKind.CACHE) & ~self.pinned) | (self.kind == PageKind.SLAB)
+        self.kind[droppable] = PageKind.FREE
+        free = np.flatnonzero(self.kind == PageKind.FREE)
+        hold_count = max(0, free.size - self.hold_reserve)
+        flags = 0
+        if self.hold_capacity is not None and hold_count > self.hold_capacity:
+            hold_count = self.hold_capacity
+            flags |= abi.FLAG_HOLD_SHORT
+        held_pages = self._pick(self.kind == PageKind.FREE, hold_count)
+        self.kind[held_pages] = PageKind.HELD
+        held = self.kind == PageKind.HELD
+        behaviour = self.final_behaviour
+        if behaviour is FinalBehaviour.SILENT:
+            self.final_report = None
+            return
+        request_id = self.request_value
+        if behaviour is FinalBehaviour.STALE_REQUEST:
+            request_id = self._previous_request
+        if behaviour is FinalBehaviour.LYING:
+            in_use = (self.kind == PageKind.ANON) | (self.kind == PageKind.KERNEL)
+            held = held.copy()
+            held[self._pick(in_use, max(1, int(in_use.sum()) // 4))] = True
+        free_now, cache_now, slab_now = self.scan()
+        snapshot = self._snapshot(
+            SnapshotState.FINAL, request_id, free_now, cache_now, slab_now, held, flags
+        )
+        malformed = behaviour is FinalBehaviour.MALFORMED
+        self._publish(snapshot, malformed=malformed, torn=False)
+        self.final_report = FinalReport(request_id, snapshot.held, well_formed=not malformed)
+
+    def thaw(self) -> None:
+        """``.thaw``: the suspend was cancelled; release held pages and disarm."""
+        self.frozen = False
+        self.kind[self.kind == PageKind.HELD] = PageKind.FREE
+        self.armed = False
+        if self.module_loaded:
+            empty = np.zeros(self.p2m_size, dtype=bool)
+            snapshot = self._snapshot(SnapshotState.EMPTY, self.request_value, empty, empty, empty, None, 0)
+            self._publish(snapshot, malformed=False, torn=False)
+
+    # -- publication -----------------------------------------------------------
+    def _snapshot(
+        self,
+        state: SnapshotState,
+        request_id: int,
+        free: Mask,
+        cache: Mask,
+        slab: Mask,
+        held: Mask | None,
+        flags: int,
+    ) -> SoftSnapshot:
+        empty = PfnSet.empty(self.p2m_size)
+        self.generation += 2
+        return SoftSnapshot(
+            state=state,
+            generation=self.generation,
+            request_id=request_id,
+            flags=flags,
+            guest_nr_pfns=self.p2m_size,
+            scan_ns=self.scan_ns_per_pfn * self.p2m_size,
+            free=pfnset_from_mask(free),
+            cache=pfnset_from_mask(cache),
+            slab=pfnset_from_mask(slab),
+            held=pfnset_from_mask(held) if held is not None else empty,
+        )
+
+    def _publish(self, snapshot: SoftSnapshot, malformed: bool, torn: bool) -> None:
+        octets = bytearray(bitmap.encode(snapshot))
+        if malformed:
+            corrupt(octets, str(self.rng.choice(_MALFORMATIONS)))
+        if torn:
+            struct.pack_into("<Q", octets, abi.GENERATION_OFFSET, snapshot.generation + 1)
+        self.published = bytes(octets)
+
+
+def corrupt(octets: bytearray, how: str) -> None:
+    """Break one decoder rule in an encoded snapshot, keeping ``request_id`` and generation."""
+    header = abi.unpack_header(octets)
+    if how == "magic":
+        struct.pack_into("<I", octets, 0, header.magic ^ 0xFF)
+    elif how == "count":
+        struct.pack_into("<Q", octets, 48, header.count[0] + 1)
+    elif how == "stray-bit":
+        # The last bit of the FREE bitmap is beyond nr_pfns unless nr_pfns fills the pages.
+        last = abi.PAGE_SIZE * (1 + header.frames_per_category) - 1
+        if header.nr_pfns % abi.PFNS_PER_FRAME:
+            octets[last] |= 0x80
+        else:
+            struct.pack_into("<I", octets, 0, header.magic ^ 0xFF)
+    elif how == "reserved":
+        struct.pack_into("<Q", octets, 88, 1)
+    elif how == "flags":
+        struct.pack_into("<I", octets, 8, header.flags | 0x8000)
+    else:
+        raise BackendError(f"unknown malformation {how!r}")
+
+
+def pfnset_from_mask(mask: Mask) -> PfnSet:
+    """A ``PfnSet`` with the members ``mask`` marks, without unpacking PFNs."""
+    nr_words = -(-mask.size // 64)
+    padded = np.zeros(nr_words * 64, dtype=bool)
+    padded[: mask.size] = mask
+    words = np.packbits(padded, bitorder="little").view("<u8").astype(np.uint64)
+    return PfnSet(mask.size, words)
+
+
+def mask_from_pfnset(pfns: PfnSet) -> Mask:
+    bits = np.unpackbits(pfns.words.astype("<u8").view(np.uint8), bitorder="little")
+    return bits[: pfns.nr_pfns].astype(bool)
