@@ -30,20 +30,20 @@ class ForeignMapping:
         self.view: memoryview = memoryview(owner.binding.ffi.buffer(address, nr_pages * PAGE_SIZE))
 
     def unmap(self) -> None:
-        """Idempotent."""
+        """Idempotent. Refused, with the pages left mapped, while an export of
+        ``view`` is alive (a numpy array over it, say): leaking a mapping is
+        better than a pointer into unmapped memory. Memoryview *slices* are
+        not exports and cannot be detected; callers drop them first."""
         if self._address is None:
             return
-        address, self._address = self._address, None
         try:
             self.view.release()
         except BufferError:
-            # Someone still holds a slice; the view object stays usable to
-            # them but the pages go away below, so refuse loudly instead.
             raise BackendError(
-                f"dom {self.domid}: a slice of a foreign mapping is still in use at unmap"
+                f"dom {self.domid}: a buffer over a foreign mapping is still in use; mapping kept"
             ) from None
-        finally:
-            self._owner.unmap_raw(address, self.nr_pages, self.domid)
+        address, self._address = self._address, None
+        self._owner.unmap_raw(address, self.nr_pages, self.domid)
 
     def __enter__(self) -> ForeignMapping:
         return self

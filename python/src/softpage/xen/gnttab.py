@@ -25,22 +25,24 @@ class GrantMapping:
         self.view: memoryview = memoryview(owner.binding.ffi.buffer(address, nr_pages * PAGE_SIZE))
 
     def unmap(self) -> None:
-        """Idempotent."""
+        """Idempotent. Refused, with the pages left mapped, while an export of
+        ``view`` is alive (a numpy array over it, say): leaking a mapping is
+        better than a pointer into unmapped memory. Memoryview *slices* are
+        not exports and cannot be detected; callers drop them first."""
         if self._address is None:
             return
-        address, self._address = self._address, None
         try:
             self.view.release()
         except BufferError:
             raise BackendError(
-                f"dom {self.domid}: a slice of a grant mapping is still in use at unmap"
+                f"dom {self.domid}: a buffer over a grant mapping is still in use; mapping kept"
             ) from None
-        finally:
-            self._owner.binding.check_rc(
-                self._owner.binding.lib.xengnttab_unmap(self._owner.handle, address, self.nr_pages),
-                "xengnttab_unmap",
-                self.domid,
-            )
+        address, self._address = self._address, None
+        self._owner.binding.check_rc(
+            self._owner.binding.lib.xengnttab_unmap(self._owner.handle, address, self.nr_pages),
+            "xengnttab_unmap",
+            self.domid,
+        )
 
     def __enter__(self) -> GrantMapping:
         return self
