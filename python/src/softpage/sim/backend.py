@@ -112,7 +112,7 @@ class SimBackend:
         self._logdirty = False
         self._reads = 0
         self._page_buffer = np.zeros((0, WORDS_PER_PAGE), dtype=np.uint64)
-        self._channel = SimSoftChannel(guest)
+        self.channel = SimSoftChannel(guest)
 
     def describe(self) -> DomainInfo:
         self.calls.append("describe")
@@ -205,7 +205,7 @@ class SimBackend:
 
     def soft_channel(self) -> SoftPageChannel | None:
         self.calls.append("soft_channel")
-        return self._channel if self.guest.module_loaded else None
+        return self.channel if self.guest.module_loaded else None
 
     def cleanup(self) -> None:
         self.calls.append("cleanup")

@@ -148,7 +148,8 @@ class SimGuest:
     # -- views ------------------------------------------------------------
     @property
     def ram(self) -> Mask:
-        return self.kind != PageKind.HOLE
+        ram: Mask = self.kind != PageKind.HOLE
+        return ram
 
     def count(self, kind: PageKind) -> int:
         return int(np.count_nonzero(self.kind == kind))
