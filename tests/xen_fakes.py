@@ -14,6 +14,7 @@ PFNs that are not RAM, suspend is a shutdown with reason 2.
 from __future__ import annotations
 
 import errno
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -397,9 +398,16 @@ class FakeXen:
         return 0
 
 
-def fake_binding(domains: list[FakeDomain]) -> tuple[XenBinding, FakeXen]:
+@functools.cache
+def _fake_ffi() -> cffi.FFI:
+    """Parsing the cdef takes a third of a second; one FFI serves every test."""
     ffi = cffi.FFI()
     ffi.cdef(FAKE_CDEF)
+    return ffi
+
+
+def fake_binding(domains: list[FakeDomain]) -> tuple[XenBinding, FakeXen]:
+    ffi = _fake_ffi()
     lib = FakeXen(ffi, domains)
     return XenBinding(ffi=ffi, lib=lib), lib
 
