@@ -1,0 +1,117 @@
+"""The libxl suspend handshake (softpage.xen.suspend) on MemoryStore with a scripted guest."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from softpage.errors import BackendError, GuestProtocolError
+from softpage.xen.ctrl import DomainState
+from softpage.xen.suspend import SuspendTimeouts, _withdraw_request, shutdown_node, suspend_guest
+from softpage.xenstore import MemoryStore
+
+DOMID = 9
+NODE = shutdown_node(DOMID)
+QUICK = SuspendTimeouts(ack=0.3, suspended=0.3)
+
+
+class ScriptedGuest:
+    """Acks ``control/shutdown`` like Linux's shutdown_handler (writes ""), then
+    shuts down with ``reason`` after ``delay`` seconds; or never acks."""
+
+    def __init__(
+        self, store: MemoryStore, ack: bool = True, reason: int | None = 2, delay: float = 0.05
+    ) -> None:
+        self.store, self.ack, self.reason, self.delay = store, ack, reason, delay
+        self.shutdown_reason: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with self.store.watch(NODE) as watch:
+            while not self._stop.is_set():
+                watch.wait(0.02)
+                if self.store.read(NODE) == "suspend" and self.ack:
+                    self.store.write(NODE, "")
+                    if self.reason is not None:
+                        time.sleep(self.delay)
+                        self.shutdown_reason = self.reason
+                        self.store.fire("@releaseDomain")
+                    return
+
+    def state(self) -> DomainState:
+        flags = 0 if self.shutdown_reason is None else (1 << 2) | (self.shutdown_reason << 16)
+        return DomainState(DOMID, flags | (1 << 1), 100, 100, 1, 0, 1)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+
+def test_acked_and_suspended() -> None:
+    store = MemoryStore({NODE: ""})
+    guest = ScriptedGuest(store)
+    suspend_guest(store, DOMID, guest.state, QUICK)
+    assert guest.state().suspended and store.read(NODE) == ""
+    guest.stop()
+
+
+def test_no_ack_withdraws_the_request_and_blames_the_guest() -> None:
+    store = MemoryStore({NODE: ""})
+    guest = ScriptedGuest(store, ack=False)
+    started = time.monotonic()
+    with pytest.raises(GuestProtocolError, match="did not acknowledge"):
+        suspend_guest(store, DOMID, guest.state, QUICK)
+    assert 0.25 < time.monotonic() - started < 2.0
+    assert store.read(NODE) == ""  # a late guest will not suspend after all
+    guest.stop()
+
+
+def test_acked_but_never_suspended_is_a_backend_error() -> None:
+    store = MemoryStore({NODE: ""})
+    guest = ScriptedGuest(store, reason=None)
+    with pytest.raises(BackendError, match="not suspended within"):
+        suspend_guest(store, DOMID, guest.state, QUICK)
+    guest.stop()
+
+
+def test_shutdown_for_another_reason_is_reported() -> None:
+    store = MemoryStore({NODE: ""})
+    guest = ScriptedGuest(store, reason=3)
+    with pytest.raises(BackendError, match="got 3"):
+        suspend_guest(store, DOMID, guest.state, QUICK)
+    guest.stop()
+
+
+def test_already_suspended_writes_nothing() -> None:
+    store = MemoryStore()
+    suspended = DomainState(DOMID, (1 << 2) | (2 << 16), 1, 1, 1, 0, 1)
+    suspend_guest(store, DOMID, lambda: suspended, QUICK)
+    assert store.read(NODE) is None
+
+
+def test_withdraw_keeps_a_nick_of_time_ack() -> None:
+    store = MemoryStore({NODE: "suspend"})
+    with store.transaction() as transaction:
+        assert _withdraw_request(transaction, NODE) is False
+        assert transaction.read(NODE) == ""
+    acked = MemoryStore({NODE: ""})
+    with acked.transaction() as transaction:
+        assert _withdraw_request(transaction, NODE) is True
+        assert transaction.read(NODE) == ""
+
+
+def test_suspension_is_noticed_without_a_release_event() -> None:
+    """A missed @releaseDomain costs at most the poll interval, not the timeout."""
+    store = MemoryStore({NODE: ""})
+    guest = ScriptedGuest(store, delay=0.0)
+    guest.reason = None  # never fires @releaseDomain
+    timer = threading.Timer(0.1, lambda: setattr(guest, "shutdown_reason", 2))
+    timer.start()
+    suspend_guest(store, DOMID, guest.state, SuspendTimeouts(ack=1.0, suspended=5.0))
+    assert guest.state().suspended
+    timer.join()
+    guest.stop()
