@@ -492,3 +492,31 @@ class FakeSoftPageGuest:
         self.generation += 1
         self.pages[16:24] = self.generation.to_bytes(8, "little")
         return bytes(encoded)
+
+
+class SuspendResponder:
+    """The guest kernel's shutdown_handler for a FakeDomain: acks
+    ``control/shutdown = suspend`` by writing "" and suspends the domain
+    (shutdown reason 2, then @releaseDomain), as Linux and Xen do."""
+
+    def __init__(self, store: Any, domain: FakeDomain) -> None:
+        import threading
+
+        self.store, self.domain = store, domain
+        self.node = f"/local/domain/{domain.domid}/control/shutdown"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fake-guest-suspend", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with self.store.watch(self.node) as watch:
+            while not self._stop.is_set():
+                watch.wait(0.02)
+                if self.store.read(self.node) == "suspend":
+                    self.store.write(self.node, "")
+                    self.domain.shutdown_reason = SHUTDOWN_SUSPEND
+                    self.store.fire("@releaseDomain")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
