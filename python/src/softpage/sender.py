@@ -1,0 +1,171 @@
+"""Sending a domain the way ``xl`` does: into a save file, or to ``xl migrate-receive``.
+
+This layer joins the driver (``softpage.driver``) to the xl stream
+(``softpage.stream``) and, for migration, to the xl handshake
+(``softpage.stream.handshake``). It does no I/O of its own beyond the file
+descriptors and callables it is given, and it leaves the source domain either
+handed over (the caller destroys it) or running: any failure before the
+receiver was told "domain is yours" resumes the domain on the source.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from softpage.backend import DomainInfo, EndOfCheckpoint, MigrationBackend, StaticInfo
+from softpage.driver import DriverOptions, Log, MigrationStats, Progress, send_domain
+from softpage.errors import MigrationError, SoftpageError
+from softpage.pfnset import PfnArray
+from softpage.stream import handshake
+from softpage.stream.handshake import Handover, HandoverOutcome, HandshakeTimeouts
+from softpage.stream.writer import StreamWriter
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+
+class XlStreamSink:
+    """The driver's ``PageSink`` over a ``StreamWriter`` writing an xl stream."""
+
+    def __init__(self, writer: StreamWriter, config_json: bytes) -> None:
+        self.writer = writer
+        self.config_json = config_json
+
+    def begin(self, domain: DomainInfo, static: StaticInfo) -> None:
+        self.writer.begin(self.config_json, domain.guest_type, domain.xen_version, static)
+
+    def write_pages(self, pfns: PfnArray, types: npt.NDArray[np.uint32], data: memoryview) -> int:
+        before = self.writer.bytes_written
+        self.writer.write_pages(pfns, types, data)
+        return self.writer.bytes_written - before
+
+    def end(self, end_of_checkpoint: EndOfCheckpoint) -> None:
+        self.writer.finish(end_of_checkpoint)
+
+
+@dataclass(frozen=True)
+class SendResult:
+    stats: MigrationStats
+    stream_bytes: int
+    """Every byte of the xl stream, headers included."""
+
+
+def save_domain(
+    backend: MigrationBackend,
+    fd: int,
+    config_json: bytes,
+    options: DriverOptions,
+    log: Log,
+    progress: Progress | None = None,
+) -> SendResult:
+    """Write an ``xl restore``-able save file of the backend's domain to ``fd``.
+
+    Returns with the domain suspended; on failure the domain is resumed and
+    ``MigrationError`` raised. The caller destroys the domain, or resumes it to
+    keep it running (``xl save -c``).
+    """
+    writer = StreamWriter.for_fd(fd)
+    stats = send_domain(backend, XlStreamSink(writer, config_json), options, log, progress)
+    return SendResult(stats=stats, stream_bytes=writer.bytes_written)
+
+
+Rename = Callable[[str, str], None]
+"""``rename(old_name, new_name)`` of the source domain (``xl rename``)."""
+
+
+class ReceiverConnection(Protocol):
+    """The receiver's two directions (``handshake.ReceiverProcess`` gives one)."""
+
+    def read(self, max_bytes: int, timeout: float) -> bytes: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def writev(self, buffers: Sequence[Buffer]) -> int: ...
+
+    def close_sending_side(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class MigrateResult:
+    send: SendResult
+    handover: Handover
+    downtime_s: float
+    """From the suspend request to the receiver's report that its copy runs."""
+
+
+def migrate_domain(
+    backend: MigrationBackend,
+    receiver: ReceiverConnection,
+    config_json: bytes,
+    domain_name: str,
+    rename: Rename,
+    options: DriverOptions,
+    log: Log,
+    progress: Progress | None = None,
+    timeouts: HandshakeTimeouts | None = None,
+) -> MigrateResult:
+    """Migrate the backend's domain to an ``xl migrate-receive`` on ``receiver``.
+
+    Follows ``migrate_domain`` of tools/xl/xl_migrate.c step by step; the
+    failure cases are those of ``softpage.stream.handshake``. Returns only
+    when the destination runs the guest (the caller destroys the source).
+    Raises ``MigrationError`` otherwise: with the guest resumed on the source,
+    except for ``HandoverOutcome.UNDEFINED`` (the message says so), where xl
+    too leaves everything as it is.
+    """
+    timeouts = timeouts or HandshakeTimeouts()
+    handshake.expect_banner(receiver.read, timeouts.banner)
+    writer = StreamWriter(receiver.writev)
+    try:
+        stats = send_domain(backend, XlStreamSink(writer, config_json), options, log, progress)
+    except BaseException:
+        receiver.close_sending_side()
+        raise
+    sent = SendResult(stats=stats, stream_bytes=writer.bytes_written)
+    away_name = f"{domain_name}--migratedaway"
+    renamed = False
+    try:
+        handshake.expect_receiver_ready(receiver.read, timeouts.ready)
+        log("migration sender: Target has acknowledged transfer.")
+        rename(domain_name, away_name)
+        renamed = True
+    except (SoftpageError, OSError) as error:
+        _resume_source(backend, receiver, rename if renamed else None, away_name, domain_name, log)
+        raise MigrationError(f"migration failed, resumed at sender: {error}") from error
+    log("migration sender: Giving target permission to start.")
+    handover = handshake.hand_over(receiver.read, receiver.write, timeouts)
+    if handover.outcome is HandoverOutcome.DESTINATION_RUNNING:
+        suspended_at = stats.suspended_at if stats.suspended_at is not None else time.monotonic()
+        return MigrateResult(sent, handover, time.monotonic() - suspended_at)
+    if handover.outcome is HandoverOutcome.SOURCE_MAY_RESUME:
+        _resume_source(backend, receiver, rename, away_name, domain_name, log)
+        raise MigrationError(f"migration failed at the target: {handover.detail}; resumed at sender")
+    raise MigrationError(
+        f"{handover.detail}. Domain state is now undefined: the source is left suspended as "
+        f"{away_name!r}; check the target before resuming or destroying anything"
+    )
+
+
+def _resume_source(
+    backend: MigrationBackend,
+    receiver: ReceiverConnection,
+    rename: Rename | None,
+    away_name: str,
+    domain_name: str,
+    log: Log,
+) -> None:
+    receiver.close_sending_side()
+    if rename is not None:
+        try:
+            rename(away_name, domain_name)
+        except (SoftpageError, OSError) as error:
+            log(f"warning: could not rename {away_name!r} back to {domain_name!r}: {error}")
+    log("migration sender: Trying to resume at our end.")
+    backend.resume()
+    log("migration sender: Resumed OK.")
