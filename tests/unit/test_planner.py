@@ -54,9 +54,9 @@ def final(request_id: int, held: PfnSet) -> SoftSnapshot:
 
 def send_as_planned(planner: RoundPlanner, plan: RoundPlan, holes: PfnSet = EMPTY) -> None:
     """What a sender does when every planned PFN is RAM except ``holes``."""
-    planner.record_sent(
-        plan, SentPages(data=plan.data - holes, xalloc=plan.xalloc - holes, holes=(plan.data | plan.xalloc) & holes)
-    )
+    planned = plan.data | plan.xalloc
+    sent = SentPages(data=plan.data - holes, xalloc=plan.xalloc - holes, holes=planned & holes)
+    planner.record_sent(plan, sent)
 
 
 def after_first_round(soft: PfnSet = EMPTY, holes: PfnSet = EMPTY) -> RoundPlanner:
@@ -219,7 +219,9 @@ def test_rule3_only_one_final_round() -> None:
         (snapshot(2, free=pfns(3)), None, "expected None"),
     ],
 )
-def test_rule4_unusable_precopy_snapshot(report: SoftSnapshot | None, request_id: int | None, reason: str) -> None:
+def test_rule4_unusable_precopy_snapshot(
+    report: SoftSnapshot | None, request_id: int | None, reason: str
+) -> None:
     planner = after_first_round()
     plan = planner.plan_precopy(pfns(3), report, request_id)
     assert plan.data == pfns(3)
