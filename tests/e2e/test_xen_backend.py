@@ -21,8 +21,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
-from .xen_testbed import REPO_DIR, GuestSpec, Testbed
+from xen_testbed import REPO_DIR, Guest, GuestSpec, Testbed
 
 pytestmark = pytest.mark.e2e
 
@@ -96,7 +95,7 @@ PYTEST_PACKAGES = ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "py.
 DOM0_TEST_DIR = "/root/softpage-contract"
 
 
-def start_guest(testbed: Testbed, name: str) -> tuple[object, int]:
+def start_guest(testbed: Testbed, name: str) -> tuple[Guest, int]:
     guest = testbed.create_guest(GuestSpec(name=name, guest_type="pvh", dirty_rate=200))
     domid = int(testbed.run(["xl", "domid", name], check=True).stdout.strip())
     return guest, domid
@@ -105,7 +104,7 @@ def start_guest(testbed: Testbed, name: str) -> tuple[object, int]:
 def test_backend_on_live_pvh_guest(xen_pvh_testbed: Testbed) -> None:
     testbed = xen_pvh_testbed
     guest, domid = start_guest(testbed, "sp-backend")
-    beat_before = guest.wait_for_heartbeat(1, timeout_s=300)  # type: ignore[attr-defined]
+    beat_before = guest.wait_for_heartbeat(1, timeout_s=300)
     testbed.write_file("/root/probe_backend.py", PROBE)
     result = testbed.run(["python3", "/root/probe_backend.py", str(domid)], timeout_s=900)
     assert result.ok, f"probe failed:\n{result.stderr[-4000:]}"
@@ -136,8 +135,8 @@ def test_backend_on_live_pvh_guest(xen_pvh_testbed: Testbed) -> None:
     assert report["resumed_state"] == {"shutdown": False, "reason": None}
     assert report["dirty_after_resume"] > 0, "the resumed guest does not run"
     # The guest survived the cooperative suspend/resume: it keeps beating and did not reboot.
-    guest.wait_for_heartbeat(beat_before + 2, timeout_s=120)  # type: ignore[attr-defined]
-    assert guest.boot_count() == 1  # type: ignore[attr-defined]
+    guest.wait_for_heartbeat(beat_before + 2, timeout_s=120)
+    assert guest.boot_count() == 1
 
 
 def contract_bundle() -> str:
