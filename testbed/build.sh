@@ -49,16 +49,17 @@ debian_mirror() {
 }
 
 # ABI name of the kernel behind linux-image-amd64 (e.g. 6.1.0-56-amd64): dom0 and guest both run it.
+KERNEL_ABI_RESOLVED=""
 kernel_abi() {
+    if [ -n "$KERNEL_ABI_RESOLVED" ]; then echo "$KERNEL_ABI_RESOLVED"; return; fi
     apt-cache depends linux-image-amd64 2>/dev/null |
         awk '/Depends: linux-image-[0-9]/{sub("linux-image-","",$2); print $2; exit}'
 }
 
-candidate_version() { apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/{print $2; exit}'; }
-
-package_versions() {  # "name=version" for every package list given, sorted: part of stage keys
-    local p
-    for p in "$@"; do echo "$p=$(candidate_version "$p")"; done | sort
+package_versions() {  # "name=version" for every package given, sorted: part of stage keys
+    # one apt-cache call for all of them: a call per package costs seconds on a loaded machine
+    apt-cache policy "$@" 2>/dev/null |
+        awk '/^[^ ].*:$/{name=substr($1, 1, length($1)-1)} /Candidate:/{print name "=" $2}' | sort
 }
 
 hash_inputs() {  # stdin text + named files -> sha256
@@ -243,7 +244,9 @@ main() {
     local stage
     for stage in "$@"; do
         case "$stage" in
-            deps|fetch|rootfs|image|data) run_stage "$stage" "$("key_$stage")" ;;
+            deps|fetch|rootfs|image|data)
+                [ "$stage" = deps ] || [ -n "$KERNEL_ABI_RESOLVED" ] || KERNEL_ABI_RESOLVED=$(kernel_abi)
+                run_stage "$stage" "$("key_$stage")" ;;
             *) die "unknown stage '$stage'" ;;
         esac
     done

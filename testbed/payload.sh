@@ -112,6 +112,8 @@ mknod -m 600 "$initrd/dev/console" c 5 1
 cp "$CACHE/boot/vmlinuz" "$STAGING/guest/vmlinuz"
 note guest_initrd_bytes "$(stat -c %s "$STAGING/guest/initrd.cpio.gz")"
 
+install -m 755 "$TESTBED_DIR/dom0/count-bytes" "$STAGING/bin/count-bytes"
+
 # 5. The image.
 size_mb=$(( $(du -sm "$STAGING" | cut -f1) * 2 + 32 ))
 rm -f "$OUT.tmp"

@@ -1,0 +1,141 @@
+"""Fixtures for the real-Xen e2e tests (``@pytest.mark.e2e``). See tests/e2e/README.md.
+
+Fixtures:
+  ``xen_pvh_testbed``  a booted testbed on Xen 4.17.7 (PVH/HVM guests live-migrate; PV guests can
+                       only be saved/restored: this hypervisor has no shadow paging).
+  ``xen_pv_testbed``   a booted testbed on Xen 4.17.5 (PV guests live-migrate as well).
+  ``testbed_pool``     the session object behind both: it boots one hypervisor at a time (TCG
+                       on 2 cores cannot afford two) and reuses a boot across tests.
+
+Each test starts with no guests; the fixtures destroy what a test created. When a test fails,
+the serial log, ``xl dmesg``, dom0 dmesg and /var/log/xen are kept under
+``$SOFTPAGE_E2E_LOG_DIR`` (default results/e2e-logs/) in a directory named after the test.
+e2e tests using these fixtures skip only when a testbed cannot exist here (not root, no QEMU).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from xen_testbed import (
+    REPO_DIR,
+    XEN_PV_VERSION,
+    XEN_PVH_VERSION,
+    Testbed,
+    TestbedConfig,
+    TestbedError,
+    build_payload,
+    build_testbed,
+)
+
+PV_TESTBED_FIXTURE = "xen_pv_testbed"
+
+
+class TestbedPool:
+    """At most one booted testbed at a time; the payload (current checkout) is built once."""
+
+    def __init__(self, work_dir: Path) -> None:
+        self.work_dir = work_dir
+        self.current: Testbed | None = None
+        self.payload_info: dict[str, str] = {}
+        self._payload: Path | None = None
+
+    def get(self, xen_version: str) -> Testbed:
+        if self.current is not None:
+            if self.current.config.xen_version == xen_version and self.current.alive():
+                return self.current
+            self.current.shutdown()
+            self.current = None
+        if self._payload is None:
+            build_testbed()
+            self._payload = self.work_dir / "payload.img"
+            self.payload_info = build_payload(self._payload)
+        boot_dir = self.work_dir / f"xen-{xen_version}-{time.strftime('%H%M%S')}"
+        testbed = Testbed(TestbedConfig.from_env(xen_version), self._payload, boot_dir)
+        testbed.boot()
+        self.current = testbed
+        return testbed
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.shutdown()
+            self.current = None
+
+
+def testbed_unavailable_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "the Xen testbed needs root (debootstrap, chroot, mount)"
+    if shutil.which("apt-get") is None:
+        return "the Xen testbed is built from Debian packages; this host has no apt-get"
+    return None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Tests on the 4.17.5 hypervisor run last, together: each hypervisor switch is a reboot.
+    items.sort(key=lambda item: PV_TESTBED_FIXTURE in getattr(item, "fixturenames", ()))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report = yield
+    setattr(item, f"softpage_report_{report.when}", report)
+    return report
+
+
+@pytest.fixture(scope="session")
+def testbed_pool() -> Iterator[TestbedPool]:
+    reason = testbed_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    work_dir = Path(tempfile.mkdtemp(prefix="softpage-e2e-"))
+    pool = TestbedPool(work_dir)
+    try:
+        yield pool
+    finally:
+        pool.close()
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _log_dir_for(item: pytest.Item) -> Path:
+    base = Path(os.environ.get("SOFTPAGE_E2E_LOG_DIR") or REPO_DIR / "results" / "e2e-logs")
+    return base / time.strftime("%Y%m%d-%H%M%S") / re.sub(r"[^\w.-]+", "_", item.nodeid)
+
+
+def _testbed_for_test(
+    request: pytest.FixtureRequest, pool: TestbedPool, xen_version: str
+) -> Iterator[Testbed]:
+    try:
+        testbed = pool.get(xen_version)
+    except TestbedError:
+        if pool.current is not None:
+            pool.current.collect_logs(_log_dir_for(request.node))
+        raise
+    testbed.destroy_all_guests()
+    yield testbed
+    failed = any(
+        getattr(getattr(request.node, f"softpage_report_{when}", None), "failed", False)
+        for when in ("setup", "call")
+    )
+    if failed:
+        testbed.collect_logs(_log_dir_for(request.node))
+    try:
+        testbed.destroy_all_guests()
+    except TestbedError:
+        pool.close()  # the next test gets a fresh boot
+
+
+@pytest.fixture
+def xen_pvh_testbed(request: pytest.FixtureRequest, testbed_pool: TestbedPool) -> Iterator[Testbed]:
+    yield from _testbed_for_test(request, testbed_pool, XEN_PVH_VERSION)
+
+
+@pytest.fixture
+def xen_pv_testbed(request: pytest.FixtureRequest, testbed_pool: TestbedPool) -> Iterator[Testbed]:
+    yield from _testbed_for_test(request, testbed_pool, XEN_PV_VERSION)

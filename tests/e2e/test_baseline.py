@@ -1,0 +1,73 @@
+"""Baselines on the real testbed: stock xl save/restore and stock xl migrate keep a guest alive
+with all its memory and page cache intact. Later features are compared against these.
+
+A guest "survived" when: its heartbeat moves on after the operation, it printed its boot marker
+only once (no reboot), and the workload's full check (every anonymous byte, every cached file
+against the manifest) passes afterwards. The workload keeps dirtying pages throughout, so a
+migration that lost a dirty page fails the check.
+"""
+
+from __future__ import annotations
+
+import pytest
+from xen_testbed import Guest, GuestSpec, Testbed
+
+pytestmark = pytest.mark.e2e
+
+BASELINE_GUEST = {"memory_mb": 256, "anon_mb": 64, "cache_mb": 48, "dirty_rate": 200}
+
+
+def start_guest(testbed: Testbed, name: str, guest_type: str) -> Guest:
+    guest = testbed.create_guest(GuestSpec(name=name, guest_type=guest_type, **BASELINE_GUEST))
+    ready = guest.wait_for_workload_ready()
+    assert int(ready["anon_pages"]) == BASELINE_GUEST["anon_mb"] * 256
+    assert int(ready["cache_bytes"]) >= BASELINE_GUEST["cache_mb"] << 20
+    before = guest.verify()
+    assert before.ok, before.line
+    return guest
+
+
+def assert_survived(guest: Guest, heartbeat_before: int) -> None:
+    guest.wait_for_heartbeat(heartbeat_before + 2, timeout_s=120)
+    assert guest.boot_count() == 1, "the guest rebooted"
+    assert guest.name in guest.testbed.domains()
+    after = guest.verify()
+    assert after.ok, after.line
+    assert int(after.fields["anon_pages"]) == BASELINE_GUEST["anon_mb"] * 256
+
+
+def test_agent_reports_exit_codes_and_output(xen_pvh_testbed: Testbed) -> None:
+    result = xen_pvh_testbed.run("echo out; echo err >&2; exit 7")
+    assert (result.rc, result.stdout, result.stderr) == (7, "out\n", "err\n")
+    assert xen_pvh_testbed.run(["python3", "-c", "import softpage, numpy; print(numpy.__version__)"]).ok
+
+
+def test_pvh_save_restore(xen_pvh_testbed: Testbed) -> None:
+    guest = start_guest(xen_pvh_testbed, "pvh-sr", "pvh")
+    heartbeat = guest.heartbeat()
+    timings = guest.save_restore()
+    assert timings["image_bytes"] > BASELINE_GUEST["anon_mb"] << 20
+    assert_survived(guest, heartbeat)
+
+
+def test_pvh_live_migration_localhost(xen_pvh_testbed: Testbed) -> None:
+    guest = start_guest(xen_pvh_testbed, "pvh-mig", "pvh")
+    heartbeat = guest.heartbeat()
+    migration = guest.migrate_localhost()
+    assert migration["stream_bytes"] > BASELINE_GUEST["anon_mb"] << 20
+    assert_survived(guest, heartbeat)
+
+
+def test_pv_save_restore(xen_pv_testbed: Testbed) -> None:
+    guest = start_guest(xen_pv_testbed, "pv-sr", "pv")
+    heartbeat = guest.heartbeat()
+    guest.save_restore()
+    assert_survived(guest, heartbeat)
+
+
+def test_pv_live_migration_localhost(xen_pv_testbed: Testbed) -> None:
+    guest = start_guest(xen_pv_testbed, "pv-mig", "pv")
+    heartbeat = guest.heartbeat()
+    migration = guest.migrate_localhost()
+    assert migration["stream_bytes"] > BASELINE_GUEST["anon_mb"] << 20
+    assert_survived(guest, heartbeat)

@@ -1,0 +1,600 @@
+"""Drive the softpage Xen-in-QEMU testbed from the host: boot it, run dom0 commands, make guests.
+
+The testbed (``make testbed``, built by testbed/build.sh into ``SOFTPAGE_TESTBED_CACHE``) is a
+Xen 4.17 hypervisor with a Debian dom0 booted under QEMU TCG. This module is stdlib only, so the
+demo and benchmarks can use it without the test venv.
+
+* dom0 commands go through a virtio-serial port to ``softpage-agent`` (testbed/dom0/), one JSON
+  line per request and reply, so exit codes and output are exact; the serial console (Xen + dom0
+  kernel) is only logged, to ``<work_dir>/serial.log``.
+* the CURRENT checkout reaches dom0 as a payload disk built by ``testbed/build.sh payload``:
+  the softpage package on dom0's ``PYTHONPATH`` (``/opt/softpage/py``), the guest kernel and
+  initramfs (``/opt/softpage/guest``) with the workload and, when it builds, ``softpage.ko``.
+* guests print to their console, which xenconsoled logs to
+  ``/var/log/xen/console/guest-NAME*.log`` (a migration adds ``NAME--incoming``): heartbeats,
+  boot markers and workload verdicts are read from there.
+
+Typical use (the pytest fixtures in conftest.py do the booting)::
+
+    guest = testbed.create_guest(GuestSpec(name="g1", guest_type="pvh", memory_mb=256, anon_mb=64))
+    guest.wait_for_workload_ready()
+    testbed.run(f"xl save {guest.name} /var/lib/xen/g1.img", check=True)
+    ...
+    assert guest.verify().ok
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import itertools
+import json
+import os
+import queue
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO_DIR = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = REPO_DIR / "testbed" / "build.sh"
+
+XEN_PVH_VERSION = "4.17.7"
+"""Current bookworm-security hypervisor: PVH/HVM live migration (HAP log-dirty)."""
+XEN_PV_VERSION = "4.17.5"
+"""Pinned bookworm point release: still has shadow paging, so PV guests live-migrate too."""
+
+CONSOLE_LOG_DIR = "/var/log/xen/console"
+AGENT_PORT_NAME = "org.softpage.agent"
+PAYLOAD_DISK_SERIAL = "sp-payload"
+DATA_DISK_SERIAL = "sp-data"
+# Serial-console text that means the boot will never complete: fail at once, not at the timeout.
+FATAL_BOOT_PATTERNS = (r"Kernel panic", r"\(XEN\) Panic on CPU", r"\(XEN\) \*\*\*\* Dom0 crashed")
+
+HEARTBEAT_RE = re.compile(r"HEARTBEAT (\d+)")
+VERIFY_RE = re.compile(r"WORKLOAD VERIFY (ok|FAIL) seq=(\d+)(.*)")
+READY_RE = re.compile(r"WORKLOAD READY (.*)")
+BOOT_MARKER = "GUEST-INIT booted"
+
+
+class TestbedError(RuntimeError):
+    """The testbed could not be built, booted or driven."""
+
+
+class CommandFailed(TestbedError):
+    def __init__(self, command: str, result: CommandResult) -> None:
+        super().__init__(
+            f"dom0 command {command!r} exited {result.rc}"
+            f"{' (' + result.error + ')' if result.error else ''}\n"
+            f"stdout: {result.stdout[-2000:]}\nstderr: {result.stderr[-2000:]}"
+        )
+        self.result = result
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandResult:
+    rc: int
+    stdout: str
+    stderr: str
+    wall_s: float
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0 and self.error is None
+
+
+@dataclasses.dataclass(frozen=True)
+class TestbedConfig:
+    """Everything that varies between boots. ``from_env`` reads the documented variables."""
+
+    xen_version: str = XEN_PVH_VERSION
+    qemu_mem_mb: int = 4096
+    dom0_mem_mb: int = 1024
+    cpus: int = 2
+    # qemu64 + SVM/NPT is what Xen's own CI uses under TCG; richer models (-cpu max) crash PV dom0
+    # or corrupt dom0 userspace heaps (see testbed/README.md).
+    cpu_model: str = "qemu64,+svm,+npt"
+    boot_timeout_s: float = 900.0
+    cache_dir: Path = dataclasses.field(
+        default_factory=lambda: Path(
+            os.environ.get("SOFTPAGE_TESTBED_CACHE")
+            or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "softpage" / "testbed"
+        )
+    )
+
+    @classmethod
+    def from_env(cls, xen_version: str) -> TestbedConfig:
+        return cls(
+            xen_version=xen_version,
+            qemu_mem_mb=int(os.environ.get("SOFTPAGE_QEMU_MEM_MB", "4096")),
+            dom0_mem_mb=int(os.environ.get("SOFTPAGE_DOM0_MEM_MB", "1024")),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestSpec:
+    """A test guest: kernel and busybox initramfs from the payload, workload parameters on its
+    kernel command line (read by testbed/guest/init)."""
+
+    name: str = "guest"
+    guest_type: str = "pvh"  # "pvh" or "pv"
+    memory_mb: int = 256
+    vcpus: int = 1
+    anon_mb: int = 64
+    cache_mb: int = 0
+    dirty_rate: int = 100  # pages/s
+    verify_every_s: int = 0  # 0: verify only when asked
+    load_kmod: bool = True  # insmod softpage.ko when the payload has one
+    kmod_args: tuple[str, ...] = ()
+    data_disk: bool = True
+    extra_config: tuple[str, ...] = ()  # more xl.cfg lines, verbatim
+
+    def kernel_command_line(self) -> str:
+        words = [
+            "console=hvc0",
+            "loglevel=4",
+            f"sp_anon_mb={self.anon_mb}",
+            f"sp_cache_mb={self.cache_mb}",
+            f"sp_dirty_rate={self.dirty_rate}",
+            f"sp_verify_every={self.verify_every_s}",
+            f"sp_kmod={1 if self.load_kmod else 0}",
+        ]
+        words += [f"sp_kmod_arg={arg}" for arg in self.kmod_args]
+        return " ".join(words)
+
+    def xl_config(self, data_disk_device: str) -> str:
+        disks = f"['phy:{data_disk_device},xvdb,r']" if self.data_disk else "[]"
+        lines = [
+            f'name = "{self.name}"',
+            f'type = "{self.guest_type}"',
+            'kernel = "/opt/softpage/guest/vmlinuz"',
+            'ramdisk = "/opt/softpage/guest/initrd.cpio.gz"',
+            f'extra = "{self.kernel_command_line()}"',
+            f"memory = {self.memory_mb}",
+            f"maxmem = {self.memory_mb}",
+            f"vcpus = {self.vcpus}",
+            "vif = []",
+            f"disk = {disks}",
+            'on_crash = "preserve"',
+            *self.extra_config,
+        ]
+        return "\n".join(lines) + "\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    seq: int
+    fields: dict[str, str]
+    line: str
+
+
+def _die_with_parent() -> None:
+    """Runs in the QEMU child before exec: a harness killed outright must not leave QEMU behind."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
+def build_testbed() -> None:
+    """``testbed/build.sh all``: seconds when the cache is current, ~3 minutes from nothing."""
+    completed = subprocess.run([str(BUILD_SCRIPT), "all"], capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        raise TestbedError(f"testbed build failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}")
+
+
+def build_payload(output: Path) -> dict[str, str]:
+    """The current checkout as a payload disk; returns its PAYLOAD-INFO (what built, what did not)."""
+    completed = subprocess.run(
+        [str(BUILD_SCRIPT), "payload", str(output)], capture_output=True, text=True, check=False
+    )
+    if completed.returncode != 0:
+        raise TestbedError(f"payload build failed:\n{completed.stderr[-5000:]}")
+    info = dict(re.findall(r"^payload: (\w+)=(.*)$", completed.stderr, re.MULTILINE))
+    return info
+
+
+class AgentClient:
+    """Talks to softpage-agent over QEMU's unix socket for the virtio-serial port. Thread safe:
+    replies are matched to requests by id, so commands may overlap."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._socket.connect(str(socket_path))
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, queue.Queue[dict[str, object]]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._reader = threading.Thread(target=self._read_replies, name="agent-reader", daemon=True)
+        self._reader.start()
+
+    def _read_replies(self) -> None:
+        pending = b""
+        while not self._closed:
+            try:
+                chunk = self._socket.recv(1 << 16)
+            except OSError:
+                return
+            if not chunk:
+                return
+            pending += chunk
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                try:
+                    reply = json.loads(line)
+                except ValueError:
+                    continue  # a partial line from before the agent (re)started
+                with self._lock:
+                    waiter = self._waiting.pop(reply.get("id"), None) if isinstance(reply, dict) else None
+                if waiter is not None:
+                    waiter.put(reply)
+
+    def request(self, request: dict[str, object], timeout_s: float) -> CommandResult:
+        request_id = next(self._ids)
+        waiter: queue.Queue[dict[str, object]] = queue.Queue(maxsize=1)
+        with self._lock:
+            self._waiting[request_id] = waiter
+        data = (json.dumps({**request, "id": request_id, "timeout": timeout_s}) + "\n").encode()
+        try:
+            self._socket.sendall(data)
+            # the agent enforces timeout_s itself; the margin covers TCG slowness on the way back
+            reply = waiter.get(timeout=timeout_s + 30)
+        except (OSError, queue.Empty) as error:
+            with self._lock:
+                self._waiting.pop(request_id, None)
+            raise TestbedError(f"no reply from the dom0 agent for {request!r}: {error!r}") from error
+        return CommandResult(
+            rc=int(str(reply.get("rc", -1))),
+            stdout=base64.b64decode(str(reply.get("stdout") or "")).decode("utf-8", "replace"),
+            stderr=base64.b64decode(str(reply.get("stderr") or "")).decode("utf-8", "replace"),
+            wall_s=float(str(reply.get("wall_s") or 0.0)),
+            error=str(reply["error"]) if reply.get("error") else None,
+        )
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._socket.shutdown(socket.SHUT_RDWR)
+        self._socket.close()
+
+
+class Testbed:
+    """One boot of QEMU + Xen + dom0. Use ``boot()`` / ``shutdown()`` or the context manager."""
+
+    def __init__(self, config: TestbedConfig, payload: Path, work_dir: Path) -> None:
+        self.config = config
+        self.payload = payload
+        self.work_dir = work_dir
+        self.serial_log = work_dir / "serial.log"
+        self._qemu: subprocess.Popen[bytes] | None = None
+        self._agent: AgentClient | None = None
+        self.data_disk_device = ""
+        self.boot_timings: dict[str, float] = {}
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def qemu_command(self) -> list[str]:
+        cache = self.config.cache_dir
+        dom0_initrd = sorted((cache / "rootfs" / "boot").glob("initrd.img-*"))
+        if not dom0_initrd:
+            raise TestbedError(f"no dom0 initramfs under {cache}/rootfs/boot: run 'make testbed'")
+        xen_args = (
+            "console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all noreboot console_timestamps=boot "
+            f"dom0_mem={self.config.dom0_mem_mb}M,max:{self.config.dom0_mem_mb}M "
+            f"dom0_max_vcpus={self.config.cpus}"
+        )
+        # by label: the order in which virtio disks get their names is not the command-line order
+        dom0_args = "root=LABEL=softpage-dom0 rw console=hvc0 earlyprintk=xen"
+        work = self.work_dir
+        return [
+            "qemu-system-x86_64",
+            "-accel", "tcg,thread=multi",
+            "-cpu", self.config.cpu_model,
+            "-m", str(self.config.qemu_mem_mb),
+            "-smp", str(self.config.cpus),
+            "-display", "none", "-no-reboot", "-net", "none",
+            "-monitor", f"unix:{work}/monitor.sock,server=on,wait=off",
+            "-chardev",
+            f"socket,id=serial0,path={work}/serial.sock,server=on,wait=off,logfile={self.serial_log}",
+            "-serial", "chardev:serial0",
+            "-device", "virtio-serial-pci",
+            "-chardev", f"socket,id=agent,path={work}/agent.sock,server=on,wait=off",
+            "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+            # -snapshot semantics per disk: dom0 writes never reach the cached image.
+            "-drive", f"file={cache}/dom0.img,format=raw,if=virtio,cache=unsafe,snapshot=on",
+            "-drive", f"file={self.payload},format=raw,if=none,id=payload,readonly=on",
+            "-device", f"virtio-blk-pci,drive=payload,serial={PAYLOAD_DISK_SERIAL}",
+            "-drive", f"file={cache}/data.img,format=raw,if=none,id=data,readonly=on",
+            "-device", f"virtio-blk-pci,drive=data,serial={DATA_DISK_SERIAL}",
+            "-kernel", str(cache / "boot" / f"xen-{self.config.xen_version}"),
+            "-append", xen_args,
+            "-initrd", f"{cache}/boot/vmlinuz {dom0_args},{dom0_initrd[-1]}",
+        ]  # fmt: skip
+
+    def boot(self) -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        qemu_output = (self.work_dir / "qemu.out").open("wb")
+        self._qemu = subprocess.Popen(
+            self.qemu_command(), stdin=subprocess.DEVNULL, stdout=qemu_output, stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
+        qemu_output.close()
+        try:
+            self._wait_for_agent(started)
+            self.boot_timings["agent_s"] = round(time.monotonic() - started, 1)
+            # xencommons (xenstored, xenconsoled) comes up a little after the agent
+            self.run("for i in $(seq 300); do xl list >/dev/null 2>&1 && exit 0; sleep 1; done; exit 1",
+                     timeout_s=360, check=True)
+            self.boot_timings["xl_ready_s"] = round(time.monotonic() - started, 1)
+            self.run("mountpoint -q /opt/softpage && test -f /opt/softpage/PAYLOAD-INFO", check=True)
+            self.data_disk_device = self.run(
+                f"readlink -f /dev/disk/by-id/virtio-{DATA_DISK_SERIAL}", check=True
+            ).stdout.strip()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _wait_for_agent(self, started: float) -> None:
+        socket_path = self.work_dir / "agent.sock"
+        while True:
+            elapsed = time.monotonic() - started
+            if elapsed > self.config.boot_timeout_s:
+                raise TestbedError(
+                    f"dom0 agent not up after {elapsed:.0f} s; serial tail:\n{self.serial_tail()}"
+                )
+            assert self._qemu is not None
+            if self._qemu.poll() is not None:
+                output = (self.work_dir / "qemu.out").read_text(errors="replace")
+                raise TestbedError(f"QEMU exited with {self._qemu.returncode}: {output[-2000:]}\n"
+                                   f"serial tail:\n{self.serial_tail()}")
+            serial = self.serial_tail(200_000)
+            for pattern in FATAL_BOOT_PATTERNS:
+                if re.search(pattern, serial):
+                    raise TestbedError(f"boot failed ({pattern}); serial tail:\n{self.serial_tail()}")
+            if self._agent is None and socket_path.exists():
+                with contextlib.suppress(OSError):
+                    self._agent = AgentClient(socket_path)
+            if self._agent is not None:
+                with contextlib.suppress(TestbedError):
+                    # short pings: one sent before the agent opened its port may never be answered
+                    if self._agent.request({"argv": ["true"]}, timeout_s=5).ok:
+                        return
+            time.sleep(2)
+
+    def alive(self) -> bool:
+        if self._qemu is None or self._qemu.poll() is not None or self._agent is None:
+            return False
+        try:
+            return self._agent.request({"argv": ["true"]}, timeout_s=20).ok
+        except TestbedError:
+            return False
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Destroy guests, sync, then quit QEMU; escalate to SIGTERM/SIGKILL within bounds."""
+        if self._agent is not None:
+            with contextlib.suppress(TestbedError):
+                self.destroy_all_guests()
+                self._agent.request({"argv": ["sync"]}, timeout_s=20)
+            self._agent.close()
+            self._agent = None
+        if self._qemu is None:
+            return
+        if self._qemu.poll() is None:
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as monitor:
+                monitor.settimeout(5)
+                monitor.connect(str(self.work_dir / "monitor.sock"))
+                monitor.sendall(b"quit\n")
+            try:
+                self._qemu.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self._qemu.terminate()
+                try:
+                    self._qemu.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self._qemu.kill()
+                    self._qemu.wait(timeout=10)
+        self._qemu = None
+
+    def __enter__(self) -> Testbed:
+        self.boot()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+    # -- dom0 -------------------------------------------------------------------------------
+
+    def run(self, command: str | list[str], timeout_s: float = 600, check: bool = False) -> CommandResult:
+        """Run a dom0 command: a string goes to bash -c, a list is exec'd. ``check`` raises
+        CommandFailed on a non-zero exit."""
+        if self._agent is None:
+            raise TestbedError("testbed is not booted")
+        request: dict[str, object] = {"sh": command} if isinstance(command, str) else {"argv": command}
+        result = self._agent.request(request, timeout_s=timeout_s)
+        if check and not result.ok:
+            raise CommandFailed(str(command), result)
+        return result
+
+    def write_file(self, path: str, content: str) -> None:
+        self.run(f"mkdir -p {shlex.quote(os.path.dirname(path))} && cat > {shlex.quote(path)}"
+                 f" <<'SOFTPAGE_EOF'\n{content}SOFTPAGE_EOF", check=True)
+
+    def payload_info(self) -> dict[str, str]:
+        text = self.run("cat /opt/softpage/PAYLOAD-INFO", check=True).stdout
+        return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+    def domains(self) -> list[str]:
+        listing = self.run("xl list", check=True).stdout.splitlines()[1:]
+        return [line.split()[0] for line in listing if line.split()]
+
+    def destroy_all_guests(self) -> None:
+        for name in self.domains():
+            if name != "Domain-0":
+                self.run(["xl", "destroy", name], timeout_s=120)
+
+    def serial_tail(self, max_bytes: int = 6000) -> str:
+        try:
+            with self.serial_log.open("rb") as log:
+                log.seek(0, os.SEEK_END)
+                log.seek(max(0, log.tell() - max_bytes))
+                return log.read().decode("utf-8", "replace")
+        except OSError:
+            return "(no serial log)"
+
+    def collect_logs(self, destination: Path) -> None:
+        """Serial log, ``xl dmesg``, dom0 dmesg and /var/log/xen (guest consoles) into destination."""
+        destination.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            shutil.copy(self.serial_log, destination / "serial.log")
+        if self._agent is None:
+            return
+        commands = {
+            "xl-dmesg.txt": "xl dmesg",
+            "xl-list.txt": "xl list -v",
+            "dom0-dmesg.txt": "dmesg",
+            "payload-info.txt": "cat /opt/softpage/PAYLOAD-INFO",
+        }
+        for filename, command in commands.items():
+            with contextlib.suppress(TestbedError):
+                result = self.run(command, timeout_s=60)
+                (destination / filename).write_text(result.stdout + result.stderr)
+        with contextlib.suppress(TestbedError, ValueError):
+            result = self.run("tar -C /var/log -czf - xen | base64 -w0", timeout_s=120)
+            (destination / "var-log-xen.tar.gz").write_bytes(base64.b64decode(result.stdout))
+
+    # -- guests -----------------------------------------------------------------------------
+
+    def create_guest(self, spec: GuestSpec, timeout_s: float = 300) -> Guest:
+        """``xl create`` the guest (console logs of an older guest of that name are removed first)
+        and wait for its first heartbeat."""
+        config_path = f"/root/guests/{spec.name}.cfg"
+        self.write_file(config_path, spec.xl_config(self.data_disk_device))
+        self.run(f"rm -f {CONSOLE_LOG_DIR}/guest-{spec.name}*.log", check=True)
+        self.run(["xl", "create", config_path], timeout_s=timeout_s, check=True)
+        guest = Guest(self, spec)
+        guest.wait_for_heartbeat(0, timeout_s=timeout_s)
+        return guest
+
+
+class Guest:
+    """A running test guest, found by name (a migrated guest keeps its name)."""
+
+    def __init__(self, testbed: Testbed, spec: GuestSpec) -> None:
+        self.testbed = testbed
+        self.spec = spec
+        self.name = spec.name
+
+    def console_log(self) -> str:
+        """Every console line this guest printed since it was created, across migrations."""
+        # a migrated guest's lines continue in guest-NAME--incoming.log; ls -tr keeps them in order
+        result = self.testbed.run(
+            f"cd {CONSOLE_LOG_DIR} && ls -tr guest-{self.name}.log guest-{self.name}--*.log 2>/dev/null"
+            " | xargs -r cat", timeout_s=60)
+        return result.stdout.replace("\r", "")
+
+    def heartbeat(self) -> int:
+        """The highest heartbeat counter printed so far (-1 before the first)."""
+        return max((int(n) for n in HEARTBEAT_RE.findall(self.console_log())), default=-1)
+
+    def boot_count(self) -> int:
+        return self.console_log().count(BOOT_MARKER)
+
+    def wait_for(self, pattern: str, timeout_s: float = 120, poll_s: float = 1.0) -> re.Match[str]:
+        """Wait until a console line matches the regex; returns the LAST match."""
+        deadline = time.monotonic() + timeout_s
+        compiled = re.compile(pattern)
+        while True:
+            matches = list(compiled.finditer(self.console_log()))
+            if matches:
+                return matches[-1]
+            if time.monotonic() > deadline:
+                raise TestbedError(f"guest {self.name}: no console line matching {pattern!r} within "
+                                   f"{timeout_s:.0f} s; console tail:\n{self.console_log()[-3000:]}")
+            time.sleep(poll_s)
+
+    def wait_for_heartbeat(self, at_least: int, timeout_s: float = 120) -> int:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            beat = self.heartbeat()
+            if beat >= at_least:
+                return beat
+            if time.monotonic() > deadline:
+                raise TestbedError(f"guest {self.name}: heartbeat {beat}, expected >= {at_least} within "
+                                   f"{timeout_s:.0f} s; console tail:\n{self.console_log()[-3000:]}")
+            time.sleep(1)
+
+    def wait_for_workload_ready(self, timeout_s: float = 300) -> dict[str, str]:
+        match = self.wait_for(r"WORKLOAD (READY|ERROR) (.*)", timeout_s)
+        if match.group(1) == "ERROR":
+            raise TestbedError(f"guest {self.name}: workload failed: {match.group(0)}")
+        return dict(re.findall(r"(\w+)=(\S+)", match.group(2)))
+
+    def console_command(self, command: str) -> None:
+        """Type a command into the guest's shell on its console (the pty xenconsoled serves)."""
+        self.testbed.run(
+            f"domid=$(xl domid {shlex.quote(self.name)}) && "
+            "tty=$(xenstore-read /local/domain/$domid/console/tty) && "
+            f"printf '%s\\n' {shlex.quote(command)} > \"$tty\"", timeout_s=60, check=True)
+
+    def verify(self, timeout_s: float = 300) -> VerifyResult:
+        """Ask the workload to check all its memory and files now; returns its verdict."""
+        previous = max((int(seq) for _, seq, _ in VERIFY_RE.findall(self.console_log())), default=0)
+        self.console_command("kill -USR1 $(cat /run/workload.pid)")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for match in VERIFY_RE.finditer(self.console_log()):
+                if int(match.group(2)) > previous:
+                    return VerifyResult(ok=match.group(1) == "ok", seq=int(match.group(2)),
+                                        fields=dict(re.findall(r"(\w+)=(\S+)", match.group(3))),
+                                        line=match.group(0))
+            if time.monotonic() > deadline:
+                raise TestbedError(f"guest {self.name}: no WORKLOAD VERIFY after {timeout_s:.0f} s; "
+                                   f"console tail:\n{self.console_log()[-3000:]}")
+            time.sleep(1)
+
+    def save_restore(self, timeout_s: float = 900) -> dict[str, float]:
+        """Stock ``xl save`` then ``xl restore``; returns wall times and the image size."""
+        image = f"/var/lib/xen/save-{self.name}.img"
+        saved = self.testbed.run(["xl", "save", self.name, image], timeout_s=timeout_s, check=True)
+        size = int(self.testbed.run(["stat", "-c", "%s", image], check=True).stdout)
+        restored = self.testbed.run(["xl", "restore", image], timeout_s=timeout_s, check=True)
+        self.testbed.run(["rm", "-f", image])
+        return {"save_s": saved.wall_s, "restore_s": restored.wall_s, "image_bytes": float(size)}
+
+    def migrate_localhost(self, timeout_s: float = 900) -> dict[str, float]:
+        """Stock ``xl migrate`` to this same host (no ssh: ``-s ""`` runs the receiver command
+        itself); returns the wall time and the bytes of the migration stream."""
+        counter = f"/tmp/migrate-{self.name}.bytes"
+        receiver = f"python3 /opt/softpage/bin/count-bytes {counter} | xl migrate-receive"
+        result = self.testbed.run(["xl", "migrate", "-s", "", self.name, receiver],
+                                  timeout_s=timeout_s, check=True)
+        sent = self.testbed.run(["cat", counter], check=True).stdout.strip()
+        return {"migrate_s": result.wall_s, "stream_bytes": float(sent or 0)}
+
+    def destroy(self) -> None:
+        self.testbed.run(["xl", "destroy", self.name], timeout_s=120)
+
+
+@contextlib.contextmanager
+def booted_testbed(config: TestbedConfig, work_dir: Path) -> Iterator[Testbed]:
+    """Build (cached) + payload + boot, for scripts: ``with booted_testbed(cfg, dir) as tb:``."""
+    build_testbed()
+    payload = work_dir / "payload.img"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    build_payload(payload)
+    testbed = Testbed(config, payload, work_dir / f"xen-{config.xen_version}")
+    testbed.boot()
+    try:
+        yield testbed
+    finally:
+        testbed.shutdown()
