@@ -231,8 +231,10 @@ class MigrationSession:
         final_request = self._requests.next()
         if self.channel is not None:
             self.channel.request_final(final_request)
-        self.backend.suspend()
+        # Set before the call: a guest that acknowledges after our timeout
+        # may still suspend, and abandon() must then resume it.
         self.suspended = True
+        self.backend.suspend()
         self.stats.suspended_at = time.monotonic()
         final_dirty = self.backend.harvest_dirty(final=True)
         if not self.planner.rounds_planned:
@@ -256,7 +258,10 @@ class MigrationSession:
         return self.stats
 
     def abandon(self) -> None:
-        """Leave the guest running on the source; never raises over the original error."""
+        """Leave the guest running on the source; never raises over the original error.
+
+        ``backend.resume()`` is a no-op for a domain that is running.
+        """
         if self.suspended:
             try:
                 self.backend.resume()

@@ -1,0 +1,238 @@
+"""``softpage migrate`` and ``softpage save``: ``xl migrate`` / ``xl save`` with pruning.
+
+    softpage migrate [-s SSHCOMMAND] [-D] [--no-prune | --prune LIST] [--stats FILE] DOMAIN HOST
+    softpage save [-c] [-p] [--no-prune | --prune LIST] [--stats FILE] DOMAIN FILE
+
+The receiving side is stock xl: ``xl migrate-receive`` (started as ``ssh HOST
+xl migrate-receive``, or the ``HOST`` command itself with ``-s ""``) and
+``xl restore FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from typing import Any, TextIO
+
+from softpage import toolstack
+from softpage.driver import DriverOptions, MigrationStats, RoundStats
+from softpage.errors import SoftpageError
+from softpage.policy import SPP_MAX_ITERATIONS, SPP_TARGET_DIRTY_COUNT, PrecopyPolicy
+from softpage.sender import migrate_domain, save_domain
+from softpage.snapshot import PRUNABLE, Category
+from softpage.stream.handshake import ReceiverProcess
+
+MIB = 1024 * 1024
+
+
+def register(subparsers: Any) -> None:
+    migrate = subparsers.add_parser(
+        "migrate",
+        help="live-migrate a domain to a stock `xl migrate-receive`, skipping soft pages",
+        description="Live-migrate DOMAIN to HOST like `xl migrate`, sending the pages the guest "
+        "reports soft as XALLOC entries without data.",
+    )
+    migrate.add_argument("-s", dest="ssh_command", default="ssh", metavar="SSHCOMMAND",
+                         help='command that reaches HOST (default "ssh"); with -s "" HOST is '
+                         "itself the receiver command, e.g. \"xl migrate-receive\" for localhost")
+    migrate.add_argument("-D", dest="preserve_domid", action="store_true",
+                         help="preserve the domain id")
+    migrate.add_argument("domain", metavar="DOMAIN", help="domain name or id")
+    migrate.add_argument("host", metavar="HOST")
+    _add_common(migrate)
+    migrate.set_defaults(func=run_migrate)
+
+    save = subparsers.add_parser(
+        "save",
+        help="save a domain to a file `xl restore` reads, skipping soft pages",
+        description="Save DOMAIN to FILE like `xl save`; stock `xl restore FILE` brings it back.",
+    )
+    save.add_argument("-c", dest="checkpoint", action="store_true",
+                      help="leave the domain running after the save")
+    save.add_argument("-p", dest="leave_paused", action="store_true",
+                      help="leave the domain paused after the save")
+    save.add_argument("domain", metavar="DOMAIN", help="domain name or id")
+    save.add_argument("file", metavar="FILE")
+    _add_common(save)
+    save.set_defaults(func=run_save)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    pruning = parser.add_mutually_exclusive_group()
+    pruning.add_argument("--no-prune", action="store_true", help="send every page (plain precopy)")
+    pruning.add_argument("--prune", type=_categories, default=PRUNABLE, metavar="LIST",
+                         help="soft categories to skip, comma-separated from free,cache,slab "
+                         "(default: all three)")
+    parser.add_argument("--stats", metavar="FILE",
+                        help="write one JSON record per round and a totals record (JSON lines)")
+    parser.add_argument("--max-iters", type=int, default=SPP_MAX_ITERATIONS, metavar="N",
+                        help=f"live rounds at most (default {SPP_MAX_ITERATIONS}, as xl)")
+    parser.add_argument("--dirty-target", type=int, default=SPP_TARGET_DIRTY_COUNT, metavar="N",
+                        help=f"stop and copy below N dirty pages (default {SPP_TARGET_DIRTY_COUNT}, as xl)")
+    parser.add_argument("--snapshot-timeout", type=float, default=5.0, metavar="SECONDS",
+                        help="how long to wait for each soft-page report (default 5)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no per-round progress")
+
+
+def _categories(text: str) -> tuple[Category, ...]:
+    names = [name.strip().upper() for name in text.split(",") if name.strip()]
+    chosen = []
+    for name in names:
+        if name not in {category.name for category in PRUNABLE}:
+            raise argparse.ArgumentTypeError(
+                f"unknown category {name.lower()!r}: choose from free,cache,slab"
+            )
+        chosen.append(Category[name])
+    if not chosen:
+        raise argparse.ArgumentTypeError("expected at least one category")
+    return tuple(dict.fromkeys(chosen))
+
+
+def _driver_options(args: argparse.Namespace, live: bool) -> DriverOptions:
+    return DriverOptions(
+        prune=() if args.no_prune else args.prune,
+        policy=PrecopyPolicy(max_iterations=args.max_iters, target_dirty_count=args.dirty_target),
+        snapshot_timeout=args.snapshot_timeout,
+        live=live,
+    )
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    from softpage.xen.backend import XenBackend  # needs libxenctrl: only when migrating
+
+    domid = toolstack.domain_id(args.domain)
+    name = toolstack.domain_name(domid)
+    config = toolstack.domain_config_json(domid, preserve_domid=args.preserve_domid)
+    rune = args.host if not args.ssh_command else f"exec {args.ssh_command} {args.host} xl migrate-receive"
+    log = _logger(sys.stderr)
+    backend = XenBackend(domid)
+    started = time.monotonic()
+    try:
+        with ReceiverProcess(["sh", "-c", rune]) as receiver:
+            result = migrate_domain(
+                backend, _Receiver(receiver), config, name, toolstack.rename,
+                _driver_options(args, live=True), log, None if args.quiet else _progress(sys.stderr),
+            )
+    finally:
+        _cleanup(backend, log)
+    log("migration sender: Target reports successful startup.")
+    toolstack.destroy(domid)
+    stats = result.send.stats
+    _write_stats(args.stats, stats, result.send.stream_bytes, time.monotonic() - started, result.downtime_s)
+    print(_summary(stats, result.send.stream_bytes, time.monotonic() - started, result.downtime_s),
+          file=sys.stderr)
+    log("Migration successful.")
+    return 0
+
+
+def run_save(args: argparse.Namespace) -> int:
+    from softpage.xen.backend import XenBackend
+
+    domid = toolstack.domain_id(args.domain)
+    config = toolstack.domain_config_json(domid)
+    log = _logger(sys.stderr)
+    backend = XenBackend(domid)
+    started = time.monotonic()
+    try:
+        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            result = save_domain(backend, fd, config, _driver_options(args, live=False), log,
+                                 None if args.quiet else _progress(sys.stderr))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if args.checkpoint or args.leave_paused:
+            backend.resume()
+            if args.leave_paused:
+                toolstack.run_xl(["pause", str(domid)])
+        else:
+            toolstack.destroy(domid)
+    finally:
+        _cleanup(backend, log)
+    elapsed = time.monotonic() - started
+    _write_stats(args.stats, result.stats, result.stream_bytes, elapsed, None)
+    print(_summary(result.stats, result.stream_bytes, elapsed, None), file=sys.stderr)
+    return 0
+
+
+class _Receiver:
+    """``sender.ReceiverConnection`` over a ``ReceiverProcess``."""
+
+    def __init__(self, process: ReceiverProcess) -> None:
+        self._process = process
+        self.read = process.channel.read
+        self.write = process.channel.write
+        self.writev = process.channel.writev
+
+    def close_sending_side(self) -> None:
+        self._process.close_sending_side()
+
+
+def _cleanup(backend: Any, log: Any) -> None:
+    try:
+        backend.cleanup()
+    except (SoftpageError, OSError) as error:
+        log(f"warning: cleanup: {error}")
+
+
+def _logger(stream: TextIO) -> Any:
+    def log(message: str) -> None:
+        print(message, file=stream, flush=True)
+
+    return log
+
+
+def _progress(stream: TextIO) -> Any:
+    def report(round_stats: RoundStats) -> None:
+        print(
+            f"softpage: round {round_stats.round} ({round_stats.kind}): "
+            f"{round_stats.pages_data} pages with data, {round_stats.pages_xalloc} as XALLOC, "
+            f"{round_stats.pages_skipped} skipped soft, {round_stats.bytes / MIB:.1f} MiB "
+            f"in {round_stats.duration_s:.1f} s",
+            file=stream,
+            flush=True,
+        )
+
+    return report
+
+
+def _totals(
+    stats: MigrationStats, stream_bytes: int, elapsed: float, downtime: float | None
+) -> dict[str, Any]:
+    return {
+        "totals": True,
+        "domid": stats.domid,
+        "rounds": len(stats.rounds),
+        "pages_data": stats.pages_data,
+        "pages_xalloc": stats.pages_xalloc,
+        "pages_skipped": stats.pages_skipped,
+        "stream_bytes": stream_bytes,
+        "migration_s": round(elapsed, 3),
+        "downtime_s": None if downtime is None else round(downtime, 3),
+        "sender_cpu_s": round(stats.sender_cpu_s, 3),
+        "warnings": stats.warnings,
+    }
+
+
+def _write_stats(path: str | None, stats: MigrationStats, stream_bytes: int, elapsed: float,
+                 downtime: float | None) -> None:
+    if path is None:
+        return
+    with open(path, "w", encoding="utf-8") as out:
+        for round_stats in stats.rounds:
+            out.write(json.dumps(asdict(round_stats)) + "\n")
+        out.write(json.dumps(_totals(stats, stream_bytes, elapsed, downtime)) + "\n")
+
+
+def _summary(stats: MigrationStats, stream_bytes: int, elapsed: float, downtime: float | None) -> str:
+    downtime_text = "" if downtime is None else f", downtime {downtime:.2f} s"
+    return (
+        f"softpage: {len(stats.rounds)} rounds, {stats.pages_data} pages with data, "
+        f"{stats.pages_xalloc} as XALLOC, {stats.pages_skipped} skipped soft; "
+        f"{stream_bytes / MIB:.1f} MiB in {elapsed:.1f} s{downtime_text}, "
+        f"sender CPU {stats.sender_cpu_s:.1f} s"
+    )
