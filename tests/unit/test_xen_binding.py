@@ -105,3 +105,25 @@ def test_compiled_module_stamp_and_constants_match_the_python_side() -> None:
     assert ffi.sizeof("xen_msr_entry_t") == 16
     assert ffi.sizeof("xen_pfn_t") == 8
     assert lib.XEN_DOMCTL_INTERFACE_VERSION == 0x15
+
+
+def test_package_imports_and_fails_cleanly_without_the_compiled_module() -> None:
+    """Where libxen-dev was absent at build time, everything imports; asking
+    for a real domain is a BackendError, not an ImportError."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "sys.modules['softpage._xen'] = None\n"
+        "import softpage.xen.backend, softpage.xen.channel, softpage.xen.suspend, softpage.xenstore\n"
+        "from softpage.errors import BackendError\n"
+        "try:\n"
+        "    softpage.xen.backend.XenBackend(1)\n"
+        "except BackendError as error:\n"
+        "    print('refused:', error)\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert completed.stdout.startswith("refused: the Xen bindings (softpage._xen) are unavailable")
