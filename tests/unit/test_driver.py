@@ -1,0 +1,259 @@
+"""The migration driver on the simulator: the happy path and every failure path."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from softpage import bitmap
+from softpage.backend import DomainInfo, EndOfCheckpoint, StaticInfo
+from softpage.driver import DriverOptions, MigrationSession, send_domain
+from softpage.errors import MigrationError
+from softpage.pfnset import PfnArray
+from softpage.sim.backend import SimBackend, SimFaults
+from softpage.sim.destination import DirectSink
+from softpage.sim.experiment import GuestShape, boot_guest
+from softpage.sim.guest import FinalBehaviour, PageKind, ReportBehaviour, SimGuest
+from softpage.snapshot import SnapshotState
+
+SMALL = GuestShape(memory_mib=4, kernel_mib=1, min_free_mib=1, hold_reserve_mib=0)
+
+
+def small_guest(user_alloc_mib: int = 1) -> SimGuest:
+    return boot_guest(SMALL, user_alloc_mib, seed=5)
+
+
+class FailingSink(DirectSink):
+    """A receiver whose connection breaks at the ``fail_at``-th PAGE_DATA write."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.fail_at = fail_at
+        self.writes = 0
+
+    def write_pages(self, pfns: PfnArray, types: npt.NDArray[np.uint32], data: memoryview) -> int:
+        self.writes += 1
+        if self.writes == self.fail_at:
+            raise BrokenPipeError(32, "receiver went away")
+        return super().write_pages(pfns, types, data)
+
+
+class Messages(list[str]):
+    def __call__(self, message: str) -> None:
+        self.append(message)
+
+
+def check_destination(backend: SimBackend, sink: DirectSink) -> None:
+    destination, source, held = sink.destination, backend.suspended_tokens, backend.suspended_held
+    assert destination is not None and source is not None and held is not None
+    ram = backend.guest.ram
+    assert np.array_equal(destination.populated, ram)
+    must_match = ram.copy()
+    must_match[held.to_pfns().astype(np.intp)] = False
+    assert np.array_equal(destination.tokens[must_match], source[must_match])
+
+
+# -- success ---------------------------------------------------------------------
+def test_pruned_migration_is_correct_and_sends_soft_pages_as_xalloc() -> None:
+    guest = small_guest()
+    cache_pages = guest.count(PageKind.CACHE)
+    backend, sink, log = SimBackend(guest), DirectSink(), Messages()
+    stats = send_domain(backend, sink, DriverOptions(), log)
+    check_destination(backend, sink)
+    assert stats.warnings == []
+    assert stats.rounds[0].snapshot_used
+    assert stats.rounds[0].pages_xalloc >= cache_pages
+    assert stats.rounds[-1].kind == "final" and stats.rounds[-1].snapshot_used
+    assert backend.suspended and guest.armed
+    assert "resume" not in backend.calls
+    assert sink.ended
+    assert stats.total_bytes == sink.counters.bytes
+
+
+def test_plain_precopy_sends_every_ram_page_with_data() -> None:
+    guest = small_guest()
+    backend, sink = SimBackend(guest), DirectSink()
+    stats = send_domain(backend, sink, DriverOptions(prune=()), Messages())
+    check_destination(backend, sink)
+    assert stats.pages_xalloc == 0
+    assert stats.rounds[0].pages_data == int(np.count_nonzero(guest.ram))
+    assert backend.channel.requests == []
+    assert not guest.armed
+
+
+# -- failures ----------------------------------------------------------------------
+def test_suspend_failure_resumes_and_disarms() -> None:
+    guest = small_guest()
+    backend = SimBackend(guest, faults=SimFaults(suspend_fails=True))
+    with pytest.raises(MigrationError, match="simulated suspend failure"):
+        send_domain(backend, DirectSink(), DriverOptions(), Messages())
+    assert backend.calls.index("resume") > backend.calls.index("suspend")
+    assert guest.running
+    assert not guest.armed
+
+
+def test_unacknowledged_suspend_resumes_and_releases_held_pages() -> None:
+    guest = small_guest()
+    backend = SimBackend(guest, faults=SimFaults(suspend_unacknowledged=True))
+    with pytest.raises(MigrationError, match="did not acknowledge"):
+        send_domain(backend, DirectSink(), DriverOptions(), Messages())
+    assert "resume" in backend.calls
+    assert guest.count(PageKind.HELD) == 0
+    assert guest.running and not guest.armed
+    assert guest.published is not None
+    assert bitmap.decode(guest.published, guest.p2m_size).state is SnapshotState.EMPTY
+
+
+def test_receiver_failure_in_the_final_round_resumes_the_guest() -> None:
+    guest = small_guest()
+    backend = SimBackend(guest, read_hook=lambda guest, pfns: guest.dirty_in_use(200))
+    probe = DirectSink()
+    send_domain(SimBackend(small_guest(), read_hook=lambda guest, pfns: guest.dirty_in_use(200)),
+                probe, DriverOptions(), Messages())
+    # Same guest, same seed: fail on the last PAGE_DATA write, which is in the final round.
+    sink = FailingSink(fail_at=probe.counters.records)
+    with pytest.raises(MigrationError, match="receiver went away"):
+        send_domain(backend, sink, DriverOptions(), Messages())
+    assert "suspend" in backend.calls
+    assert backend.calls[-1] == "resume"
+    assert guest.running and not backend.suspended
+    assert guest.count(PageKind.HELD) == 0
+    assert not guest.armed
+
+
+def test_receiver_failure_in_a_live_round_leaves_the_guest_running() -> None:
+    guest = small_guest()
+    backend = SimBackend(guest)
+    with pytest.raises(MigrationError, match="receiver went away"):
+        send_domain(backend, FailingSink(fail_at=1), DriverOptions(), Messages())
+    assert "suspend" not in backend.calls
+    assert guest.running and not guest.armed
+
+
+def test_read_failure_is_a_migration_error() -> None:
+    guest = small_guest()
+    backend = SimBackend(guest, faults=SimFaults(read_fails_after=0))
+    with pytest.raises(MigrationError, match="simulated I/O error"):
+        send_domain(backend, DirectSink(), DriverOptions(), Messages())
+    assert guest.running and not guest.armed
+
+
+def test_resume_failure_is_logged_and_the_original_error_kept() -> None:
+    guest = small_guest()
+    backend = SimBackend(guest, faults=SimFaults(suspend_fails=True, resume_fails=True))
+    log = Messages()
+    with pytest.raises(MigrationError, match="simulated suspend failure"):
+        send_domain(backend, DirectSink(), DriverOptions(), log)
+    assert any("could not resume" in message for message in log)
+
+
+# -- degraded guests -----------------------------------------------------------------
+def test_guest_without_module_gets_plain_precopy_and_a_warning() -> None:
+    guest = small_guest()
+    guest.module_loaded = False
+    backend, sink, log = SimBackend(guest), DirectSink(), Messages()
+    stats = send_domain(backend, sink, DriverOptions(), log)
+    check_destination(backend, sink)
+    assert len(stats.warnings) == 1 and "module not loaded" in stats.warnings[0]
+    assert any(message.startswith("warning:") for message in log)
+    assert stats.pages_xalloc == 0
+    assert stats.rounds[0].pages_data == int(np.count_nonzero(guest.ram))
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "warning"),
+    [
+        (ReportBehaviour.MALFORMED, "malformed soft-page report"),
+        (ReportBehaviour.SILENT, "no soft-page report"),
+        (ReportBehaviour.TORN, "no soft-page report"),
+        (ReportBehaviour.OLD_REQUEST, "no soft-page report"),
+    ],
+)
+def test_unusable_report_means_a_warning_and_a_full_round(behaviour: ReportBehaviour, warning: str) -> None:
+    guest = small_guest()
+    guest.report_behaviour = behaviour
+    backend, sink = SimBackend(guest), DirectSink()
+    stats = send_domain(backend, sink, DriverOptions(snapshot_timeout=0.0), Messages())
+    check_destination(backend, sink)
+    assert any(warning in message for message in stats.warnings)
+    first = stats.rounds[0]
+    assert not first.snapshot_used
+    assert first.pages_xalloc == 0
+    assert first.pages_data == int(np.count_nonzero(guest.ram))
+
+
+def test_malformed_final_report_sends_everything_stale() -> None:
+    guest = small_guest()
+    guest.final_behaviour = FinalBehaviour.MALFORMED
+    backend, sink = SimBackend(guest), DirectSink()
+    stats = send_domain(backend, sink, DriverOptions(final_snapshot_timeout=0.0), Messages())
+    final = stats.rounds[-1]
+    assert not final.snapshot_used
+    assert any("malformed" in message for message in stats.warnings)
+    # Nothing may be skipped: every page the destination has must equal the source's.
+    assert sink.destination is not None and backend.suspended_tokens is not None
+    ram = guest.ram
+    assert np.array_equal(sink.destination.tokens[ram], backend.suspended_tokens[ram])
+
+
+# -- the session, step by step ----------------------------------------------------------
+class ContractSink:
+    """Records the order of the PageSink calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def begin(self, domain: DomainInfo, static: StaticInfo) -> None:
+        self.calls.append("begin")
+
+    def write_pages(self, pfns: PfnArray, types: npt.NDArray[np.uint32], data: memoryview) -> int:
+        self.calls.append("write_pages")
+        return 0
+
+    def end(self, end_of_checkpoint: EndOfCheckpoint) -> None:
+        self.calls.append("end")
+
+
+def test_backend_call_order() -> None:
+    guest = small_guest()
+    backend, sink = SimBackend(guest), ContractSink()
+    session = MigrationSession(backend, sink, DriverOptions(), Messages())
+    session.start()
+    session.live_round()
+    session.live_round(session.harvest())
+    session.stop_and_copy()
+    calls = [call for call in backend.calls if call != "soft_channel"]
+    assert calls == [
+        "describe", "static_info", "enable_logdirty", "harvest_dirty", "suspend",
+        "harvest_dirty(final)", "end_of_checkpoint",
+    ]
+    assert sink.calls[0] == "begin" and sink.calls[-1] == "end"
+    assert "write_pages" in sink.calls
+
+
+def test_snapshot_is_requested_after_the_harvest() -> None:
+    guest = small_guest()
+    backend = SimBackend(guest)
+    order: list[str] = []
+    harvest = backend.harvest_dirty
+
+    def logged_harvest(final: bool) -> object:
+        order.append("harvest")
+        return harvest(final)
+
+    request = backend.channel.request
+
+    def logged_request(request_id: int) -> None:
+        order.append("request")
+        request(request_id)
+
+    backend.harvest_dirty = logged_harvest  # type: ignore[method-assign,assignment]
+    backend.channel.request = logged_request  # type: ignore[method-assign]
+    session = MigrationSession(backend, DirectSink(), DriverOptions(), Messages())
+    session.start()
+    session.live_round()
+    session.live_round(session.harvest())
+    assert order == ["request", "harvest", "request"]
+    requests = backend.channel.requests
+    assert requests == sorted(requests) and len(set(requests)) == len(requests)
