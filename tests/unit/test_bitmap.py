@@ -370,3 +370,14 @@ def test_load_stops_reading_past_the_largest_valid_snapshot(
 
 def test_max_snapshot_size_is_the_64_list_frame_limit() -> None:
     assert bitmap.MAX_SNAPSHOT_SIZE == abi.snapshot_size(abi.MAX_FRAMES_PER_CATEGORY) == 4096 * 65537
+
+
+def test_rules_are_checked_in_the_spec_order(valid: bytes) -> None:
+    # R17 (a stray bit in any category) is reported before R18 (a wrong count in an earlier one).
+    counts = list(abi.unpack_header(valid).count)
+    counts[Category.FREE] += 1
+    data = with_bit(with_header(valid, count=tuple(counts)), Category.HELD, NR_PFNS + 1)
+    reject(data, f"held bitmap: expected no bits at or beyond nr_pfns {NR_PFNS}, got PFN {NR_PFNS + 1}")
+    # R2 (magic) before R7 (generation) before R16 (length).
+    reject(with_header(valid, magic=0, generation=1)[:-1], "magic: ")
+    reject(with_header(valid, generation=1)[:-1], "generation: ")

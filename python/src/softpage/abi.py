@@ -21,7 +21,7 @@ from typing import Final
 
 import softpage
 
-# -- constants (spec "Constants") ------------------------------------------
+# -- constants (spec section 2, "Constants") ----------------------------------
 MAGIC: Final = 0x47505353
 """``SOFTPAGE_MAGIC``: the octets "SSPG" in memory order."""
 VERSION: Final = 1
@@ -53,18 +53,19 @@ FLAG_NAMES: Final = (
     (FLAG_HOLD_SHORT, "hold_short"),
 )
 
+# -- limits (spec section 12, "Limits") -------------------------------------------
 MAX_BITMAP_FRAMES: Final = MAX_LIST_FRAMES * REFS_PER_LIST_FRAME
 """Bitmap pages the list pages can name at most (all categories)."""
 MAX_FRAMES_PER_CATEGORY: Final = MAX_BITMAP_FRAMES // NR_CATEGORIES
 MAX_NR_PFNS: Final = MAX_FRAMES_PER_CATEGORY * PFNS_PER_FRAME
 """The largest ``nr_pfns`` a valid header can carry (2 TiB of 4 KiB pages)."""
 
-# -- layouts ----------------------------------------------------------------
+# -- layouts (spec sections 4 to 7; the C owner is softpage_abi.h) ---------------
 HEADER: Final = struct.Struct("<IHHIIQQQII4QQ21Q64I")
-"""``struct softpage_header`` (spec "Header"): 512 octets at the start of the header page."""
+"""``struct softpage_header`` (spec section 4, "Header"): 512 octets at the start of the header page."""
 
 HEADER_FIELDS: Final[tuple[tuple[str, int, int], ...]] = (
-    # (name, offset, number of elements): the spec's field table, in order.
+    # (name, offset, number of elements): the field table of spec section 4, in order.
     ("magic", 0, 1),
     ("version", 4, 1),
     ("header_size", 6, 1),
@@ -82,11 +83,11 @@ HEADER_FIELDS: Final[tuple[tuple[str, int, int], ...]] = (
 )
 
 GENERATION: Final = struct.Struct("<Q")
-"""The generation word alone (spec "Publication"), for sequence-lock readers."""
+"""The generation word alone (spec section 9, "Publication"), for sequence-lock readers."""
 GENERATION_OFFSET: Final = 16
 
 LIST_FRAME: Final = struct.Struct(f"<{REFS_PER_LIST_FRAME}I")
-"""One list page (spec "List pages"): grant references of bitmap pages."""
+"""One list page (spec section 6, "List pages"): grant references of bitmap pages."""
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ part of a snapshot; only their number, ``nr_list_frames``, and the unused
 ``list_gref`` entries are checked here.
 
 Everything in a snapshot comes from the guest and is untrusted: ``decode``
-checks every rule of the spec's "Decoder rules" section and raises
+checks rules R1 to R19 of the spec (section 11), in that order, and raises
 ``BitmapError`` ("<field>: expected X, got Y") for the first one broken. It
 allocates only in proportion to the caller's ``p2m_size`` and to the input's
 own length, and only once the header's sizes have been checked.
@@ -68,11 +68,11 @@ def decode(data: BytesLike, p2m_size: int) -> SoftSnapshot:
             f"{abi.NR_CATEGORIES} x {frames_per_cat} bitmap pages), got {octets.size}"
         )
     bitmaps = octets[abi.PAGE_SIZE :].reshape(abi.NR_CATEGORIES, frames_per_cat * abi.PAGE_SIZE)
-    sets = [
-        _decode_category(Category(index), bitmaps[index], header, p2m_size)
-        for index in range(abi.NR_CATEGORIES)
-    ]
-    free, cache, slab, held = sets
+    for category in Category:
+        _check_no_bits_beyond(category, bitmaps[category], header.nr_pfns)
+    free, cache, slab, held = (
+        _decode_category(category, bitmaps[category], header, p2m_size) for category in Category
+    )
     if header.state != abi.STATE_FINAL and held:
         raise BitmapError(
             f"held bitmap: expected empty outside state FINAL, got {held.count()} PFNs "
@@ -93,7 +93,7 @@ def decode(data: BytesLike, p2m_size: int) -> SoftSnapshot:
 
 
 def _check_header(header: abi.Header, p2m_size: int) -> None:
-    """The header-only rules, in the spec's order; sizes are bounded before anything is allocated."""
+    """R2 to R14, in the spec's order; the sizes are bounded before anything is allocated."""
     if header.magic != abi.MAGIC:
         raise BitmapError(f"magic: expected {abi.MAGIC:#010x}, got {header.magic:#010x}")
     if header.version != abi.VERSION:
@@ -146,6 +146,7 @@ def _check_header(header: abi.Header, p2m_size: int) -> None:
 
 
 def _check_zero_after_header(tail: Octets) -> None:
+    """R15."""
     if tail.any():
         first = int(np.argmax(tail != 0))
         raise BitmapError(
@@ -154,13 +155,16 @@ def _check_zero_after_header(tail: Octets) -> None:
         )
 
 
-def _decode_category(category: Category, bitmap: Octets, header: abi.Header, p2m_size: int) -> PfnSet:
-    name = category.name.lower()
-    stray = _first_set_bit_from(bitmap, header.nr_pfns)
+def _check_no_bits_beyond(category: Category, bitmap: Octets, nr_pfns: int) -> None:
+    """R17."""
+    stray = _first_set_bit_from(bitmap, nr_pfns)
     if stray is not None:
-        raise BitmapError(
-            f"{name} bitmap: expected no bits at or beyond nr_pfns {header.nr_pfns}, got PFN {stray}"
-        )
+        name = category.name.lower()
+        raise BitmapError(f"{name} bitmap: expected no bits at or beyond nr_pfns {nr_pfns}, got PFN {stray}")
+
+
+def _decode_category(category: Category, bitmap: Octets, header: abi.Header, p2m_size: int) -> PfnSet:
+    """The category's set in the universe ``p2m_size``, checked against its ``count`` (R18)."""
     # Every set bit is below nr_pfns <= p2m_size, so the used octets fit the wider set.
     used_octets = (header.nr_pfns + 7) // 8
     widened = np.zeros(-(-p2m_size // 64) * 8, dtype=np.uint8)
@@ -169,7 +173,9 @@ def _decode_category(category: Category, bitmap: Octets, header: abi.Header, p2m
     claimed = header.count[category]
     actual = members.count()
     if claimed != actual:
-        raise BitmapError(f"count[{int(category)}] ({name}): expected {actual} (bits set), got {claimed}")
+        raise BitmapError(
+            f"count[{int(category)}] ({category.name.lower()}): expected {actual} (bits set), got {claimed}"
+        )
     return members
 
 
