@@ -1,0 +1,104 @@
+"""XenBackend specifics beyond the contract suite, on the FakeXen model."""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+import pytest
+from xen_fakes import FakeDomain, fake_binding
+
+from softpage.errors import BackendError
+from softpage.xen.backend import XenBackend, check_pfns
+from softpage.xenstore import MemoryStore
+
+
+def make(domain: FakeDomain) -> tuple[XenBackend, object]:
+    binding, lib = fake_binding([domain])
+    return XenBackend(domain.domid, store=MemoryStore(), binding=binding), lib
+
+
+@pytest.mark.parametrize(
+    ("hvm", "emulation", "refusal"),
+    [(False, 0, "PV guests need p2m mapping"), (True, 0x7FF, "HVM guests need the QEMU")],
+)
+def test_unsupported_guest_types_are_refused_with_what_is_missing(
+    hvm: bool, emulation: int, refusal: str
+) -> None:
+    backend, _lib = make(FakeDomain(domid=3, nr_pfns=16, hvm=hvm, emulation_flags=emulation))
+    with pytest.raises(BackendError, match=refusal):
+        backend.describe()
+    backend.cleanup()
+
+
+def test_describe_falls_back_to_a_name_and_counts_pages_in_kib() -> None:
+    backend, _lib = make(FakeDomain(domid=3, nr_pfns=256, max_vcpu_id=1))
+    info = backend.describe()
+    assert (info.name, info.max_memkb, info.nr_vcpus, info.p2m_size) == ("domain-3", 1024, 2, 272)
+    backend.cleanup()
+
+
+@pytest.mark.parametrize("domid", [0, -1, 0x7FF0])
+def test_dom0_and_special_ids_are_refused(domid: int) -> None:
+    binding, _lib = fake_binding([])
+    with pytest.raises(BackendError, match="guest domain id"):
+        XenBackend(domid, store=MemoryStore(), binding=binding)
+
+
+def test_failed_open_closes_what_was_opened() -> None:
+    binding, lib = fake_binding([FakeDomain(domid=3, nr_pfns=16)])
+    lib.fail["xenforeignmemory_open"] = errno.ENOENT
+    with pytest.raises(FileNotFoundError):
+        XenBackend(3, store=MemoryStore(), binding=binding)
+    assert lib.open_handles == 0
+
+
+def test_cleanup_turns_logdirty_off_frees_and_closes_even_after_an_error() -> None:
+    domain = FakeDomain(domid=3, nr_pfns=64)
+    backend, lib = make(domain)
+    backend.enable_logdirty()
+    backend.read_pages(np.arange(4, dtype=np.uint64))
+    lib.fail["xc_shadow_control(0)"] = errno.EIO  # turning log-dirty off fails
+    with pytest.raises(OSError, match="xc_shadow_control"):
+        backend.cleanup()
+    assert not lib.hypercall_buffers and not lib.live_mappings and lib.open_handles == 0
+    backend.cleanup()  # once only: no second attempt, no error
+
+
+def test_read_pages_reuses_its_buffer_and_never_leaves_a_mapping() -> None:
+    domain = FakeDomain(domid=3, nr_pfns=64)
+    backend, lib = make(domain)
+    first = backend.read_pages(np.arange(8, dtype=np.uint64))
+    assert not lib.live_mappings
+    second = backend.read_pages(np.arange(4, dtype=np.uint64))
+    assert first.obj is second.obj  # same buffer, no new allocation for a smaller batch
+    bigger = backend.read_pages(np.arange(16, dtype=np.uint64))
+    assert bigger.obj is not first.obj and len(first) == 8 * 4096  # the old view stays valid
+    backend.cleanup()
+
+
+def test_enable_twice_and_end_of_checkpoint_while_running_are_refused() -> None:
+    backend, _lib = make(FakeDomain(domid=3, nr_pfns=64))
+    backend.enable_logdirty()
+    with pytest.raises(BackendError, match="already enabled"):
+        backend.enable_logdirty()
+    with pytest.raises(BackendError, match="suspended"):
+        backend.end_of_checkpoint()
+    backend.cleanup()
+
+
+def test_soft_channel_absent_gives_none_and_a_reason_once() -> None:
+    backend, lib = make(FakeDomain(domid=3, nr_pfns=64))
+    assert backend.soft_channel() is None
+    assert backend.channel_reason is not None and "state absent" in backend.channel_reason
+    assert backend.soft_channel() is None
+    assert [call for call in lib.calls if call[0] == "xengnttab_open"] == [("xengnttab_open",)]
+    backend.cleanup()
+
+
+def test_check_pfns() -> None:
+    assert check_pfns(np.array([0, 9], dtype=np.uint64), 10, "x").tolist() == [0, 9]
+    with pytest.raises(BackendError, match="outside"):
+        check_pfns(np.array([10], dtype=np.uint64), 10, "x")
+    with pytest.raises(BackendError, match="1-D"):
+        check_pfns(np.zeros((2, 2), dtype=np.uint64), 10, "x")
