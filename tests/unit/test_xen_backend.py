@@ -6,11 +6,11 @@ import errno
 
 import numpy as np
 import pytest
-from xen_fakes import FakeDomain, fake_binding
 
 from softpage.errors import BackendError
 from softpage.xen.backend import XenBackend, check_pfns
 from softpage.xenstore import MemoryStore
+from xen_fakes import FakeDomain, fake_binding
 
 
 def make(domain: FakeDomain) -> tuple[XenBackend, object]:
