@@ -74,6 +74,11 @@ def _package_version(package_dir: Path) -> str:
 def build_ffi() -> FFI:
     include_dir, package_dir = _checkout_paths()
     header_path = include_dir / "softpage_abi.h"
+    if not header_path.is_file():
+        raise RuntimeError(
+            f"expected the ABI header at {header_path}: softpage is built from its repository "
+            "checkout (cd python && pip install -e .), not from an sdist"
+        )
     cdef = _cdef_text(header_path)
     version = _package_version(package_dir)
     digest = hashlib.sha256(cdef.encode("ascii")).hexdigest()

@@ -83,10 +83,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    """Where the snapshot comes from; a live source joins the ``source`` group."""
-    source = parser.add_argument_group("source")
-    source.add_argument("--file", required=True, metavar="DUMP",
-                        help="a snapshot dump file, '-' for standard input")
+    """Where the snapshot comes from: exactly one of the ``source`` options.
+
+    The live form joins the group (e.g. ``--domain DOM``) and gets a branch
+    in ``_run_from_source``; everything after the raw octets is shared.
+    """
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--file", metavar="DUMP", help="a snapshot dump file, '-' for standard input")
     parser.add_argument("--p2m-size", type=_bounded_int(1, 1 << 40), metavar="N",
                         help="widen the sets to N PFNs and check nr_pfns against it "
                         "(default: the snapshot's own nr_pfns)")
