@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from stream_builders import BROKEN, CONFIG, END, XALLOC, XTAB, ByteSink, build_stream, page_of
 
-from conftest import Verdict
 from softpage.backend import EndOfCheckpoint, GuestType, StaticInfo
 from softpage.stream.writer import StreamWriter
 
-Verify = Callable[..., Verdict]
+Verify = Callable[..., Any]  # conftest.verify_stream_v2: (bytes, fmt) -> Verdict
 
 
 def test_mixed_page_types_pass(verify_stream_v2: Verify) -> None:

@@ -472,6 +472,7 @@ class StreamParser:
         self._inside_libxl = start is not Layer.LIBXC
         self._pending_type = 0
         self._pending_length = 0
+        self._xl_flags = (0, 0)
         self._need = 0
         self._step: _Step | None = None
         self.offset = 0
