@@ -38,10 +38,10 @@ class GuestShape:
     """A guest booted for the experiment: kernel, user memory, and page cache filling the rest."""
 
     memory_mib: int = 2048
-    kernel_mib: int = 160
-    min_free_mib: int = 24
+    kernel_mib: int = 36
+    min_free_mib: int = 8
     """Free memory the kernel keeps; the page cache fills everything else."""
-    hold_reserve_mib: int = 8
+    hold_reserve_mib: int = 4
     """Free memory the freeze callback leaves unheld."""
     pinned_cache_fraction: float = 0.02
     """Clean cache that is mapped (executables, libraries): not droppable at freeze."""

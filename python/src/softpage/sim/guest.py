@@ -33,6 +33,7 @@ from softpage.pfnset import PfnArray, PfnSet
 from softpage.snapshot import SnapshotState, SoftSnapshot
 
 Mask = npt.NDArray[np.bool_]
+Indexes = npt.NDArray[np.intp]
 GuestActivity = Callable[["SimGuest"], None]
 """Guest work run at a point where a real guest would keep running (a hook)."""
 
@@ -179,22 +180,52 @@ class SimGuest:
         self.dirty[:] = False
         return dirty
 
-    def _pick(self, mask: Mask, count: int) -> npt.NDArray[np.intp]:
-        candidates = np.flatnonzero(mask)
-        take = min(max(count, 0), candidates.size)
-        if take == candidates.size:
+    def _pick(self, wanted: Callable[[Indexes], Mask], count: int) -> Indexes:
+        """Up to ``count`` distinct PFNs, uniformly among those ``wanted`` accepts, ascending.
+
+        Small picks sample PFNs at random and keep the wanted ones, so guest
+        work during a round costs in proportion to the pages it touches, not
+        to the guest's size; large ones (or rare kinds) scan every PFN.
+        """
+        if count <= 0:
+            return np.zeros(0, dtype=np.intp)
+        draws = 4 * count
+        while draws < self.p2m_size // 4:
+            sample = self.rng.integers(0, self.p2m_size, size=draws)
+            hits = np.sort(sample[wanted(sample)])
+            hits = hits[np.concatenate(([True], hits[1:] != hits[:-1]))] if hits.size else hits
+            if hits.size >= count:
+                return np.sort(self.rng.choice(hits, size=count, replace=False))
+            draws *= 8
+        candidates = np.flatnonzero(wanted(np.arange(self.p2m_size)))
+        if count >= candidates.size:
             return candidates
-        return np.sort(self.rng.choice(candidates, size=take, replace=False))
+        return np.sort(self.rng.choice(candidates, size=count, replace=False))
+
+    def _of_kind(self, *kinds: PageKind) -> Callable[[Indexes], Mask]:
+        def wanted(pfns: Indexes) -> Mask:
+            found: Mask = np.isin(self.kind[pfns], np.array(kinds, dtype=np.uint8))
+            return found
+
+        return wanted
+
+    def _droppable(self, pfns: Indexes) -> Mask:
+        """Clean cache that is not mapped or locked."""
+        droppable: Mask = (self.kind[pfns] == PageKind.CACHE) & ~self.pinned[pfns]
+        return droppable
 
     # -- kernel activity ----------------------------------------------------
     def allocate_anon(self, count: int) -> int:
         """User allocation: free pages first, then reclaim clean cache and slab; written."""
-        if not self.running:
+        if not self.running or count <= 0:
             return 0
-        pages = self._pick(self.kind == PageKind.FREE, count)
+        pages = self._pick(self._of_kind(PageKind.FREE), count)
         short = count - pages.size
         if short > 0:
-            reclaimable = ((self.kind == PageKind.CACHE) & ~self.pinned) | (self.kind == PageKind.SLAB)
+            def reclaimable(pfns: Indexes) -> Mask:
+                found: Mask = self._droppable(pfns) | (self.kind[pfns] == PageKind.SLAB)
+                return found
+
             pages = np.concatenate((pages, self._pick(reclaimable, short)))
         self.kind[pages] = PageKind.ANON
         self.write(pages)
@@ -202,78 +233,47 @@ class SimGuest:
 
     def free_anon(self, count: int) -> int:
         """Processes exit: their pages go back to the buddy allocator with stale contents."""
-        if not self.running:
-            return 0
-        pages = self._pick(self.kind == PageKind.ANON, count)
-        self.kind[pages] = PageKind.FREE
-        return int(pages.size)
+        return self._move(PageKind.ANON, PageKind.FREE, count, write=False)
 
     def fill_cache(self, count: int) -> int:
         """Read files: free pages become clean page cache holding the file data."""
-        if not self.running:
-            return 0
-        pages = self._pick(self.kind == PageKind.FREE, count)
-        self.kind[pages] = PageKind.CACHE
-        self.pinned[pages] = False
-        self.write(pages)
-        return int(pages.size)
+        return self._move(PageKind.FREE, PageKind.CACHE, count, write=True)
 
     def dirty_cache(self, count: int) -> int:
         """Write to cached files: clean cache becomes dirty cache."""
-        if not self.running:
-            return 0
-        pages = self._pick(self.kind == PageKind.CACHE, count)
-        self.kind[pages] = PageKind.CACHE_DIRTY
-        self.write(pages)
-        return int(pages.size)
+        return self._move(PageKind.CACHE, PageKind.CACHE_DIRTY, count, write=True)
 
     def write_back(self, count: int) -> int:
         """Writeback: dirty cache becomes clean again; the page itself is not written."""
-        if not self.running:
-            return 0
-        pages = self._pick(self.kind == PageKind.CACHE_DIRTY, count)
-        self.kind[pages] = PageKind.CACHE
-        return int(pages.size)
+        return self._move(PageKind.CACHE_DIRTY, PageKind.CACHE, count, write=False)
+
+    def grow_slab(self, count: int) -> int:
+        return self._move(PageKind.FREE, PageKind.SLAB, count, write=True)
+
+    def shrink_slab(self, count: int) -> int:
+        return self._move(PageKind.SLAB, PageKind.FREE, count, write=False)
 
     def pin_cache(self, count: int) -> int:
         """mmap or mlock clean cache: it cannot be dropped at freeze."""
-        if not self.running:
+        if not self.running or count <= 0:
             return 0
-        pages = self._pick((self.kind == PageKind.CACHE) & ~self.pinned, count)
+        pages = self._pick(self._droppable, count)
         self.pinned[pages] = True
         return int(pages.size)
 
     def drop_cache(self, count: int) -> int:
         """Reclaim clean, unpinned cache without writing it."""
-        if not self.running:
+        if not self.running or count <= 0:
             return 0
-        pages = self._pick((self.kind == PageKind.CACHE) & ~self.pinned, count)
-        self.kind[pages] = PageKind.FREE
-        return int(pages.size)
-
-    def grow_slab(self, count: int) -> int:
-        if not self.running:
-            return 0
-        pages = self._pick(self.kind == PageKind.FREE, count)
-        self.kind[pages] = PageKind.SLAB
-        self.write(pages)
-        return int(pages.size)
-
-    def shrink_slab(self, count: int) -> int:
-        if not self.running:
-            return 0
-        pages = self._pick(self.kind == PageKind.SLAB, count)
+        pages = self._pick(self._droppable, count)
         self.kind[pages] = PageKind.FREE
         return int(pages.size)
 
     def dirty_in_use(self, count: int) -> int:
         """Write ``count`` random pages in use (user, kernel and dirty-cache memory)."""
-        if not self.running:
+        if not self.running or count <= 0:
             return 0
-        in_use = (self.kind == PageKind.ANON) | (self.kind == PageKind.KERNEL) | (
-            self.kind == PageKind.CACHE_DIRTY
-        )
-        pages = self._pick(in_use, count)
+        pages = self._pick(self._of_kind(PageKind.ANON, PageKind.KERNEL, PageKind.CACHE_DIRTY), count)
         self.write(pages)
         return int(pages.size)
 
@@ -281,6 +281,16 @@ class SimGuest:
         """Free and reallocate: pages reported free come back written."""
         freed = self.free_anon(count)
         return freed + self.allocate_anon(count)
+
+    def _move(self, source: PageKind, target: PageKind, count: int, write: bool) -> int:
+        if not self.running or count <= 0:
+            return 0
+        pages = self._pick(self._of_kind(source), count)
+        self.kind[pages] = target
+        self.pinned[pages] = False
+        if write:
+            self.write(pages)
+        return int(pages.size)
 
     # -- the module: precopy reports ------------------------------------------
     def scan(self) -> tuple[Mask, Mask, Mask]:
@@ -306,9 +316,9 @@ class SimGuest:
         elif behaviour is ReportBehaviour.OLD_REQUEST:
             published_id = self._previous_request
         elif behaviour is ReportBehaviour.LYING:
-            in_use = (self.kind == PageKind.ANON) | (self.kind == PageKind.KERNEL)
+            in_use = self._of_kind(PageKind.ANON, PageKind.KERNEL)
             lie = np.zeros(self.p2m_size, dtype=bool)
-            lie[self._pick(in_use, max(1, int(in_use.sum()) // 4))] = True
+            lie[self._pick(in_use, max(1, self.count(PageKind.ANON) // 4))] = True
             free = free | lie
         self._previous_scan = self.scan()
         self._previous_request = request_id
@@ -333,7 +343,7 @@ class SimGuest:
         if self.hold_capacity is not None and hold_count > self.hold_capacity:
             hold_count = self.hold_capacity
             flags |= abi.FLAG_HOLD_SHORT
-        held_pages = self._pick(self.kind == PageKind.FREE, hold_count)
+        held_pages = self._pick(self._of_kind(PageKind.FREE), hold_count)
         self.kind[held_pages] = PageKind.HELD
         held = self.kind == PageKind.HELD
         behaviour = self.final_behaviour
@@ -344,9 +354,9 @@ class SimGuest:
         if behaviour is FinalBehaviour.STALE_REQUEST:
             request_id = self._previous_request
         if behaviour is FinalBehaviour.LYING:
-            in_use = (self.kind == PageKind.ANON) | (self.kind == PageKind.KERNEL)
             held = held.copy()
-            held[self._pick(in_use, max(1, int(in_use.sum()) // 4))] = True
+            lie_count = max(1, self.count(PageKind.ANON) // 4)
+            held[self._pick(self._of_kind(PageKind.ANON, PageKind.KERNEL), lie_count)] = True
         free_now, cache_now, slab_now = self.scan()
         snapshot = self._snapshot(
             SnapshotState.FINAL, request_id, free_now, cache_now, slab_now, held, flags
