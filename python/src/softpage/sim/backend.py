@@ -147,7 +147,7 @@ class SimBackend:
         return pfnset_from_mask(self.guest.harvest())
 
     def page_types(self, pfns: PfnArray) -> npt.NDArray[np.uint32]:
-        kinds = self.guest.kind[pfns.astype(np.intp)]
+        kinds = self.guest.kind[self._indexes("page_types", pfns)]
         return np.where(kinds == PageKind.HOLE, np.uint32(PageType.XTAB.pfinfo), np.uint32(0)).astype(
             np.uint32
         )
@@ -155,7 +155,7 @@ class SimBackend:
     def read_pages(self, pfns: PfnArray) -> memoryview:
         if self.faults.read_fails_after is not None and self._reads >= self.faults.read_fails_after:
             raise OSError(5, f"read_pages: simulated I/O error on domain {self.domid}")
-        indexes = pfns.astype(np.intp)
+        indexes = self._indexes("read_pages", pfns)
         if indexes.size and (self.guest.kind[indexes] == PageKind.HOLE).any():
             raise BackendError("read_pages: expected RAM PFNs, got an XTAB one")
         self._reads += 1
@@ -170,6 +170,15 @@ class SimBackend:
         if self.read_hook is not None and self.guest.running:
             self.read_hook(self.guest, pfns)
         return view
+
+    def _indexes(self, call: str, pfns: PfnArray) -> npt.NDArray[np.intp]:
+        indexes = np.asarray(pfns, dtype=np.uint64)
+        if indexes.size and int(indexes.max()) >= self.guest.p2m_size:
+            raise BackendError(
+                f"{call}: expected PFNs below {self.guest.p2m_size} (domain {self.domid}), "
+                f"got {int(indexes.max())}"
+            )
+        return indexes.astype(np.intp)
 
     def suspend(self) -> None:
         self.calls.append("suspend")
@@ -190,7 +199,8 @@ class SimBackend:
         return EndOfCheckpoint(
             tsc=TscInfo(mode=0, khz=2_000_000, nsec=123_456_789, incarnation=1),
             hvm_context=b"SIMHVMCX" + bytes(56),
-            hvm_params=((2, 0xFEFFF), (9, 0)),
+            # HVM_PARAM_STORE_PFN, _STORE_EVTCHN, _CONSOLE_PFN, _CONSOLE_EVTCHN
+            hvm_params=((1, self.guest.p2m_size - 1), (2, 1), (17, self.guest.p2m_size - 2), (18, 2)),
         )
 
     def resume(self) -> None:
