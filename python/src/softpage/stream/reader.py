@@ -14,8 +14,9 @@ destination model can follow a stream while it is being written.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Union
 
 import numpy as np
@@ -374,7 +375,7 @@ def _empty(name: str, record: Record) -> Callable[[memoryview, int], Record]:
 
 
 _T = wire.LibxcRecordType
-LIBXC_PARSERS: dict[int, Callable[[memoryview, int], Record]] = {
+LIBXC_PARSERS: Mapping[int, Callable[[memoryview, int], Record]] = MappingProxyType({
     _T.END: _empty("END", LibxcEnd()),
     _T.PAGE_DATA: _parse_page_data,
     _T.X86_PV_INFO: _ignoring_version(_parse_x86_pv_info),
@@ -400,7 +401,7 @@ LIBXC_PARSERS: dict[int, Callable[[memoryview, int], Record]] = {
     _T.X86_MSR_POLICY: lambda body, version: X86MsrPolicy(
         _policy_body("X86_MSR_POLICY", body, wire.X86_MSR_ENTRY_SIZE, version)
     ),
-}
+})
 """libxc record type -> body parser(body, image version)."""
 
 
@@ -440,14 +441,14 @@ def _libxl_empty(name: str, record: Record) -> Callable[[memoryview], Record]:
 
 
 _L = wire.LibxlRecordType
-LIBXL_PARSERS: dict[int, Callable[[memoryview], Record]] = {
+LIBXL_PARSERS: Mapping[int, Callable[[memoryview], Record]] = MappingProxyType({
     _L.END: _libxl_empty("libxl END", LibxlEnd()),
     _L.LIBXC_CONTEXT: _libxl_empty("LIBXC_CONTEXT", LibxcContext()),
     _L.EMULATOR_XENSTORE_DATA: _emulator_parser(_L.EMULATOR_XENSTORE_DATA),
     _L.EMULATOR_CONTEXT: _emulator_parser(_L.EMULATOR_CONTEXT),
     _L.CHECKPOINT_END: _libxl_empty("CHECKPOINT_END", CheckpointEnd()),
     _L.CHECKPOINT_STATE: _parse_checkpoint_state,
-}
+})
 """libxl record type -> body parser(body)."""
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from types import MappingProxyType
 
 import numpy as np
 import numpy.typing as npt
@@ -79,14 +80,14 @@ class LibxlRecordType(enum.IntEnum):
     CHECKPOINT_STATE = 0x5
 
 
-LIBXL_RECORD_NAMES = {
+LIBXL_RECORD_NAMES = MappingProxyType({
     LibxlRecordType.END: "End",
     LibxlRecordType.LIBXC_CONTEXT: "Libxc context",
     LibxlRecordType.EMULATOR_XENSTORE_DATA: "Emulator xenstore data",
     LibxlRecordType.EMULATOR_CONTEXT: "Emulator context",
     LibxlRecordType.CHECKPOINT_END: "Checkpoint end",
     LibxlRecordType.CHECKPOINT_STATE: "Checkpoint state",
-}
+})
 
 
 class EmulatorId(enum.IntEnum):
@@ -151,7 +152,7 @@ class LibxcRecordType(enum.IntEnum):
     X86_MSR_POLICY = 0x12
 
 
-LIBXC_RECORD_NAMES = {
+LIBXC_RECORD_NAMES = MappingProxyType({
     LibxcRecordType.END: "End",
     LibxcRecordType.PAGE_DATA: "Page data",
     LibxcRecordType.X86_PV_INFO: "x86 PV info",
@@ -171,7 +172,7 @@ LIBXC_RECORD_NAMES = {
     LibxcRecordType.STATIC_DATA_END: "Static data end",
     LibxcRecordType.X86_CPUID_POLICY: "x86 CPUID policy",
     LibxcRecordType.X86_MSR_POLICY: "x86 MSR policy",
-}
+})
 
 # PAGE_DATA: header, then count pfn words, then one page per entry with data.
 PAGE_DATA_HEADER = struct.Struct("<II")
@@ -212,7 +213,7 @@ class PageType(enum.IntEnum):
         return int(self) << PFINFO_SHIFT
 
 
-PAGE_TYPE_NAMES = {
+PAGE_TYPE_NAMES = MappingProxyType({
     PageType.NOTAB: "NOTAB",
     PageType.L1TAB: "L1TAB",
     PageType.L2TAB: "L2TAB",
@@ -225,7 +226,7 @@ PAGE_TYPE_NAMES = {
     PageType.BROKEN: "BROKEN",
     PageType.XALLOC: "XALLOC",
     PageType.XTAB: "XTAB",
-}
+})
 
 
 def is_known_page_type(stream_type: int) -> bool:
