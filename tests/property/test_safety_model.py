@@ -215,6 +215,9 @@ class SafetyModel(RuleBasedStateMachine):
         assert source is not None and backend.suspended_held is not None
 
         ram = guest.ram
+        named = np.zeros(guest.p2m_size, dtype=bool)
+        named[self.sink.model.named_pfns().astype(np.intp)] = True
+        assert np.array_equal(named, ram), "the stream must name every RAM PFN and no hole"
         populated = self.sink.populated(guest.p2m_size)
         assert not (ram & ~populated).any(), f"RAM PFNs never named: {np.flatnonzero(ram & ~populated)}"
         assert not (~ram & populated).any(), f"holes populated: {np.flatnonzero(~ram & populated)}"
