@@ -88,6 +88,14 @@ def test_relative_paths_are_refused(xenstore: tuple[XenStore, str]) -> None:
             store.read(bad)
 
 
+def test_values_must_be_plain_ascii(xenstore: tuple[XenStore, str]) -> None:
+    store, root = xenstore
+    for bad in ("caf\u00e9", "a\0b"):
+        with pytest.raises(BackendError):
+            store.write(f"{root}/v", bad)
+    assert store.read(f"{root}/v") is None
+
+
 def test_watch_fires_at_registration_then_on_changes_below(xenstore: tuple[XenStore, str]) -> None:
     store, root = xenstore
     store.write(f"{root}/w", "0")

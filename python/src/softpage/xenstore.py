@@ -14,8 +14,9 @@ Semantics both implementations follow (and tests/contract checks):
 
 * paths are absolute (``/local/domain/5/control/shutdown``); watches may also
   name the special paths ``@releaseDomain`` and ``@introduceDomain``;
-* values are text: written as UTF-8, read back with undecodable bytes replaced
-  (guest-written values are untrusted and parsed by the caller);
+* values are text: written as 7-bit ASCII without NUL (pyxs refuses anything
+  else), read back with undecodable bytes replaced (guest-written values are
+  untrusted and parsed by the caller);
 * ``write`` creates missing parents with empty values; ``rm`` removes a
   subtree and is not an error on an absent node; ``read`` of an absent node
   is ``None``; ``list`` of an absent node is ``[]``;
@@ -133,6 +134,13 @@ def check_path(path: str, watch: bool = False) -> str:
     return path
 
 
+def check_value(value: str) -> str:
+    """Return ``value`` if both stores can write it: 7-bit ASCII, no NUL."""
+    if not value.isascii() or "\0" in value:
+        raise BackendError(f"expected a 7-bit ASCII xenstore value without NUL, got {value[:32]!r}")
+    return value
+
+
 def _parent(path: str) -> str:
     head = path.rsplit("/", 1)[0]
     return head or "/"
@@ -195,7 +203,7 @@ class _MemoryTransaction:
 
     def write(self, path: str, value: str) -> None:
         self._check_open()
-        self.change.merge(_write_node(self._nodes, check_path(path), value))
+        self.change.merge(_write_node(self._nodes, check_path(path), check_value(value)))
 
     def rm(self, path: str) -> None:
         self._check_open()
@@ -295,7 +303,7 @@ class MemoryStore:
 
     def write(self, path: str, value: str) -> None:
         with self._lock:
-            self._apply(_write_node(self._nodes, check_path(path), value))
+            self._apply(_write_node(self._nodes, check_path(path), check_value(value)))
 
     def rm(self, path: str) -> None:
         with self._lock:
@@ -415,7 +423,7 @@ class _PyxsOps:
         from pyxs.exceptions import PyXSError
 
         try:
-            self._client.write(_encode(check_path(path)), _encode(value))
+            self._client.write(_encode(check_path(path)), _encode(check_value(value)))
         except PyXSError as error:
             raise _store_error(error, "write", path) from error
 
