@@ -342,3 +342,17 @@ def test_migrate_is_correct_and_pruning_sends_fewer_pages() -> None:
 def test_boot_guest_refuses_an_allocation_that_does_not_fit() -> None:
     with pytest.raises(BackendError, match="user allocation"):
         boot_guest(SMALL, 4, seed=1)
+
+
+def test_every_workload_rate_does_its_kind_of_work() -> None:
+    guest = boot_guest(SMALL, 1, seed=2)
+    guest.drop_cache(200)
+    anon, cache = guest.count(PageKind.ANON), guest.count(PageKind.CACHE)
+    dirty_cache = guest.count(PageKind.CACHE_DIRTY)
+    runner = WorkloadRunner(guest, Workload(allocation_pages_per_s=10, cache_fill_pages_per_s=20,
+                                            cache_dirty_pages_per_s=5))
+    runner.run_for(0.5)
+    runner.run_for(0.5)
+    assert guest.count(PageKind.ANON) == anon + 10
+    assert guest.count(PageKind.CACHE_DIRTY) == dirty_cache + 5
+    assert guest.count(PageKind.CACHE) == cache + 20 - 5

@@ -16,14 +16,16 @@ class Workload:
     """Writes to memory in use (user, kernel, dirty cache)."""
     churn_pages_per_s: float = 0.0
     """User pages freed and reallocated (then written)."""
+    allocation_pages_per_s: float = 0.0
+    """New user allocations (free memory first, then reclaimed cache)."""
     cache_fill_pages_per_s: float = 0.0
     """File reads into free memory."""
     cache_dirty_pages_per_s: float = 0.0
     """Writes to cached files."""
 
     def __post_init__(self) -> None:
-        for name in ("dirty_pages_per_s", "churn_pages_per_s", "cache_fill_pages_per_s",
-                     "cache_dirty_pages_per_s"):
+        for name in ("dirty_pages_per_s", "churn_pages_per_s", "allocation_pages_per_s",
+                     "cache_fill_pages_per_s", "cache_dirty_pages_per_s"):
             if getattr(self, name) < 0:
                 raise BackendError(f"workload {name}: expected >= 0, got {getattr(self, name)}")
 
@@ -42,6 +44,7 @@ class WorkloadRunner:
         work = self.workload
         self.guest.dirty_in_use(self._pages("dirty", work.dirty_pages_per_s, seconds))
         self.guest.churn(self._pages("churn", work.churn_pages_per_s, seconds))
+        self.guest.allocate_anon(self._pages("allocate", work.allocation_pages_per_s, seconds))
         self.guest.fill_cache(self._pages("fill", work.cache_fill_pages_per_s, seconds))
         self.guest.dirty_cache(self._pages("cache-dirty", work.cache_dirty_pages_per_s, seconds))
 
