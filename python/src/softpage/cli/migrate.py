@@ -75,6 +75,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help=f"stop and copy below N dirty pages (default {SPP_TARGET_DIRTY_COUNT}, as xl)")
     parser.add_argument("--snapshot-timeout", type=float, default=5.0, metavar="SECONDS",
                         help="how long to wait for each soft-page report (default 5)")
+    parser.add_argument("--suspend-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="how long the guest may take to acknowledge and to suspend (default 60, "
+                        "as libxl)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no per-round progress")
 
 
@@ -101,15 +104,22 @@ def _driver_options(args: argparse.Namespace, live: bool) -> DriverOptions:
     )
 
 
-def run_migrate(args: argparse.Namespace) -> int:
-    from softpage.xen.backend import XenBackend  # needs libxenctrl: only when migrating
+def _backend(args: argparse.Namespace, domid: int) -> Any:
+    # Imported here: the Xen bindings need libxenctrl, which only dom0 has.
+    from softpage.xen.backend import XenBackend
+    from softpage.xen.suspend import SuspendTimeouts
 
+    timeouts = SuspendTimeouts(ack=args.suspend_timeout, suspended=args.suspend_timeout)
+    return XenBackend(domid, suspend_timeouts=timeouts)
+
+
+def run_migrate(args: argparse.Namespace) -> int:
     domid = toolstack.domain_id(args.domain)
     name = toolstack.domain_name(domid)
     config = toolstack.domain_config_json(domid, preserve_domid=args.preserve_domid)
     rune = args.host if not args.ssh_command else f"exec {args.ssh_command} {args.host} xl migrate-receive"
     log = _logger(sys.stderr)
-    backend = XenBackend(domid)
+    backend = _backend(args, domid)
     started = time.monotonic()
     try:
         with ReceiverProcess(["sh", "-c", rune]) as receiver:
@@ -130,12 +140,10 @@ def run_migrate(args: argparse.Namespace) -> int:
 
 
 def run_save(args: argparse.Namespace) -> int:
-    from softpage.xen.backend import XenBackend
-
     domid = toolstack.domain_id(args.domain)
     config = toolstack.domain_config_json(domid)
     log = _logger(sys.stderr)
-    backend = XenBackend(domid)
+    backend = _backend(args, domid)
     started = time.monotonic()
     try:
         fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

@@ -1,0 +1,170 @@
+"""softpage's own sender on the real testbed: `softpage migrate` to a stock `xl migrate-receive`
+and `softpage save` + stock `xl restore`, with the guest module loaded, and the faults that must
+leave the guest running on the source.
+
+A guest "survived" as in test_baseline: its heartbeat moves on, it did not reboot, and the
+workload's full check (every anonymous byte, every cached file) passes. The workload keeps
+dirtying pages during the migration, so a lost dirty page or a stale page-cache page fails it.
+Repetitions: SOFTPAGE_E2E_REPEAT (default 5) runs of each migration kind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+from xen_testbed import CommandResult, Guest, GuestSpec, Testbed
+
+pytestmark = pytest.mark.e2e
+
+REPEAT = int(os.environ.get("SOFTPAGE_E2E_REPEAT", "5"))
+# 256 MiB with 48 MiB of anonymous memory and 64 MiB of page cache: about half the guest is
+# free or clean cache, which is what pruning must skip.
+PRUNE_GUEST = {"memory_mb": 256, "anon_mb": 48, "cache_mb": 64, "dirty_rate": 200}
+STATS = "/tmp/softpage-stats.json"
+LOCALHOST_RECEIVER = "xl migrate-receive"
+
+
+def softpage(testbed: Testbed, *arguments: str, timeout_s: float = 900) -> CommandResult:
+    return testbed.run(["python3", "-m", "softpage", *arguments], timeout_s=timeout_s)
+
+
+def read_stats(testbed: Testbed) -> tuple[list[dict[str, object]], dict[str, object]]:
+    records = [json.loads(line) for line in testbed.run(["cat", STATS], check=True).stdout.splitlines()]
+    return records[:-1], records[-1]
+
+
+def domid(guest: Guest) -> int:
+    return int(guest.testbed.run(["xl", "domid", guest.name], check=True).stdout)
+
+
+def module_state(guest: Guest) -> str:
+    path = f"/local/domain/{domid(guest)}/data/softpage/state"
+    return guest.testbed.run(["xenstore-read", path]).stdout.strip()
+
+
+def start_guest(testbed: Testbed, name: str, **overrides: object) -> Guest:
+    spec = GuestSpec(name=name, guest_type="pvh", **{**PRUNE_GUEST, **overrides})  # type: ignore[arg-type]
+    guest = testbed.create_guest(spec)
+    guest.wait_for_workload_ready()
+    if spec.load_kmod:
+        assert re.search(r"GUEST-KMOD loaded", guest.console_log()), guest.console_log()[-2000:]
+        guest_ready = _wait_for_module(guest)
+        assert guest_ready == "ready"
+    before = guest.verify()
+    assert before.ok, before.line
+    return guest
+
+
+def _wait_for_module(guest: Guest) -> str:
+    for _ in range(60):
+        state = module_state(guest)
+        if state:
+            return state
+        guest.testbed.run(["sleep", "1"])
+    return module_state(guest)
+
+
+def assert_survived(guest: Guest, heartbeat_before: int) -> None:
+    guest.wait_for_heartbeat(heartbeat_before + 2, timeout_s=180)
+    assert guest.boot_count() == 1, "the guest rebooted"
+    assert guest.name in guest.testbed.domains()
+    assert not [name for name in guest.testbed.domains() if "--" in name], guest.testbed.domains()
+    after = guest.verify()
+    assert after.ok, after.line
+    assert int(after.fields["anon_pages"]) == PRUNE_GUEST["anon_mb"] * 256
+
+
+@pytest.mark.parametrize("attempt", range(REPEAT))
+def test_softpage_migrate_prunes_and_the_guest_survives(xen_pvh_testbed: Testbed, attempt: int) -> None:
+    guest = start_guest(xen_pvh_testbed, f"sp-mig{attempt}")
+    source_domid = domid(guest)
+    heartbeat = guest.heartbeat()
+    result = softpage(xen_pvh_testbed, "migrate", "-s", "", "--stats", STATS, guest.name, LOCALHOST_RECEIVER)
+    assert result.ok, result.stderr
+    rounds, totals = read_stats(xen_pvh_testbed)
+    # Free memory and clean cache of the 256 MiB guest: far more than 8 MiB must travel without data.
+    assert int(totals["pages_xalloc"]) > 2048, totals  # type: ignore[call-overload]
+    assert rounds[0]["snapshot_used"], rounds[0]
+    assert rounds[-1]["kind"] == "final"
+    assert_survived(guest, heartbeat)
+    assert domid(guest) != source_domid
+    # The module re-published under the new domain, with fresh grants.
+    assert _wait_for_module(guest) == "ready"
+
+
+@pytest.mark.parametrize("attempt", range(REPEAT))
+def test_softpage_migrate_without_pruning(xen_pvh_testbed: Testbed, attempt: int) -> None:
+    guest = start_guest(xen_pvh_testbed, f"sp-plain{attempt}")
+    heartbeat = guest.heartbeat()
+    result = softpage(xen_pvh_testbed, "migrate", "--no-prune", "-s", "", "--stats", STATS, guest.name,
+                      LOCALHOST_RECEIVER)
+    assert result.ok, result.stderr
+    _, totals = read_stats(xen_pvh_testbed)
+    assert totals["pages_xalloc"] == 0 and totals["pages_skipped"] == 0, totals
+    assert_survived(guest, heartbeat)
+
+
+@pytest.mark.parametrize("attempt", range(REPEAT))
+def test_softpage_save_then_stock_restore(xen_pvh_testbed: Testbed, attempt: int) -> None:
+    guest = start_guest(xen_pvh_testbed, f"sp-save{attempt}")
+    heartbeat = guest.heartbeat()
+    image = f"/var/lib/xen/softpage-{guest.name}.img"
+    result = softpage(xen_pvh_testbed, "save", "--stats", STATS, guest.name, image)
+    assert result.ok, result.stderr
+    assert guest.name not in xen_pvh_testbed.domains()
+    _, totals = read_stats(xen_pvh_testbed)
+    size = int(xen_pvh_testbed.run(["stat", "-c", "%s", image], check=True).stdout)
+    # The held pages travel as XALLOC: the image is smaller than the guest's memory.
+    assert int(totals["pages_xalloc"]) > 2048, totals  # type: ignore[call-overload]
+    assert size < PRUNE_GUEST["memory_mb"] << 20
+    verified = xen_pvh_testbed.run(
+        f"PYTHONPATH=/usr/lib/xen-4.17/lib/python /usr/lib/xen-4.17/bin/verify-stream-v2 -f xl -i {image}",
+        timeout_s=600,
+    )
+    assert verified.ok, verified.stdout[-2000:] + verified.stderr[-2000:]
+    restored = xen_pvh_testbed.run(["xl", "restore", image], timeout_s=900)
+    assert restored.ok, restored.stderr
+    xen_pvh_testbed.run(["rm", "-f", image])
+    assert_survived(guest, heartbeat)
+
+
+def test_receiver_killed_mid_stream_leaves_the_guest_running(xen_pvh_testbed: Testbed) -> None:
+    guest = start_guest(xen_pvh_testbed, "sp-kill")
+    source_domid = domid(guest)
+    heartbeat = guest.heartbeat()
+    # The receiver stops reading after 16 MiB: the sender's next write fails mid-round.
+    receiver = f"head -c {16 << 20} | {LOCALHOST_RECEIVER}"
+    result = softpage(xen_pvh_testbed, "migrate", "-s", "", guest.name, receiver)
+    assert result.rc == 1, (result.rc, result.stderr)
+    assert "softpage: error:" in result.stderr
+    assert domid(guest) == source_domid
+    assert_survived(guest, heartbeat)
+
+
+def test_guest_that_never_acknowledges_suspend_keeps_running(xen_pvh_testbed: Testbed) -> None:
+    guest = start_guest(xen_pvh_testbed, "sp-noack")
+    source_domid = domid(guest)
+    # A paused guest cannot answer: no soft-page reports (plain rounds) and no suspend ack.
+    xen_pvh_testbed.run(["xl", "pause", guest.name], check=True)
+    result = softpage(xen_pvh_testbed, "migrate", "-s", "", "--snapshot-timeout", "1",
+                      "--suspend-timeout", "10", guest.name, LOCALHOST_RECEIVER)
+    assert result.rc == 1, (result.rc, result.stderr)
+    assert re.search(r"acknowledg|suspend", result.stderr), result.stderr
+    xen_pvh_testbed.run(["xl", "unpause", guest.name], check=True)
+    heartbeat = guest.heartbeat()
+    assert domid(guest) == source_domid
+    assert_survived(guest, heartbeat)
+
+
+def test_guest_without_the_module_gets_plain_precopy(xen_pvh_testbed: Testbed) -> None:
+    guest = start_guest(xen_pvh_testbed, "sp-nomod", load_kmod=False)
+    heartbeat = guest.heartbeat()
+    result = softpage(xen_pvh_testbed, "migrate", "-s", "", "--stats", STATS, guest.name, LOCALHOST_RECEIVER)
+    assert result.ok, result.stderr
+    assert "publishes no soft pages" in result.stderr
+    _, totals = read_stats(xen_pvh_testbed)
+    assert totals["pages_xalloc"] == 0
+    assert_survived(guest, heartbeat)
