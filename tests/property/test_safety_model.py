@@ -159,6 +159,11 @@ class SafetyModel(RuleBasedStateMachine):
         """Pages reported soft are reallocated and written before the report is out."""
         self.guest.after_scan = (lambda guest: guest.churn(count)) if count else None
 
+    @rule(count=st.integers(0, 8))
+    def activity_after_freeze(self, count: int) -> None:
+        """The kernel writes pages after the module published FINAL, before the suspend."""
+        self.guest.after_freeze = (lambda guest: guest.dirty_in_use(count)) if count else None
+
     # -- the module's behaviour ---------------------------------------------
     @rule(behaviour=st.sampled_from(ReportBehaviour))
     def next_reports(self, behaviour: ReportBehaviour) -> None:

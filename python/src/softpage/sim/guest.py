@@ -137,6 +137,9 @@ class SimGuest:
         self.after_scan: GuestActivity | None = None
         """Runs after a scan and before its publication: pages reported soft
         are reallocated and written meanwhile."""
+        self.after_freeze: GuestActivity | None = None
+        """Runs after the FINAL report, before the domain is suspended: the
+        kernel's own late writes (other drivers' freeze callbacks)."""
         self.hold_reserve = 0
         """Free pages the freeze callback leaves unheld."""
         self.hold_capacity: int | None = None
@@ -349,6 +352,8 @@ class SimGuest:
         behaviour = self.final_behaviour
         if behaviour is FinalBehaviour.SILENT:
             self.final_report = None
+            if self.after_freeze is not None:
+                self.after_freeze(self)
             return
         request_id = self.request_value
         if behaviour is FinalBehaviour.STALE_REQUEST:
@@ -364,6 +369,8 @@ class SimGuest:
         malformed = behaviour is FinalBehaviour.MALFORMED
         self._publish(snapshot, malformed=malformed, torn=False)
         self.final_report = FinalReport(request_id, snapshot.held, well_formed=not malformed)
+        if self.after_freeze is not None:
+            self.after_freeze(self)
 
     def thaw(self) -> None:
         """``.thaw``: the suspend was cancelled; release held pages and disarm."""
