@@ -356,3 +356,22 @@ def test_every_workload_rate_does_its_kind_of_work() -> None:
     assert guest.count(PageKind.ANON) == anon + 10
     assert guest.count(PageKind.CACHE_DIRTY) == dirty_cache + 5
     assert guest.count(PageKind.CACHE) == cache + 20 - 5
+
+
+def test_migrate_is_deterministic_for_a_seed() -> None:
+    link, workload = LinkModel(), Workload(dirty_pages_per_s=3000, churn_pages_per_s=300)
+    first, second = (migrate(boot_guest(SMALL, 1, seed=9), True, link, workload) for _ in range(2))
+    assert first == second
+
+
+def test_migrate_check_catches_a_guest_lying_about_held_pages() -> None:
+    # The guest claims in-use pages as held: dom0 trusts a well-formed FINAL
+    # report, so exactly those pages arrive wrong, and the check sees it.
+    guest = boot_guest(SMALL, 1, seed=6)
+    guest.final_behaviour = FinalBehaviour.LYING
+    outcome = migrate(guest, True, LinkModel(), Workload(dirty_pages_per_s=3000))
+    assert guest.final_report is not None
+    lies = guest.final_report.claimed_held.count() - guest.count(PageKind.HELD)
+    assert not outcome.correct
+    assert 0 < outcome.mismatched_pages <= lies
+    assert outcome.unpopulated_ram == 0 and outcome.populated_holes == 0
