@@ -41,6 +41,8 @@ PV_TESTBED_FIXTURE = "xen_pv_testbed"
 class TestbedPool:
     """At most one booted testbed at a time; the payload (current checkout) is built once."""
 
+    __test__ = False  # not a pytest test class, despite the name
+
     def __init__(self, work_dir: Path) -> None:
         self.work_dir = work_dir
         self.current: Testbed | None = None
