@@ -36,12 +36,12 @@ def pfn_sets(draw: st.DrawFn, nr_pfns: int, p2m_size: int) -> PfnSet:
 
 
 @st.composite
-def snapshots(draw: st.DrawFn) -> tuple[SoftSnapshot, int]:
+def snapshots(draw: st.DrawFn, max_nr_pfns: int = MAX_TEST_PFNS) -> tuple[SoftSnapshot, int]:
     nr_pfns = draw(
         st.one_of(
             st.integers(1, 200),
             st.sampled_from([abi.PFNS_PER_FRAME - 1, abi.PFNS_PER_FRAME, abi.PFNS_PER_FRAME + 1]),
-            st.integers(1, MAX_TEST_PFNS),
+            st.integers(1, max_nr_pfns),
         )
     )
     p2m_size = nr_pfns + draw(st.integers(0, 5000))
@@ -169,7 +169,7 @@ def near_values(current: int, width: int) -> st.SearchStrategy[int]:
 
 
 @pytest.mark.parametrize(("name", "_offset", "elements"), abi.HEADER_FIELDS)
-@given(snapshots(), st.data())
+@given(snapshots(max_nr_pfns=abi.PFNS_PER_FRAME + 100), st.data())  # header rules need few bitmap pages
 def test_mutated_header_fields_decode_or_raise_bitmap_error(
     name: str, _offset: int, elements: int, case: tuple[SoftSnapshot, int], data: st.DataObject
 ) -> None:

@@ -55,7 +55,7 @@ MAP_CLASSES = (
     MapClass("#", "in use (not reported soft)", "#7f7f7f"),
     MapClass("~", "beyond the guest's nr_pfns", "#f3e9c6"),
 )
-_CLASS_OF_CATEGORY = {Category.HELD: 0, Category.FREE: 1, Category.CACHE: 2, Category.SLAB: 3}
+_CLASS_OF_CATEGORY = ((Category.HELD, 0), (Category.FREE, 1), (Category.CACHE, 2), (Category.SLAB, 3))
 _IN_USE = 4
 _UNCOVERED = 5
 
@@ -180,7 +180,7 @@ def classify_cells(snapshot: SoftSnapshot, pfns_per_cell: int) -> npt.NDArray[np
     p2m_size = snapshot.free.nr_pfns
     nr_cells = -(-p2m_size // pfns_per_cell)
     votes = np.zeros((len(MAP_CLASSES), nr_cells), dtype=np.int64)
-    for category, class_index in _CLASS_OF_CATEGORY.items():
+    for category, class_index in _CLASS_OF_CATEGORY:
         votes[class_index] = _members_per_cell(snapshot.category(category), pfns_per_cell, nr_cells)
     pfn_starts = np.arange(nr_cells, dtype=np.int64) * pfns_per_cell
     covered = np.clip(snapshot.guest_nr_pfns - pfn_starts, 0, pfns_per_cell)
@@ -216,7 +216,7 @@ def format_map(snapshot: SoftSnapshot, cells: npt.NDArray[np.int8], width: int, 
         first_pfn = start * pfns_per_cell
         lines.append(f"{first_pfn:0{address_digits}x} {''.join(symbols[start : start + width])}")
     lines.append("")
-    counts = {index: snapshot.category(category).count() for category, index in _CLASS_OF_CATEGORY.items()}
+    counts = {index: snapshot.category(category).count() for category, index in _CLASS_OF_CATEGORY}
     for index, map_class in enumerate(MAP_CLASSES):
         pages = counts.get(index)
         detail = f"{pages} pages, {_mib(pages)} MiB" if pages is not None else ""
