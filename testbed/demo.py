@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
 
-from xen_testbed import (  # noqa: E402  (the harness lives with the e2e tests)
+# the harness lives with the e2e tests (path set above)
+from xen_testbed import (
     XEN_PVH_VERSION,
     Guest,
     GuestSpec,

@@ -15,8 +15,10 @@ concurrently (a migration and a guest-console command may overlap); replies carr
 """
 
 import base64
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -27,7 +29,10 @@ DEFAULT_TIMEOUT_S = 600.0
 # dom0 environment every command gets: the session payload's python package and tools.
 PAYLOAD_ENV = {
     "PYTHONPATH": "/opt/softpage/py",
-    "PATH": "/opt/softpage/bin:/opt/softpage/py/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "PATH": ":".join(
+        ["/opt/softpage/bin", "/opt/softpage/py/bin", "/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin"]
+        + ["/sbin", "/bin"]
+    ),
     "LC_ALL": "C.UTF-8",
 }
 
@@ -50,20 +55,28 @@ def run_request(request: dict[str, object]) -> dict[str, object]:
     env = dict(os.environ)
     env.update(PAYLOAD_ENV)
     try:
-        completed = subprocess.run(
+        process = subprocess.Popen(
             [str(arg) for arg in argv],
-            input=stdin_data,
-            capture_output=True,
-            timeout=timeout_s,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             env=env,
             cwd="/root",
             start_new_session=True,
         )
-        reply.update(rc=completed.returncode, stdout=encode(completed.stdout), stderr=encode(completed.stderr))
-    except subprocess.TimeoutExpired as expired:
-        reply.update(rc=-9, error="timeout", stdout=encode(expired.stdout or b""), stderr=encode(expired.stderr or b""))
     except OSError as error:
         reply["error"] = f"cannot run {argv[0]!r}: {error}"
+        return reply
+    try:
+        stdout, stderr = process.communicate(stdin_data, timeout=timeout_s)
+        reply.update(rc=process.returncode, stdout=encode(stdout), stderr=encode(stderr))
+    except subprocess.TimeoutExpired:
+        # The whole process group: a grandchild (xl under bash -c) holding the pipes open would
+        # otherwise keep this request, and the host waiting on it, hanging forever.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        reply.update(rc=-9, error="timeout", stdout=encode(stdout), stderr=encode(stderr))
     reply["wall_s"] = round(time.monotonic() - started, 3)
     return reply
 
