@@ -30,8 +30,11 @@ DEFAULT_TIMEOUT_S = 600.0
 PAYLOAD_ENV = {
     "PYTHONPATH": "/opt/softpage/py",
     "PATH": ":".join(
-        ["/opt/softpage/bin", "/opt/softpage/py/bin", "/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin"]
-        + ["/sbin", "/bin"]
+        [
+            "/opt/softpage/bin",
+            "/opt/softpage/py/bin",
+            *("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"),
+        ]
     ),
     "LC_ALL": "C.UTF-8",
 }
