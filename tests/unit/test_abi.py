@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import re
 import struct
 from pathlib import Path
 from types import ModuleType
@@ -203,3 +204,40 @@ def test_compiled_abi_rejects_a_stale_build(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(softpage, "__version__", "0.0.0-not-this-build")
     with pytest.raises(ImportError, match=r"stale shared object.*pip install -e \."):
         abi.compiled_abi()
+
+
+SPEC_PATH = REPO_ROOT / "docs" / "spec" / "bitmap-page.md"
+
+
+def _spec_tables() -> tuple[dict[str, tuple[int, int, int]], dict[str, int]]:
+    """(field -> (offset, element size, elements), constant -> value) as the spec's tables state them."""
+    fields: dict[str, tuple[int, int, int]] = {}
+    constants: dict[str, int] = {}
+    field_row = re.compile(r"^\| (\d+) \| (\d+)(?: \u00d7 (\d+))? \| `(\w+)(?:\[\w*\])?` \|")
+    constant_row = re.compile(r"^\| `(SOFTPAGE_\w+)` \| `(0x[0-9a-f]+|\d+)` \|")
+    flag_or_enum_row = re.compile(r"^\| `?(0x[0-9a-f]+|\d+)`? \| `(SOFTPAGE_\w+)` \|")
+    for line in SPEC_PATH.read_text(encoding="utf-8").splitlines():
+        if match := field_row.match(line):
+            offset, size, elements, name = match.groups()
+            fields[name] = (int(offset), int(size), int(elements or 1))
+        elif match := constant_row.match(line):
+            constants[match.group(1)] = int(match.group(2), 0)
+        elif match := flag_or_enum_row.match(line):
+            constants[match.group(2)] = int(match.group(1), 0)
+    return fields, constants
+
+
+def test_the_spec_field_table_matches_the_compiler(compiled: ModuleType) -> None:
+    spec_fields, _constants = _spec_tables()
+    ffi = compiled.ffi
+    compiled_fields = {}
+    for name, field in ffi.typeof("struct softpage_header").fields:
+        elements = field.type.length if field.type.kind == "array" else 1
+        compiled_fields[name] = (field.offset, ffi.sizeof(field.type) // elements, elements)
+    assert spec_fields == compiled_fields
+
+
+def test_the_spec_constant_tables_match_the_compiler(compiled: ModuleType) -> None:
+    _fields, spec_constants = _spec_tables()
+    assert spec_constants == {name: getattr(compiled.lib, name) for name in spec_constants}
+    assert set(spec_constants) == set(CONSTANTS) - {"SOFTPAGE_FLAGS_KNOWN"}
