@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -175,3 +176,31 @@ def test_held_wins_a_tie_with_in_use() -> None:
         PfnSet.from_pfns(universe, range(32)),
     )
     assert inspect.classify_cells(half_held, 64).tolist() == [0, 4]
+
+
+def test_decode_prints_json_with_pfn_ranges(dump_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", "decode", "--file", str(dump_path), "--p2m-size", str(P2M_SIZE)]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document == {
+        "state": "FINAL",
+        "generation": 42,
+        "request_id": 7,
+        "flags": ["init_on_free", "hold_short"],
+        "nr_pfns": NR_PFNS,
+        "p2m_size": P2M_SIZE,
+        "scan_ns": 2_500_000,
+        "categories": {
+            "free": {"count": 640, "ranges": [[0, 640]]},
+            "cache": {"count": 640, "ranges": [[640, 1280]]},
+            "slab": {"count": 32, "ranges": [[1280, 1312]]},
+            "held": {"count": 512, "ranges": [[2048, 2560]]},
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("pfns", "ranges"),
+    [([], []), ([5], [[5, 6]]), ([0, 1, 2, 7, 9, 10, 99], [[0, 3], [7, 8], [9, 11], [99, 100]])],
+)
+def test_pfn_ranges(pfns: list[int], ranges: list[list[int]]) -> None:
+    assert inspect.pfn_ranges(PfnSet.from_pfns(100, pfns)) == ranges

@@ -2,8 +2,9 @@
 
 ::
 
-    softpage inspect info --file DUMP [--p2m-size N]
-    softpage inspect show --file DUMP [--p2m-size N] [--width N] [--rows N] [--png OUT]
+    softpage inspect info   --file DUMP [--p2m-size N]
+    softpage inspect show   --file DUMP [--p2m-size N] [--width N] [--rows N] [--png OUT]
+    softpage inspect decode --file DUMP [--p2m-size N]        (JSON: header and PFN ranges)
 
 ``--file -`` reads standard input. A dump file is exactly the octets
 ``SoftPageChannel.read`` returns (``softpage.bitmap.dump`` writes one).
@@ -18,6 +19,7 @@ source arguments are in one group (``add_source_arguments``) for it to join.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,6 +82,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                       help=f"at most this many map lines (default {DEFAULT_ROWS})")
     show.add_argument("--png", type=Path, metavar="OUT", help="also draw the map to a PNG file")
     show.set_defaults(func=_run_from_source, render=render_show)
+
+    decode = views.add_parser("decode", help="the snapshot as JSON, each category as PFN ranges")
+    add_source_arguments(decode)
+    decode.set_defaults(func=_run_from_source, render=render_decode)
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -149,6 +155,39 @@ def render_info(snapshot: SoftSnapshot, _args: argparse.Namespace) -> str:
 
 def _mib(pages: int) -> str:
     return f"{pages / PAGES_PER_MIB:.1f}"
+
+
+# -- decode -----------------------------------------------------------------------
+def render_decode(snapshot: SoftSnapshot, _args: argparse.Namespace) -> str:
+    """JSON for scripts; ranges are ``[first, last + 1)``, the way the stream batches PFNs."""
+    document = {
+        "state": snapshot.state.name,
+        "generation": snapshot.generation,
+        "request_id": snapshot.request_id,
+        "flags": abi.flag_names(snapshot.flags),
+        "nr_pfns": snapshot.guest_nr_pfns,
+        "p2m_size": snapshot.free.nr_pfns,
+        "scan_ns": snapshot.scan_ns,
+        "categories": {
+            category.name.lower(): {
+                "count": snapshot.category(category).count(),
+                "ranges": pfn_ranges(snapshot.category(category)),
+            }
+            for category in Category
+        },
+    }
+    return json.dumps(document) + "\n"
+
+
+def pfn_ranges(members: PfnSet) -> list[list[int]]:
+    """Maximal runs of consecutive members as ``[start, end)`` pairs, in order."""
+    pfns = members.to_pfns().astype(np.int64)
+    if pfns.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
+    starts = np.concatenate(([pfns[0]], pfns[breaks]))
+    ends = np.concatenate((pfns[breaks - 1], [pfns[-1]])) + 1
+    return [[int(start), int(end)] for start, end in zip(starts, ends, strict=True)]
 
 
 # -- show -------------------------------------------------------------------------
