@@ -11,6 +11,8 @@ import hashlib
 import importlib.util
 import re
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -241,3 +243,24 @@ def test_the_spec_constant_tables_match_the_compiler(compiled: ModuleType) -> No
     _fields, spec_constants = _spec_tables()
     assert spec_constants == {name: getattr(compiled.lib, name) for name in spec_constants}
     assert set(spec_constants) == set(CONSTANTS) - {"SOFTPAGE_FLAGS_KNOWN"}
+
+
+def test_the_pure_python_side_runs_without_the_compiled_module() -> None:
+    # dom0 may have no compiler: abi, bitmap and the inspect CLI must not need softpage._abi.
+    program = "\n".join([
+        "import sys",
+        "sys.modules['softpage._abi'] = None  # any import of it now fails",
+        "from softpage import abi, bitmap",
+        "from softpage.cli import inspect",
+        "from softpage.pfnset import PfnSet",
+        "from softpage.snapshot import SnapshotState, SoftSnapshot",
+        "sets = [PfnSet.from_pfns(100, [1, 2])] * 3 + [PfnSet.empty(100)]",
+        "snapshot = SoftSnapshot(SnapshotState.SNAPSHOT, 2, 1, 0, 100, 0, *sets)",
+        "assert bitmap.decode(bitmap.encode(snapshot), 100) == snapshot",
+        "try:",
+        "    abi.compiled_abi()",
+        "except ImportError as error:",
+        "    print(error)",
+    ])
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
+    assert "softpage._abi is not built; run 'pip install -e .'" in result.stdout
