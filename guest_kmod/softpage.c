@@ -165,14 +165,29 @@ static unsigned long *softpage_category(const struct softpage *sp,
 			 SOFTPAGE_LONGS_PER_FRAME;
 }
 
+/*
+ * RAM zones only: node spans also cover ZONE_DEVICE ranges (Xen's
+ * unpopulated-alloc for grant mappings), which are not RAM and never migrate.
+ */
+static bool softpage_is_ram_zone(struct zone *zone)
+{
+	return populated_zone(zone) && !zone_is_zone_device(zone);
+}
+
 /* Bitmaps cover [0, highest RAM PFN); max_pfn is not exported to modules. */
 static unsigned long softpage_highest_ram_pfn(void)
 {
 	unsigned long end = 0;
-	int nid;
+	int nid, zid;
 
-	for_each_online_node(nid)
-		end = max(end, pgdat_end_pfn(NODE_DATA(nid)));
+	for_each_online_node(nid) {
+		for (zid = 0; zid < MAX_NR_ZONES; zid++) {
+			struct zone *zone = &NODE_DATA(nid)->node_zones[zid];
+
+			if (softpage_is_ram_zone(zone))
+				end = max(end, zone_end_pfn(zone));
+		}
+	}
 	return end;
 }
 
@@ -243,7 +258,7 @@ static unsigned long softpage_classify(const struct softpage *sp,
 }
 
 /*
- * Fill the private bitmaps from a walk of every online node.  The SLAB bitmap
+ * Fill the private bitmaps from a walk of every RAM zone.  The SLAB bitmap
  * stays empty: telling reclaimable slab pages apart needs struct slab, which
  * is private to mm/.  Reclaimable slab is instead freed by the drop at an
  * armed suspend, after which those pages are free and get held.
@@ -255,26 +270,30 @@ static u64 softpage_scan(struct softpage *sp)
 	bool skip_hot = READ_ONCE(skip_hot_cache);
 	unsigned long since_resched = 0;
 	u64 start = ktime_get_ns();
-	int nid;
+	int nid, zid;
 
 	memset(sp->scan_bitmaps, 0,
 	       (size_t)softpage_bitmap_frames(sp) * PAGE_SIZE);
 	for_each_online_node(nid) {
-		pg_data_t *pgdat = NODE_DATA(nid);
-		unsigned long end = min(pgdat_end_pfn(pgdat), sp->nr_pfns);
-		unsigned long pfn = pgdat->node_start_pfn;
+		for (zid = 0; zid < MAX_NR_ZONES; zid++) {
+			struct zone *zone = &NODE_DATA(nid)->node_zones[zid];
+			unsigned long end, pfn;
 
-		while (pfn < end) {
-			unsigned long nr = softpage_classify(sp, pfn, end,
-							     want_free,
-							     want_cache,
-							     skip_hot);
+			if (!softpage_is_ram_zone(zone))
+				continue;
+			end = min(zone_end_pfn(zone), sp->nr_pfns);
+			pfn = zone->zone_start_pfn;
+			while (pfn < end) {
+				unsigned long nr;
 
-			pfn += nr;
-			since_resched += nr;
-			if (since_resched >= SOFTPAGE_SCAN_BATCH) {
-				since_resched = 0;
-				cond_resched();
+				nr = softpage_classify(sp, pfn, end, want_free,
+						       want_cache, skip_hot);
+				pfn += nr;
+				since_resched += nr;
+				if (since_resched >= SOFTPAGE_SCAN_BATCH) {
+					since_resched = 0;
+					cond_resched();
+				}
 			}
 		}
 	}
