@@ -129,7 +129,10 @@ def send_domain(
     progress: Progress | None = None,
 ) -> MigrationStats:
     """Write the whole stream for the backend's domain; see the module docstring."""
-    session = MigrationSession(backend, sink, options, log, progress)
+    try:
+        session = MigrationSession(backend, sink, options, log, progress)
+    except (SoftpageError, OSError) as error:
+        raise MigrationError(f"cannot migrate: {error}") from error
     try:
         session.start()
         if options.live:
