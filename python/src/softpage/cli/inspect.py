@@ -31,7 +31,7 @@ import numpy.typing as npt
 
 from softpage import abi, bitmap
 from softpage.bitmap import BytesLike
-from softpage.errors import BitmapError
+from softpage.errors import BitmapError, GuestProtocolError
 from softpage.pfnset import PfnSet
 from softpage.snapshot import PRUNABLE, Category, SoftSnapshot
 
@@ -96,13 +96,39 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     """
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--file", metavar="DUMP", help="a snapshot dump file, '-' for standard input")
+    source.add_argument("--domain", metavar="DOM",
+                        help="what a running guest (name or id) publishes now; run in dom0")
     parser.add_argument("--p2m-size", type=_bounded_int(1, 1 << 40), metavar="N",
                         help="widen the sets to N PFNs and check nr_pfns against it "
                         "(default: the snapshot's own nr_pfns)")
 
 
 def _run_from_source(args: argparse.Namespace) -> int:
+    if args.domain is not None:
+        return inspect_snapshot(args, _read_live(args))
     return inspect_snapshot(args, read_dump(args.file))
+
+
+def _read_live(args: argparse.Namespace) -> bytes:
+    """The pages a running guest publishes, through the same channel a migration uses."""
+    from softpage import toolstack  # dom0 only, like the bindings below
+    from softpage.xen.backend import XenBackend
+
+    domid = toolstack.domain_id(args.domain)
+    backend = XenBackend(domid)
+    try:
+        channel = backend.soft_channel()
+        if channel is None:
+            reason = backend.channel_reason
+            raise GuestProtocolError(f"domain {args.domain} publishes no soft pages: {reason}")
+        raw = channel.read_current()
+        if raw is None:
+            raise GuestProtocolError(f"domain {args.domain}: the published pages kept changing while read")
+        if args.p2m_size is None:
+            args.p2m_size = backend.describe().p2m_size
+        return raw
+    finally:
+        backend.cleanup()
 
 
 def inspect_snapshot(args: argparse.Namespace, raw: BytesLike) -> int:
