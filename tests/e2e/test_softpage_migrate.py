@@ -168,3 +168,14 @@ def test_guest_without_the_module_gets_plain_precopy(xen_pvh_testbed: Testbed) -
     _, totals = read_stats(xen_pvh_testbed)
     assert totals["pages_xalloc"] == 0
     assert_survived(guest, heartbeat)
+
+
+def test_inspect_reads_what_a_live_guest_publishes(xen_pvh_testbed: Testbed) -> None:
+    guest = start_guest(xen_pvh_testbed, "sp-inspect")
+    result = softpage(xen_pvh_testbed, "inspect", "info", "--domain", guest.name, timeout_s=300)
+    assert result.ok, result.stderr
+    # A 256 MiB guest with 48 MiB anonymous and 64 MiB cached: thousands of free pages.
+    free = re.search(r"free\D+(\d+)", result.stdout, re.IGNORECASE)
+    assert free and int(free.group(1)) > 2048, result.stdout
+    shown = softpage(xen_pvh_testbed, "inspect", "show", "--domain", guest.name, timeout_s=300)
+    assert shown.ok and shown.stdout.strip(), shown.stderr
