@@ -33,6 +33,8 @@ pytestmark = pytest.mark.e2e
 
 GUEST = GuestSpec(name="kmod", guest_type="pvh", memory_mb=256, anon_mb=64, cache_mb=32)
 PROBE_PATH = "/root/kmod_probe.py"
+INSTALLER = REPO_DIR / "dom0_tools" / "softpage-guest-install"
+INSTALLER_PATH = "/root/softpage-guest-install"
 STATE_EMPTY, STATE_SNAPSHOT, STATE_FINAL = 0, 1, 2
 FREE, CACHE, SLAB, HELD = 0, 1, 2, 3
 FLAG_HOLD_SHORT = 0x4
@@ -297,9 +299,19 @@ def test_publishes_answers_requests_and_agrees_with_kpageflags(xen_pvh_testbed: 
     assert stats["nr_pfns"] == snapshot["nr_pfns"]
     assert stats["scans"] >= 1
 
+    # The installer's dom0-side check agrees, before and after an unload.
+    xen_pvh_testbed.write_file(INSTALLER_PATH, INSTALLER.read_text())
+    verify = ["bash", INSTALLER_PATH, "--verify", guest.name, "--timeout", "0"]
+    verified = xen_pvh_testbed.run(verify)
+    assert verified.rc == 0, verified.stderr
+    assert "data/softpage/state = ready" in verified.stdout
+
     # Unloading removes every key; loading again publishes afresh.
     guest_line(guest, "rmmod softpage; echo rc=$?")
     assert all(value is None for value in probe(xen_pvh_testbed, guest, "keys")["keys"].values())
+    unloaded = xen_pvh_testbed.run(verify)
+    assert unloaded.rc == 1
+    assert "state is 'absent'" in unloaded.stderr
     guest_line(guest, "insmod /softpage.ko; echo rc=$?")
     reloaded = probe(xen_pvh_testbed, guest, "request", "6")
     assert_publishing(reloaded)
