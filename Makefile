@@ -47,11 +47,15 @@ lint: setup
 	cd python && ../$(VENV)/bin/mypy src
 	$(MAKE) -C guest_kmod checkpatch
 
-bench: setup
+bench: setup testbed
 	$(PYTEST) -q tests/bench
+	$(PY) tests/bench/xen_bench.py
 
 clean:
 	rm -rf $(VENV) python/build python/src/*.egg-info
 	-$(MAKE) -C guest_kmod clean
 
--include testbed/testbed.mk
+include testbed/testbed.mk
+
+# The demo runs softpage in dom0 and the harness from the venv.
+demo: setup

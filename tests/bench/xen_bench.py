@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""`make bench`: softpage against stock `xl migrate`, side by side in one run on the real testbed.
+
+The SonicMigration experiment, scaled to the testbed: a PVH guest (SOFTPAGE_BENCH_GUEST_MB,
+default 1024) whose page cache is filled from its data disk, user (anonymous) allocation swept
+over SOFTPAGE_BENCH_ANON_MB (default 0,200,400,600,800). For each step one guest is created and
+migrated to localhost SOFTPAGE_BENCH_REPS times (default 3) by each method, interleaved:
+
+    stock      xl migrate -s "" GUEST "<receiver>"
+    no-prune   softpage migrate --no-prune -s "" GUEST "<receiver>"
+    prune      softpage migrate -s "" GUEST "<receiver>"
+
+Every method is measured the same way (tests/bench/dom0/): the receiver command is the stock
+`xl migrate-receive` behind a tap that counts the stream's bytes and pages; a watcher polls Xen for
+the downtime (source suspended -> incoming copy unpaused); sender CPU is the rusage of the sender's
+process tree less the receiver's. After every migration the guest must pass the workload's full
+integrity check, or the run stops. Medians per step and method go to results/bench-DATE/
+(CSV of every run, summary CSV, Markdown table, PNG plots) and the ratios to stock are printed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "e2e"))
+
+from xen_testbed import (  # noqa: E402  (the harness lives with the e2e tests)
+    XEN_PVH_VERSION,
+    Guest,
+    GuestSpec,
+    Testbed,
+    TestbedConfig,
+    booted_testbed,
+)
+
+METHODS = ("stock", "no-prune", "prune")
+KERNEL_AND_WORKLOAD_MB = 160
+"""Guest memory the page cache cannot have: kernel, initramfs, workload slack."""
+DOM0_TOOLS = "/tmp/softpage-bench"
+
+
+@dataclass
+class Run:
+    anon_mb: int
+    cache_mb: int
+    method: str
+    repetition: int
+    wall_s: float
+    downtime_s: float | None
+    sender_cpu_s: float
+    stream_bytes: int
+    pages_data: int
+    pages_xalloc: int
+    rounds: int | None
+    guest_scan_ms: float | None
+    final_report_ms: float | None
+
+
+def environment_list(name: str, default: str) -> list[int]:
+    return [int(value) for value in os.environ.get(name, default).split(",") if value.strip()]
+
+
+def install_dom0_tools(testbed: Testbed) -> None:
+    testbed.run(["mkdir", "-p", DOM0_TOOLS], check=True)
+    for name in ("tap.py", "measure.py"):
+        testbed.write_file(f"{DOM0_TOOLS}/{name}", (REPO / "tests/bench/dom0" / name).read_text())
+
+
+def migrate(guest: Guest, method: str) -> dict[str, object]:
+    testbed = guest.testbed
+    source = testbed.run(["xl", "domid", guest.name], check=True).stdout.strip()
+    receiver = (f"python3 {DOM0_TOOLS}/measure.py - /tmp/bench-recv.json -- "
+                f"sh -c 'python3 {DOM0_TOOLS}/tap.py /tmp/bench-tap.json | xl migrate-receive'")
+    senders = {
+        "stock": ["xl", "migrate", "-s", "", guest.name, receiver],
+        "no-prune": ["python3", "-m", "softpage", "migrate", "-q", "--no-prune", "--stats",
+                     "/tmp/bench-stats.json", "-s", "", guest.name, receiver],
+        "prune": ["python3", "-m", "softpage", "migrate", "-q", "--stats", "/tmp/bench-stats.json",
+                  "-s", "", guest.name, receiver],
+    }
+    testbed.run(["rm", "-f", "/tmp/bench-recv.json", "/tmp/bench-tap.json", "/tmp/bench-stats.json"])
+    measure = ["python3", f"{DOM0_TOOLS}/measure.py", source, "/tmp/bench-send.json", "--"]
+    command = [*measure, *senders[method]]
+    result = testbed.run(command, timeout_s=3600)
+    if not result.ok:
+        raise RuntimeError(f"{method} migration failed (rc {result.rc}): {result.stderr[-3000:]}")
+    measured: dict[str, object] = {}
+    for name in ("send", "recv", "tap"):
+        measured[name] = json.loads(testbed.run(["cat", f"/tmp/bench-{name}.json"], check=True).stdout)
+    if method != "stock":
+        lines = testbed.run(["cat", "/tmp/bench-stats.json"], check=True).stdout.splitlines()
+        measured["stats"] = [json.loads(line) for line in lines]
+    return measured
+
+
+def to_run(anon_mb: int, cache_mb: int, method: str, repetition: int, measured: dict[str, object]) -> Run:
+    send, recv, tap = measured["send"], measured["recv"], measured["tap"]
+    assert isinstance(send, dict) and isinstance(recv, dict) and isinstance(tap, dict)
+    stats = measured.get("stats")
+    rounds = scan_ms = final_ms = None
+    if isinstance(stats, list):
+        per_round = [record for record in stats if not record.get("totals")]
+        rounds = len(per_round)
+        scans = [record["guest_scan_ms"] for record in per_round[:-1] if record.get("guest_scan_ms")]
+        scan_ms = statistics.median(scans) if scans else None
+        final_ms = per_round[-1].get("guest_scan_ms") if per_round else None
+    return Run(
+        anon_mb=anon_mb, cache_mb=cache_mb, method=method, repetition=repetition,
+        wall_s=float(send["wall_s"]), downtime_s=send.get("downtime_s"),
+        sender_cpu_s=float(send["cpu_s"]) - float(recv["cpu_s"]),
+        stream_bytes=int(tap["stream_bytes"]), pages_data=int(tap["pages_data"]),
+        pages_xalloc=int(tap["pages_xalloc"]), rounds=rounds, guest_scan_ms=scan_ms,
+        final_report_ms=final_ms,
+    )
+
+
+def median(runs: list[Run], field: str) -> float | None:
+    values = [getattr(run, field) for run in runs if getattr(run, field) is not None]
+    return statistics.median(values) if values else None
+
+
+def summarise(runs: list[Run]) -> list[dict[str, object]]:
+    rows = []
+    for anon_mb in sorted({run.anon_mb for run in runs}):
+        stock = [run for run in runs if run.anon_mb == anon_mb and run.method == "stock"]
+        for method in METHODS:
+            chosen = [run for run in runs if run.anon_mb == anon_mb and run.method == method]
+            row: dict[str, object] = {"anon_mb": anon_mb, "method": method, "runs": len(chosen)}
+            for field in ("pages_data", "stream_bytes", "wall_s", "downtime_s", "sender_cpu_s", "rounds",
+                          "guest_scan_ms", "final_report_ms"):
+                row[field] = median(chosen, field)
+                base = median(stock, field)
+                if field in ("pages_data", "stream_bytes", "wall_s", "downtime_s", "sender_cpu_s"):
+                    value = row[field]
+                    row[f"{field}_vs_stock"] = (value / base if isinstance(value, float | int) and base
+                                                else None)
+            rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict[str, object]], header: str) -> str:
+    def cell(value: object, digits: int = 2) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    lines = [header, "",
+             "| user MB | method | pages with data | x stock | MiB sent | time s | x stock | downtime s "
+             "| x stock | sender CPU s | rounds |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        mib = row["stream_bytes"] / 2**20 if isinstance(row["stream_bytes"], float | int) else None
+        lines.append(
+            f"| {row['anon_mb']} | {row['method']} | {cell(row['pages_data'], 0)} | "
+            f"{cell(row['pages_data_vs_stock'])} | {cell(mib, 1)} | {cell(row['wall_s'], 1)} | "
+            f"{cell(row['wall_s_vs_stock'])} | {cell(row['downtime_s'])} | "
+            f"{cell(row['downtime_s_vs_stock'])} | {cell(row['sender_cpu_s'], 1)} | "
+            f"{cell(row['rounds'], 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, object]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (pages_axis, time_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for method in METHODS:
+        chosen = [row for row in rows if row["method"] == method]
+        xs = [row["anon_mb"] for row in chosen]
+        pages_axis.plot(xs, [row["pages_data"] for row in chosen], marker="o", label=method)
+        time_axis.plot(xs, [row["wall_s"] for row in chosen], marker="o", label=method)
+    pages_axis.set(xlabel="user allocation (MB)", ylabel="pages sent with data", title="Pages sent")
+    time_axis.set(xlabel="user allocation (MB)", ylabel="migration time (s)", title="Migration time")
+    for axis in (pages_axis, time_axis):
+        axis.grid(True, alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(out, dpi=120)
+
+
+def main() -> int:
+    guest_mb = int(os.environ.get("SOFTPAGE_BENCH_GUEST_MB", "1024"))
+    steps = environment_list("SOFTPAGE_BENCH_ANON_MB", "0,200,400,600,800")
+    repetitions = int(os.environ.get("SOFTPAGE_BENCH_REPS", "3"))
+    data_mb = int(os.environ.setdefault("SOFTPAGE_DATA_MB", str(guest_mb)))
+    # Localhost migration holds two copies of the guest in Xen, beside dom0.
+    os.environ.setdefault("SOFTPAGE_QEMU_MEM_MB", str(1024 + 2 * guest_mb + 1024))
+    out = REPO / "results" / time.strftime("bench-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True)
+    runs: list[Run] = []
+    started = time.monotonic()
+    with booted_testbed(TestbedConfig.from_env(XEN_PVH_VERSION),
+                        Path(tempfile.mkdtemp(prefix="softpage-bench-"))) as testbed:
+        install_dom0_tools(testbed)
+        xen_info = testbed.run("xl info | grep -E '^(xen_version|host|nr_cpus)'").stdout
+        for anon_mb in steps:
+            cache_mb = max(0, min(data_mb, guest_mb - KERNEL_AND_WORKLOAD_MB - anon_mb))
+            spec = GuestSpec(name=f"bench{anon_mb}", guest_type="pvh", memory_mb=guest_mb,
+                             anon_mb=anon_mb, cache_mb=cache_mb, dirty_rate=100)
+            guest = testbed.create_guest(spec, timeout_s=900)
+            guest.wait_for_workload_ready(timeout_s=1800)
+            for repetition in range(repetitions):
+                for method in METHODS:
+                    heartbeat = guest.heartbeat()
+                    measured = migrate(guest, method)
+                    guest.wait_for_heartbeat(heartbeat + 2, timeout_s=300)
+                    verdict = guest.verify(timeout_s=900)
+                    if not verdict.ok or guest.boot_count() != 1:
+                        raise RuntimeError(f"guest damaged after {method}: {verdict.line}")
+                    run = to_run(anon_mb, cache_mb, method, repetition, measured)
+                    runs.append(run)
+                    print(f"bench: user {anon_mb} MB, {method} #{repetition}: {run.wall_s:.1f} s, "
+                          f"{run.pages_data} pages with data, {run.stream_bytes / 2**20:.1f} MiB, "
+                          f"downtime {run.downtime_s}", flush=True)
+            guest.destroy()
+    with open(out / "runs.csv", "w", newline="", encoding="utf-8") as runs_file:
+        writer = csv.DictWriter(runs_file, fieldnames=list(asdict(runs[0])))
+        writer.writeheader()
+        writer.writerows(asdict(run) for run in runs)
+    rows = summarise(runs)
+    with open(out / "summary.csv", "w", newline="", encoding="utf-8") as summary_file:
+        writer = csv.DictWriter(summary_file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    header = (f"softpage vs stock `xl migrate`, {time.strftime('%Y-%m-%d')}, PVH guest {guest_mb} MiB, "
+              f"medians of {repetitions}; Xen {XEN_PVH_VERSION} under QEMU TCG on this machine "
+              f"({os.cpu_count()} cores). {xen_info.strip()}".replace("\n", "; "))
+    table = markdown(rows, header)
+    (out / "table.md").write_text(table)
+    plot(rows, out / "pages-and-time.png")
+    print("\n" + table)
+    print(f"results in {out} ({time.monotonic() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
