@@ -62,7 +62,9 @@ class Run:
     pages_xalloc: int
     rounds: int | None
     guest_scan_ms: float | None
-    final_report_ms: float | None
+    """Median time the guest module took per precopy report (from the reports themselves)."""
+    guest_hold_ms: float | None
+    """The module's suspend-time drop-and-hold: its hold_ns counter after the migration."""
 
 
 def environment_list(name: str, default: str) -> list[int]:
@@ -106,21 +108,28 @@ def to_run(anon_mb: int, cache_mb: int, method: str, repetition: int, measured: 
     send, recv, tap = measured["send"], measured["recv"], measured["tap"]
     assert isinstance(send, dict) and isinstance(recv, dict) and isinstance(tap, dict)
     stats = measured.get("stats")
-    rounds = scan_ms = final_ms = None
+    rounds = scan_ms = None
     if isinstance(stats, list):
         per_round = [record for record in stats if not record.get("totals")]
         rounds = len(per_round)
         scans = [record["guest_scan_ms"] for record in per_round[:-1] if record.get("guest_scan_ms")]
         scan_ms = statistics.median(scans) if scans else None
-        final_ms = per_round[-1].get("guest_scan_ms") if per_round else None
+    hold_ns = measured.get("hold_ns")
     return Run(
         anon_mb=anon_mb, cache_mb=cache_mb, method=method, repetition=repetition,
         wall_s=float(send["wall_s"]), downtime_s=send.get("downtime_s"),
         sender_cpu_s=float(send["cpu_s"]) - float(recv["cpu_s"]),
         stream_bytes=int(tap["stream_bytes"]), pages_data=int(tap["pages_data"]),
         pages_xalloc=int(tap["pages_xalloc"]), rounds=rounds, guest_scan_ms=scan_ms,
-        final_report_ms=final_ms,
+        guest_hold_ms=int(hold_ns) / 1e6 if isinstance(hold_ns, int) else None,
     )
+
+
+def guest_hold_ns(guest: Guest, token: str) -> int:
+    """The module's hold_ns counter (its last suspend-time drop-and-hold), read in the guest."""
+    counter = "/sys/bus/platform/devices/softpage*/stats/hold_ns"
+    guest.console_command(f"echo BENCH-{token} hold_ns=$(cat {counter})")
+    return int(guest.wait_for(rf"BENCH-{token} hold_ns=(\d+)").group(1))
 
 
 def median(runs: list[Run], field: str) -> float | None:
@@ -136,7 +145,7 @@ def summarise(runs: list[Run]) -> list[dict[str, object]]:
             chosen = [run for run in runs if run.anon_mb == anon_mb and run.method == method]
             row: dict[str, object] = {"anon_mb": anon_mb, "method": method, "runs": len(chosen)}
             for field in ("pages_data", "stream_bytes", "wall_s", "downtime_s", "sender_cpu_s", "rounds",
-                          "guest_scan_ms", "final_report_ms"):
+                          "guest_scan_ms", "guest_hold_ms"):
                 row[field] = median(chosen, field)
                 base = median(stock, field)
                 if field in ("pages_data", "stream_bytes", "wall_s", "downtime_s", "sender_cpu_s"):
@@ -155,8 +164,8 @@ def markdown(rows: list[dict[str, object]], header: str) -> str:
 
     lines = [header, "",
              "| user MB | method | pages with data | x stock | MiB sent | time s | x stock | downtime s "
-             "| x stock | sender CPU s | rounds |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| x stock | sender CPU s | rounds | guest scan ms | guest hold ms |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         mib = row["stream_bytes"] / 2**20 if isinstance(row["stream_bytes"], float | int) else None
         lines.append(
@@ -164,7 +173,7 @@ def markdown(rows: list[dict[str, object]], header: str) -> str:
             f"{cell(row['pages_data_vs_stock'])} | {cell(mib, 1)} | {cell(row['wall_s'], 1)} | "
             f"{cell(row['wall_s_vs_stock'])} | {cell(row['downtime_s'])} | "
             f"{cell(row['downtime_s_vs_stock'])} | {cell(row['sender_cpu_s'], 1)} | "
-            f"{cell(row['rounds'], 0)} |")
+            f"{cell(row['rounds'], 0)} | {cell(row['guest_scan_ms'], 1)} | {cell(row['guest_hold_ms'], 1)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -218,6 +227,8 @@ def main() -> int:
                     verdict = guest.verify(timeout_s=900)
                     if not verdict.ok or guest.boot_count() != 1:
                         raise RuntimeError(f"guest damaged after {method}: {verdict.line}")
+                    if method == "prune":
+                        measured["hold_ns"] = guest_hold_ns(guest, f"{anon_mb}-{repetition}")
                     run = to_run(anon_mb, cache_mb, method, repetition, measured)
                     runs.append(run)
                     print(f"bench: user {anon_mb} MB, {method} #{repetition}: {run.wall_s:.1f} s, "
