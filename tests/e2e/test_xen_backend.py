@@ -93,6 +93,7 @@ print(json.dumps(out))
 
 PYTEST_PACKAGES = ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "py.py")
 DOM0_TEST_DIR = "/root/softpage-contract"
+COMMAND_CHUNK = 96 * 1024
 
 
 def start_guest(testbed: Testbed, name: str) -> tuple[Guest, int]:
@@ -160,7 +161,12 @@ def test_contract_suites_in_dom0(xen_pvh_testbed: Testbed) -> None:
     testbed = xen_pvh_testbed
     _guest, domid = start_guest(testbed, "sp-contract")
     has_module = testbed.run(f"xenstore-read /local/domain/{domid}/data/softpage/state", timeout_s=60).ok
-    testbed.write_file(f"{DOM0_TEST_DIR}/bundle.b64", contract_bundle() + "\n")
+    # One command line may carry at most 128 KiB (MAX_ARG_STRLEN): send the bundle in pieces.
+    bundle = contract_bundle()
+    testbed.run(f"mkdir -p {DOM0_TEST_DIR} && : > {DOM0_TEST_DIR}/bundle.b64", check=True)
+    for start in range(0, len(bundle), COMMAND_CHUNK):
+        piece = bundle[start : start + COMMAND_CHUNK]  # base64: nothing the shell interprets
+        testbed.run(f"printf %s {piece} >> {DOM0_TEST_DIR}/bundle.b64", check=True)
     testbed.run(f"cd {DOM0_TEST_DIR} && base64 -d bundle.b64 | tar -xzf -", check=True)
     command = (
         f"cd {DOM0_TEST_DIR} && SOFTPAGE_CONTRACT_DOMID={domid} "
