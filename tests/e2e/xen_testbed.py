@@ -166,7 +166,10 @@ class GuestSpec:
             f"vcpus = {self.vcpus}",
             "vif = []",
             f"disk = {disks}",
+            # a test guest never reboots on purpose: keep a crashed or rebooting guest for the logs
+            # instead of letting xl restart it behind the test's back
             'on_crash = "preserve"',
+            'on_reboot = "preserve"',
             *self.extra_config,
         ]
         return "\n".join(lines) + "\n"
