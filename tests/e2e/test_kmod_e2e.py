@@ -194,7 +194,7 @@ def probe_script() -> str:
             "from typing import Any",
             constants,
             *(inspect.getsource(function) for function in functions),
-            "_dom0_main(sys.argv[1:])",
+            "_dom0_main(sys.argv[1:])\n",
         ]
     )
 
