@@ -91,7 +91,7 @@ out["ok"] = True
 print(json.dumps(out))
 """
 
-PYTEST_PACKAGES = ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "py.py")
+PYTEST_PACKAGES = ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "pygments", "py.py")
 DOM0_TEST_DIR = "/root/softpage-contract"
 COMMAND_CHUNK = 96 * 1024
 
