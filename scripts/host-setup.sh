@@ -5,7 +5,7 @@
 set -eu
 
 packages="gcc make libc6-dev python3-venv python3-dev libxen-dev
-          linux-headers-amd64 dkms
+          linux-headers-amd64 linux-source-6.1 dkms
           qemu-system-x86 qemu-utils debootstrap busybox-static cpio e2fsprogs xz-utils"
 
 missing=""
