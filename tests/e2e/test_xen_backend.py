@@ -145,7 +145,9 @@ def contract_bundle() -> str:
     site = Path(pytest.__file__).resolve().parents[1]
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        for name in PYTEST_PACKAGES:
+        # The dist-info directories too: pytest asks importlib.metadata for pluggy's version.
+        metadata = [path.name for name in PYTEST_PACKAGES for path in site.glob(f"{name}-*.dist-info")]
+        for name in [*PYTEST_PACKAGES, *metadata]:
             archive.add(
                 site / name,
                 arcname=f"site/{name}",
