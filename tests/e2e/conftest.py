@@ -121,12 +121,15 @@ def _testbed_for_test(
         raise
     testbed.destroy_all_guests()
     yield testbed
-    failed = any(
-        getattr(getattr(request.node, f"softpage_report_{when}", None), "failed", False)
+    failed_reports = [
+        report
         for when in ("setup", "call")
-    )
-    if failed:
-        testbed.collect_logs(_log_dir_for(request.node))
+        if (report := getattr(request.node, f"softpage_report_{when}", None)) is not None and report.failed
+    ]
+    if failed_reports:
+        log_dir = _log_dir_for(request.node)
+        testbed.collect_logs(log_dir)
+        (log_dir / "failure.txt").write_text("\n\n".join(report.longreprtext for report in failed_reports))
     try:
         testbed.destroy_all_guests()
     except TestbedError:
