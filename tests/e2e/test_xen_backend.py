@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -184,4 +185,5 @@ def test_contract_suites_in_dom0(xen_pvh_testbed: Testbed) -> None:
     summary = result.stdout.strip().splitlines()[-1]
     # Only the directed-write check may skip on a live guest (dom0 cannot choose what it writes).
     assert " passed" in summary and " failed" not in summary, summary
-    assert result.stdout.count("SKIPPED") <= 1, result.stdout[-3000:]
+    skipped = re.findall(r"::(\S+) SKIPPED", result.stdout)
+    assert skipped in ([], ["test_harvest_covers_the_p2m_and_resets[xen]"]), skipped
