@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,11 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--file", metavar="DUMP", help="a snapshot dump file, '-' for standard input")
     source.add_argument("--domain", metavar="DOM",
-                        help="what a running guest (name or id) publishes now; run in dom0")
+                        help="ask a running guest (name or id) for a fresh report; run in dom0")
+    parser.add_argument("--no-request", action="store_true",
+                        help="with --domain: show what the guest last published, without asking")
+    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="with --domain: how long to wait for the report (default 10)")
     parser.add_argument("--p2m-size", type=_bounded_int(1, 1 << 40), metavar="N",
                         help="widen the sets to N PFNs and check nr_pfns against it "
                         "(default: the snapshot's own nr_pfns)")
@@ -121,9 +126,18 @@ def _read_live(args: argparse.Namespace) -> bytes:
         if channel is None:
             reason = backend.channel_reason
             raise GuestProtocolError(f"domain {args.domain} publishes no soft pages: {reason}")
-        raw = channel.read_current()
+        if args.no_request:
+            raw = channel.read_current()
+        else:
+            # A fresh report, asked for exactly as a migration round asks.
+            request_id = time.time_ns()
+            channel.request(request_id)
+            raw = channel.read(request_id, args.timeout)
         if raw is None:
-            raise GuestProtocolError(f"domain {args.domain}: the published pages kept changing while read")
+            raise GuestProtocolError(
+                f"domain {args.domain}: no consistent report"
+                + ("" if args.no_request else f" answering request {request_id} within {args.timeout:g} s")
+            )
         if args.p2m_size is None:
             args.p2m_size = backend.describe().p2m_size
         return raw
