@@ -18,7 +18,7 @@ import argparse
 import importlib
 import sys
 import traceback
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from softpage import __version__
 from softpage.errors import SoftpageError
@@ -27,7 +27,6 @@ SUBCOMMAND_MODULES = (
     "softpage.cli.inspect",
     "softpage.cli.simulate",
     "softpage.cli.migrate",
-    "softpage.cli.guest_install",
 )
 
 
@@ -40,17 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as error:
-            if error.name != name:
-                raise
-            continue
-        module.register(subparsers)
+        importlib.import_module(name).register(subparsers)
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
