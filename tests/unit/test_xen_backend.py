@@ -102,3 +102,17 @@ def test_check_pfns() -> None:
         check_pfns(np.array([10], dtype=np.uint64), 10, "x")
     with pytest.raises(BackendError, match="1-D"):
         check_pfns(np.zeros((2, 2), dtype=np.uint64), 10, "x")
+
+
+def test_resume_undoes_a_suspend_in_the_hypervisor_and_in_xenstored() -> None:
+    domain = FakeDomain(domid=5, nr_pfns=64)
+    binding, _lib = fake_binding([domain])
+    store = MemoryStore()
+    backend = XenBackend(domain.domid, store=store, binding=binding)
+    backend.resume()  # running: nothing to undo
+    assert store.resumed_domains == []
+    domain.shutdown_reason = 2  # SHUTDOWN_suspend, as after suspend()
+    backend.resume()
+    assert domain.shutdown_reason is None
+    assert store.resumed_domains == [5]
+    backend.cleanup()

@@ -104,6 +104,12 @@ class XenStore(XenStoreOps, Protocol):
 
     def watch(self, path: str) -> XenStoreWatch: ...
 
+    def resume_domain(self, domid: int) -> None:
+        """``XS_RESUME``: xenstored forgets that the domain shut down, so its next
+        shutdown fires ``@releaseDomain`` again (``libxl_domain_resume`` does it
+        after ``xc_domain_resume``)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -293,8 +299,14 @@ class MemoryStore:
         self._generation = 0
         self._changed_at: dict[str, int] = {}
         self._watches: list[_MemoryWatch] = []
+        self.resumed_domains: list[int] = []
+        """Every ``resume_domain`` call, in order (xenstored keeps no such list)."""
         for path, value in (initial or {}).items():
             self.write(path, value)
+
+    def resume_domain(self, domid: int) -> None:
+        with self._lock:
+            self.resumed_domains.append(domid)
 
     # -- node operations -------------------------------------------------
     def read(self, path: str) -> str | None:
@@ -535,6 +547,14 @@ class PyxsStore(_PyxsOps):
     def watch(self, path: str) -> _PyxsWatch:
         token = f"softpage-{os.getpid()}-{id(self):x}-{next(self._tokens)}".encode()
         return _PyxsWatch(self._client, check_path(path, watch=True), token)
+
+    def resume_domain(self, domid: int) -> None:
+        from pyxs.exceptions import PyXSError
+
+        try:
+            self._client.resume_domain(domid)
+        except PyXSError as error:
+            raise _store_error(error, "resume_domain", str(domid)) from error
 
     def close(self) -> None:
         self._client.close()

@@ -164,8 +164,10 @@ class XenBackend:
         )
 
     def resume(self) -> None:
+        """As ``libxl_domain_resume(suspend_cancel=1)``: the hypervisor, then xenstored."""
         if self.domain_state().suspended:
             self._ctrl.resume(self.domid, fast=True)
+            self._xenstore().resume_domain(self.domid)
 
     def soft_channel(self) -> XenSoftPageChannel | None:
         """Connect once; later calls return the same channel (or None again)."""
