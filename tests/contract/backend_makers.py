@@ -115,3 +115,36 @@ def make_real_xen() -> Iterator[BackendUnderTest]:
     backend = XenBackend(int(domid))
     has_module = os.environ.get("SOFTPAGE_CONTRACT_SOFT_MODULE", "0") == "1"
     yield BackendUnderTest(backend, RealXenGuest(has_module))
+
+
+class SimGuestControl:
+    def __init__(self, backend: object) -> None:
+        from softpage.sim.backend import SimBackend
+
+        assert isinstance(backend, SimBackend)
+        self.backend = backend
+        self.ram_pfns = np.flatnonzero(backend.guest.ram).astype(np.uint64)[::7].copy()
+        self.has_soft_module = backend.guest.module_loaded
+
+    def write(self, pfns: PfnArray) -> dict[int, bytes]:
+        from softpage.backend import PAGE_SIZE
+
+        self.backend.guest.write(pfns)
+        words = np.zeros((pfns.size, PAGE_SIZE // 8), dtype=np.uint64)
+        words[:, 0] = self.backend.guest.tokens[pfns.astype(np.intp)]
+        words[:, 1] = pfns
+        return {int(pfn): words[index].tobytes() for index, pfn in enumerate(pfns)}
+
+    def serve_soft_request(self, request_id: int) -> None:
+        return None
+
+
+@contextlib.contextmanager
+def make_sim() -> Iterator[BackendUnderTest]:
+    from softpage.sim.backend import SimBackend
+    from softpage.sim.experiment import GuestShape, boot_guest
+
+    shape = GuestShape(memory_mib=4, kernel_mib=1, min_free_mib=1, hold_reserve_mib=0)
+    guest = boot_guest(shape, 1, seed=3)
+    backend = SimBackend(guest)
+    yield BackendUnderTest(backend, SimGuestControl(backend))

@@ -22,10 +22,11 @@ import contextlib
 from collections.abc import Callable
 
 import pytest
-from backend_makers import BackendUnderTest, make_fake_xen, make_real_xen
+from backend_makers import BackendUnderTest, make_fake_xen, make_real_xen, make_sim
 
 BACKEND_MAKERS: dict[str, Callable[[], contextlib.AbstractContextManager[BackendUnderTest]]] = {
     "fake-xen": make_fake_xen,
+    "sim": make_sim,
     "xen": make_real_xen,
 }
 E2E_MAKERS = frozenset({"xen"})
