@@ -427,6 +427,25 @@ def test_pv_guest_publishes_and_republishes_after_save_restore(xen_pvh_testbed: 
     assert stats["held_pages"] > 0
 
 
+def test_pv_stock_live_migration_republishes_on_xen_4_17_5(xen_pv_testbed: Testbed) -> None:
+    """PV live migration needs shadow log-dirty: the pinned 4.17.5 hypervisor. The module, unarmed,
+    stays out of the way of a stock `xl migrate` and re-grants its (machine) frames afterwards."""
+    spec = dataclasses.replace(GUEST, name="kmod-pv-mig", guest_type="pv")
+    guest = start_guest(xen_pv_testbed, spec)
+    heartbeat = guest.heartbeat()
+    old = probe(xen_pv_testbed, guest, "request", "50")
+    assert_publishing(old)
+    guest.migrate_localhost()
+    moved = probe(xen_pv_testbed, guest, "request", "1")
+    assert moved["domid"] != old["domid"]
+    assert_publishing(moved)
+    assert_well_formed(moved["snapshot"])
+    assert (moved["snapshot"]["state"], moved["snapshot"]["request_id"]) == (STATE_SNAPSHOT, 1)
+    assert_healthy(guest, heartbeat)
+    stats = guest_stats(guest)
+    assert (stats["freezes"], stats["restores"]) == (0, 1)
+
+
 def test_refuses_to_load_outside_xen(tmp_path: Path) -> None:
     """The same Debian kernel booted by QEMU without Xen: insmod fails with ENODEV and says why."""
     kernel = TestbedConfig().cache_dir / "boot" / "vmlinuz"
