@@ -385,12 +385,14 @@ def test_armed_save_restore_republishes_under_new_domid(xen_pvh_testbed: Testbed
     assert (stats["freezes"], stats["restores"]) == (1, 1)
 
 
-def test_stock_migration_republishes_under_new_domid(xen_pvh_testbed: Testbed) -> None:
-    guest = start_guest(xen_pvh_testbed)
+def assert_stock_migration_republishes(testbed: Testbed, spec: GuestSpec, request: str) -> None:
+    """An unarmed module stays out of a stock `xl migrate`'s way and re-publishes afterwards."""
+    guest = start_guest(testbed, spec)
     heartbeat = guest.heartbeat()
-    old = probe(xen_pvh_testbed, guest, "request", "30")
+    old = probe(testbed, guest, "request", request)
+    assert_publishing(old)
     guest.migrate_localhost()
-    moved = probe(xen_pvh_testbed, guest, "request", "1")
+    moved = probe(testbed, guest, "request", "1")
     assert moved["domid"] != old["domid"]
     assert_publishing(moved)
     assert_well_formed(moved["snapshot"])
@@ -398,6 +400,10 @@ def test_stock_migration_republishes_under_new_domid(xen_pvh_testbed: Testbed) -
     assert_healthy(guest, heartbeat)
     stats = guest_stats(guest)
     assert (stats["freezes"], stats["restores"]) == (0, 1)  # armed=0: freeze stays out of the way
+
+
+def test_stock_migration_republishes_under_new_domid(xen_pvh_testbed: Testbed) -> None:
+    assert_stock_migration_republishes(xen_pvh_testbed, GUEST, "30")
 
 
 def test_pv_guest_publishes_and_republishes_after_save_restore(xen_pvh_testbed: Testbed) -> None:
@@ -428,22 +434,10 @@ def test_pv_guest_publishes_and_republishes_after_save_restore(xen_pvh_testbed: 
 
 
 def test_pv_stock_live_migration_republishes_on_xen_4_17_5(xen_pv_testbed: Testbed) -> None:
-    """PV live migration needs shadow log-dirty: the pinned 4.17.5 hypervisor. The module, unarmed,
-    stays out of the way of a stock `xl migrate` and re-grants its (machine) frames afterwards."""
+    """PV live migration needs shadow log-dirty: the pinned 4.17.5 hypervisor. The module
+    re-grants its pages (machine frames for PV) under the new domain."""
     spec = dataclasses.replace(GUEST, name="kmod-pv-mig", guest_type="pv")
-    guest = start_guest(xen_pv_testbed, spec)
-    heartbeat = guest.heartbeat()
-    old = probe(xen_pv_testbed, guest, "request", "50")
-    assert_publishing(old)
-    guest.migrate_localhost()
-    moved = probe(xen_pv_testbed, guest, "request", "1")
-    assert moved["domid"] != old["domid"]
-    assert_publishing(moved)
-    assert_well_formed(moved["snapshot"])
-    assert (moved["snapshot"]["state"], moved["snapshot"]["request_id"]) == (STATE_SNAPSHOT, 1)
-    assert_healthy(guest, heartbeat)
-    stats = guest_stats(guest)
-    assert (stats["freezes"], stats["restores"]) == (0, 1)
+    assert_stock_migration_republishes(xen_pv_testbed, spec, "50")
 
 
 def test_refuses_to_load_outside_xen(tmp_path: Path) -> None:

@@ -153,17 +153,11 @@ class RoundPlanner:
     def _precopy_soft(
         self, snapshot: SoftSnapshot | None, expected_request_id: int | None
     ) -> tuple[PfnSet, bool, str]:
-        empty = PfnSet.empty(self.p2m_size)
         if not self.prune:
-            return empty, False, "pruning off"
-        if snapshot is None:
-            return empty, False, "no snapshot"
-        if snapshot.state is not SnapshotState.SNAPSHOT:
-            return empty, False, f"snapshot state {snapshot.state.name}, expected SNAPSHOT"
-        if expected_request_id is None or snapshot.request_id != expected_request_id:
-            return empty, False, (
-                f"snapshot answers request {snapshot.request_id}, expected {expected_request_id}"
-            )
+            return PfnSet.empty(self.p2m_size), False, "pruning off"
+        refusal = _refusal(snapshot, SnapshotState.SNAPSHOT, expected_request_id, "snapshot")
+        if refusal is not None or snapshot is None:
+            return PfnSet.empty(self.p2m_size), False, refusal or "no snapshot"
         soft = snapshot.soft(self.prune)
         self._check_universe(soft)
         return soft, True, f"snapshot generation {snapshot.generation}: {soft.count()} soft pages"
@@ -171,17 +165,11 @@ class RoundPlanner:
     def _final_held(
         self, snapshot: SoftSnapshot | None, expected_request_id: int | None
     ) -> tuple[PfnSet, bool, str]:
-        empty = PfnSet.empty(self.p2m_size)
         if not self.honour_held:
-            return empty, False, "pruning off"
-        if snapshot is None:
-            return empty, False, "no final snapshot"
-        if snapshot.state is not SnapshotState.FINAL:
-            return empty, False, f"final snapshot state {snapshot.state.name}, expected FINAL"
-        if expected_request_id is None or snapshot.request_id != expected_request_id:
-            return empty, False, (
-                f"final snapshot answers request {snapshot.request_id}, expected {expected_request_id}"
-            )
+            return PfnSet.empty(self.p2m_size), False, "pruning off"
+        refusal = _refusal(snapshot, SnapshotState.FINAL, expected_request_id, "final snapshot")
+        if refusal is not None or snapshot is None:
+            return PfnSet.empty(self.p2m_size), False, refusal or "no final snapshot"
         self._check_universe(snapshot.held)
         note = f"final generation {snapshot.generation}: {snapshot.held.count()} held pages"
         return snapshot.held, True, note
@@ -193,3 +181,17 @@ class RoundPlanner:
     def _check_universe(self, pfns: PfnSet) -> None:
         if pfns.nr_pfns != self.p2m_size:
             raise PlannerError(f"PfnSet universe {pfns.nr_pfns}, expected {self.p2m_size}")
+
+
+def _refusal(
+    snapshot: SoftSnapshot | None, state: SnapshotState, expected_request_id: int | None, what: str
+) -> str | None:
+    """Why ``snapshot`` may not be used for a round that needs ``state`` and the
+    given request id (rule 4), or None if it may."""
+    if snapshot is None:
+        return f"no {what}"
+    if snapshot.state is not state:
+        return f"{what} state {snapshot.state.name}, expected {state.name}"
+    if expected_request_id is None or snapshot.request_id != expected_request_id:
+        return f"{what} answers request {snapshot.request_id}, expected {expected_request_id}"
+    return None

@@ -18,29 +18,26 @@ import numpy.typing as npt
 from softpage.backend import DomainInfo, EndOfCheckpoint, StaticInfo
 from softpage.errors import StreamError
 from softpage.pfnset import PfnArray
+from softpage.sender import XlStreamSink
 from softpage.stream.receiver import RestoreModel
 from softpage.stream.writer import StreamWriter
 
 
-class RestoreSink:
+class RestoreSink(XlStreamSink):
     """``PageSink`` writing an xl stream that ``RestoreModel`` restores as it arrives."""
 
     def __init__(self) -> None:
         self.model = RestoreModel()
-        self.writer = StreamWriter(self.model.sink().writev)
+        super().__init__(StreamWriter(self.model.sink().writev), config_json=b"")
         self.ended = False
 
     def begin(self, domain: DomainInfo, static: StaticInfo) -> None:
         config = json.dumps({"c_info": {"name": domain.name, "type": domain.guest_type.value}})
-        self.writer.begin(config.encode(), domain.guest_type, domain.xen_version, static)
-
-    def write_pages(self, pfns: PfnArray, types: npt.NDArray[np.uint32], data: memoryview) -> int:
-        before = self.writer.bytes_written
-        self.writer.write_pages(pfns, types, data)
-        return self.writer.bytes_written - before
+        self.config_json = config.encode()
+        super().begin(domain, static)
 
     def end(self, end_of_checkpoint: EndOfCheckpoint) -> None:
-        self.writer.finish(end_of_checkpoint)
+        super().end(end_of_checkpoint)
         self.model.complete()
         self.ended = True
 
