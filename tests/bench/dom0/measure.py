@@ -54,13 +54,14 @@ def main() -> int:
         return 2
     downtime: dict[str, float | None] = {"downtime_s": None}
     stop = threading.Event()
-    watcher = threading.Thread(target=watch_downtime, args=(int(source), stop, downtime), daemon=True)
+    watcher = None
     if source != "-":
+        watcher = threading.Thread(target=watch_downtime, args=(int(source), stop, downtime), daemon=True)
         watcher.start()
     started = time.monotonic()
     completed = subprocess.run(command, check=False)
     wall = time.monotonic() - started
-    if watcher.is_alive():
+    if watcher is not None and watcher.is_alive():
         time.sleep(1.0)  # let the watcher see the incoming copy start if it has not yet
         stop.set()
         watcher.join(timeout=5)
