@@ -28,6 +28,7 @@ from xen_testbed import (
     REPO_DIR,
     XEN_PV_VERSION,
     XEN_PVH_VERSION,
+    GuestTripleFault,
     Testbed,
     TestbedConfig,
     TestbedError,
@@ -82,6 +83,22 @@ def testbed_unavailable_reason() -> str | None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Tests on the 4.17.5 hypervisor run last, together: each hypervisor switch is a reboot.
     items.sort(key=lambda item: PV_TESTBED_FIXTURE in getattr(item, "fixturenames", ()))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Name a failure GuestTripleFault when Xen logged a guest triple fault during the test, so
+    that the run (--only-rerun GuestTripleFault) repeats it once; every other failure stands."""
+    testbeds = [value for value in getattr(item, "funcargs", {}).values() if isinstance(value, Testbed)]
+    before = [testbed.triple_faults() for testbed in testbeds]
+    try:
+        return (yield)
+    except Exception as failure:
+        if any(testbed.triple_faults() > count for testbed, count in zip(testbeds, before, strict=True)):
+            raise GuestTripleFault(
+                f"a guest triple-faulted during this test (nested SVM under TCG); it failed with: {failure}"
+            ) from failure
+        raise
 
 
 @pytest.hookimpl(wrapper=True)

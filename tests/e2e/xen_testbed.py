@@ -74,6 +74,15 @@ class TestbedError(RuntimeError):
     __test__ = False  # not a pytest test class, despite the name
 
 
+class GuestTripleFault(TestbedError):
+    """A test failed while Xen logged a guest triple fault: nested SVM under TCG does this now
+    and then (in early boot as well as in user space, with or without softpage involved). The e2e
+    run reruns such a test once (pytest-rerunfailures, --only-rerun GuestTripleFault)."""
+
+
+TRIPLE_FAULT_RE = re.compile(rb"\(XEN\) \[[ \d.]+\] d\d+v\d+ Triple fault")
+
+
 class CommandFailed(TestbedError):
     def __init__(self, command: str, result: CommandResult) -> None:
         super().__init__(
@@ -461,6 +470,13 @@ class Testbed:
         for name in self.domains():
             if name != "Domain-0":
                 self.run(["xl", "destroy", name], timeout_s=120)
+
+    def triple_faults(self) -> int:
+        """How many guest triple faults Xen has logged on the serial console so far."""
+        try:
+            return len(TRIPLE_FAULT_RE.findall(self.serial_log.read_bytes()))
+        except OSError:
+            return 0
 
     def serial_tail(self, max_bytes: int = 6000) -> str:
         try:
