@@ -13,7 +13,7 @@ backend_makers.py for the two there are) and add it to ``BACKEND_MAKERS``
 under a new id. Makers that need real Xen carry the
 ``e2e`` mark (``E2E_MAKERS``); they run only where ``softpage._xen`` loads and
 a guest named by ``SOFTPAGE_CONTRACT_DOMID`` exists (the testbed dom0, see
-tests/e2e/test_xen_backend.py), and are skipped elsewhere.
+tests/e2e/test_xen_backend_live.py), and are skipped elsewhere.
 """
 
 from __future__ import annotations
