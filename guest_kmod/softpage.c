@@ -96,6 +96,24 @@ module_param(scan_interval_ms, uint, 0644);
 MODULE_PARM_DESC(scan_interval_ms,
 		 "Rescan period while data/softpage/armed is 1 (0: only on dom0 requests)");
 
+/*
+ * Fault injection, for proving on real Xen that dom0 survives what a buggy or
+ * hostile guest could publish.  Nothing here can hurt anything but this guest:
+ * a lie only makes dom0 resend, in the final round, what it skipped.
+ */
+enum softpage_fault {
+	SOFTPAGE_FAULT_NONE,
+	/* Well-formed but false: every PFN FREE in each precopy snapshot. */
+	SOFTPAGE_FAULT_LIE_FREE,
+	/* Malformed: the FREE count of every header disagrees with its bitmap. */
+	SOFTPAGE_FAULT_BAD_COUNT,
+};
+
+static uint inject_fault;
+module_param(inject_fault, uint, 0644);
+MODULE_PARM_DESC(inject_fault,
+		 "Testing only: 0 none, 1 report every PFN free in precopy snapshots, 2 publish headers whose free count disagrees with the bitmap");
+
 /* Guest-side counters, shown under /sys/devices/platform/softpage/stats/. */
 struct softpage_stats {
 	u64 scans;
@@ -341,6 +359,10 @@ static void softpage_publish(struct softpage *sp, u32 state, u64 request_id,
 		header->count[category] = weight;
 		sp->stats.count[category] = weight;
 	}
+	if (READ_ONCE(inject_fault) == SOFTPAGE_FAULT_BAD_COUNT) {
+		dev_notice_once(sp->dev, "injecting fault: bad free count\n");
+		header->count[SOFTPAGE_CAT_FREE]++;
+	}
 	header->flags = softpage_guest_flags() | state_flags;
 	header->state = state;
 	header->request_id = request_id;
@@ -392,6 +414,11 @@ static void softpage_answer_request(struct softpage *sp)
 	}
 	scan_ns = softpage_scan(sp);
 	softpage_account_scan(sp, scan_ns);
+	if (READ_ONCE(inject_fault) == SOFTPAGE_FAULT_LIE_FREE) {
+		dev_notice_once(sp->dev, "injecting fault: every page free\n");
+		bitmap_set(softpage_category(sp, sp->scan_bitmaps,
+					     SOFTPAGE_CAT_FREE), 0, sp->nr_pfns);
+	}
 	softpage_publish(sp, SOFTPAGE_STATE_SNAPSHOT, request_id, scan_ns,
 			 0);
 }

@@ -162,6 +162,51 @@ def test_failed_migrations_leave_the_guest_running_on_the_source(xen_pvh_testbed
     assert_survived(guest, heartbeat)
 
 
+def test_malformed_and_lying_reports_cannot_hurt_the_guest(xen_pvh_testbed: Testbed) -> None:
+    """softpage.ko's inject_fault makes a real guest publish what a buggy or hostile one could.
+
+    Malformed (every header's free count disagrees with its bitmap): dom0 refuses each report
+    with a warning and sends plain precopy. Lying (every PFN reported free in every precopy
+    report): dom0 names every page as XALLOC in the first round, then, with the guest
+    suspended, resends with data everything the guest does not hold (rule 3): the guest's
+    memory arrives intact all the same."""
+    guest = start_guest(xen_pvh_testbed, "sp-liar")
+
+    set_injected_fault(guest, FAULT_BAD_COUNT)
+    heartbeat = guest.heartbeat()
+    result = softpage(xen_pvh_testbed, "migrate", "-s", "", "--stats", STATS, guest.name, LOCALHOST_RECEIVER)
+    assert result.ok, result.stderr
+    assert "ignoring a malformed soft-page report" in result.stderr, result.stderr
+    rounds, totals = read_stats(xen_pvh_testbed)
+    assert not any(record["snapshot_used"] for record in rounds), rounds
+    assert totals["pages_xalloc"] == 0 and totals["pages_skipped"] == 0, totals
+    assert_survived(guest, heartbeat)
+
+    set_injected_fault(guest, FAULT_LIE_FREE)
+    heartbeat = guest.heartbeat()
+    result = softpage(xen_pvh_testbed, "migrate", "-s", "", "--stats", STATS, guest.name, LOCALHOST_RECEIVER)
+    assert result.ok, result.stderr
+    rounds, totals = read_stats(xen_pvh_testbed)
+    guest_pages = PRUNE_GUEST["memory_mb"] * 256
+    first, final = rounds[0], rounds[-1]
+    assert first["snapshot_used"] and int(first["pages_xalloc"]) > guest_pages * 9 // 10, first  # type: ignore[call-overload]
+    # Everything the guest still uses went out with the guest suspended.
+    assert final["kind"] == "final"
+    assert int(final["pages_data"]) > PRUNE_GUEST["anon_mb"] * 256, final  # type: ignore[call-overload]
+    assert_survived(guest, heartbeat)
+
+
+FAULT_LIE_FREE, FAULT_BAD_COUNT = 1, 2
+"""Values of softpage.ko's inject_fault parameter (guest_kmod/softpage.c, enum softpage_fault)."""
+
+
+def set_injected_fault(guest: Guest, fault: int) -> None:
+    parameter = "/sys/module/softpage/parameters/inject_fault"
+    # The split marker keeps the echoed command line from matching the answer.
+    guest.console_command(f'echo {fault} > {parameter} && echo "INJECT""-FAULT $(cat {parameter})"')
+    guest.wait_for(rf"INJECT-FAULT {fault}\b")
+
+
 def test_guest_without_the_module_gets_plain_precopy(xen_pvh_testbed: Testbed) -> None:
     guest = start_guest(xen_pvh_testbed, "sp-nomod", load_kmod=False)
     heartbeat = guest.heartbeat()
