@@ -16,11 +16,16 @@ the downtime (source suspended -> incoming copy unpaused); sender CPU is the rus
 process tree less the receiver's. After every migration the guest must pass the workload's full
 integrity check, or the run stops. Medians per step and method go to results/bench-DATE/
 (CSV of every run, summary CSV, Markdown table, PNG plots) and the ratios to stock are printed.
+
+Under TCG a full sweep takes hours, so nothing waits for the end: each run is appended to
+runs.csv as it finishes and the summary is rewritten after every step. SOFTPAGE_BENCH_OUT=DIR
+continues a sweep in DIR (same guest size), running only the runs it does not have yet.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import statistics
@@ -198,6 +203,66 @@ def plot(rows: list[dict[str, object]], out: Path) -> None:
     figure.savefig(out, dpi=120)
 
 
+def load_runs(path: Path) -> list[Run]:
+    """The runs an earlier, interrupted sweep wrote to ``path`` (none if there is no such file)."""
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as runs_file:
+        rows = list(csv.DictReader(runs_file))
+    fields = {field.name: field.type for field in dataclasses.fields(Run)}
+    runs = []
+    for row in rows:
+        values: dict[str, object] = {}
+        for name, text in row.items():
+            kind = fields[name]
+            if text == "":
+                values[name] = None
+            elif kind == "str":
+                values[name] = text
+            elif kind.startswith("int"):
+                values[name] = int(text)
+            else:
+                values[name] = float(text)
+        runs.append(Run(**values))  # type: ignore[arg-type]
+    return runs
+
+
+def append_run(path: Path, run: Run) -> None:
+    new_file = not path.exists()
+    with open(path, "a", newline="", encoding="utf-8") as runs_file:
+        writer = csv.DictWriter(runs_file, fieldnames=[field.name for field in dataclasses.fields(Run)])
+        if new_file:
+            writer.writeheader()
+        writer.writerow(asdict(run))
+
+
+def write_summary(runs: list[Run], out: Path, header: str) -> str:
+    rows = summarise(runs)
+    with open(out / "summary.csv", "w", newline="", encoding="utf-8") as summary_file:
+        writer = csv.DictWriter(summary_file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    table = markdown(rows, header)
+    (out / "table.md").write_text(table)
+    plot(rows, out / "pages-and-time.png")
+    return table
+
+
+def output_dir(guest_mb: int) -> Path:
+    """A new results/bench-DATE/, or SOFTPAGE_BENCH_OUT to continue a sweep of the same guest size."""
+    chosen = os.environ.get("SOFTPAGE_BENCH_OUT")
+    out = Path(chosen) if chosen else REPO / "results" / time.strftime("bench-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    meta = out / "sweep.json"
+    if meta.exists():
+        earlier = json.loads(meta.read_text())["guest_mb"]
+        if earlier != guest_mb:
+            raise SystemExit(f"xen_bench: {out} holds a sweep of a {earlier} MiB guest, not {guest_mb} MiB")
+    else:
+        meta.write_text(json.dumps({"guest_mb": guest_mb}) + "\n")
+    return out
+
+
 def main() -> int:
     guest_mb = int(os.environ.get("SOFTPAGE_BENCH_GUEST_MB", "1024"))
     steps = environment_list("SOFTPAGE_BENCH_ANON_MB", "0,200,400,600,800")
@@ -205,52 +270,49 @@ def main() -> int:
     data_mb = int(os.environ.setdefault("SOFTPAGE_DATA_MB", str(guest_mb)))
     # Localhost migration holds two copies of the guest in Xen, beside dom0.
     os.environ.setdefault("SOFTPAGE_QEMU_MEM_MB", str(1024 + 2 * guest_mb + 1024))
-    out = REPO / "results" / time.strftime("bench-%Y%m%d-%H%M%S")
-    out.mkdir(parents=True)
-    runs: list[Run] = []
+    out = output_dir(guest_mb)
+    runs_path = out / "runs.csv"
+    runs = load_runs(runs_path)
+    done = {(run.anon_mb, run.method, run.repetition) for run in runs}
+    if runs:
+        print(f"bench: continuing {out}: {len(runs)} runs already measured", flush=True)
     started = time.monotonic()
+    table = ""
     with booted_testbed(TestbedConfig.from_env(XEN_PVH_VERSION),
                         Path(tempfile.mkdtemp(prefix="softpage-bench-"))) as testbed:
         install_dom0_tools(testbed)
         xen_info = testbed.run("xl info | grep -E '^(xen_version|host|nr_cpus)'").stdout
+        header = (f"softpage vs stock `xl migrate`, {time.strftime('%Y-%m-%d')}, PVH guest {guest_mb} MiB, "
+                  f"medians of up to {repetitions}; Xen {XEN_PVH_VERSION} under QEMU TCG on this machine "
+                  f"({os.cpu_count()} cores). {xen_info.strip()}".replace("\n", "; "))
         for anon_mb in steps:
+            todo = [(repetition, method) for repetition in range(repetitions) for method in METHODS
+                    if (anon_mb, method, repetition) not in done]
+            if not todo:
+                continue
             cache_mb = max(0, min(data_mb, guest_mb - KERNEL_AND_WORKLOAD_MB - anon_mb))
             spec = GuestSpec(name=f"bench{anon_mb}", guest_type="pvh", memory_mb=guest_mb,
                              anon_mb=anon_mb, cache_mb=cache_mb, dirty_rate=100)
             guest = testbed.create_guest(spec, timeout_s=900)
             guest.wait_for_workload_ready(timeout_s=1800)
-            for repetition in range(repetitions):
-                for method in METHODS:
-                    heartbeat = guest.heartbeat()
-                    measured = migrate(guest, method)
-                    guest.wait_for_heartbeat(heartbeat + 2, timeout_s=300)
-                    verdict = guest.verify(timeout_s=900)
-                    if not verdict.ok or guest.boot_count() != 1:
-                        raise RuntimeError(f"guest damaged after {method}: {verdict.line}")
-                    if method == "prune":
-                        measured["hold_ns"] = guest_hold_ns(guest, f"{anon_mb}-{repetition}")
-                    run = to_run(anon_mb, cache_mb, method, repetition, measured)
-                    runs.append(run)
-                    print(f"bench: user {anon_mb} MB, {method} #{repetition}: {run.wall_s:.1f} s, "
-                          f"{run.pages_data} pages with data, {run.stream_bytes / 2**20:.1f} MiB, "
-                          f"downtime {run.downtime_s}", flush=True)
+            for repetition, method in todo:
+                heartbeat = guest.heartbeat()
+                measured = migrate(guest, method)
+                guest.wait_for_heartbeat(heartbeat + 2, timeout_s=300)
+                verdict = guest.verify(timeout_s=900)
+                if not verdict.ok or guest.boot_count() != 1:
+                    raise RuntimeError(f"guest damaged after {method}: {verdict.line}")
+                if method == "prune":
+                    measured["hold_ns"] = guest_hold_ns(guest, f"{anon_mb}-{repetition}")
+                run = to_run(anon_mb, cache_mb, method, repetition, measured)
+                runs.append(run)
+                append_run(runs_path, run)
+                print(f"bench: user {anon_mb} MB, {method} #{repetition}: {run.wall_s:.1f} s, "
+                      f"{run.pages_data} pages with data, {run.stream_bytes / 2**20:.1f} MiB, "
+                      f"downtime {run.downtime_s}", flush=True)
             guest.destroy()
-    with open(out / "runs.csv", "w", newline="", encoding="utf-8") as runs_file:
-        writer = csv.DictWriter(runs_file, fieldnames=list(asdict(runs[0])))
-        writer.writeheader()
-        writer.writerows(asdict(run) for run in runs)
-    rows = summarise(runs)
-    with open(out / "summary.csv", "w", newline="", encoding="utf-8") as summary_file:
-        writer = csv.DictWriter(summary_file, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    header = (f"softpage vs stock `xl migrate`, {time.strftime('%Y-%m-%d')}, PVH guest {guest_mb} MiB, "
-              f"medians of {repetitions}; Xen {XEN_PVH_VERSION} under QEMU TCG on this machine "
-              f"({os.cpu_count()} cores). {xen_info.strip()}".replace("\n", "; "))
-    table = markdown(rows, header)
-    (out / "table.md").write_text(table)
-    plot(rows, out / "pages-and-time.png")
-    print("\n" + table)
+            table = write_summary(runs, out, header)
+    print("\n" + (table or (out / "table.md").read_text()))
     print(f"results in {out} ({time.monotonic() - started:.0f} s)")
     return 0
 

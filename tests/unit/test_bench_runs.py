@@ -1,0 +1,46 @@
+"""make bench keeps every run on disk as it lands, and continues an interrupted sweep from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import xen_bench  # tests/bench is not a package: found through sys.path above
+
+
+def run(method: str, repetition: int, **changes: object) -> xen_bench.Run:
+    measured = xen_bench.Run(
+        anon_mb=200, cache_mb=600, method=method, repetition=repetition, wall_s=81.5,
+        downtime_s=None, sender_cpu_s=12.25, stream_bytes=3 << 20, pages_data=700, pages_xalloc=65000,
+        rounds=None, guest_scan_ms=None, guest_hold_ms=None,
+    )
+    return dataclasses.replace(measured, **changes)  # type: ignore[arg-type]
+
+
+def test_appended_runs_load_back_equal(tmp_path: Path) -> None:
+    path = tmp_path / "runs.csv"
+    pruned = run("prune", 0, downtime_s=0.75, rounds=3, guest_scan_ms=9.5, guest_hold_ms=125.0)
+    written = [run("stock", 0), pruned]
+    for each in written:
+        xen_bench.append_run(path, each)
+    assert xen_bench.load_runs(path) == written
+    assert path.read_text().count("anon_mb") == 1  # one header line
+
+
+def test_no_file_means_no_runs(tmp_path: Path) -> None:
+    assert xen_bench.load_runs(tmp_path / "runs.csv") == []
+
+
+def test_a_sweep_continues_only_with_the_same_guest_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SOFTPAGE_BENCH_OUT", str(tmp_path / "sweep"))
+    assert xen_bench.output_dir(1024) == tmp_path / "sweep"
+    assert xen_bench.output_dir(1024) == tmp_path / "sweep"
+    with pytest.raises(SystemExit, match="1024 MiB guest, not 2048 MiB"):
+        xen_bench.output_dir(2048)
