@@ -119,6 +119,8 @@ class TestbedConfig:
     # qemu64 + SVM/NPT is what Xen's own CI uses under TCG; richer models (-cpu max) crash PV dom0
     # or corrupt dom0 userspace heaps (see testbed/README.md).
     cpu_model: str = "qemu64,+svm,+npt"
+    tcg_thread: str = "multi"
+    """QEMU's TCG threading: "multi" (a host thread per vCPU) or "single" (one for all)."""
     boot_timeout_s: float = 900.0
     cache_dir: Path = dataclasses.field(
         default_factory=lambda: Path(
@@ -133,6 +135,7 @@ class TestbedConfig:
             xen_version=xen_version,
             qemu_mem_mb=int(os.environ.get("SOFTPAGE_QEMU_MEM_MB", "3072")),
             dom0_mem_mb=int(os.environ.get("SOFTPAGE_DOM0_MEM_MB", "1024")),
+            tcg_thread=os.environ.get("SOFTPAGE_QEMU_TCG_THREAD", cls.tcg_thread),
         )
 
 
@@ -152,6 +155,9 @@ class GuestSpec:
     load_kmod: bool = True  # insmod softpage.ko when the payload has one
     kmod_args: tuple[str, ...] = ()
     data_disk: bool = True
+    tsc_mode: str = "native"
+    """xl.cfg tsc_mode. QEMU's CPU has no invariant TSC, so Xen's "default" would intercept every
+    guest RDTSC; under TCG's nested SVM such exits now and then end in a guest triple fault."""
     extra_config: tuple[str, ...] = ()  # more xl.cfg lines, verbatim
 
     def kernel_command_line(self) -> str:
@@ -178,6 +184,7 @@ class GuestSpec:
             f"memory = {self.memory_mb}",
             f"maxmem = {self.memory_mb}",
             f"vcpus = {self.vcpus}",
+            f'tsc_mode = "{self.tsc_mode}"',
             "vif = []",
             f"disk = {disks}",
             # a test guest never reboots on purpose: keep a crashed or rebooting guest for the logs
@@ -323,7 +330,7 @@ class Testbed:
         work = self.work_dir
         return [
             "qemu-system-x86_64",
-            "-accel", "tcg,thread=multi",
+            "-accel", f"tcg,thread={self.config.tcg_thread}",
             "-cpu", self.config.cpu_model,
             "-m", str(self.config.qemu_mem_mb),
             "-smp", str(self.config.cpus),
