@@ -5,8 +5,10 @@ leave the guest running on the source.
 A guest "survived" as in test_baseline: its heartbeat moves on, it did not reboot, and the
 workload's full check (every anonymous byte, every cached file) passes. The workload keeps
 dirtying pages during the migration, so a lost dirty page or a stale page-cache page fails it.
-Repetitions: each kind runs SOFTPAGE_E2E_REPEAT times (default 5) on the same guest, which also
-proves the module re-publishes after every resume.
+Repetitions: each kind runs SOFTPAGE_E2E_REPEAT times on the same guest, which also proves the
+module re-publishes after every resume. The default, 3, keeps `make test` inside CI's 90 minutes
+on a fresh machine (each repetition costs about 1.5 min under TCG); SOFTPAGE_E2E_REPEAT=5 is the
+five-fold proof (2026-11-30: 5 of each kind passed in one run).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from xen_testbed import CommandResult, Guest, GuestSpec, Testbed
 
 pytestmark = pytest.mark.e2e
 
-REPEAT = int(os.environ.get("SOFTPAGE_E2E_REPEAT", "5"))
+REPEAT = int(os.environ.get("SOFTPAGE_E2E_REPEAT", "3"))
 # 256 MiB with 48 MiB of anonymous memory and 64 MiB of page cache: about half the guest is
 # free or clean cache, which is what pruning must skip.
 PRUNE_GUEST = {"memory_mb": 256, "anon_mb": 48, "cache_mb": 64, "dirty_rate": 200}
