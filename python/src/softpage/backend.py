@@ -71,10 +71,17 @@ class StaticInfo:
 
 @dataclass(frozen=True)
 class TscInfo:
+    """What ``xc_domain_get_tsc_info`` reports; the stream's X86_TSC_INFO record."""
+
     mode: int
     khz: int
+    """0 in ``TSC_MODE_NEVER_EMULATE``: Xen reports no frequency for a TSC it never emulates."""
     nsec: int
     incarnation: int
+
+
+TSC_MODE_NEVER_EMULATE = 2
+"""Xen's tsc mode for xl's ``tsc_mode = "native"`` (xen/arch/x86/include/asm/time.h)."""
 
 
 @dataclass(frozen=True)
