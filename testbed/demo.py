@@ -6,6 +6,10 @@ and returns what it measured. The softpage rows run `softpage`
 in dom0 (its stream size comes from its own --stats); the table, the guest set-up and the integrity
 check are the same for every row.
 
+A method during which Xen logged a guest triple fault (nested SVM under TCG, see
+testbed/README.md) runs once more on a fresh guest, as the e2e suite reruns such a test; any other
+failure ends the demo.
+
 Environment: SOFTPAGE_DEMO_MEMORY_MB (guest memory, default 256), SOFTPAGE_DEMO_CACHE_MB (page
 cache filled from the data disk, default 96) and everything TestbedConfig.from_env reads.
 """
@@ -28,6 +32,7 @@ from xen_testbed import (
     XEN_PVH_VERSION,
     Guest,
     GuestSpec,
+    Testbed,
     TestbedConfig,
     TestbedError,
     booted_testbed,
@@ -103,6 +108,19 @@ def format_table(rows: list[tuple[str, ...]]) -> str:
     return "\n".join(lines)
 
 
+def start_guest(testbed: Testbed, spec: GuestSpec) -> Guest:
+    guest = testbed.create_guest(spec)
+    guest.wait_for_workload_ready()
+    return guest
+
+
+def move_and_wait(guest: Guest, method: Method) -> Measurement:
+    heartbeat = guest.heartbeat()
+    measured = method.move(guest)
+    guest.wait_for_heartbeat(heartbeat + 2)
+    return measured
+
+
 def main() -> int:
     memory_mb = int(os.environ.get("SOFTPAGE_DEMO_MEMORY_MB", "256"))
     cache_mb = int(os.environ.get("SOFTPAGE_DEMO_CACHE_MB", "96"))
@@ -115,13 +133,21 @@ def main() -> int:
     try:
         with booted_testbed(TestbedConfig.from_env(XEN_PVH_VERSION), work_dir) as testbed:
             print(f"testbed up: {testbed.boot_timings}", flush=True)
-            guest = testbed.create_guest(spec)
-            guest.wait_for_workload_ready()
+            guest = start_guest(testbed, spec)
             for method in METHODS:
                 print(f"running: {method.name}", flush=True)
-                heartbeat = guest.heartbeat()
-                measured = method.move(guest)
-                guest.wait_for_heartbeat(heartbeat + 2)
+                faults_before = testbed.triple_faults()
+                try:
+                    measured = move_and_wait(guest, method)
+                except TestbedError as error:
+                    if testbed.triple_faults() == faults_before:
+                        raise
+                    # An emulator fault, not softpage's: the e2e suite reruns such a test too.
+                    print(f"  the guest triple-faulted (nested SVM under TCG): {str(error)[:200]}\n"
+                          "  once more on a fresh guest", flush=True)
+                    testbed.destroy_all_guests()
+                    guest = start_guest(testbed, spec)
+                    measured = move_and_wait(guest, method)
                 verdict = guest.verify()
                 state = "alive, VERIFY ok" if verdict.ok and guest.boot_count() == 1 else verdict.line
                 rows.append((method.name, guest_label, f"{measured.wall_s:.1f}",
