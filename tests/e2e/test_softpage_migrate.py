@@ -27,6 +27,8 @@ REPEAT = int(os.environ.get("SOFTPAGE_E2E_REPEAT", "3"))
 # free or clean cache, which is what pruning must skip.
 PRUNE_GUEST = {"memory_mb": 256, "anon_mb": 48, "cache_mb": 64, "dirty_rate": 200}
 STATS = "/tmp/softpage-stats.json"
+FAULT_LIE_FREE, FAULT_BAD_COUNT = 1, 2
+"""Values of softpage.ko's inject_fault parameter (guest_kmod/softpage.c, enum softpage_fault)."""
 LOCALHOST_RECEIVER = "xl migrate-receive"
 
 
@@ -196,10 +198,6 @@ def test_malformed_and_lying_reports_cannot_hurt_the_guest(xen_pvh_testbed: Test
     assert final["kind"] == "final"
     assert int(final["pages_data"]) > PRUNE_GUEST["anon_mb"] * 256, final  # type: ignore[call-overload]
     assert_survived(guest, heartbeat)
-
-
-FAULT_LIE_FREE, FAULT_BAD_COUNT = 1, 2
-"""Values of softpage.ko's inject_fault parameter (guest_kmod/softpage.c, enum softpage_fault)."""
 
 
 def set_injected_fault(guest: Guest, fault: int) -> None:

@@ -28,7 +28,6 @@ from softpage.backend import TSC_MODE_NEVER_EMULATE
 
 pytestmark = pytest.mark.e2e
 
-
 PROBE = r"""
 import hashlib, json, sys, time
 import numpy as np
