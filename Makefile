@@ -39,9 +39,10 @@ test-unit: setup
 test-property: setup
 	HYPOTHESIS_PROFILE=ci $(PYTEST) -q tests/property
 
-# A test during which Xen logged a guest triple fault (nested SVM under TCG) runs once more.
+# A test during which Xen logged a guest triple fault (nested SVM under TCG) or dom0 stopped
+# answering runs once more, on a fresh boot when dom0 hung.
 test-e2e: setup testbed
-	$(PYTEST) -v -m e2e --reruns 1 --only-rerun GuestTripleFault tests
+	$(PYTEST) -v -m e2e --reruns 1 --only-rerun GuestTripleFault --only-rerun Dom0Hung tests
 
 # Collecting the whole tree first catches what only the e2e run would otherwise meet
 # (two test modules with one basename), before the testbed is built.

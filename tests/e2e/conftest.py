@@ -28,6 +28,7 @@ from xen_testbed import (
     REPO_DIR,
     XEN_PV_VERSION,
     XEN_PVH_VERSION,
+    Dom0Hung,
     GuestTripleFault,
     Testbed,
     TestbedConfig,
@@ -87,13 +88,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
-    """Name a failure GuestTripleFault when Xen logged a guest triple fault during the test, so
-    that the run (--only-rerun GuestTripleFault) repeats it once; every other failure stands."""
+    """Name a failure after the testbed flake behind it, so that the run (--only-rerun) repeats
+    the test once: GuestTripleFault when Xen logged a guest triple fault during the test,
+    Dom0Hung when dom0 stopped answering. Every other failure stands."""
     testbeds = [value for value in getattr(item, "funcargs", {}).values() if isinstance(value, Testbed)]
     before = [testbed.triple_faults() for testbed in testbeds]
     try:
         return (yield)
+    except Dom0Hung:
+        raise
     except Exception as failure:
+        if any(testbed.hung for testbed in testbeds):
+            raise Dom0Hung(f"dom0 stopped answering during this test; it failed with: {failure}") from failure
         if any(testbed.triple_faults() > count for testbed, count in zip(testbeds, before, strict=True)):
             raise GuestTripleFault(
                 f"a guest triple-faulted during this test (nested SVM under TCG); it failed with: {failure}"

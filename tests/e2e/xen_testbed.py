@@ -40,7 +40,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parents[2]
@@ -83,6 +83,21 @@ class GuestTripleFault(TestbedError):
 
 
 TRIPLE_FAULT_RE = re.compile(rb"\(XEN\) \[[ \d.]+\] d\d+v\d+ Triple fault")
+
+
+class Dom0Hung(TestbedError):
+    """dom0 stopped answering while a command ran. Seen once under TCG (2026-11-30, in CI): dom0's
+    CPU0 soft-locked in smp_call_function_single, waiting for an IPI to CPU1 that never completed,
+    and the whole testbed froze. The test fails at once instead of at its command's timeout, the
+    next test gets a fresh boot, and the run reruns this one once (--only-rerun Dom0Hung)."""
+
+
+LIVENESS_PERIOD_S = 60.0
+"""While a dom0 command runs longer than this, dom0 is asked to run ``true`` once per period."""
+LIVENESS_TIMEOUT_S = 30.0
+"""The agent's limit for that ``true``; with the reply margin, dom0 has a minute to answer."""
+REPLY_MARGIN_S = 30.0
+"""Beyond the agent's own timeout: TCG slowness on the way back."""
 
 
 class CommandFailed(TestbedError):
@@ -237,7 +252,14 @@ class AgentClient:
     """Talks to softpage-agent over QEMU's unix socket for the virtio-serial port. Thread safe:
     replies are matched to requests by id, so commands may overlap."""
 
-    def __init__(self, socket_path: Path) -> None:
+    def __init__(
+        self,
+        socket_path: Path,
+        liveness_period_s: float = LIVENESS_PERIOD_S,
+        reply_margin_s: float = REPLY_MARGIN_S,
+    ) -> None:
+        self.liveness_period_s = liveness_period_s
+        self.reply_margin_s = reply_margin_s
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._socket.connect(str(socket_path))
         self._ids = itertools.count(1)
@@ -268,20 +290,34 @@ class AgentClient:
                 if waiter is not None:
                     waiter.put(reply)
 
-    def request(self, request: dict[str, object], timeout_s: float) -> CommandResult:
+    def request(
+        self, request: dict[str, object], timeout_s: float, still_alive: Callable[[], bool] | None = None
+    ) -> CommandResult:
+        """Send one request and wait for its reply. The agent enforces timeout_s itself. While
+        waiting, ``still_alive`` is asked once per liveness period; False raises Dom0Hung."""
         request_id = next(self._ids)
         waiter: queue.Queue[dict[str, object]] = queue.Queue(maxsize=1)
         with self._lock:
             self._waiting[request_id] = waiter
         data = (json.dumps({**request, "id": request_id, "timeout": timeout_s}) + "\n").encode()
+        deadline = time.monotonic() + timeout_s + self.reply_margin_s
         try:
             self._socket.sendall(data)
-            # the agent enforces timeout_s itself; the margin covers TCG slowness on the way back
-            reply = waiter.get(timeout=timeout_s + 30)
+            while True:
+                remaining = deadline - time.monotonic()
+                try:
+                    reply = waiter.get(timeout=max(0.0, min(remaining, self.liveness_period_s)))
+                    break
+                except queue.Empty:
+                    if remaining <= self.liveness_period_s:
+                        raise
+                    if still_alive is not None and not still_alive():
+                        raise Dom0Hung(f"dom0 stopped answering while it ran {request!r}") from None
         except (OSError, queue.Empty) as error:
+            raise TestbedError(f"no reply from the dom0 agent for {request!r}: {error!r}") from error
+        finally:
             with self._lock:
                 self._waiting.pop(request_id, None)
-            raise TestbedError(f"no reply from the dom0 agent for {request!r}: {error!r}") from error
         return CommandResult(
             rc=int(str(reply.get("rc", -1))),
             stdout=base64.b64decode(str(reply.get("stdout") or "")).decode("utf-8", "replace"),
@@ -311,6 +347,8 @@ class Testbed:
         self._agent: AgentClient | None = None
         self.data_disk_device = ""
         self.boot_timings: dict[str, float] = {}
+        self.hung = False
+        """Set when dom0 stopped answering: every later command fails at once (Dom0Hung)."""
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -410,7 +448,7 @@ class Testbed:
             time.sleep(2)
 
     def alive(self) -> bool:
-        if self._qemu is None or self._qemu.poll() is not None or self._agent is None:
+        if self.hung or self._qemu is None or self._qemu.poll() is not None or self._agent is None:
             return False
         try:
             return self._agent.request({"argv": ["true"]}, timeout_s=20).ok
@@ -421,7 +459,7 @@ class Testbed:
         """Destroy guests, sync, then quit QEMU; escalate to SIGTERM/SIGKILL within bounds."""
         if self._agent is not None:
             with contextlib.suppress(TestbedError):
-                self.destroy_all_guests()
+                self.destroy_all_guests()  # Dom0Hung at once when dom0 hung
                 self._agent.request({"argv": ["sync"]}, timeout_s=20)
             self._agent.close()
             self._agent = None
@@ -457,11 +495,24 @@ class Testbed:
         CommandFailed on a non-zero exit."""
         if self._agent is None:
             raise TestbedError("testbed is not booted")
+        if self.hung:
+            raise Dom0Hung(f"dom0 hung earlier in this boot; not running {command!r}")
         request: dict[str, object] = {"sh": command} if isinstance(command, str) else {"argv": command}
-        result = self._agent.request(request, timeout_s=timeout_s)
+        try:
+            result = self._agent.request(request, timeout_s=timeout_s, still_alive=self._dom0_answers)
+        except Dom0Hung:
+            self.hung = True
+            raise
         if check and not result.ok:
             raise CommandFailed(str(command), result)
         return result
+
+    def _dom0_answers(self) -> bool:
+        assert self._agent is not None
+        try:
+            return self._agent.request({"argv": ["true"]}, timeout_s=LIVENESS_TIMEOUT_S).ok
+        except TestbedError:
+            return False
 
     def write_file(self, path: str, content: str) -> None:
         self.run(f"mkdir -p {shlex.quote(os.path.dirname(path))} && cat > {shlex.quote(path)}"

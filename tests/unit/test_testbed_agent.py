@@ -1,0 +1,106 @@
+"""The e2e harness's dom0 agent client: a long command keeps waiting while dom0 answers, and a
+dom0 that stops answering fails the command within a liveness period (Dom0Hung), not at its
+timeout. The agent here is a fake on a unix socket that speaks the agent's wire format."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+
+import xen_testbed  # tests/e2e is not a package: found through sys.path above
+
+PERIOD_S = 0.2
+
+
+class FakeAgent:
+    """Answers ``true`` at once while ``responsive``; a ``sleep N`` request after N seconds."""
+
+    def __init__(self, path: Path) -> None:
+        self.responsive = True
+        self.pings = 0
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(str(path))
+        self._server.listen(1)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        connection, _ = self._server.accept()
+        lock = threading.Lock()
+
+        def reply(request: dict[str, object], delay_s: float) -> None:
+            time.sleep(delay_s)
+            stdout = base64.b64encode(b"done").decode()
+            answer = {"id": request["id"], "rc": 0, "stdout": stdout, "stderr": ""}
+            with lock:
+                connection.sendall((json.dumps(answer) + "\n").encode())
+
+        for line in connection.makefile("rb"):
+            request = json.loads(line)
+            argv = request["argv"]
+            if argv == ["true"]:
+                self.pings += 1
+                if self.responsive:
+                    reply(request, 0)
+            elif argv[0] == "sleep":
+                threading.Thread(target=reply, args=(request, float(argv[1])), daemon=True).start()
+
+    def close(self) -> None:
+        self._server.close()
+
+
+@pytest.fixture
+def agent_and_client(tmp_path: Path) -> Iterator[tuple[FakeAgent, xen_testbed.AgentClient]]:
+    path = tmp_path / "agent.sock"
+    agent = FakeAgent(path)
+    client = xen_testbed.AgentClient(path, liveness_period_s=PERIOD_S, reply_margin_s=PERIOD_S)
+    yield agent, client
+    client.close()
+    agent.close()
+
+
+def pinger(client: xen_testbed.AgentClient) -> Callable[[], bool]:
+    def still_alive() -> bool:
+        try:
+            return client.request({"argv": ["true"]}, timeout_s=PERIOD_S).ok
+        except xen_testbed.TestbedError:
+            return False
+
+    return still_alive
+
+
+def test_a_long_command_waits_while_dom0_answers(
+    agent_and_client: tuple[FakeAgent, xen_testbed.AgentClient],
+) -> None:
+    agent, client = agent_and_client
+    result = client.request({"argv": ["sleep", str(8 * PERIOD_S)]}, timeout_s=60, still_alive=pinger(client))
+    assert (result.rc, result.stdout) == (0, "done")
+    assert agent.pings >= 3
+
+
+def test_a_silent_dom0_fails_the_command_within_a_period(
+    agent_and_client: tuple[FakeAgent, xen_testbed.AgentClient],
+) -> None:
+    agent, client = agent_and_client
+    agent.responsive = False
+    started = time.monotonic()
+    with pytest.raises(xen_testbed.Dom0Hung):
+        client.request({"argv": ["sleep", "60"]}, timeout_s=60, still_alive=pinger(client))
+    assert time.monotonic() - started < 20 * PERIOD_S
+
+
+def test_without_a_probe_a_silent_command_fails_at_its_timeout(
+    agent_and_client: tuple[FakeAgent, xen_testbed.AgentClient],
+) -> None:
+    _, client = agent_and_client
+    with pytest.raises(xen_testbed.TestbedError, match="no reply from the dom0 agent"):
+        client.request({"argv": ["sleep", "60"]}, timeout_s=PERIOD_S)
