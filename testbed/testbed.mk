@@ -8,7 +8,6 @@
 #   SOFTPAGE_TESTBED_CACHE  cache directory (default ~/.cache/softpage/testbed)
 #   SOFTPAGE_QEMU_MEM_MB    QEMU memory (default 3072)     SOFTPAGE_DOM0_MEM_MB  dom0 memory (default 1024)
 #   SOFTPAGE_DATA_MB        guest data-disk size (default 512)
-#   SOFTPAGE_QEMU_TCG_THREAD  QEMU TCG threading, multi (default) or single
 #   SOFTPAGE_E2E_LOG_DIR    where failed e2e tests keep serial and Xen logs (default results/e2e-logs)
 
 TESTBED_DIR := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
