@@ -45,32 +45,22 @@ def test_agent_reports_exit_codes_and_output(xen_pvh_testbed: Testbed) -> None:
     assert xen_pvh_testbed.run(["python3", "-c", "import softpage, numpy; print(numpy.__version__)"]).ok
 
 
-def test_pvh_save_restore(xen_pvh_testbed: Testbed) -> None:
-    guest = start_guest(xen_pvh_testbed, "pvh-sr", "pvh")
+def assert_saves_restores_and_migrates(guest: Guest) -> None:
+    """One guest through stock xl save + xl restore, then stock xl migrate to localhost."""
     heartbeat = guest.heartbeat()
     timings = guest.save_restore()
     assert timings["image_bytes"] > BASELINE_GUEST["anon_mb"] << 20
     assert_survived(guest, heartbeat)
 
-
-def test_pvh_live_migration_localhost(xen_pvh_testbed: Testbed) -> None:
-    guest = start_guest(xen_pvh_testbed, "pvh-mig", "pvh")
     heartbeat = guest.heartbeat()
     migration = guest.migrate_localhost()
     assert migration["stream_bytes"] > BASELINE_GUEST["anon_mb"] << 20
     assert_survived(guest, heartbeat)
 
 
-def test_pv_save_restore(xen_pv_testbed: Testbed) -> None:
-    guest = start_guest(xen_pv_testbed, "pv-sr", "pv")
-    heartbeat = guest.heartbeat()
-    guest.save_restore()
-    assert_survived(guest, heartbeat)
+def test_pvh_save_restore_then_live_migration_localhost(xen_pvh_testbed: Testbed) -> None:
+    assert_saves_restores_and_migrates(start_guest(xen_pvh_testbed, "pvh-base", "pvh"))
 
 
-def test_pv_live_migration_localhost(xen_pv_testbed: Testbed) -> None:
-    guest = start_guest(xen_pv_testbed, "pv-mig", "pv")
-    heartbeat = guest.heartbeat()
-    migration = guest.migrate_localhost()
-    assert migration["stream_bytes"] > BASELINE_GUEST["anon_mb"] << 20
-    assert_survived(guest, heartbeat)
+def test_pv_save_restore_then_live_migration_localhost(xen_pv_testbed: Testbed) -> None:
+    assert_saves_restores_and_migrates(start_guest(xen_pv_testbed, "pv-base", "pv"))
