@@ -37,7 +37,7 @@ test-unit: setup
 	$(PYTEST) -q -m 'not e2e' tests/unit tests/contract
 
 test-property: setup
-	HYPOTHESIS_PROFILE=ci $(PYTEST) -q tests/property
+	HYPOTHESIS_PROFILE=ci $(PYTEST) -q -n auto tests/property
 
 # A test during which Xen logged a guest triple fault (nested SVM under TCG) or dom0 stopped
 # answering runs once more, on a fresh boot when dom0 hung.
