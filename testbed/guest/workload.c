@@ -44,9 +44,14 @@
 #define CHECKSUM_BASIS 0xcbf29ce484222325ull
 #define CHECKSUM_PRIME 0x100000001b3ull
 #define MAX_FILES 4096
-#define TICK_NS 10000000L
+/*
+ * Pages are dirtied in bursts, ten a second. Each wakeup of the idle vCPU costs VM exits (timer
+ * hypercall, HLT, interrupt), and under TCG's nested SVM any exit can end in a guest triple
+ * fault now and then: fewer wakeups, fewer chances (testbed/README.md).
+ */
+#define TICK_NS 100000000L
 /* After a pause (save, migration) the guest clock jumps: cap the catch-up to this much. */
-#define MAX_CATCHUP_S 0.1
+#define MAX_CATCHUP_S 0.5
 
 static volatile sig_atomic_t verify_requested;
 
