@@ -86,7 +86,13 @@ module_param(drop_caches_at_freeze, uint, 0644);
 MODULE_PARM_DESC(drop_caches_at_freeze,
 		 "Value written to /proc/sys/vm/drop_caches at an armed suspend: 0 none, 1 page cache, 2 reclaimable slab, 3 both");
 
-static ulong hold_reserve_kb = 32768;
+/*
+ * Devices resumed before this one (block and console frontends: rings, grants)
+ * allocate while the hold lasts; the allocator itself stops the hold at the min
+ * watermark.  Every page left unheld that dom0 sent as XALLOC goes out again
+ * with data while the guest is suspended, so the reserve is downtime.
+ */
+static ulong hold_reserve_kb = 8192;
 module_param(hold_reserve_kb, ulong, 0644);
 MODULE_PARM_DESC(hold_reserve_kb,
 		 "Free memory (KiB) left unheld at an armed suspend so the suspend path never starves");
