@@ -87,12 +87,15 @@ MODULE_PARM_DESC(drop_caches_at_freeze,
 		 "Value written to /proc/sys/vm/drop_caches at an armed suspend: 0 none, 1 page cache, 2 reclaimable slab, 3 both");
 
 /*
- * Devices resumed before this one (block and console frontends: rings, grants)
- * allocate while the hold lasts; the allocator itself stops the hold at the min
- * watermark.  Every page left unheld that dom0 sent as XALLOC goes out again
- * with data while the guest is suspended, so the reserve is downtime.
+ * Devices resumed before this one allocate while the hold lasts: xenbus
+ * frontends exist from early boot, so blkfront resumes first and sets up its
+ * ring and indirect-segment pages again (GFP_NOIO, about 4 MiB) above the min
+ * watermark.  8 MiB left a 1 GiB guest's disk dead after a pruned migration
+ * (2026-11-30); 32 MiB has always worked.  Every page left unheld that dom0
+ * sent as XALLOC goes out again with data while the guest is suspended, so the
+ * reserve costs downtime.
  */
-static ulong hold_reserve_kb = 8192;
+static ulong hold_reserve_kb = 32768;
 module_param(hold_reserve_kb, ulong, 0644);
 MODULE_PARM_DESC(hold_reserve_kb,
 		 "Free memory (KiB) left unheld at an armed suspend so the suspend path never starves");
