@@ -41,7 +41,7 @@ class GuestShape:
     kernel_mib: int = 36
     min_free_mib: int = 8
     """Free memory the kernel keeps; the page cache fills everything else."""
-    hold_reserve_mib: int = 8
+    hold_reserve_mib: int = 32
     """Free memory the freeze callback leaves unheld (softpage.ko hold_reserve_kb)."""
     pinned_cache_fraction: float = 0.02
     """Clean cache that is mapped (executables, libraries): not droppable at freeze."""
