@@ -91,9 +91,9 @@ MODULE_PARM_DESC(drop_caches_at_freeze,
  * frontends exist from early boot, so blkfront resumes first and sets up its
  * ring and indirect-segment pages again (GFP_NOIO, about 4 MiB) above the min
  * watermark.  8 MiB left a 1 GiB guest's disk dead after a pruned migration
- * (2026-11-30); 32 MiB has always worked.  Every page left unheld that dom0
- * sent as XALLOC goes out again with data while the guest is suspended, so the
- * reserve costs downtime.
+ * (2026-11-30; that cause is inferred, not traced); 32 MiB has always worked.
+ * Every page left unheld that dom0 sent as XALLOC goes out again with data
+ * while the guest is suspended, so the reserve costs downtime.
  */
 static ulong hold_reserve_kb = 32768;
 module_param(hold_reserve_kb, ulong, 0644);
