@@ -67,6 +67,8 @@ about one run of a hundred, and the test is then rerun once (GuestTripleFault)."
 VERIFY_RE = re.compile(r"WORKLOAD VERIFY (ok|FAIL) seq=(\d+)(.*)")
 READY_RE = re.compile(r"WORKLOAD READY (.*)")
 BOOT_MARKER = "GUEST-INIT booted"
+STOPPED_CHECK_S = 10.0
+"""How often a wait on a guest's console also asks Xen whether the guest still runs."""
 HOTPLUG_TIMEOUT_MESSAGE = "because of timeout"  # libxl_aoutils.c async_exec_timeout
 
 
@@ -622,9 +624,23 @@ class Guest:
     def boot_count(self) -> int:
         return self.console_log().count(BOOT_MARKER)
 
+    def stopped(self) -> bool:
+        """True when Xen lists the domain as crashed or shut down (a triple fault under TCG turns
+        into a preserved crash); False while it runs, is paused, or is not listed at all."""
+        state = self.testbed.run(f"xl list {shlex.quote(self.name)} | awk 'NR == 2 {{print $5}}'",
+                                 timeout_s=60).stdout.strip()
+        return "s" in state or "c" in state
+
+    def _fail_if_stopped(self, what: str) -> None:
+        """Asked every STOPPED_CHECK_S of a wait: a stopped guest fails it now, not at its timeout."""
+        if self.stopped():
+            raise TestbedError(f"guest {self.name} crashed or shut down while the harness waited for "
+                               f"{what}; console tail:\n{self.console_log()[-3000:]}")
+
     def wait_for(self, pattern: str, timeout_s: float = 120, poll_s: float = 1.0) -> re.Match[str]:
         """Wait until a console line matches the regex; returns the LAST match."""
-        deadline = time.monotonic() + timeout_s
+        started = last_check = time.monotonic()
+        deadline = started + timeout_s
         compiled = re.compile(pattern)
         while True:
             matches = list(compiled.finditer(self.console_log()))
@@ -633,6 +649,9 @@ class Guest:
             if time.monotonic() > deadline:
                 raise TestbedError(f"guest {self.name}: no console line matching {pattern!r} within "
                                    f"{timeout_s:.0f} s; console tail:\n{self.console_log()[-3000:]}")
+            if time.monotonic() - last_check >= STOPPED_CHECK_S:
+                self._fail_if_stopped(repr(pattern))
+                last_check = time.monotonic()
             time.sleep(poll_s)
 
     def wait_for_first_heartbeat(self, timeout_s: float) -> bool:
@@ -640,9 +659,7 @@ class Guest:
         turned into a preserved reboot) before it. TestbedError on timeout."""
         deadline = time.monotonic() + timeout_s
         while self.heartbeat() < 0:
-            state = self.testbed.run(f"xl list {shlex.quote(self.name)} | awk 'NR == 2 {{print $5}}'",
-                                     timeout_s=60).stdout.strip()
-            if "s" in state or "c" in state:
+            if self.stopped():
                 return False
             if time.monotonic() > deadline:
                 raise TestbedError(f"guest {self.name}: no heartbeat within {timeout_s:.0f} s; "
@@ -651,7 +668,8 @@ class Guest:
         return True
 
     def wait_for_heartbeat(self, at_least: int, timeout_s: float = 120) -> int:
-        deadline = time.monotonic() + timeout_s
+        last_check = time.monotonic()
+        deadline = last_check + timeout_s
         while True:
             beat = self.heartbeat()
             if beat >= at_least:
@@ -659,6 +677,9 @@ class Guest:
             if time.monotonic() > deadline:
                 raise TestbedError(f"guest {self.name}: heartbeat {beat}, expected >= {at_least} within "
                                    f"{timeout_s:.0f} s; console tail:\n{self.console_log()[-3000:]}")
+            if time.monotonic() - last_check >= STOPPED_CHECK_S:
+                self._fail_if_stopped(f"heartbeat {at_least}")
+                last_check = time.monotonic()
             time.sleep(1)
 
     def wait_for_workload_ready(self, timeout_s: float = 300) -> dict[str, str]:
@@ -678,7 +699,8 @@ class Guest:
         """Ask the workload to check all its memory and files now; returns its verdict."""
         previous = max((int(seq) for _, seq, _ in VERIFY_RE.findall(self.console_log())), default=0)
         self.console_command("kill -USR1 $(cat /run/workload.pid)")
-        deadline = time.monotonic() + timeout_s
+        last_check = time.monotonic()
+        deadline = last_check + timeout_s
         while True:
             for match in VERIFY_RE.finditer(self.console_log()):
                 if int(match.group(2)) > previous:
@@ -688,6 +710,9 @@ class Guest:
             if time.monotonic() > deadline:
                 raise TestbedError(f"guest {self.name}: no WORKLOAD VERIFY after {timeout_s:.0f} s; "
                                    f"console tail:\n{self.console_log()[-3000:]}")
+            if time.monotonic() - last_check >= STOPPED_CHECK_S:
+                self._fail_if_stopped("WORKLOAD VERIFY")
+                last_check = time.monotonic()
             time.sleep(1)
 
     def save_restore(self, timeout_s: float = 900) -> dict[str, float]:
