@@ -42,6 +42,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 REPO_DIR = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_DIR / "testbed" / "build.sh"
@@ -631,28 +634,37 @@ class Guest:
                                  timeout_s=60).stdout.strip()
         return "s" in state or "c" in state
 
-    def _fail_if_stopped(self, what: str) -> None:
-        """Asked every STOPPED_CHECK_S of a wait: a stopped guest fails it now, not at its timeout."""
-        if self.stopped():
-            raise TestbedError(f"guest {self.name} crashed or shut down while the harness waited for "
-                               f"{what}; console tail:\n{self.console_log()[-3000:]}")
+    def _wait(self, found: Callable[[], T | None], timeout_s: float, what: str,
+              timed_out: Callable[[], str], poll_s: float = 1.0) -> T:
+        """Poll ``found`` until it returns a value. TestbedError after timeout_s (``timed_out()``
+        says what was missing), or as soon as Xen shows the guest crashed or shut down: asked every
+        STOPPED_CHECK_S, so a dead guest fails the wait then, not at its timeout."""
+        last_check = time.monotonic()
+        deadline = last_check + timeout_s
+        while True:
+            value = found()
+            if value is not None:
+                return value
+            if time.monotonic() > deadline:
+                raise TestbedError(f"guest {self.name}: {timed_out()}; "
+                                   f"console tail:\n{self.console_log()[-3000:]}")
+            if time.monotonic() - last_check >= STOPPED_CHECK_S:
+                if self.stopped():
+                    raise TestbedError(f"guest {self.name} crashed or shut down while the harness waited "
+                                       f"for {what}; console tail:\n{self.console_log()[-3000:]}")
+                last_check = time.monotonic()
+            time.sleep(poll_s)
 
     def wait_for(self, pattern: str, timeout_s: float = 120, poll_s: float = 1.0) -> re.Match[str]:
         """Wait until a console line matches the regex; returns the LAST match."""
-        started = last_check = time.monotonic()
-        deadline = started + timeout_s
         compiled = re.compile(pattern)
-        while True:
+
+        def last_match() -> re.Match[str] | None:
             matches = list(compiled.finditer(self.console_log()))
-            if matches:
-                return matches[-1]
-            if time.monotonic() > deadline:
-                raise TestbedError(f"guest {self.name}: no console line matching {pattern!r} within "
-                                   f"{timeout_s:.0f} s; console tail:\n{self.console_log()[-3000:]}")
-            if time.monotonic() - last_check >= STOPPED_CHECK_S:
-                self._fail_if_stopped(repr(pattern))
-                last_check = time.monotonic()
-            time.sleep(poll_s)
+            return matches[-1] if matches else None
+
+        return self._wait(last_match, timeout_s, repr(pattern),
+                          lambda: f"no console line matching {pattern!r} within {timeout_s:.0f} s", poll_s)
 
     def wait_for_first_heartbeat(self, timeout_s: float) -> bool:
         """True at the first heartbeat; False if the domain shut down (crashed, or a triple fault
@@ -668,19 +680,13 @@ class Guest:
         return True
 
     def wait_for_heartbeat(self, at_least: int, timeout_s: float = 120) -> int:
-        last_check = time.monotonic()
-        deadline = last_check + timeout_s
-        while True:
+        def beat_reached() -> int | None:
             beat = self.heartbeat()
-            if beat >= at_least:
-                return beat
-            if time.monotonic() > deadline:
-                raise TestbedError(f"guest {self.name}: heartbeat {beat}, expected >= {at_least} within "
-                                   f"{timeout_s:.0f} s; console tail:\n{self.console_log()[-3000:]}")
-            if time.monotonic() - last_check >= STOPPED_CHECK_S:
-                self._fail_if_stopped(f"heartbeat {at_least}")
-                last_check = time.monotonic()
-            time.sleep(1)
+            return beat if beat >= at_least else None
+
+        return self._wait(beat_reached, timeout_s, f"heartbeat {at_least}",
+                          lambda: f"heartbeat {self.heartbeat()}, expected >= {at_least} within "
+                                  f"{timeout_s:.0f} s")
 
     def wait_for_workload_ready(self, timeout_s: float = 300) -> dict[str, str]:
         match = self.wait_for(r"WORKLOAD (READY|ERROR) (.*)", timeout_s)
@@ -699,21 +705,17 @@ class Guest:
         """Ask the workload to check all its memory and files now; returns its verdict."""
         previous = max((int(seq) for _, seq, _ in VERIFY_RE.findall(self.console_log())), default=0)
         self.console_command("kill -USR1 $(cat /run/workload.pid)")
-        last_check = time.monotonic()
-        deadline = last_check + timeout_s
-        while True:
+
+        def new_verdict() -> VerifyResult | None:
             for match in VERIFY_RE.finditer(self.console_log()):
                 if int(match.group(2)) > previous:
                     return VerifyResult(ok=match.group(1) == "ok", seq=int(match.group(2)),
                                         fields=dict(re.findall(r"(\w+)=(\S+)", match.group(3))),
                                         line=match.group(0))
-            if time.monotonic() > deadline:
-                raise TestbedError(f"guest {self.name}: no WORKLOAD VERIFY after {timeout_s:.0f} s; "
-                                   f"console tail:\n{self.console_log()[-3000:]}")
-            if time.monotonic() - last_check >= STOPPED_CHECK_S:
-                self._fail_if_stopped("WORKLOAD VERIFY")
-                last_check = time.monotonic()
-            time.sleep(1)
+            return None
+
+        return self._wait(new_verdict, timeout_s, "WORKLOAD VERIFY",
+                          lambda: f"no WORKLOAD VERIFY after {timeout_s:.0f} s")
 
     def save_restore(self, timeout_s: float = 900) -> dict[str, float]:
         """Stock ``xl save`` then ``xl restore``; returns wall times and the image size."""
@@ -736,6 +738,27 @@ class Guest:
 
     def destroy(self) -> None:
         self.testbed.run(["xl", "destroy", self.name], timeout_s=120)
+
+
+def once_more_after_a_triple_fault(
+    testbed: Testbed, guest: Guest, action: Callable[[Guest], T], start_guest: Callable[[], Guest],
+    errors: tuple[type[Exception], ...] = (TestbedError,),
+) -> tuple[Guest, T]:
+    """``action(guest)``; if it fails with one of ``errors`` while Xen logged a new guest triple
+    fault (nested SVM under TCG, not softpage: testbed/README.md), destroy every guest, start a
+    fresh one and run it once more. Returns the guest in use afterwards and the action's result.
+    For scripts (demo, bench); the e2e suite reruns such a test instead."""
+    faults = testbed.triple_faults()
+    try:
+        return guest, action(guest)
+    except errors as failure:
+        if testbed.triple_faults() == faults:
+            raise
+        print(f"xen_testbed: a guest triple-faulted ({str(failure)[:200]}); once more on a fresh guest",
+              file=sys.stderr, flush=True)
+    testbed.destroy_all_guests()
+    guest = start_guest()
+    return guest, action(guest)
 
 
 @contextlib.contextmanager
