@@ -17,6 +17,7 @@ cache filled from the data disk, default 96) and everything TestbedConfig.from_e
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -36,6 +37,7 @@ from xen_testbed import (
     TestbedConfig,
     TestbedError,
     booted_testbed,
+    once_more_after_a_triple_fault,
 )
 
 
@@ -136,18 +138,9 @@ def main() -> int:
             guest = start_guest(testbed, spec)
             for method in METHODS:
                 print(f"running: {method.name}", flush=True)
-                faults_before = testbed.triple_faults()
-                try:
-                    measured = move_and_wait(guest, method)
-                except TestbedError as error:
-                    if testbed.triple_faults() == faults_before:
-                        raise
-                    # An emulator fault, not softpage's: the e2e suite reruns such a test too.
-                    print(f"  the guest triple-faulted (nested SVM under TCG): {str(error)[:200]}\n"
-                          "  once more on a fresh guest", flush=True)
-                    testbed.destroy_all_guests()
-                    guest = start_guest(testbed, spec)
-                    measured = move_and_wait(guest, method)
+                guest, measured = once_more_after_a_triple_fault(
+                    testbed, guest, functools.partial(move_and_wait, method=method),
+                    functools.partial(start_guest, testbed, spec))
                 verdict = guest.verify()
                 state = "alive, VERIFY ok" if verdict.ok and guest.boot_count() == 1 else verdict.line
                 rows.append((method.name, guest_label, f"{measured.wall_s:.1f}",

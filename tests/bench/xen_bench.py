@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -49,6 +50,7 @@ from xen_testbed import (  # noqa: E402  (the harness lives with the e2e tests)
     TestbedConfig,
     TestbedError,
     booted_testbed,
+    once_more_after_a_triple_fault,
 )
 
 METHODS = ("stock", "no-prune", "prune")
@@ -328,18 +330,10 @@ def main() -> int:
                              anon_mb=anon_mb, cache_mb=cache_mb, dirty_rate=100)
             guest = start_guest(testbed, spec)
             for repetition, method in todo:
-                faults = testbed.triple_faults()
-                try:
-                    measured = migrate_and_check(guest, method, f"{anon_mb}-{repetition}")
-                except (RuntimeError, TestbedError) as failure:
-                    if testbed.triple_faults() == faults:
-                        raise
-                    # nested SVM under TCG, not softpage (testbed/README.md): a fresh guest, once
-                    print(f"bench: a guest triple-faulted during {method} #{repetition} ({failure}); "
-                          "measuring it again on a fresh guest", flush=True)
-                    testbed.destroy_all_guests()
-                    guest = start_guest(testbed, spec)
-                    measured = migrate_and_check(guest, method, f"{anon_mb}-{repetition}-again")
+                guest, measured = once_more_after_a_triple_fault(
+                    testbed, guest,
+                    functools.partial(migrate_and_check, method=method, token=f"{anon_mb}-{repetition}"),
+                    functools.partial(start_guest, testbed, spec), errors=(RuntimeError, TestbedError))
                 run = to_run(anon_mb, cache_mb, method, repetition, measured)
                 runs.append(run)
                 append_run(runs_path, run)

@@ -1,6 +1,8 @@
-"""The e2e harness's dom0 agent client: a long command keeps waiting while dom0 answers, and a
-dom0 that stops answering fails the command within a liveness period (Dom0Hung), not at its
-timeout. The agent here is a fake on a unix socket that speaks the agent's wire format."""
+"""The e2e harness's flake handling. Its dom0 agent client: a long command keeps waiting while dom0
+answers, and a dom0 that stops answering fails the command within a liveness period (Dom0Hung),
+not at its timeout (the agent here is a fake on a unix socket that speaks the agent's wire
+format). And the scripts' retry: a failure during which a guest triple-faulted runs once more on
+a fresh guest; any other failure stands."""
 
 from __future__ import annotations
 
@@ -104,3 +106,46 @@ def test_without_a_probe_a_silent_command_fails_at_its_timeout(
     _, client = agent_and_client
     with pytest.raises(xen_testbed.TestbedError, match="no reply from the dom0 agent"):
         client.request({"argv": ["sleep", "60"]}, timeout_s=PERIOD_S)
+
+
+class FaultCountingTestbed:
+    """What once_more_after_a_triple_fault asks of a testbed: Xen's triple-fault count and a reset."""
+
+    def __init__(self) -> None:
+        self.faults = 0
+        self.destroyed = 0
+
+    def triple_faults(self) -> int:
+        return self.faults
+
+    def destroy_all_guests(self) -> None:
+        self.destroyed += 1
+
+
+def test_a_failure_with_a_triple_fault_runs_once_more_on_a_fresh_guest() -> None:
+    testbed = FaultCountingTestbed()
+    tries: list[str] = []
+
+    def action(guest: str) -> str:
+        tries.append(guest)
+        if guest == "old":
+            testbed.faults += 1
+            raise xen_testbed.TestbedError("guest died")
+        return f"measured on {guest}"
+
+    result = xen_testbed.once_more_after_a_triple_fault(
+        testbed, "old", action, lambda: "fresh"  # type: ignore[arg-type]
+    )
+    assert result == ("fresh", "measured on fresh")
+    assert (tries, testbed.destroyed) == (["old", "fresh"], 1)
+
+
+def test_a_failure_without_a_triple_fault_stands() -> None:
+    testbed = FaultCountingTestbed()
+
+    def action(guest: str) -> str:
+        raise xen_testbed.TestbedError("softpage broke it")
+
+    with pytest.raises(xen_testbed.TestbedError, match="softpage broke it"):
+        xen_testbed.once_more_after_a_triple_fault(testbed, "old", action, lambda: "fresh")  # type: ignore[arg-type]
+    assert testbed.destroyed == 0
