@@ -12,7 +12,8 @@ migrated to localhost SOFTPAGE_BENCH_REPS times (default 3) by each method, inte
 
 Every method is measured the same way (tests/bench/dom0/): the receiver command is the stock
 `xl migrate-receive` behind a tap that counts the stream's bytes and pages; a watcher polls Xen for
-the downtime (source suspended -> incoming copy unpaused); sender CPU is the rusage of the sender's
+the downtime (suspend request -> incoming copy unpaused, and from the source's suspension
+as Xen shows it); sender CPU is the rusage of the sender's
 process tree less the receiver's (softpage's senders only: stock xl does not reap its receiver,
 so its own CPU is not measured). After every migration the guest must pass the workload's full
 integrity check, or the run stops; a run during which Xen logged a guest triple fault (nested
@@ -32,6 +33,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -67,6 +69,9 @@ class Run:
     repetition: int
     wall_s: float
     downtime_s: float | None
+    """From the suspend request (user space frozen from then on) to the incoming copy running."""
+    suspended_s: float | None
+    """From the source shut down for suspend, as Xen shows it, to the incoming copy running."""
     sender_cpu_s: float | None
     stream_bytes: int
     pages_data: int
@@ -74,8 +79,10 @@ class Run:
     rounds: int | None
     guest_scan_ms: float | None
     """Median time the guest module took per precopy report (from the reports themselves)."""
-    guest_hold_ms: float | None
-    """The module's suspend-time drop-and-hold: its hold_ns counter after the migration."""
+    guest_drop_ms: float | None
+    """The module's cache drop at .freeze (its drop_ns counter after the migration)."""
+    guest_final_scan_ms: float | None
+    """The module's final scan, interrupts off, just before the suspend (final_scan_ns)."""
 
 
 def environment_list(name: str, default: str) -> list[int]:
@@ -125,14 +132,16 @@ def to_run(anon_mb: int, cache_mb: int, method: str, repetition: int, measured: 
         rounds = len(per_round)
         scans = [record["guest_scan_ms"] for record in per_round[:-1] if record.get("guest_scan_ms")]
         scan_ms = statistics.median(scans) if scans else None
-    hold_ns = measured.get("hold_ns")
+    counters = measured.get("guest_counters")
+    guest_ms = ({name: int(value) / 1e6 for name, value in counters.items()}
+                if isinstance(counters, dict) else {})
     return Run(
         anon_mb=anon_mb, cache_mb=cache_mb, method=method, repetition=repetition,
-        wall_s=float(send["wall_s"]), downtime_s=send.get("downtime_s"),
+        wall_s=float(send["wall_s"]), downtime_s=send.get("downtime_s"), suspended_s=send.get("suspended_s"),
         sender_cpu_s=sender_cpu_s(method, send, recv),
         stream_bytes=int(tap["stream_bytes"]), pages_data=int(tap["pages_data"]),
         pages_xalloc=int(tap["pages_xalloc"]), rounds=rounds, guest_scan_ms=scan_ms,
-        guest_hold_ms=int(hold_ns) / 1e6 if isinstance(hold_ns, int) else None,
+        guest_drop_ms=guest_ms.get("drop_ns"), guest_final_scan_ms=guest_ms.get("final_scan_ns"),
     )
 
 
@@ -146,11 +155,17 @@ def sender_cpu_s(method: str, send: dict[str, object], recv: dict[str, object]) 
     return float(str(send["cpu_s"])) - float(str(recv["cpu_s"]))
 
 
-def guest_hold_ns(guest: Guest, token: str) -> int:
-    """The module's hold_ns counter (its last suspend-time drop-and-hold), read in the guest."""
-    counter = "/sys/bus/platform/devices/softpage*/stats/hold_ns"
-    guest.console_command(f"echo BENCH-{token} hold_ns=$(cat {counter})")
-    return int(guest.wait_for(rf"BENCH-{token} hold_ns=(\d+)").group(1))
+GUEST_SUSPEND_COUNTERS = ("drop_ns", "final_scan_ns")
+
+
+def guest_suspend_counters(guest: Guest, token: str) -> dict[str, int]:
+    """softpage.ko's counters of its last armed suspend, read in the guest."""
+    stats = "/sys/bus/platform/devices/softpage*/stats"
+    shown = " ".join(f"{name}=$(cat {stats}/{name})" for name in GUEST_SUSPEND_COUNTERS)
+    guest.console_command(f"echo BENCH-{token} {shown}")
+    values = " ".join(name + r"=\d+" for name in GUEST_SUSPEND_COUNTERS)
+    line = guest.wait_for(rf"BENCH-{token} ({values})")
+    return {name: int(value) for name, value in re.findall(r"(\w+)=(\d+)", line.group(1))}
 
 
 def start_guest(testbed: Testbed, spec: GuestSpec) -> Guest:
@@ -168,7 +183,7 @@ def migrate_and_check(guest: Guest, method: str, token: str) -> dict[str, object
     if not verdict.ok or guest.boot_count() != 1:
         raise RuntimeError(f"guest damaged after {method}: {verdict.line}")
     if method == "prune":
-        measured["hold_ns"] = guest_hold_ns(guest, token)
+        measured["guest_counters"] = guest_suspend_counters(guest, token)
     return measured
 
 
@@ -184,8 +199,8 @@ def summarise(runs: list[Run]) -> list[dict[str, object]]:
         for method in METHODS:
             chosen = [run for run in runs if run.anon_mb == anon_mb and run.method == method]
             row: dict[str, object] = {"anon_mb": anon_mb, "method": method, "runs": len(chosen)}
-            for field in ("pages_data", "stream_bytes", "wall_s", "downtime_s", "sender_cpu_s", "rounds",
-                          "guest_scan_ms", "guest_hold_ms"):
+            for field in ("pages_data", "stream_bytes", "wall_s", "downtime_s", "suspended_s", "sender_cpu_s",
+                          "rounds", "guest_scan_ms", "guest_drop_ms", "guest_final_scan_ms"):
                 row[field] = median(chosen, field)
                 base = median(stock, field)
                 if field in ("pages_data", "stream_bytes", "wall_s", "downtime_s", "sender_cpu_s"):
@@ -204,16 +219,19 @@ def markdown(rows: list[dict[str, object]], header: str) -> str:
 
     lines = [header, "",
              "| user MB | method | pages with data | x stock | MiB sent | time s | x stock | downtime s "
-             "| x stock | sender CPU s | rounds | guest scan ms | guest hold ms |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| x stock | suspended s | sender CPU s | rounds | guest scan ms | guest drop ms "
+             "| guest final scan ms |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         mib = row["stream_bytes"] / 2**20 if isinstance(row["stream_bytes"], float | int) else None
         lines.append(
             f"| {row['anon_mb']} | {row['method']} | {cell(row['pages_data'], 0)} | "
             f"{cell(row['pages_data_vs_stock'])} | {cell(mib, 1)} | {cell(row['wall_s'], 1)} | "
             f"{cell(row['wall_s_vs_stock'])} | {cell(row['downtime_s'])} | "
-            f"{cell(row['downtime_s_vs_stock'])} | {cell(row['sender_cpu_s'], 1)} | "
-            f"{cell(row['rounds'], 0)} | {cell(row['guest_scan_ms'], 1)} | {cell(row['guest_hold_ms'], 1)} |")
+            f"{cell(row['downtime_s_vs_stock'])} | {cell(row['suspended_s'])} | "
+            f"{cell(row['sender_cpu_s'], 1)} | "
+            f"{cell(row['rounds'], 0)} | {cell(row['guest_scan_ms'], 1)} | {cell(row['guest_drop_ms'], 1)} | "
+            f"{cell(row['guest_final_scan_ms'], 1)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -16,15 +16,17 @@ import xen_bench  # tests/bench is not a package: found through sys.path above
 def run(method: str, repetition: int, **changes: object) -> xen_bench.Run:
     measured = xen_bench.Run(
         anon_mb=200, cache_mb=600, method=method, repetition=repetition, wall_s=81.5,
-        downtime_s=None, sender_cpu_s=12.25, stream_bytes=3 << 20, pages_data=700, pages_xalloc=65000,
-        rounds=None, guest_scan_ms=None, guest_hold_ms=None,
+        downtime_s=None, suspended_s=None, sender_cpu_s=12.25, stream_bytes=3 << 20, pages_data=700,
+        pages_xalloc=65000,
+        rounds=None, guest_scan_ms=None, guest_drop_ms=None, guest_final_scan_ms=None,
     )
     return dataclasses.replace(measured, **changes)  # type: ignore[arg-type]
 
 
 def test_appended_runs_load_back_equal(tmp_path: Path) -> None:
     path = tmp_path / "runs.csv"
-    pruned = run("prune", 0, downtime_s=0.75, rounds=3, guest_scan_ms=9.5, guest_hold_ms=125.0)
+    pruned = run("prune", 0, downtime_s=0.75, rounds=3, guest_scan_ms=9.5, guest_drop_ms=125.0,
+                 guest_final_scan_ms=30.5, suspended_s=0.5)
     written = [run("stock", 0), pruned]
     for each in written:
         xen_bench.append_run(path, each)

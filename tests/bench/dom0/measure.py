@@ -5,8 +5,13 @@
 
 Wall time; CPU time of the command's process tree (user + system, from the rusage of waited-for
 children; the receiver's share is measured by its own wrapper and subtracted by the caller);
-downtime as Xen sees it: from the first poll where the source domain has shut down for suspend
-to the first poll where another domain (the incoming copy) runs unpaused.
+two downtimes, both ending at the first poll where another domain (the incoming copy) runs
+unpaused:
+* ``downtime_s`` starts when the sender asks the guest to suspend (the xenstore write of
+  ``control/shutdown``, seen through a watch). From then on the guest's user space is frozen,
+  so this is the interruption the guest's users see, whatever the guest does before it
+  suspends (softpage.ko drops its caches then).
+* ``suspended_s`` starts at the first poll where Xen shows the source shut down for suspend.
 """
 
 from __future__ import annotations
@@ -19,32 +24,54 @@ import threading
 import time
 
 from softpage.xen.ctrl import XenCtrl
+from softpage.xenstore import PyxsStore
 
 POLL_S = 0.02
 WATCHED_NEW_DOMAINS = 8
+FIRST_WATCH_EVENT_S = 10.0
+"""xenstored fires a new watch once at once; that event is not a write."""
 
 
-def watch_downtime(source: int, stop: threading.Event, result: dict[str, float | None]) -> None:
+def watch_suspend_request(source: int, stop: threading.Event, result: dict[str, float | None]) -> None:
+    """The time of the first write to the source's control/shutdown: only the sender's suspend
+    request writes it during a migration (the guest's acknowledgement comes after)."""
+    path = f"/local/domain/{source}/control/shutdown"
+    with PyxsStore() as store, store.watch(path) as watch:
+        watch.wait(FIRST_WATCH_EVENT_S)
+        while not stop.is_set():
+            if watch.wait(0.5) is not None:
+                result["requested_at"] = time.monotonic()
+                return
+
+
+def watch_incoming(source: int, stop: threading.Event, result: dict[str, float | None]) -> None:
     with XenCtrl.open() as ctrl:
-        suspended_at = None
         while not stop.is_set():
             now = time.monotonic()
             try:
-                source_state = ctrl.domain_state(source)
-                if suspended_at is None and source_state.suspended:
-                    suspended_at = now
+                if result["suspended_at"] is None and ctrl.domain_state(source).suspended:
+                    result["suspended_at"] = now
             except OSError:
                 pass  # the source is gone (destroyed after the handover)
-            if suspended_at is not None:
+            if result["suspended_at"] is not None:
                 for domid in range(source + 1, source + 1 + WATCHED_NEW_DOMAINS):
                     try:
                         state = ctrl.domain_state(domid)
                     except OSError:
                         continue
                     if not state.paused and not state.shutdown and not state.dying:
-                        result["downtime_s"] = now - suspended_at
+                        result["running_at"] = now
                         return
             time.sleep(POLL_S)
+
+
+def downtimes(times: dict[str, float | None]) -> dict[str, float | None]:
+    running = times["running_at"]
+
+    def since(start: float | None) -> float | None:
+        return running - start if running is not None and start is not None else None
+
+    return {"downtime_s": since(times["requested_at"]), "suspended_s": since(times["suspended_at"])}
 
 
 def main() -> int:
@@ -52,23 +79,27 @@ def main() -> int:
     if separator != "--" or not command:
         print("usage: measure.py SOURCE_DOMID SUMMARY.json -- COMMAND...", file=sys.stderr)
         return 2
-    downtime: dict[str, float | None] = {"downtime_s": None}
+    times: dict[str, float | None] = {"requested_at": None, "suspended_at": None, "running_at": None}
     stop = threading.Event()
-    watcher = None
+    watchers = []
     if source != "-":
-        watcher = threading.Thread(target=watch_downtime, args=(int(source), stop, downtime), daemon=True)
-        watcher.start()
+        for target in (watch_suspend_request, watch_incoming):
+            watcher = threading.Thread(target=target, args=(int(source), stop, times), daemon=True)
+            watcher.start()
+            watchers.append(watcher)
     started = time.monotonic()
     completed = subprocess.run(command, check=False)
     wall = time.monotonic() - started
-    if watcher is not None and watcher.is_alive():
-        time.sleep(1.0)  # let the watcher see the incoming copy start if it has not yet
-        stop.set()
+    if any(watcher.is_alive() for watcher in watchers):
+        time.sleep(1.0)  # let the watchers see the incoming copy start if they have not yet
+    stop.set()
+    for watcher in watchers:
         watcher.join(timeout=5)
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    measured = downtimes(times) if source != "-" else {}
     with open(summary_path, "w", encoding="utf-8") as summary:
         json.dump({"rc": completed.returncode, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
-                   **downtime}, summary)
+                   **measured}, summary)
     return completed.returncode
 
 
