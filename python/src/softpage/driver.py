@@ -99,8 +99,9 @@ class MigrationStats:
     rounds: list[RoundStats] = field(default_factory=list)
     total_bytes: int = 0
     duration_s: float = 0.0
-    suspended_at: float | None = None
-    """``time.monotonic()`` when the domain was suspended (downtime starts)."""
+    suspend_requested_at: float | None = None
+    """``time.monotonic()`` when the driver asked the guest to suspend: its user space freezes
+    then, whatever it does before it suspends, so downtime starts here."""
     sender_cpu_s: float = 0.0
     warnings: list[str] = field(default_factory=list)
 
@@ -237,8 +238,8 @@ class MigrationSession:
         # Set before the call: a guest that acknowledges after our timeout
         # may still suspend, and abandon() must then resume it.
         self.suspended = True
+        self.stats.suspend_requested_at = time.monotonic()
         self.backend.suspend()
-        self.stats.suspended_at = time.monotonic()
         final_dirty = self.backend.harvest_dirty(final=True)
         if not self.planner.rounds_planned:
             final_dirty = PfnSet.full(self.domain.p2m_size)

@@ -141,8 +141,10 @@ def migrate_domain(
     log("migration sender: Giving target permission to start.")
     handover = handshake.hand_over(receiver.read, receiver.write, timeouts)
     if handover.outcome is HandoverOutcome.DESTINATION_RUNNING:
-        suspended_at = stats.suspended_at if stats.suspended_at is not None else time.monotonic()
-        return MigrateResult(sent, handover, time.monotonic() - suspended_at)
+        requested_at = stats.suspend_requested_at
+        if requested_at is None:
+            requested_at = time.monotonic()
+        return MigrateResult(sent, handover, time.monotonic() - requested_at)
     if handover.outcome is HandoverOutcome.SOURCE_MAY_RESUME:
         _resume_source(backend, receiver, rename, away_name, domain_name, log)
         raise MigrationError(f"migration failed at the target: {handover.detail}; resumed at sender")
