@@ -65,16 +65,24 @@ def test_cleanup_turns_logdirty_off_frees_and_closes_even_after_an_error() -> No
     backend.cleanup()  # once only: no second attempt, no error
 
 
-def test_read_pages_reuses_its_buffer_and_never_leaves_a_mapping() -> None:
+def test_read_pages_maps_without_copying_and_keeps_one_batch_mapped_at_most() -> None:
     domain = FakeDomain(domid=3, nr_pfns=64)
     backend, lib = make(domain)
+    for pfn in range(8):
+        domain.guest_write(pfn, bytes([pfn + 1]) * 4096)
     first = backend.read_pages(np.arange(8, dtype=np.uint64))
-    assert not lib.live_mappings
+    assert len(lib.live_mappings) == 1
+    assert bytes(first) == bytes(domain.memory[: 8 * 4096])
     second = backend.read_pages(np.arange(4, dtype=np.uint64))
-    assert first.obj is second.obj  # same buffer, no new allocation for a smaller batch
-    bigger = backend.read_pages(np.arange(16, dtype=np.uint64))
-    assert bigger.obj is not first.obj and len(first) == 8 * 4096  # the old view stays valid
+    assert len(lib.live_mappings) == 1  # the first batch was unmapped by the second call
+    with pytest.raises(ValueError):
+        bytes(first)  # released with its mapping, not a pointer into unmapped memory
+    assert len(second) == 4 * 4096
+    assert len(backend.read_pages(np.array([], dtype=np.uint64))) == 0
+    assert not lib.live_mappings  # an empty batch maps nothing and unmapped the previous one
+    backend.read_pages(np.arange(2, dtype=np.uint64))
     backend.cleanup()
+    assert not lib.live_mappings
 
 
 def test_enable_twice_and_end_of_checkpoint_while_running_are_refused() -> None:

@@ -12,7 +12,8 @@ type the testbed can live-migrate (HAP log-dirty). Refused in ``describe()``:
   HVM_CONTEXT paths below would otherwise serve as they are.
 
 The libxl ordering is kept: log-dirty on before any page is read, pages read
-read-only through one foreign mapping per ``read_pages`` call, suspend by the
+read-only through one foreign mapping per ``read_pages`` call (written to the
+stream straight from it, as xc_domain_save does), suspend by the
 xenstore handshake, FINAL harvest with the domain suspended.
 """
 
@@ -30,7 +31,7 @@ from softpage.xen._binding import XenBinding, load_binding
 from softpage.xen.channel import XenSoftPageChannel
 from softpage.xen.ctrl import DirtyLog, DomainState, XenCtrl
 from softpage.xen.evtchn import EventChannels
-from softpage.xen.foreignmemory import ForeignMemory
+from softpage.xen.foreignmemory import ForeignMapping, ForeignMemory
 from softpage.xen.gnttab import GrantTable
 from softpage.xen.suspend import SuspendTimeouts, suspend_guest
 from softpage.xenstore import PyxsStore, XenStore
@@ -82,7 +83,7 @@ class XenBackend:
         self._info: DomainInfo | None = None
         self._dirty_log: DirtyLog | None = None
         self._logdirty_enabled = False
-        self._page_buffer = bytearray()
+        self._pages_mapped: ForeignMapping | None = None
         self._channel: XenSoftPageChannel | None = None
         self._channel_opened = False
         self.channel_reason: str | None = None
@@ -134,22 +135,17 @@ class XenBackend:
         return self._ctrl.page_types(self.domid, checked)
 
     def read_pages(self, pfns: PfnArray) -> memoryview:
-        """One foreign map call for the batch, one copy into a buffer reused
-        across calls, then unmap at once: a view the caller keeps past the next
-        call then shows newer bytes instead of pointing into unmapped memory
-        (memoryview slices and numpy arrays over a mapping cannot be tracked).
-        The copy costs about 1 ms per 1024 pages."""
+        """One foreign map call for the batch; the view is the mapping itself, no
+        copy (1 ms per 1024 pages natively, far more under TCG). The mapping
+        lives until the next call or ``cleanup()``, which unmap it: that is the
+        interface's "valid until the next call", and it holds one batch mapped
+        at most. The driver writes each batch out before it reads the next."""
+        self._unmap_pages()
         checked = check_pfns(pfns, self.describe().p2m_size, "read_pages")
         if checked.size == 0:
             return memoryview(b"")
-        nbytes = int(checked.size) * PAGE_SIZE
-        if len(self._page_buffer) < nbytes:
-            # A new object, never a resize: whoever still holds the old one keeps valid memory.
-            self._page_buffer = bytearray(nbytes)
-        pages = memoryview(self._page_buffer)[:nbytes]
-        with self._foreign_memory().map_readonly(self.domid, checked) as mapping:
-            pages[:] = mapping.view
-        return pages
+        self._pages_mapped = self._foreign_memory().map_readonly(self.domid, checked)
+        return self._pages_mapped.view
 
     def suspend(self) -> None:
         suspend_guest(self._xenstore(), self.domid, self.domain_state, self._suspend_timeouts)
@@ -192,7 +188,7 @@ class XenBackend:
             return
         self._cleaned_up = True
         errors: list[Exception] = []
-        steps: list[Any] = [self._close_channel]
+        steps: list[Any] = [self._close_channel, self._unmap_pages]
         if self._logdirty_enabled:
             steps.append(lambda: self._ctrl.disable_logdirty(self.domid))
         steps.append(self._free_dirty_log)
@@ -231,6 +227,11 @@ class XenBackend:
         if self._channel is not None:
             channel, self._channel = self._channel, None
             channel.close()
+
+    def _unmap_pages(self) -> None:
+        if self._pages_mapped is not None:
+            mapping, self._pages_mapped = self._pages_mapped, None
+            mapping.unmap()
 
     def _free_dirty_log(self) -> None:
         if self._dirty_log is not None:
