@@ -1,17 +1,20 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * softpage: tell dom0 which guest pages are "soft" (free, clean page cache,
- * and at suspend the free memory this module holds) so that a Xen migration
- * can send them as allocate-only pages without their contents.
+ * and at suspend every page still free) so that a Xen migration can send them
+ * as allocate-only pages without their contents.
  *
  * The contract with dom0 is docs/spec/guest-protocol.md; the layout of the
  * shared pages is owned by uapi/softpage_abi.h.
  *
  * Safety does not depend on the precopy snapshots being exact: dom0 sends in
  * the final round every page it skipped earlier unless this module reports it
- * HELD, and held pages are owned by the module until resume.  So the scan reads
- * struct page without locks (as /proc/kpageflags does) and only the HELD
- * bitmap has to be, and is, exact.
+ * HELD.  So the precopy scans read struct page without locks (as
+ * /proc/kpageflags does) and only the HELD bitmap has to be, and is, exact: it
+ * is the buddy allocator's free pages, scanned from a syscore suspend callback
+ * with one CPU running and interrupts off, the last thing the guest does
+ * before HYPERVISOR_suspend.  Nothing can allocate, and so touch, one of them
+ * until the domain runs again.
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
@@ -29,6 +32,7 @@
 #include <linux/pagemap.h>
 #include <linux/platform_device.h>
 #include <linux/slab.h>
+#include <linux/syscore_ops.h>
 #include <linux/vmalloc.h>
 #include <linux/vmstat.h>
 #include <linux/workqueue.h>
@@ -58,15 +62,6 @@
 #define SOFTPAGE_SCAN_BATCH	4096
 #define SOFTPAGE_LONGS_PER_FRAME BITS_TO_LONGS(SOFTPAGE_PFNS_PER_FRAME)
 
-/*
- * Holding must never push the guest into reclaim or the emergency reserves:
- * no reclaim at all (kswapd is frozen at suspend anyway), no retries, no
- * warnings, no memalloc reserves.  Movable so that the held blocks come from
- * the same pageblocks user memory does and do not pin unmovable ones.
- */
-#define SOFTPAGE_HOLD_GFP ((GFP_HIGHUSER_MOVABLE & ~__GFP_RECLAIM) | \
-			   __GFP_NORETRY | __GFP_NOWARN | __GFP_NOMEMALLOC)
-
 static bool report_free = true;
 module_param(report_free, bool, 0644);
 MODULE_PARM_DESC(report_free, "Report free (buddy) pages in the FREE bitmap");
@@ -85,20 +80,6 @@ static uint drop_caches_at_freeze = 3;
 module_param(drop_caches_at_freeze, uint, 0644);
 MODULE_PARM_DESC(drop_caches_at_freeze,
 		 "Value written to /proc/sys/vm/drop_caches at an armed suspend: 0 none, 1 page cache, 2 reclaimable slab, 3 both");
-
-/*
- * Devices resumed before this one allocate while the hold lasts: xenbus
- * frontends exist from early boot, so blkfront resumes first and sets up its
- * ring and indirect-segment pages again (GFP_NOIO, about 4 MiB) above the min
- * watermark.  8 MiB left a 1 GiB guest's disk dead after a pruned migration
- * (2026-11-30; that cause is inferred, not traced); 32 MiB has always worked.
- * Every page left unheld that dom0 sent as XALLOC goes out again with data
- * while the guest is suspended, so the reserve costs downtime.
- */
-static ulong hold_reserve_kb = 32768;
-module_param(hold_reserve_kb, ulong, 0644);
-MODULE_PARM_DESC(hold_reserve_kb,
-		 "Free memory (KiB) left unheld at an armed suspend so the suspend path never starves");
 
 static uint scan_interval_ms = 1000;
 module_param(scan_interval_ms, uint, 0644);
@@ -133,9 +114,9 @@ struct softpage_stats {
 	u64 dropped_cache_pages;	/* NR_FILE_PAGES fall across the drop */
 	u64 dropped_slab_pages;		/* reclaimable slab fall across the drop */
 	s64 drop_error;			/* last drop_caches error, 0 if none */
-	u64 held_pages;			/* pages held at the last armed suspend */
-	u64 hold_ns;
-	u64 hold_short;			/* suspends where the reserve stopped the hold */
+	u64 drop_ns;			/* the drop at the last armed .freeze */
+	u64 held_pages;			/* HELD at the last armed suspend */
+	u64 final_scan_ns;		/* its scan, interrupts off */
 	u64 freezes;			/* armed suspends */
 	u64 thaws;
 	u64 restores;
@@ -167,14 +148,14 @@ struct softpage {
 	bool watch_registered;
 	bool armed;
 	/*
-	 * From an armed .freeze to .thaw/.restore: FINAL is published and
-	 * nothing else may be.  Also set while the device goes away.
+	 * From an armed .freeze to .thaw/.restore: only the syscore callback
+	 * publishes (FINAL).  Also set while the device goes away.
 	 */
 	bool frozen;
 	bool stopping;
-
-	struct list_head held_blocks;	/* page->lru, order in page_private */
-	unsigned long held_pages;
+	/* Read at .freeze; the syscore callback publishes FINAL for it. */
+	bool final_pending;
+	u64 final_request_id;
 
 	struct softpage_stats stats;
 };
@@ -288,12 +269,12 @@ static unsigned long softpage_classify(const struct softpage *sp,
  * Fill the private bitmaps from a walk of every RAM zone.  The SLAB bitmap
  * stays empty: telling reclaimable slab pages apart needs struct slab, which
  * is private to mm/.  Reclaimable slab is instead freed by the drop at an
- * armed suspend, after which those pages are free and get held.
+ * armed suspend, after which those pages are free and end up HELD.
+ * @may_sleep is false in the syscore callback, where nothing may sleep.
  */
-static u64 softpage_scan(struct softpage *sp)
+static u64 softpage_walk(struct softpage *sp, bool want_free, bool want_cache,
+			 bool may_sleep)
 {
-	bool want_free = READ_ONCE(report_free);
-	bool want_cache = READ_ONCE(report_cache);
 	bool skip_hot = READ_ONCE(skip_hot_cache);
 	unsigned long since_resched = 0;
 	u64 start = ktime_get_ns();
@@ -317,7 +298,8 @@ static u64 softpage_scan(struct softpage *sp)
 						       want_cache, skip_hot);
 				pfn += nr;
 				since_resched += nr;
-				if (since_resched >= SOFTPAGE_SCAN_BATCH) {
+				if (may_sleep &&
+				    since_resched >= SOFTPAGE_SCAN_BATCH) {
 					since_resched = 0;
 					cond_resched();
 				}
@@ -327,22 +309,11 @@ static u64 softpage_scan(struct softpage *sp)
 	return ktime_get_ns() - start;
 }
 
-/* Mark every held block in the private HELD bitmap. */
-static void softpage_mark_held(struct softpage *sp)
+/* A precopy snapshot, from process context. */
+static u64 softpage_scan(struct softpage *sp)
 {
-	unsigned long *held = softpage_category(sp, sp->scan_bitmaps,
-						SOFTPAGE_CAT_HELD);
-	struct page *page;
-
-	list_for_each_entry(page, &sp->held_blocks, lru) {
-		unsigned long pfn = page_to_pfn(page);
-		unsigned long nr = 1UL << page_private(page);
-
-		/* Memory hot-added after load is held but cannot be named. */
-		if (pfn >= sp->nr_pfns)
-			continue;
-		bitmap_set(held, pfn, min(nr, sp->nr_pfns - pfn));
-	}
+	return softpage_walk(sp, READ_ONCE(report_free),
+			     READ_ONCE(report_cache), true);
 }
 
 /*
@@ -636,6 +607,7 @@ static int softpage_drop_caches(unsigned int mode)
 
 static void softpage_drop_and_account(struct softpage *sp)
 {
+	u64 start = ktime_get_ns();
 	unsigned long file_before = global_node_page_state(NR_FILE_PAGES);
 	unsigned long slab_before =
 		global_node_page_state_pages(NR_SLAB_RECLAIMABLE_B);
@@ -652,56 +624,7 @@ static void softpage_drop_and_account(struct softpage *sp)
 					file_before - file_after : 0;
 	sp->stats.dropped_slab_pages = slab_before > slab_after ?
 				       slab_before - slab_after : 0;
-}
-
-/*
- * Allocate free memory in blocks as large as the buddy allocator will give,
- * down to the reserve.  Returns true if the reserve, rather than the
- * allocator, ended the hold.
- */
-static bool softpage_hold_free_memory(struct softpage *sp)
-{
-	unsigned long reserve = READ_ONCE(hold_reserve_kb) >>
-				(PAGE_SHIFT - 10);
-	int order = MAX_ORDER - 1;
-
-	while (order >= 0) {
-		unsigned long nr = 1UL << order;
-		struct page *page;
-
-		if (global_zone_page_state(NR_FREE_PAGES) < reserve + nr) {
-			if (!order)
-				return true;
-			order--;
-			continue;
-		}
-		page = alloc_pages(SOFTPAGE_HOLD_GFP, order);
-		if (!page) {
-			order--;
-			continue;
-		}
-		set_page_private(page, order);
-		list_add(&page->lru, &sp->held_blocks);
-		sp->held_pages += nr;
-		cond_resched();
-	}
-	return false;
-}
-
-/* Back through __free_pages, so init_on_free and poisoning apply as usual. */
-static void softpage_release_held(struct softpage *sp)
-{
-	struct page *page, *next;
-
-	list_for_each_entry_safe(page, next, &sp->held_blocks, lru) {
-		unsigned int order = page_private(page);
-
-		list_del(&page->lru);
-		set_page_private(page, 0);
-		__free_pages(page, order);
-		cond_resched();
-	}
-	sp->held_pages = 0;
+	sp->stats.drop_ns = ktime_get_ns() - start;
 }
 
 /* Stop the scan workers; they see frozen/stopping and do not requeue. */
@@ -711,15 +634,18 @@ static void softpage_quiesce(struct softpage *sp)
 	cancel_work_sync(&sp->request_work);
 }
 
+/* The device the syscore callback publishes for; syscore_ops carry no data. */
+static struct softpage *softpage_suspending;
+
 /*
  * Runs in the xenwatch thread from do_suspend(): user space and freezable
- * kernel threads are frozen, xenstore still works.
+ * kernel threads are frozen, xenstore still works.  Frees what can be freed;
+ * softpage_syscore_suspend() reports it once nothing else runs.
  */
 static int softpage_pm_freeze(struct device *dev)
 {
 	struct softpage *sp = dev_get_drvdata(dev);
-	u64 armed, request_id, scan_ns, start;
-	bool hold_short;
+	u64 armed, request_id;
 	int err;
 
 	mutex_lock(&sp->lock);
@@ -742,24 +668,68 @@ static int softpage_pm_freeze(struct device *dev)
 		return 0;
 	}
 	softpage_drop_and_account(sp);
-
-	start = ktime_get_ns();
-	hold_short = softpage_hold_free_memory(sp);
-	sp->stats.hold_ns = ktime_get_ns() - start;
-	sp->stats.held_pages = sp->held_pages;
-	if (hold_short)
-		sp->stats.hold_short++;
-
-	scan_ns = softpage_scan(sp);
-	softpage_account_scan(sp, scan_ns);
-	softpage_mark_held(sp);
-	softpage_publish(sp, SOFTPAGE_STATE_FINAL, request_id, scan_ns,
-			 hold_short ? SOFTPAGE_FLAG_HOLD_SHORT : 0);
-	dev_info(dev, "final: request %llu, held %lu pages in %llu us%s\n",
-		 request_id, sp->held_pages, sp->stats.hold_ns / 1000,
-		 hold_short ? " (stopped at the reserve)" : "");
+	sp->final_request_id = request_id;
+	sp->final_pending = true;
+	WRITE_ONCE(softpage_suspending, sp);
+	dev_info(dev, "freeze: request %llu, dropped %llu cache and %llu slab pages in %llu us\n",
+		 request_id, sp->stats.dropped_cache_pages,
+		 sp->stats.dropped_slab_pages, sp->stats.drop_ns / 1000);
 	mutex_unlock(&sp->lock);
 	return 0;
+}
+
+/*
+ * xen_suspend() calls this under stop_machine, interrupts off, right before
+ * HYPERVISOR_suspend: no other CPU runs and nothing here may sleep, so the
+ * buddy allocator's free pages stay free until the domain runs again.  They
+ * are FINAL's HELD set.  No lock: everything else that publishes is stopped
+ * (frozen), and sp->lock may be held by a task stopped on another CPU.
+ *
+ * With page poisoning the allocator checks each free page for its pattern,
+ * which an allocate-only page on the destination does not have: HELD is then
+ * empty and dom0 resends what it skipped.
+ */
+static int softpage_syscore_suspend(void)
+{
+	struct softpage *sp = READ_ONCE(softpage_suspending);
+	u64 scan_ns = 0;
+
+	if (!sp || !sp->final_pending)
+		return 0;
+	sp->final_pending = false;
+	memset(sp->scan_bitmaps, 0,
+	       (size_t)softpage_bitmap_frames(sp) * PAGE_SIZE);
+	if (!page_poisoning_enabled()) {
+		scan_ns = softpage_walk(sp, true, false, false);
+		bitmap_copy(softpage_category(sp, sp->scan_bitmaps,
+					      SOFTPAGE_CAT_HELD),
+			    softpage_category(sp, sp->scan_bitmaps,
+					      SOFTPAGE_CAT_FREE),
+			    sp->nr_pfns);
+		bitmap_zero(softpage_category(sp, sp->scan_bitmaps,
+					      SOFTPAGE_CAT_FREE),
+			    sp->nr_pfns);
+	}
+	softpage_account_scan(sp, scan_ns);
+	sp->stats.final_scan_ns = scan_ns;
+	softpage_publish(sp, SOFTPAGE_STATE_FINAL, sp->final_request_id,
+			 scan_ns, 0);
+	sp->stats.held_pages = sp->stats.count[SOFTPAGE_CAT_HELD];
+	return 0;
+}
+
+static struct syscore_ops softpage_syscore_ops = {
+	.suspend = softpage_syscore_suspend,
+};
+
+/* After an armed suspend, in either resume callback. */
+static void softpage_end_suspend(struct softpage *sp)
+{
+	lockdep_assert_held(&sp->lock);
+	WRITE_ONCE(softpage_suspending, NULL);
+	sp->final_pending = false;
+	sp->armed = false;
+	sp->frozen = false;
 }
 
 /* The suspend was cancelled: same domain, same grants and port. */
@@ -774,10 +744,8 @@ static int softpage_pm_thaw(struct device *dev)
 		return 0;
 	}
 	sp->stats.thaws++;
-	softpage_release_held(sp);
 	softpage_publish_empty(sp);
-	sp->armed = false;
-	sp->frozen = false;
+	softpage_end_suspend(sp);
 	softpage_queue_periodic(sp);
 	err = xenbus_printf(XBT_NIL, SOFTPAGE_XS_DIR, "armed", "0");
 	if (err)
@@ -797,7 +765,6 @@ static int softpage_pm_restore(struct device *dev)
 
 	mutex_lock(&sp->lock);
 	sp->stats.restores++;
-	softpage_release_held(sp);
 	softpage_regrant_all(sp);
 	softpage_unbind_event_channel(sp);
 	err = softpage_bind_event_channel(sp);
@@ -806,8 +773,7 @@ static int softpage_pm_restore(struct device *dev)
 		goto out;
 	}
 	softpage_publish_empty(sp);
-	sp->armed = false;
-	sp->frozen = false;
+	softpage_end_suspend(sp);
 	softpage_queue_periodic(sp);
 	err = softpage_advertise(sp);
 	if (err)
@@ -891,7 +857,7 @@ static void softpage_teardown(struct softpage *sp)
 	softpage_quiesce(sp);
 	/* dom0 must not find a header that is about to disappear. */
 	xenbus_rm(XBT_NIL, "data", "softpage");
-	softpage_release_held(sp);
+	WRITE_ONCE(softpage_suspending, NULL);
 	softpage_free_shared(sp);
 }
 
@@ -920,9 +886,9 @@ SOFTPAGE_STAT_ATTR(held_bitmap_pages, count[SOFTPAGE_CAT_HELD]);
 SOFTPAGE_STAT_ATTR(dropped_cache_pages, dropped_cache_pages);
 SOFTPAGE_STAT_ATTR(dropped_slab_pages, dropped_slab_pages);
 SOFTPAGE_STAT_ATTR(drop_error, drop_error);
+SOFTPAGE_STAT_ATTR(drop_ns, drop_ns);
 SOFTPAGE_STAT_ATTR(held_pages, held_pages);
-SOFTPAGE_STAT_ATTR(hold_ns, hold_ns);
-SOFTPAGE_STAT_ATTR(hold_short, hold_short);
+SOFTPAGE_STAT_ATTR(final_scan_ns, final_scan_ns);
 SOFTPAGE_STAT_ATTR(freezes, freezes);
 SOFTPAGE_STAT_ATTR(thaws, thaws);
 SOFTPAGE_STAT_ATTR(restores, restores);
@@ -948,9 +914,9 @@ static struct attribute *softpage_stats_attrs[] = {
 	&dev_attr_dropped_cache_pages.attr,
 	&dev_attr_dropped_slab_pages.attr,
 	&dev_attr_drop_error.attr,
+	&dev_attr_drop_ns.attr,
 	&dev_attr_held_pages.attr,
-	&dev_attr_hold_ns.attr,
-	&dev_attr_hold_short.attr,
+	&dev_attr_final_scan_ns.attr,
 	&dev_attr_freezes.attr,
 	&dev_attr_thaws.attr,
 	&dev_attr_restores.attr,
@@ -978,7 +944,6 @@ static int softpage_probe(struct platform_device *pdev)
 		return -ENOMEM;
 	sp->dev = &pdev->dev;
 	mutex_init(&sp->lock);
-	INIT_LIST_HEAD(&sp->held_blocks);
 	INIT_WORK(&sp->request_work, softpage_request_work);
 	INIT_DELAYED_WORK(&sp->periodic_work, softpage_periodic_work);
 	platform_set_drvdata(pdev, sp);
@@ -1039,11 +1004,15 @@ static int __init softpage_init(void)
 	softpage_pdev = platform_create_bundle(&softpage_driver,
 					       softpage_probe, NULL, 0, NULL,
 					       0);
-	return PTR_ERR_OR_ZERO(softpage_pdev);
+	if (IS_ERR(softpage_pdev))
+		return PTR_ERR(softpage_pdev);
+	register_syscore_ops(&softpage_syscore_ops);
+	return 0;
 }
 
 static void __exit softpage_exit(void)
 {
+	unregister_syscore_ops(&softpage_syscore_ops);
 	platform_device_unregister(softpage_pdev);
 	platform_driver_unregister(&softpage_driver);
 }
@@ -1051,6 +1020,6 @@ static void __exit softpage_exit(void)
 module_init(softpage_init);
 module_exit(softpage_exit);
 
-MODULE_DESCRIPTION("Publish soft (free, clean cache, held) pages to dom0 for Xen migration");
+MODULE_DESCRIPTION("Publish soft (free, clean cache) pages to dom0 for Xen migration");
 MODULE_LICENSE("GPL");
 MODULE_VERSION(SOFTPAGE_MODULE_VERSION);

@@ -144,7 +144,7 @@ def make_sim() -> Iterator[BackendUnderTest]:
     from softpage.sim.backend import SimBackend
     from softpage.sim.experiment import GuestShape, boot_guest
 
-    shape = GuestShape(memory_mib=4, kernel_mib=1, min_free_mib=1, hold_reserve_mib=0)
+    shape = GuestShape(memory_mib=4, kernel_mib=1, min_free_mib=1)
     guest = boot_guest(shape, 1, seed=3)
     backend = SimBackend(guest)
     yield BackendUnderTest(backend, SimGuestControl(backend))

@@ -173,12 +173,6 @@ class SafetyModel(RuleBasedStateMachine):
     def final_report(self, behaviour: FinalBehaviour) -> None:
         self.guest.final_behaviour = behaviour
 
-    @rule(reserve=st.integers(0, 32), capacity=st.none() | st.integers(0, 64))
-    def memory_pressure(self, reserve: int, capacity: int | None) -> None:
-        """Holds that fail: fewer pages held than are free at freeze."""
-        self.guest.hold_reserve = reserve
-        self.guest.hold_capacity = capacity
-
     # -- migration -------------------------------------------------------------
     @rule()
     def harvest(self) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from softpage.cli.main import main
 
-SMALL_GUEST = ["--memory-mib", "16", "--kernel-mib", "2", "--min-free-mib", "1", "--hold-reserve-mib", "0"]
+SMALL_GUEST = ["--memory-mib", "16", "--kernel-mib", "2", "--min-free-mib", "1"]
 
 
 def test_table_reference_numbers_csv_and_png(

@@ -17,7 +17,7 @@ from softpage.sim.experiment import GuestShape, boot_guest
 from softpage.sim.guest import FinalBehaviour, PageKind, ReportBehaviour, SimGuest
 from softpage.snapshot import SnapshotState
 
-SMALL = GuestShape(memory_mib=4, kernel_mib=1, min_free_mib=1, hold_reserve_mib=0)
+SMALL = GuestShape(memory_mib=4, kernel_mib=1, min_free_mib=1)
 
 
 def small_guest(user_alloc_mib: int = 1) -> SimGuest:

@@ -17,7 +17,7 @@ from softpage.sim.destination import DirectSink
 from softpage.sim.experiment import GuestShape, boot_guest
 from softpage.sim.guest import SimGuest
 
-SMALL = GuestShape(memory_mib=4, kernel_mib=1, min_free_mib=1, hold_reserve_mib=0)
+SMALL = GuestShape(memory_mib=4, kernel_mib=1, min_free_mib=1)
 
 
 def test_libxenguest_defaults() -> None:

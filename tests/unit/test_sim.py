@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from softpage import abi, bitmap
+from softpage import bitmap
 from softpage.backend import PAGE_SIZE
 from softpage.driver import DriverOptions, send_domain
 from softpage.errors import BackendError, BitmapError, StreamError
@@ -31,7 +31,7 @@ from softpage.stream.records import PageType
 NOTAB = np.uint32(PageType.NOTAB.pfinfo)
 XALLOC = np.uint32(PageType.XALLOC.pfinfo)
 XTAB = np.uint32(PageType.XTAB.pfinfo)
-SMALL = GuestShape(memory_mib=4, kernel_mib=1, min_free_mib=1, hold_reserve_mib=0)
+SMALL = GuestShape(memory_mib=4, kernel_mib=1, min_free_mib=1)
 
 
 def guest_with(free: int = 0, cache: int = 0, anon: int = 0, holes: tuple[int, ...] = ()) -> SimGuest:
@@ -179,10 +179,11 @@ def test_no_module_no_channel() -> None:
 
 
 # -- suspend ----------------------------------------------------------------------------
-def test_freeze_drops_unpinned_cache_and_holds_free_pages_down_to_the_reserve() -> None:
+def test_freeze_drops_unpinned_cache_and_slab_and_holds_every_free_page() -> None:
     guest = guest_with(free=10, cache=10, anon=10)
+    guest.grow_slab(4)
     guest.pin_cache(3)
-    guest.hold_reserve = 2
+    free_before = guest.kind == PageKind.FREE
     backend = SimBackend(guest)
     channel = backend.soft_channel()
     assert channel is not None
@@ -191,32 +192,18 @@ def test_freeze_drops_unpinned_cache_and_holds_free_pages_down_to_the_reserve() 
     backend.enable_logdirty()
     backend.suspend()
     assert guest.count(PageKind.CACHE) == 3
-    assert guest.count(PageKind.HELD) == 10 + 7 - 2
+    assert guest.count(PageKind.FREE) == 0
+    assert guest.count(PageKind.SLAB) == 0
+    assert guest.count(PageKind.HELD) == 6 + 4 + 7
+    assert (guest.kind[free_before] == PageKind.HELD).all()
     raw = channel.read(77, timeout=0)
     assert raw is not None
     report = bitmap.decode(raw, guest.p2m_size)
     assert report.state is SnapshotState.FINAL
     assert report.held == pfnset_from_mask(guest.kind == PageKind.HELD) == backend.suspended_held
-    assert report.flags & abi.FLAG_HOLD_SHORT == 0
+    assert report.flags == 0
     backend.resume()
-    assert guest.count(PageKind.HELD) == 0 and not guest.armed
-
-
-def test_holds_that_fail_under_pressure_are_flagged() -> None:
-    guest = guest_with(free=10, anon=4)
-    guest.hold_capacity = 3
-    backend = SimBackend(guest)
-    channel = backend.soft_channel()
-    assert channel is not None
-    channel.arm(True)
-    channel.request_final(5)
-    backend.enable_logdirty()
-    backend.suspend()
-    raw = channel.read(5, timeout=0)
-    assert raw is not None
-    report = bitmap.decode(raw, guest.p2m_size)
-    assert report.held.count() == 3
-    assert report.flags & abi.FLAG_HOLD_SHORT
+    assert guest.count(PageKind.HELD) == 0 and guest.count(PageKind.FREE) == 6 + 4 + 7 and not guest.armed
 
 
 def test_an_unarmed_guest_does_nothing_at_freeze() -> None:

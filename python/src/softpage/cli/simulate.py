@@ -66,8 +66,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                        help=f"unreclaimable kernel memory (default {GuestShape.kernel_mib})")
     guest.add_argument("--min-free-mib", type=_non_negative_int, default=GuestShape.min_free_mib,
                        help=f"free memory the page cache leaves (default {GuestShape.min_free_mib})")
-    guest.add_argument("--hold-reserve-mib", type=_non_negative_int, default=GuestShape.hold_reserve_mib,
-                       help=f"free memory left unheld at suspend (default {GuestShape.hold_reserve_mib})")
     guest.add_argument("--dirty-rate", type=_non_negative_float, default=2000.0, metavar="PAGES_PER_S",
                        help="pages in use written per second during the migration (default 2000)")
     guest.add_argument("--churn-rate", type=_non_negative_float, default=200.0, metavar="PAGES_PER_S",
@@ -100,7 +98,6 @@ def run(args: argparse.Namespace) -> int:
         memory_mib=args.memory_mib,
         kernel_mib=args.kernel_mib,
         min_free_mib=args.min_free_mib,
-        hold_reserve_mib=args.hold_reserve_mib,
     )
     link = LinkModel(
         bandwidth_mbit_s=args.bandwidth_mbit,

@@ -41,8 +41,6 @@ class GuestShape:
     kernel_mib: int = 36
     min_free_mib: int = 8
     """Free memory the kernel keeps; the page cache fills everything else."""
-    hold_reserve_mib: int = 32
-    """Free memory the freeze callback leaves unheld (softpage.ko hold_reserve_kb)."""
     pinned_cache_fraction: float = 0.02
     """Clean cache that is mapped (executables, libraries): not droppable at freeze."""
 
@@ -73,7 +71,6 @@ def boot_guest(shape: GuestShape, user_alloc_mib: int, seed: int) -> SimGuest:
     guest.allocate_anon(user_alloc_mib * MIB_PAGES)
     guest.fill_cache(guest.count(PageKind.FREE) - shape.min_free_mib * MIB_PAGES)
     guest.pin_cache(int(guest.count(PageKind.CACHE) * shape.pinned_cache_fraction))
-    guest.hold_reserve = shape.hold_reserve_mib * MIB_PAGES
     return guest
 
 

@@ -7,10 +7,13 @@ one was copied from the other; ``SimBackend.read_pages`` puts the token and the
 PFN in the first two words of the page it returns.
 
 The module side follows docs/spec/guest-protocol.md: a request is answered by
-a scan published in the real binary format (``bitmap.encode``); the freeze
-callback drops clean cache and reclaimable slab, holds free pages down to a
-reserve and publishes FINAL. ``ReportBehaviour`` and ``FinalBehaviour`` make
-it misbehave the ways a real guest can (late, lagging, lying, malformed).
+a scan published in the real binary format (``bitmap.encode``). At an armed
+suspend the module drops clean cache and reclaimable slab in ``.freeze``; its
+syscore suspend callback, the guest's last step before the suspend hypercall,
+then publishes FINAL with every page free at that instant as HELD. Nothing can
+allocate between that scan and the suspend, so held pages stay untouched until
+the guest runs again. ``ReportBehaviour`` and ``FinalBehaviour`` make it
+misbehave the ways a real guest can (late, lagging, lying, malformed).
 
 Everything is vectorised over numpy arrays: a 2 GiB guest (524,288 PFNs) is
 one ``uint64`` and one ``uint8`` array, and no operation loops over pages in
@@ -55,7 +58,8 @@ class PageKind(enum.IntEnum):
     ANON = 6
     """User allocations."""
     HELD = 7
-    """Held by the module between freeze and thaw/restore."""
+    """Free at the module's last scan before the suspend, published as HELD:
+    untouched until the guest runs again (thaw or restore)."""
 
 
 class ReportBehaviour(enum.Enum):
@@ -78,11 +82,11 @@ class ReportBehaviour(enum.Enum):
 
 
 class FinalBehaviour(enum.Enum):
-    """How the freeze callback behaves."""
+    """How the module behaves at an armed suspend."""
 
     PROMPT = "prompt"
     SILENT = "silent"
-    """Hold pages but publish nothing (the FINAL read times out)."""
+    """Drop caches but publish nothing (the FINAL read times out)."""
     STALE_REQUEST = "stale-request"
     """Publish FINAL labelled with an older request id."""
     LYING = "lying"
@@ -92,7 +96,7 @@ class FinalBehaviour(enum.Enum):
 
 @dataclass(frozen=True)
 class FinalReport:
-    """What the guest published at freeze, as the oracle needs it."""
+    """What the guest published at suspend, as the oracle needs it."""
 
     request_id: int
     claimed_held: PfnSet
@@ -128,7 +132,7 @@ class SimGuest:
         self.module_loaded = True
         self.armed = False
         self.frozen = False
-        """The freeze callback ran and ``thaw`` has not yet."""
+        """The armed suspend ran (``freeze``) and ``thaw`` has not yet."""
         self.request_value = 0
         self.generation = 0
         self.published: bytes | None = None
@@ -139,11 +143,7 @@ class SimGuest:
         are reallocated and written meanwhile."""
         self.after_freeze: GuestActivity | None = None
         """Runs after the FINAL report, before the domain is suspended: the
-        kernel's own late writes (other drivers' freeze callbacks)."""
-        self.hold_reserve = 0
-        """Free pages the freeze callback leaves unheld."""
-        self.hold_capacity: int | None = None
-        """At most this many pages can be held (memory pressure); None: no limit."""
+        kernel's own late writes on the rest of the suspend path."""
         self.scan_ns_per_pfn = 2
         self.final_report: FinalReport | None = None
         self._previous_scan: tuple[Mask, Mask, Mask] | None = None
@@ -325,7 +325,7 @@ class SimGuest:
             free = free | lie
         self._previous_scan = self.scan()
         self._previous_request = request_id
-        snapshot = self._snapshot(SnapshotState.SNAPSHOT, published_id, free, cache, slab, None, 0)
+        snapshot = self._snapshot(SnapshotState.SNAPSHOT, published_id, free, cache, slab, None)
         self._publish(
             snapshot,
             malformed=behaviour is ReportBehaviour.MALFORMED,
@@ -334,20 +334,19 @@ class SimGuest:
 
     # -- the module: suspend -------------------------------------------------
     def freeze(self) -> None:
-        """``dev_pm_ops.freeze``: user space is frozen, the kernel still runs."""
+        """The module at an armed suspend, both of its steps back to back.
+
+        ``dev_pm_ops.freeze`` (user space is frozen, the kernel still runs)
+        drops clean, unpinned cache and reclaimable slab. The syscore suspend
+        callback (one CPU, interrupts off, the last step before the suspend
+        hypercall) then publishes FINAL with every free page as HELD.
+        """
         if not self.module_loaded or not self.armed:
             return
         self.frozen = True
         droppable = ((self.kind == PageKind.CACHE) & ~self.pinned) | (self.kind == PageKind.SLAB)
         self.kind[droppable] = PageKind.FREE
-        free = np.flatnonzero(self.kind == PageKind.FREE)
-        hold_count = max(0, free.size - self.hold_reserve)
-        flags = 0
-        if self.hold_capacity is not None and hold_count > self.hold_capacity:
-            hold_count = self.hold_capacity
-            flags |= abi.FLAG_HOLD_SHORT
-        held_pages = self._pick(self._of_kind(PageKind.FREE), hold_count)
-        self.kind[held_pages] = PageKind.HELD
+        self.kind[self.kind == PageKind.FREE] = PageKind.HELD
         held = self.kind == PageKind.HELD
         behaviour = self.final_behaviour
         if behaviour is FinalBehaviour.SILENT:
@@ -363,9 +362,7 @@ class SimGuest:
             lie_count = max(1, self.count(PageKind.ANON) // 4)
             held[self._pick(self._of_kind(PageKind.ANON, PageKind.KERNEL), lie_count)] = True
         free_now, cache_now, slab_now = self.scan()
-        snapshot = self._snapshot(
-            SnapshotState.FINAL, request_id, free_now, cache_now, slab_now, held, flags
-        )
+        snapshot = self._snapshot(SnapshotState.FINAL, request_id, free_now, cache_now, slab_now, held)
         malformed = behaviour is FinalBehaviour.MALFORMED
         self._publish(snapshot, malformed=malformed, torn=False)
         self.final_report = FinalReport(request_id, snapshot.held, well_formed=not malformed)
@@ -373,13 +370,13 @@ class SimGuest:
             self.after_freeze(self)
 
     def thaw(self) -> None:
-        """``.thaw``: the suspend was cancelled; release held pages and disarm."""
+        """``.thaw``: the suspend was cancelled; held pages may be allocated again, and the module disarms."""
         self.frozen = False
         self.kind[self.kind == PageKind.HELD] = PageKind.FREE
         self.armed = False
         if self.module_loaded:
             empty = np.zeros(self.p2m_size, dtype=bool)
-            snapshot = self._snapshot(SnapshotState.EMPTY, self.request_value, empty, empty, empty, None, 0)
+            snapshot = self._snapshot(SnapshotState.EMPTY, self.request_value, empty, empty, empty, None)
             self._publish(snapshot, malformed=False, torn=False)
 
     # -- publication -----------------------------------------------------------
@@ -391,7 +388,6 @@ class SimGuest:
         cache: Mask,
         slab: Mask,
         held: Mask | None,
-        flags: int,
     ) -> SoftSnapshot:
         empty = PfnSet.empty(self.p2m_size)
         self.generation += 2
@@ -399,7 +395,7 @@ class SimGuest:
             state=state,
             generation=self.generation,
             request_id=request_id,
-            flags=flags,
+            flags=0,
             guest_nr_pfns=self.p2m_size,
             scan_ns=self.scan_ns_per_pfn * self.p2m_size,
             free=pfnset_from_mask(free),
