@@ -19,7 +19,7 @@ so its own CPU is not measured). After every migration the guest must pass the w
 integrity check, or the run stops; a run during which Xen logged a guest triple fault (nested
 SVM under TCG, testbed/README.md) is measured once more on a fresh guest instead. Medians per step
 and method go to results/bench-DATE/ (CSV of every run, summary CSV, Markdown table, PNG plots)
-and the ratios to stock are printed.
+and the ratios to stock are printed; softpage's own per-round records go to stats/.
 
 Under TCG a full sweep takes hours, so nothing waits for the end: each run is appended to
 runs.csv as it finishes and the summary is rewritten after every step. SOFTPAGE_BENCH_OUT=DIR
@@ -185,6 +185,18 @@ def migrate_and_check(guest: Guest, method: str, token: str) -> dict[str, object
     if method == "prune":
         measured["guest_counters"] = guest_suspend_counters(guest, token)
     return measured
+
+
+def keep_round_stats(out: Path, run: Run, measured: dict[str, object]) -> None:
+    """softpage's own --stats records of the run (one JSON line per round, then the totals), as
+    stats/USER_MB-METHOD-REPETITION.jsonl: where a run's time went."""
+    stats = measured.get("stats")
+    if not isinstance(stats, list):
+        return
+    folder = out / "stats"
+    folder.mkdir(exist_ok=True)
+    lines = "".join(json.dumps(record) + "\n" for record in stats)
+    (folder / f"{run.anon_mb}-{run.method}-{run.repetition}.jsonl").write_text(lines)
 
 
 def median(runs: list[Run], field: str) -> float | None:
@@ -355,6 +367,7 @@ def main() -> int:
                 run = to_run(anon_mb, cache_mb, method, repetition, measured)
                 runs.append(run)
                 append_run(runs_path, run)
+                keep_round_stats(out, run, measured)
                 print(f"bench: user {anon_mb} MB, {method} #{repetition}: {run.wall_s:.1f} s, "
                       f"{run.pages_data} pages with data, {run.stream_bytes / 2**20:.1f} MiB, "
                       f"downtime {run.downtime_s}", flush=True)

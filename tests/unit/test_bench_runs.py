@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -46,3 +47,12 @@ def test_a_sweep_continues_only_with_the_same_guest_size(
     assert xen_bench.output_dir(1024) == tmp_path / "sweep"
     with pytest.raises(SystemExit, match="1024 MiB guest, not 2048 MiB"):
         xen_bench.output_dir(2048)
+
+
+def test_softpage_round_records_are_kept_per_run(tmp_path: Path) -> None:
+    records = [{"round": 1, "pages_data": 5}, {"totals": True, "migration_s": 9.5}]
+    xen_bench.keep_round_stats(tmp_path, run("prune", 2, anon_mb=400), {"stats": records})
+    xen_bench.keep_round_stats(tmp_path, run("stock", 2), {})  # stock keeps no records
+    kept = tmp_path / "stats" / "400-prune-2.jsonl"
+    assert [json.loads(line) for line in kept.read_text().splitlines()] == records
+    assert [path.name for path in (tmp_path / "stats").iterdir()] == ["400-prune-2.jsonl"]
