@@ -5,6 +5,7 @@ migration driver relies on."""
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from backend_makers import BackendUnderTest
 
 from softpage import bitmap
-from softpage.backend import PAGE_SIZE, TSC_MODE_NEVER_EMULATE, GuestType
+from softpage.backend import PAGE_SIZE, TSC_MODE_NEVER_EMULATE, DropOutcome, GuestType
 from softpage.errors import BackendError
 from softpage.pfnset import PfnSet
 
@@ -153,3 +154,14 @@ def test_soft_channel_answers_a_request(under_test: BackendUnderTest) -> None:
     assert channel.read_current() is not None
     channel.arm(False)
     assert backend.soft_channel() is channel
+
+
+def test_soft_channel_drop_is_answered_or_not_offered(under_test: BackendUnderTest) -> None:
+    """A cooperating guest acknowledges an early drop (unarmed, without dropping),
+    unless its module does not offer one."""
+    channel = under_test.backend.soft_channel()
+    if channel is None:
+        return
+    # Larger than any id used before for this domain, as the driver's ids are.
+    outcome = channel.drop_caches(time.time_ns(), timeout=SOFT_READ_TIMEOUT)
+    assert outcome in (DropOutcome.DONE, DropOutcome.UNSUPPORTED)

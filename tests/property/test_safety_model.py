@@ -4,9 +4,11 @@ Hypothesis drives arbitrary interleavings of guest activity (allocations,
 frees, cache fills, cache that becomes dirty or mapped, slab growth, writes
 while pages are being read or while a report is being built), soft-page
 reports (prompt, silent, lagging, answering an old request, lying, malformed,
-torn), dirty-log harvests and live rounds through the real ``MigrationSession``
-and ``RoundPlanner`` on the simulator, into the real stream writer, reader and
-``RestoreModel``. After stop-and-copy it checks:
+torn), the early drop before the suspend (answered, never answered, not
+offered, not asked for, with guest work right after it), dirty-log harvests
+and live rounds through the real ``MigrationSession`` and ``RoundPlanner`` on
+the simulator, into the real stream writer, reader and ``RestoreModel``. After
+stop-and-copy it checks:
 
 * every RAM PFN is populated on the destination, and no hole is;
 * every RAM PFN outside the final held set has on the destination exactly the
@@ -34,7 +36,14 @@ from softpage.driver import DriverOptions, MigrationSession
 from softpage.pfnset import PfnArray, PfnSet
 from softpage.planner import RoundPlan, RoundPlanner
 from softpage.sim.backend import SimBackend
-from softpage.sim.guest import FinalBehaviour, PageKind, ReportBehaviour, SimGuest, mask_from_pfnset
+from softpage.sim.guest import (
+    DropBehaviour,
+    FinalBehaviour,
+    PageKind,
+    ReportBehaviour,
+    SimGuest,
+    mask_from_pfnset,
+)
 from softpage.sim.stream import RestoreSink
 from softpage.snapshot import Category, SoftSnapshot
 
@@ -65,6 +74,7 @@ class SafetyModel(RuleBasedStateMachine):
         slab=st.integers(0, 20),
         pinned=st.integers(0, 20),
         module_loaded=st.booleans(),
+        skip_early_drop=st.booleans(),
     )
     def boot(
         self,
@@ -77,6 +87,7 @@ class SafetyModel(RuleBasedStateMachine):
         slab: int,
         pinned: int,
         module_loaded: bool,
+        skip_early_drop: bool,
     ) -> None:
         hole_start = min(hole[0], p2m_size - 1)
         holes = np.arange(hole_start, min(p2m_size - 1, hole_start + hole[1]), dtype=np.uint64)
@@ -91,7 +102,9 @@ class SafetyModel(RuleBasedStateMachine):
         self.guest = guest
         self.backend = SimBackend(guest, read_hook=self._while_reading)
         self.sink = RestoreSink()
-        options = DriverOptions(snapshot_timeout=0.0, final_snapshot_timeout=0.0)
+        options = DriverOptions(
+            snapshot_timeout=0.0, final_snapshot_timeout=0.0, drop_timeout=0.0 if skip_early_drop else 1.0
+        )
         self.session = MigrationSession(self.backend, self.sink, options, self.messages.append)
         self.session.planner = self.planner_class(p2m_size, options.prune, honour_held=False)
         self.session.start()
@@ -160,6 +173,16 @@ class SafetyModel(RuleBasedStateMachine):
         self.guest.after_scan = (lambda guest: guest.churn(count)) if count else None
 
     @rule(count=st.integers(0, 8))
+    def activity_after_drop(self, count: int) -> None:
+        """Files are read back and pages written between the early drop and the suspend request."""
+
+        def read_back_and_churn(guest: SimGuest) -> None:
+            guest.fill_cache(count)
+            guest.churn(count)
+
+        self.guest.after_drop = read_back_and_churn if count else None
+
+    @rule(count=st.integers(0, 8))
     def activity_after_freeze(self, count: int) -> None:
         """The kernel writes pages after the module published FINAL, before the suspend."""
         self.guest.after_freeze = (lambda guest: guest.dirty_in_use(count)) if count else None
@@ -168,6 +191,10 @@ class SafetyModel(RuleBasedStateMachine):
     @rule(behaviour=st.sampled_from(ReportBehaviour))
     def next_reports(self, behaviour: ReportBehaviour) -> None:
         self.guest.report_behaviour = behaviour
+
+    @rule(behaviour=st.sampled_from(DropBehaviour))
+    def next_drop(self, behaviour: DropBehaviour) -> None:
+        self.guest.drop_behaviour = behaviour
 
     @rule(behaviour=st.sampled_from(FinalBehaviour))
     def final_report(self, behaviour: FinalBehaviour) -> None:
@@ -209,6 +236,7 @@ class SafetyModel(RuleBasedStateMachine):
         event(f"live rounds: {min(self.live_rounds, 3)}{'+' if self.live_rounds >= 3 else ''}")
         event(f"XALLOC used: {stats.pages_xalloc > 0}; soft pages skipped: {stats.pages_skipped > 0}")
         event(f"final report used: {stats.rounds[-1].snapshot_used}")
+        event(f"early drop: {stats.guest_drop_outcome}")
         guest, backend = self.guest, self.backend
         source = backend.suspended_tokens
         assert source is not None and backend.suspended_held is not None

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import numpy.typing as npt
 import pytest
 
 from softpage import bitmap
-from softpage.backend import DomainInfo, EndOfCheckpoint, StaticInfo
+from softpage.backend import DomainInfo, DropOutcome, EndOfCheckpoint, StaticInfo
 from softpage.driver import DriverOptions, MigrationSession, send_domain
 from softpage.errors import MigrationError
 from softpage.pfnset import PfnArray
 from softpage.sim.backend import SimBackend, SimFaults
 from softpage.sim.destination import DirectSink
 from softpage.sim.experiment import GuestShape, boot_guest
-from softpage.sim.guest import FinalBehaviour, PageKind, ReportBehaviour, SimGuest
+from softpage.sim.guest import DropBehaviour, FinalBehaviour, PageKind, ReportBehaviour, SimGuest
 from softpage.snapshot import SnapshotState
 
 SMALL = GuestShape(memory_mib=4, kernel_mib=1, min_free_mib=1)
@@ -156,6 +158,7 @@ def test_guest_without_module_gets_plain_precopy_and_a_warning() -> None:
     stats = send_domain(backend, sink, DriverOptions(), log)
     check_destination(backend, sink)
     assert len(stats.warnings) == 1 and "module not loaded" in stats.warnings[0]
+    assert stats.guest_drop_s is None and stats.guest_drop_outcome is None
     assert any(message.startswith("warning:") for message in log)
     assert stats.pages_xalloc == 0
     assert stats.rounds[0].pages_data == int(np.count_nonzero(guest.ram))
@@ -257,3 +260,94 @@ def test_snapshot_is_requested_after_the_harvest() -> None:
     assert order == ["request", "harvest", "request"]
     requests = backend.channel.requests
     assert requests == sorted(requests) and len(set(requests)) == len(requests)
+
+
+# -- the early drop ---------------------------------------------------------------------
+def test_early_drop_of_the_final_request_id_comes_before_the_final_request_and_the_suspend() -> None:
+    guest = small_guest()
+    backend = SimBackend(guest)
+    channel = backend.channel
+    order: list[str] = []
+    drop_caches, request_final, suspend = channel.drop_caches, channel.request_final, backend.suspend
+    dropped_at: list[float] = []
+
+    def logged_drop(drop_id: int, timeout: float) -> DropOutcome:
+        order.append("drop")
+        outcome = drop_caches(drop_id, timeout)
+        dropped_at.append(time.monotonic())
+        return outcome
+
+    def logged_request_final(request_id: int) -> None:
+        order.append("request_final")
+        request_final(request_id)
+
+    def logged_suspend() -> None:
+        order.append("suspend")
+        assert guest.pinned[guest.kind == PageKind.CACHE].all()  # only cache it cannot drop is left
+        suspend()
+
+    channel.drop_caches = logged_drop  # type: ignore[method-assign]
+    channel.request_final = logged_request_final  # type: ignore[method-assign]
+    backend.suspend = logged_suspend  # type: ignore[method-assign]
+    sink = DirectSink()
+    stats = send_domain(backend, sink, DriverOptions(drop_timeout=5.0), Messages())
+    check_destination(backend, sink)
+    assert order == ["drop", "request_final", "suspend"]
+    assert channel.drops == [channel.requests[-1]]
+    assert channel.drops[0] > max(channel.requests[:-1])
+    assert stats.guest_drop_outcome is DropOutcome.DONE and stats.guest_drop_s is not None
+    # The drop is not downtime: that starts at the suspend request, after it.
+    assert stats.suspend_requested_at is not None and stats.suspend_requested_at >= dropped_at[0]
+    assert stats.warnings == [] and stats.rounds[-1].snapshot_used
+
+
+def test_unanswered_early_drop_warns_and_the_migration_completes() -> None:
+    guest = small_guest()
+    guest.drop_behaviour = DropBehaviour.SILENT
+    backend, sink, log = SimBackend(guest), DirectSink(), Messages()
+    stats = send_domain(backend, sink, DriverOptions(drop_timeout=0.5), log)
+    check_destination(backend, sink)
+    assert stats.guest_drop_outcome is DropOutcome.TIMED_OUT
+    assert len(stats.warnings) == 1 and "early cache drop within 0.5 s" in stats.warnings[0]
+    assert any(message.startswith("warning:") and "early cache drop" in message for message in log)
+    assert backend.suspended and sink.ended
+    assert stats.rounds[-1].snapshot_used  # the guest dropped at freeze and held its free pages
+
+
+def test_old_module_is_not_asked_to_drop_and_gets_no_warning() -> None:
+    guest = small_guest()
+    guest.drop_behaviour = DropBehaviour.OLD_MODULE
+    backend, sink, log = SimBackend(guest), DirectSink(), Messages()
+    stats = send_domain(backend, sink, DriverOptions(), log)
+    check_destination(backend, sink)
+    assert stats.guest_drop_outcome is DropOutcome.UNSUPPORTED and backend.channel.drops == []
+    assert stats.warnings == []
+    assert [message for message in log if "early cache drop" in message] == [
+        f"domain {backend.domid}: the guest's softpage module predates the early cache drop: "
+        "it drops its caches at suspend, in the downtime"
+    ]
+
+
+def test_drop_timeout_zero_skips_the_early_drop() -> None:
+    guest = small_guest()
+    backend, sink = SimBackend(guest), DirectSink()
+    stats = send_domain(backend, sink, DriverOptions(drop_timeout=0.0), Messages())
+    check_destination(backend, sink)
+    assert backend.channel.drops == [] and guest.dropped == 0
+    assert stats.guest_drop_s is None and stats.guest_drop_outcome is None
+
+
+def test_pages_written_between_the_early_drop_and_the_suspend_are_sent() -> None:
+    guest = small_guest()
+
+    def read_back_and_write(guest: SimGuest) -> None:
+        guest.fill_cache(40)
+        guest.churn(40)
+        guest.dirty_in_use(40)
+
+    guest.after_drop = read_back_and_write
+    backend, sink = SimBackend(guest), DirectSink()
+    stats = send_domain(backend, sink, DriverOptions(), Messages())
+    check_destination(backend, sink)
+    assert stats.guest_drop_outcome is DropOutcome.DONE and stats.rounds[-1].pages_data > 0
+

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from softpage import bitmap
-from softpage.backend import PAGE_SIZE
+from softpage.backend import PAGE_SIZE, DropOutcome
 from softpage.driver import DriverOptions, send_domain
 from softpage.errors import BackendError, BitmapError, StreamError
 from softpage.pfnset import PfnSet
@@ -14,6 +14,7 @@ from softpage.sim.backend import SimBackend
 from softpage.sim.destination import DestinationMemory, DirectSink, page_data_record_bytes
 from softpage.sim.experiment import GuestShape, boot_guest, migrate
 from softpage.sim.guest import (
+    DropBehaviour,
     FinalBehaviour,
     PageKind,
     ReportBehaviour,
@@ -230,6 +231,89 @@ def test_stale_final_report_is_not_returned_for_the_final_request() -> None:
     assert guest.final_report is not None and guest.final_report.request_id == 4
 
 
+# -- the early drop ---------------------------------------------------------------------
+def test_early_drop_frees_unpinned_cache_and_slab_while_the_guest_runs() -> None:
+    guest = guest_with(free=10, cache=10, anon=10)
+    guest.grow_slab(4)
+    guest.pin_cache(3)
+    tokens = guest.tokens.copy()
+    backend = SimBackend(guest)
+    channel = backend.soft_channel()
+    assert channel is not None
+    channel.arm(True)
+    assert channel.drop_caches(5, timeout=1.0) is DropOutcome.DONE
+    assert guest.running and guest.dropped == 5 and backend.channel.drops == [5]
+    assert guest.count(PageKind.CACHE) == 3 and guest.pinned[guest.kind == PageKind.CACHE].all()
+    assert guest.count(PageKind.SLAB) == 0
+    assert guest.count(PageKind.FREE) == 6 + 7 + 4
+    assert np.array_equal(guest.tokens, tokens)  # dropping writes nothing
+    channel.request_final(5)
+    backend.enable_logdirty()
+    backend.suspend()
+    assert guest.count(PageKind.HELD) == 6 + 7 + 4
+
+
+def test_freeze_after_an_early_drop_holds_what_a_freeze_alone_holds() -> None:
+    held = []
+    for early_drop in (False, True):
+        guest = boot_guest(SMALL, 1, seed=3)
+        backend = SimBackend(guest)
+        backend.channel.arm(True)
+        if early_drop:
+            assert backend.channel.drop_caches(1, timeout=1.0) is DropOutcome.DONE
+        backend.channel.request_final(1)
+        backend.enable_logdirty()
+        backend.suspend()
+        held.append(backend.suspended_held)
+    assert held[0] == held[1] and held[0] is not None and held[0].count() > 0
+
+
+def test_an_unarmed_guest_answers_the_drop_without_dropping() -> None:
+    guest = guest_with(free=4, cache=6)
+    channel = SimBackend(guest).channel
+    assert channel.drop_caches(3, timeout=1.0) is DropOutcome.DONE
+    assert guest.count(PageKind.CACHE) == 6 and guest.dropped == 3
+
+
+def test_a_drop_id_not_above_the_last_answered_is_ignored() -> None:
+    guest = guest_with(free=4, cache=6)
+    channel = SimBackend(guest).channel
+    channel.arm(True)
+    assert channel.drop_caches(8, timeout=1.0) is DropOutcome.DONE
+    guest.fill_cache(3)
+    assert channel.drop_caches(7, timeout=1.0) is DropOutcome.TIMED_OUT
+    assert channel.drop_caches(8, timeout=1.0) is DropOutcome.DONE  # answered before
+    assert guest.count(PageKind.CACHE) == 3 and guest.dropped == 8
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "outcome", "asked"),
+    [
+        (DropBehaviour.SILENT, DropOutcome.TIMED_OUT, True),
+        (DropBehaviour.OLD_MODULE, DropOutcome.UNSUPPORTED, False),
+    ],
+)
+def test_silent_and_old_modules_drop_nothing(
+    behaviour: DropBehaviour, outcome: DropOutcome, asked: bool
+) -> None:
+    guest = guest_with(free=4, cache=6)
+    guest.drop_behaviour = behaviour
+    channel = SimBackend(guest).channel
+    channel.arm(True)
+    assert channel.drop_caches(2, timeout=1.0) is outcome
+    assert channel.drops == ([2] if asked else [])
+    assert guest.count(PageKind.CACHE) == 6 and guest.dropped == 0
+
+
+def test_a_suspended_guest_answers_no_drop() -> None:
+    guest = guest_with(free=4, cache=6)
+    backend = SimBackend(guest)
+    backend.channel.arm(True)
+    backend.enable_logdirty()
+    backend.suspend()
+    assert backend.channel.drop_caches(2, timeout=1.0) is DropOutcome.TIMED_OUT
+
+
 # -- destination rules -------------------------------------------------------------------
 def pages_for(tokens_and_pfns: list[tuple[int, int]]) -> memoryview:
     pages = np.zeros((len(tokens_and_pfns), 512), dtype=np.uint64)
@@ -318,7 +402,7 @@ def test_migrate_is_correct_and_pruning_sends_fewer_pages() -> None:
     link, workload = LinkModel(), Workload(dirty_pages_per_s=5000, churn_pages_per_s=500)
     plain = migrate(boot_guest(SMALL, 1, seed=4), False, link, workload)
     pruned = migrate(boot_guest(SMALL, 1, seed=4), True, link, workload)
-    assert plain.correct and pruned.correct
+    assert plain.correct and pruned.correct  # pruned: with the early drop, as by default
     assert plain.pages_xalloc == 0 and pruned.pages_xalloc > 0
     assert pruned.pages_data < plain.pages_data
     assert pruned.migration_s < plain.migration_s

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import pytest
 
 from softpage import abi, bitmap
+from softpage.backend import DropOutcome
 from softpage.errors import BackendError
 from softpage.pfnset import PfnSet
 from softpage.snapshot import SnapshotState, SoftSnapshot
@@ -139,6 +140,82 @@ def test_read_current_gives_up_on_a_guest_stuck_mid_publish(world: tuple) -> Non
     guest.begin_write()
     channel._clock, channel._sleep = fake_time()
     assert channel.read_current() is None
+
+
+# -- the early drop ------------------------------------------------------------
+DROP_ID = 1_700_000_000_000_000_000
+
+
+def recording_time(
+    on_sleep: Callable[[int], None] = lambda polls: None,
+) -> tuple[Callable[[], float], Callable[[float], None], list[float]]:
+    """``fake_time`` that also keeps every sleep; ``on_sleep`` gets how many there were so far."""
+    sleeps: list[float] = []
+    clock, advance = fake_time(lambda: on_sleep(len(sleeps)))
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        advance(seconds)
+
+    return clock, sleep, sleeps
+
+
+@pytest.mark.parametrize("feature", [None, "0", "2", " 1", "yes"])
+def test_drop_without_feature_drop_is_unsupported_and_writes_nothing(
+    world: tuple, feature: str | None
+) -> None:
+    lib, binding, store, _guest = world
+    channel, _ = connect(lib, binding, store)
+    assert channel is not None
+    if feature is not None:
+        store.write(f"{HOME}/feature-drop", feature)
+    channel._clock, channel._sleep, sleeps = recording_time()
+    before = store.snapshot()
+    assert channel.drop_caches(DROP_ID, timeout=1.0) is DropOutcome.UNSUPPORTED
+    assert store.snapshot() == before and sleeps == []
+
+
+def test_drop_is_done_when_the_guest_answers_the_id(world: tuple) -> None:
+    lib, binding, store, _guest = world
+    channel, _ = connect(lib, binding, store)
+    assert channel is not None
+    store.write(f"{HOME}/feature-drop", "1")
+    store.write(f"{HOME}/dropped", str(DROP_ID - 1))  # an earlier drop's answer
+
+    def answer_after_five_polls(polls: int) -> None:
+        assert store.read(f"{HOME}/drop") == str(DROP_ID)
+        if polls == 5:
+            store.write(f"{HOME}/dropped", str(DROP_ID))
+
+    channel._clock, channel._sleep, sleeps = recording_time(answer_after_five_polls)
+    assert channel.drop_caches(DROP_ID, timeout=30.0) is DropOutcome.DONE
+    assert len(sleeps) == 5
+    assert sleeps[0] == pytest.approx(0.01) and sleeps == sorted(sleeps) and max(sleeps) == pytest.approx(0.1)
+
+
+def test_drop_times_out_without_an_answer(world: tuple) -> None:
+    lib, binding, store, _guest = world
+    channel, _ = connect(lib, binding, store)
+    assert channel is not None
+    store.write(f"{HOME}/feature-drop", "1")
+    channel._clock, channel._sleep, sleeps = recording_time()
+    assert channel.drop_caches(DROP_ID, timeout=2.0) is DropOutcome.TIMED_OUT
+    assert store.read(f"{HOME}/drop") == str(DROP_ID)
+    assert sum(sleeps) == pytest.approx(2.0) and max(sleeps) == pytest.approx(0.1)
+    assert len(sleeps) < 30  # backed off: about 20 polls in two seconds, not 200
+
+
+@pytest.mark.parametrize(
+    "dropped", [f"{DROP_ID} ", f"0{DROP_ID}", f"{DROP_ID}0", str(DROP_ID - 1), "", "-1", "garbage"]
+)
+def test_a_malformed_or_other_dropped_value_is_not_an_answer(world: tuple, dropped: str) -> None:
+    lib, binding, store, _guest = world
+    channel, _ = connect(lib, binding, store)
+    assert channel is not None
+    store.write(f"{HOME}/feature-drop", "1")
+    store.write(f"{HOME}/dropped", dropped)
+    channel._clock, channel._sleep, _sleeps = recording_time()
+    assert channel.drop_caches(DROP_ID, timeout=0.5) is DropOutcome.TIMED_OUT
 
 
 def test_close_unmaps_and_closes_everything_once(world: tuple) -> None:

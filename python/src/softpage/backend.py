@@ -19,7 +19,10 @@ Call order, as the driver makes it::
 
 The guest's soft-page channel is a separate protocol, ``SoftPageChannel``:
 a backend for a guest without the module simply returns ``None`` from
-``soft_channel()``.
+``soft_channel()``. The driver uses it between the calls above: ``arm`` after
+``enable_logdirty``, ``request``/``read`` in each precopy round, and, right
+before ``suspend()``, ``drop_caches`` then ``request_final``; ``read`` of the
+final request once suspended.
 """
 
 from __future__ import annotations
@@ -165,6 +168,17 @@ class MigrationBackend(Protocol):
         ...
 
 
+class DropOutcome(enum.Enum):
+    """How the guest answered ``SoftPageChannel.drop_caches``."""
+
+    DONE = "done"
+    """The guest acknowledged the drop id: it dropped its caches if it was armed."""
+    UNSUPPORTED = "unsupported"
+    """The guest's module does not advertise ``feature-drop``: nothing was asked."""
+    TIMED_OUT = "timed-out"
+    """No acknowledgement within the timeout: the guest drops at suspend instead."""
+
+
 class SoftPageChannel(Protocol):
     """The guest side of docs/spec/guest-protocol.md, seen from dom0.
 
@@ -183,6 +197,17 @@ class SoftPageChannel(Protocol):
     def request_final(self, request_id: int) -> None:
         """Write ``request = request_id`` for the suspend-time report, without
         notifying: the guest answers it from its freeze callback."""
+        ...
+
+    def drop_caches(self, drop_id: int, timeout: float) -> DropOutcome:
+        """Ask the guest to drop its clean page cache and reclaimable slab now, while it
+        runs, and wait up to ``timeout`` seconds for its acknowledgement of ``drop_id``.
+
+        ``drop_id`` must be larger than every id used before for this domain (the
+        driver passes the final request id): the guest ignores one that is not.
+        An armed guest drops, an unarmed one only acknowledges. ``UNSUPPORTED``,
+        without writing anything, if the guest does not advertise ``feature-drop``.
+        """
         ...
 
     def read(self, request_id: int, timeout: float) -> bytes | None:

@@ -1,7 +1,9 @@
 """``softpage migrate`` and ``softpage save``: ``xl migrate`` / ``xl save`` with pruning.
 
-    softpage migrate [-s SSHCOMMAND] [-D] [--no-prune | --prune LIST] [--stats FILE] DOMAIN HOST
-    softpage save [-c] [-p] [--no-prune | --prune LIST] [--stats FILE] DOMAIN FILE
+    softpage migrate [-s SSHCOMMAND] [-D] [--no-prune | --prune LIST] [--stats FILE]
+                     [--drop-timeout SECONDS] DOMAIN HOST
+    softpage save [-c] [-p] [--no-prune | --prune LIST] [--stats FILE]
+                  [--drop-timeout SECONDS] DOMAIN FILE
 
 The receiving side is stock xl: ``xl migrate-receive`` (started as ``ssh HOST
 xl migrate-receive``, or the ``HOST`` command itself with ``-s ""``) and
@@ -75,6 +77,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help=f"stop and copy below N dirty pages (default {SPP_TARGET_DIRTY_COUNT}, as xl)")
     parser.add_argument("--snapshot-timeout", type=float, default=5.0, metavar="SECONDS",
                         help="how long to wait for each soft-page report (default 5)")
+    parser.add_argument("--drop-timeout", type=float, default=DriverOptions.drop_timeout, metavar="SECONDS",
+                        help="how long the guest may take to drop its caches while it still runs, right "
+                        f"before the suspend (default {DriverOptions.drop_timeout:g}; 0: no early drop, "
+                        "the guest drops them at suspend, in the downtime)")
     parser.add_argument("--suspend-timeout", type=float, default=60.0, metavar="SECONDS",
                         help="how long the guest may take to acknowledge and to suspend (default 60, "
                         "as libxl)")
@@ -100,6 +106,7 @@ def _driver_options(args: argparse.Namespace, live: bool) -> DriverOptions:
         prune=() if args.no_prune else args.prune,
         policy=PrecopyPolicy(max_iterations=args.max_iters, target_dirty_count=args.dirty_target),
         snapshot_timeout=args.snapshot_timeout,
+        drop_timeout=args.drop_timeout,
         live=live,
     )
 
@@ -221,6 +228,8 @@ def _totals(
         "stream_bytes": stream_bytes,
         "migration_s": round(elapsed, 3),
         "downtime_s": None if downtime is None else round(downtime, 3),
+        "guest_drop_s": None if stats.guest_drop_s is None else round(stats.guest_drop_s, 3),
+        "guest_drop_outcome": None if stats.guest_drop_outcome is None else stats.guest_drop_outcome.value,
         "sender_cpu_s": round(stats.sender_cpu_s, 3),
         "warnings": stats.warnings,
     }
@@ -238,9 +247,10 @@ def _write_stats(path: str | None, stats: MigrationStats, stream_bytes: int, ela
 
 def _summary(stats: MigrationStats, stream_bytes: int, elapsed: float, downtime: float | None) -> str:
     downtime_text = "" if downtime is None else f", downtime {downtime:.2f} s"
+    drop_text = "" if stats.guest_drop_s is None else f", early cache drop {stats.guest_drop_s:.2f} s"
     return (
         f"softpage: {len(stats.rounds)} rounds, {stats.pages_data} pages with data, "
         f"{stats.pages_xalloc} as XALLOC, {stats.pages_skipped} skipped soft; "
-        f"{stream_bytes / MIB:.1f} MiB in {elapsed:.1f} s{downtime_text}, "
+        f"{stream_bytes / MIB:.1f} MiB in {elapsed:.1f} s{downtime_text}{drop_text}, "
         f"sender CPU {stats.sender_cpu_s:.1f} s"
     )

@@ -18,6 +18,7 @@ from softpage import abi
 from softpage.backend import (
     PAGE_SIZE,
     DomainInfo,
+    DropOutcome,
     EndOfCheckpoint,
     GuestType,
     SoftPageChannel,
@@ -55,6 +56,8 @@ class SimSoftChannel:
     def __init__(self, guest: SimGuest) -> None:
         self.guest = guest
         self.requests: list[int] = []
+        self.drops: list[int] = []
+        """The ``drop`` ids written, in order (none to a guest without ``feature-drop``)."""
 
     def arm(self, armed: bool) -> None:
         self.guest.armed = armed
@@ -66,6 +69,13 @@ class SimSoftChannel:
     def request_final(self, request_id: int) -> None:
         self.requests.append(request_id)
         self.guest.request_value = request_id
+
+    def drop_caches(self, drop_id: int, timeout: float) -> DropOutcome:
+        if not self.guest.feature_drop:
+            return DropOutcome.UNSUPPORTED
+        self.drops.append(drop_id)
+        self.guest.answer_drop(drop_id)
+        return DropOutcome.DONE if self.guest.dropped == drop_id else DropOutcome.TIMED_OUT
 
     def read(self, request_id: int, timeout: float) -> bytes | None:
         published = self.guest.published

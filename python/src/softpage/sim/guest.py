@@ -7,13 +7,16 @@ one was copied from the other; ``SimBackend.read_pages`` puts the token and the
 PFN in the first two words of the page it returns.
 
 The module side follows docs/spec/guest-protocol.md: a request is answered by
-a scan published in the real binary format (``bitmap.encode``). At an armed
-suspend the module drops clean cache and reclaimable slab in ``.freeze``; its
+a scan published in the real binary format (``bitmap.encode``). Right before
+the suspend request dom0 may ask for an early drop: an armed module drops
+clean cache and reclaimable slab while the guest still runs, and answers.
+At an armed suspend the module drops them (again) in ``.freeze``; its
 syscore suspend callback, the guest's last step before the suspend hypercall,
 then publishes FINAL with every page free at that instant as HELD. Nothing can
 allocate between that scan and the suspend, so held pages stay untouched until
-the guest runs again. ``ReportBehaviour`` and ``FinalBehaviour`` make it
-misbehave the ways a real guest can (late, lagging, lying, malformed).
+the guest runs again. ``ReportBehaviour``, ``DropBehaviour`` and
+``FinalBehaviour`` make it misbehave the ways a real guest can (late, lagging,
+lying, malformed, silent, older).
 
 Everything is vectorised over numpy arrays: a 2 GiB guest (524,288 PFNs) is
 one ``uint64`` and one ``uint8`` array, and no operation loops over pages in
@@ -81,6 +84,17 @@ class ReportBehaviour(enum.Enum):
     """Leave the generation odd (a writer that never finished)."""
 
 
+class DropBehaviour(enum.Enum):
+    """How the module answers dom0's early drop."""
+
+    PROMPT = "prompt"
+    """Drop if armed, then answer ``dropped`` with the id (the protocol)."""
+    SILENT = "silent"
+    """Advertise ``feature-drop`` but never drop nor answer: dom0's wait times out."""
+    OLD_MODULE = "old-module"
+    """A module from before the early drop: no ``feature-drop``, so dom0 does not ask."""
+
+
 class FinalBehaviour(enum.Enum):
     """How the module behaves at an armed suspend."""
 
@@ -136,11 +150,17 @@ class SimGuest:
         self.request_value = 0
         self.generation = 0
         self.published: bytes | None = None
+        self.dropped = 0
+        """The newest early drop id the module answered (its ``dropped`` key)."""
         self.report_behaviour = ReportBehaviour.PROMPT
+        self.drop_behaviour = DropBehaviour.PROMPT
         self.final_behaviour = FinalBehaviour.PROMPT
         self.after_scan: GuestActivity | None = None
         """Runs after a scan and before its publication: pages reported soft
         are reallocated and written meanwhile."""
+        self.after_drop: GuestActivity | None = None
+        """Runs after an early drop was asked for, before the suspend request: the
+        guest reads files back and writes while dom0 gets on with the suspend."""
         self.after_freeze: GuestActivity | None = None
         """Runs after the FINAL report, before the domain is suspended: the
         kernel's own late writes on the rest of the suspend path."""
@@ -332,20 +352,48 @@ class SimGuest:
             torn=behaviour is ReportBehaviour.TORN,
         )
 
+    # -- the module: drops -------------------------------------------------
+    @property
+    def feature_drop(self) -> bool:
+        """The module advertises ``feature-drop = 1``."""
+        return self.module_loaded and self.drop_behaviour is not DropBehaviour.OLD_MODULE
+
+    def answer_drop(self, drop_id: int) -> None:
+        """The module read ``drop = drop_id`` after its watch fired, then ``after_drop`` runs.
+
+        A running guest answers an id larger than the last one it answered:
+        it drops if armed, and writes ``dropped`` either way. Once frozen it
+        answers nothing.
+        """
+        if not self.running or self.frozen:
+            return
+        if self.module_loaded and self.drop_behaviour is DropBehaviour.PROMPT and drop_id > self.dropped:
+            if self.armed:
+                self.drop_reclaimable()
+            self.dropped = drop_id
+        if self.after_drop is not None:
+            self.after_drop(self)
+
+    def drop_reclaimable(self) -> None:
+        """The module's drop (``drop_caches``): clean, unpinned cache and
+        reclaimable slab become free, their contents unwritten."""
+        droppable = ((self.kind == PageKind.CACHE) & ~self.pinned) | (self.kind == PageKind.SLAB)
+        self.kind[droppable] = PageKind.FREE
+
     # -- the module: suspend -------------------------------------------------
     def freeze(self) -> None:
         """The module at an armed suspend, both of its steps back to back.
 
         ``dev_pm_ops.freeze`` (user space is frozen, the kernel still runs)
-        drops clean, unpinned cache and reclaimable slab. The syscore suspend
-        callback (one CPU, interrupts off, the last step before the suspend
-        hypercall) then publishes FINAL with every free page as HELD.
+        drops clean, unpinned cache and reclaimable slab (``drop_reclaimable``).
+        The syscore suspend callback (one CPU, interrupts off, the last step
+        before the suspend hypercall) then publishes FINAL with every free page
+        as HELD.
         """
         if not self.module_loaded or not self.armed:
             return
         self.frozen = True
-        droppable = ((self.kind == PageKind.CACHE) & ~self.pinned) | (self.kind == PageKind.SLAB)
-        self.kind[droppable] = PageKind.FREE
+        self.drop_reclaimable()
         self.kind[self.kind == PageKind.FREE] = PageKind.HELD
         held = self.kind == PageKind.HELD
         behaviour = self.final_behaviour

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from softpage.backend import PAGE_SIZE, DomainInfo, EndOfCheckpoint, GuestType, StaticInfo
+from softpage.backend import DomainInfo, EndOfCheckpoint, GuestType, StaticInfo
 from softpage.errors import BackendError
 from softpage.pfnset import PfnArray, PfnSet
 from softpage.xen._binding import XenBinding, load_binding

@@ -14,22 +14,30 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
 from softpage import abi
+from softpage.backend import DropOutcome
 from softpage.errors import BackendError
 from softpage.xenstore import XenStore
 
 PROTOCOL_VERSION = "1"
 READY = "ready"
+FEATURE_DROP = "1"
+"""``feature-drop`` when the guest answers ``drop``; any other value, or none, means it does not."""
 MAX_U32 = (1 << 32) - 1
 POLL_INTERVALS = (0.001, 0.005, 0.02, 0.05)
 """Seconds between header polls while waiting: quick at first (the guest
 usually answers within a scan), then gentle on a 2-core dom0."""
+DROP_POLL_INTERVALS = (0.01, 0.02, 0.05, 0.1)
+"""Seconds between reads of ``dropped``: a drop takes up to seconds, and every
+xenstore read is a round trip to xenstored, slow in an emulated dom0."""
 TORN_RETRIES = 8
 """Copies ``read_current`` tries before giving up on a guest mid-publish."""
+
+ResultT = TypeVar("ResultT")
 
 
 def softpage_home(domid: int) -> str:
@@ -238,20 +246,29 @@ class XenSoftPageChannel:
     def request_final(self, request_id: int) -> None:
         self._store.write(f"{self._home}/request", str(request_id))
 
+    def drop_caches(self, drop_id: int, timeout: float) -> DropOutcome:
+        if self._store.read(f"{self._home}/feature-drop") != FEATURE_DROP:
+            return DropOutcome.UNSUPPORTED
+        answer = str(drop_id)
+        self._store.write(f"{self._home}/drop", answer)
+
+        def acknowledged() -> DropOutcome | None:
+            # Anything else, malformed included, means "not answered yet".
+            return DropOutcome.DONE if self._store.read(f"{self._home}/dropped") == answer else None
+
+        outcome = self._poll(acknowledged, timeout, DROP_POLL_INTERVALS)
+        return DropOutcome.TIMED_OUT if outcome is None else outcome
+
     def read(self, request_id: int, timeout: float) -> bytes | None:
         header, _bitmaps = self._mappings()
-        deadline = self._clock() + timeout
-        attempt = 0
-        while True:
-            if _request_id(header.view) == request_id:
-                copy = self._consistent_copy()
-                if copy is not None and _request_id(memoryview(copy)) == request_id:
-                    return copy
-            remaining = deadline - self._clock()
-            if remaining <= 0:
+
+        def answered() -> bytes | None:
+            if _request_id(header.view) != request_id:
                 return None
-            self._sleep(min(remaining, POLL_INTERVALS[min(attempt, len(POLL_INTERVALS) - 1)]))
-            attempt += 1
+            copy = self._consistent_copy()
+            return copy if copy is not None and _request_id(memoryview(copy)) == request_id else None
+
+        return self._poll(answered, timeout, POLL_INTERVALS)
 
     def read_current(self) -> bytes | None:
         for _attempt in range(TORN_RETRIES):
@@ -286,6 +303,21 @@ class XenSoftPageChannel:
         if self._header is None or self._bitmaps is None:
             raise BackendError(f"dom {self.domid}: soft-page channel used after close()")
         return self._header, self._bitmaps
+
+    def _poll(
+        self, attempt: Callable[[], ResultT | None], timeout: float, intervals: tuple[float, ...]
+    ) -> ResultT | None:
+        """``attempt()`` until it returns something other than None, sleeping ``intervals``
+        in between (the last one repeats); None once ``timeout`` seconds have passed."""
+        deadline = self._clock() + timeout
+        tries = 0
+        while (result := attempt()) is None:
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                return None
+            self._sleep(min(remaining, intervals[min(tries, len(intervals) - 1)]))
+            tries += 1
+        return result
 
     def _consistent_copy(self) -> bytes | None:
         """Header page + bitmap pages under the generation seqlock, or None if torn."""

@@ -1,0 +1,40 @@
+"""``softpage migrate`` / ``save`` options and statistics that need no Xen: ``--drop-timeout``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from softpage.backend import DropOutcome
+from softpage.cli.main import build_parser
+from softpage.cli.migrate import _driver_options, _summary, _totals
+from softpage.driver import DriverOptions, MigrationStats
+
+
+@pytest.mark.parametrize(
+    ("argv", "live"),
+    [(["migrate", "guest", "host"], True), (["save", "guest", "guest.save"], False)],
+)
+def test_drop_timeout_reaches_the_driver_options(argv: list[str], live: bool) -> None:
+    parser = build_parser()
+    default = _driver_options(parser.parse_args(argv), live)
+    assert default.drop_timeout == DriverOptions().drop_timeout == 30.0
+    command, *rest = argv
+    off = _driver_options(parser.parse_args([command, "--drop-timeout", "0", *rest]), live)
+    assert off.drop_timeout == 0.0 and off.live is live
+
+
+def test_totals_and_summary_report_the_early_drop() -> None:
+    stats = MigrationStats(domid=3, guest_drop_s=4.2512, guest_drop_outcome=DropOutcome.TIMED_OUT)
+    totals = json.loads(json.dumps(_totals(stats, 0, 10.0, 0.5)))
+    assert (totals["guest_drop_s"], totals["guest_drop_outcome"]) == (4.251, "timed-out")
+    assert totals["downtime_s"] == 0.5
+    assert "downtime 0.50 s, early cache drop 4.25 s" in _summary(stats, 0, 10.0, 0.5)
+
+
+def test_totals_and_summary_without_an_early_drop() -> None:
+    stats = MigrationStats(domid=3)
+    totals = _totals(stats, 0, 10.0, None)
+    assert totals["guest_drop_s"] is None and totals["guest_drop_outcome"] is None
+    assert "early cache drop" not in _summary(stats, 0, 10.0, None)
