@@ -10,9 +10,10 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 
 from softpage import abi, bitmap
+from softpage.categories import Category
 from softpage.errors import BitmapError
 from softpage.pfnset import PfnSet
-from softpage.snapshot import Category, SnapshotState, SoftSnapshot
+from softpage.snapshot import SnapshotState, SoftSnapshot
 
 # Up to four bitmap pages per category keeps an example under 70 KiB while
 # still crossing page boundaries and partial last pages.

@@ -32,7 +32,9 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from softpage.driver import DriverOptions, MigrationSession
+from softpage.categories import Category
+from softpage.driver import MigrationSession
+from softpage.options import DriverOptions
 from softpage.pfnset import PfnArray, PfnSet
 from softpage.planner import RoundPlan, RoundPlanner
 from softpage.sim.backend import SimBackend
@@ -45,7 +47,7 @@ from softpage.sim.guest import (
     mask_from_pfnset,
 )
 from softpage.sim.stream import RestoreSink
-from softpage.snapshot import Category, SoftSnapshot
+from softpage.snapshot import SoftSnapshot
 
 STEPS = 25
 pages = st.integers(min_value=1, max_value=24)

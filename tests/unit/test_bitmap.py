@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from softpage import abi, bitmap
+from softpage.categories import Category
 from softpage.errors import BitmapError
 from softpage.pfnset import PfnSet
-from softpage.snapshot import Category, SnapshotState, SoftSnapshot
+from softpage.snapshot import SnapshotState, SoftSnapshot
 
 NR_PFNS = 40_000  # two bitmap pages per category, the second one partly beyond nr_pfns
 P2M_SIZE = 50_000

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from softpage.backend import DropOutcome
-from softpage.cli.main import build_parser
+from softpage.cli.main import _modules_needed, build_parser
 from softpage.cli.migrate import _driver_options, _summary, _totals
-from softpage.driver import DriverOptions, MigrationStats
+from softpage.driver import MigrationStats
+from softpage.options import DriverOptions
 
 
 @pytest.mark.parametrize(
@@ -17,7 +20,7 @@ from softpage.driver import DriverOptions, MigrationStats
     [(["migrate", "guest", "host"], True), (["save", "guest", "guest.save"], False)],
 )
 def test_drop_timeout_reaches_the_driver_options(argv: list[str], live: bool) -> None:
-    parser = build_parser()
+    parser = build_parser(argv)
     default = _driver_options(parser.parse_args(argv), live)
     assert default.drop_timeout == DriverOptions().drop_timeout == 30.0
     command, *rest = argv
@@ -38,3 +41,18 @@ def test_totals_and_summary_without_an_early_drop() -> None:
     totals = _totals(stats, 0, 10.0, None)
     assert totals["guest_drop_s"] is None and totals["guest_drop_outcome"] is None
     assert "early cache drop" not in _summary(stats, 0, 10.0, None)
+
+
+def test_a_named_subcommand_loads_only_its_own_module() -> None:
+    # the other modules import numpy, which costs seconds in an emulated dom0
+    assert _modules_needed(["--debug", "migrate", "-s", "", "guest", "host"]) == ["softpage.cli.migrate"]
+    assert _modules_needed(["save", "guest", "file"]) == ["softpage.cli.migrate"]
+    everything = ["softpage.cli.inspect", "softpage.cli.simulate", "softpage.cli.migrate"]
+    assert _modules_needed(["--help"]) == _modules_needed(["nonsense"]) == everything
+
+
+def test_softpage_migrate_starts_without_numpy() -> None:
+    probe = ("import sys; from softpage.cli.main import build_parser; build_parser(['migrate']); "
+             "print('numpy' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

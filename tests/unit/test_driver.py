@@ -10,8 +10,9 @@ import pytest
 
 from softpage import bitmap
 from softpage.backend import DomainInfo, DropOutcome, EndOfCheckpoint, StaticInfo
-from softpage.driver import DriverOptions, MigrationSession, send_domain
+from softpage.driver import MigrationSession, send_domain
 from softpage.errors import MigrationError
+from softpage.options import DriverOptions
 from softpage.pfnset import PfnArray
 from softpage.sim.backend import SimBackend, SimFaults
 from softpage.sim.destination import DirectSink

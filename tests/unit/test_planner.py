@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import pytest
 
+from softpage.categories import Category
 from softpage.errors import PlannerError
 from softpage.pfnset import PfnSet
 from softpage.planner import RoundPlan, RoundPlanner, SentPages
-from softpage.snapshot import Category, SnapshotState, SoftSnapshot
+from softpage.snapshot import SnapshotState, SoftSnapshot
 
 P2M = 64
 EMPTY = PfnSet.empty(P2M)

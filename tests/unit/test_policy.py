@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from softpage.driver import DriverOptions, send_domain
+from softpage.driver import send_domain
+from softpage.options import DriverOptions
 from softpage.policy import (
     SPP_MAX_ITERATIONS,
     SPP_TARGET_DIRTY_COUNT,

@@ -7,8 +7,9 @@ import pytest
 
 from softpage import bitmap
 from softpage.backend import PAGE_SIZE, DropOutcome
-from softpage.driver import DriverOptions, send_domain
+from softpage.driver import send_domain
 from softpage.errors import BackendError, BitmapError, StreamError
+from softpage.options import DriverOptions
 from softpage.pfnset import PfnSet
 from softpage.sim.backend import SimBackend
 from softpage.sim.destination import DestinationMemory, DirectSink, page_data_record_bytes

@@ -33,9 +33,10 @@ import numpy as np
 import numpy.typing as npt
 
 from softpage import abi
+from softpage.categories import Category
 from softpage.errors import BitmapError
 from softpage.pfnset import PfnSet
-from softpage.snapshot import Category, SnapshotState, SoftSnapshot
+from softpage.snapshot import SnapshotState, SoftSnapshot
 
 BytesLike = bytes | bytearray | memoryview
 Octets = npt.NDArray[np.uint8]

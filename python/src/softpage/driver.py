@@ -35,10 +35,11 @@ from softpage.backend import (
     StaticInfo,
 )
 from softpage.errors import BitmapError, MigrationError, SoftpageError
+from softpage.options import DriverOptions
 from softpage.pfnset import PfnArray, PfnSet
 from softpage.planner import RoundPlan, RoundPlanner, SentPages
 from softpage.policy import Decision, PrecopyPolicy, PrecopyStats
-from softpage.snapshot import PRUNABLE, Category, SoftSnapshot
+from softpage.snapshot import SoftSnapshot
 from softpage.stream.records import PFINFO_SHIFT, PageType
 
 MAX_BATCH_SIZE = 1024
@@ -60,22 +61,6 @@ class PageSink(Protocol):
     def end(self, end_of_checkpoint: EndOfCheckpoint) -> None:
         """Write the post-memory records and the END records."""
         ...
-
-
-@dataclass(frozen=True)
-class DriverOptions:
-    prune: tuple[Category, ...] = PRUNABLE
-    """Categories skipped in precopy rounds; empty means plain precopy (``--no-prune``)."""
-    policy: PrecopyPolicy = field(default_factory=PrecopyPolicy)
-    snapshot_timeout: float = 5.0
-    """Seconds to wait for each precopy snapshot before sending that round in full."""
-    final_snapshot_timeout: float = 2.0
-    """Seconds to wait for the FINAL report once the domain is suspended."""
-    drop_timeout: float = 30.0
-    """Seconds to wait for the guest's early drop of its caches, asked for right before the
-    suspend request so that the drop is not downtime; 0: no early drop (the guest drops at suspend)."""
-    live: bool = True
-    """False: suspend first and send everything once (``xl save`` without live)."""
 
 
 @dataclass

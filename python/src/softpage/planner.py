@@ -29,9 +29,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from softpage.categories import PRUNABLE, Category
 from softpage.errors import PlannerError
 from softpage.pfnset import PfnSet
-from softpage.snapshot import PRUNABLE, Category, SnapshotState, SoftSnapshot
+from softpage.snapshot import SnapshotState, SoftSnapshot
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ import numpy as np
 import numpy.typing as npt
 
 from softpage.backend import DomainInfo, EndOfCheckpoint, MigrationBackend, StaticInfo
-from softpage.driver import DriverOptions, Log, MigrationStats, Progress, send_domain
+from softpage.driver import Log, MigrationStats, Progress, send_domain
 from softpage.errors import MigrationError, SoftpageError
+from softpage.options import DriverOptions
 from softpage.pfnset import PfnArray
 from softpage.stream import handshake
 from softpage.stream.handshake import Handover, HandoverOutcome, HandshakeTimeouts

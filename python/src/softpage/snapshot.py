@@ -9,20 +9,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from softpage.categories import Category
 from softpage.pfnset import PfnSet
-
-
-class Category(enum.IntEnum):
-    """Bitmap categories; values are SOFTPAGE_CAT_* of guest_kmod/uapi/softpage_abi.h."""
-
-    FREE = 0
-    CACHE = 1
-    SLAB = 2
-    HELD = 3
-
-
-PRUNABLE = (Category.FREE, Category.CACHE, Category.SLAB)
-"""The categories a user may choose to prune in precopy rounds (``--prune``)."""
 
 
 class SnapshotState(enum.IntEnum):

@@ -32,9 +32,10 @@ import numpy.typing as npt
 
 from softpage import abi, bitmap
 from softpage.bitmap import BytesLike
+from softpage.categories import PRUNABLE, Category
 from softpage.errors import BitmapError, GuestProtocolError
 from softpage.pfnset import PfnSet
-from softpage.snapshot import PRUNABLE, Category, SoftSnapshot
+from softpage.snapshot import SoftSnapshot
 
 DEFAULT_WIDTH = 64
 DEFAULT_ROWS = 32

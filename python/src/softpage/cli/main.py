@@ -23,14 +23,17 @@ from collections.abc import Sequence
 from softpage import __version__
 from softpage.errors import SoftpageError
 
-SUBCOMMAND_MODULES = (
-    "softpage.cli.inspect",
-    "softpage.cli.simulate",
-    "softpage.cli.migrate",
-)
+SUBCOMMAND_MODULES = {
+    "inspect": "softpage.cli.inspect",
+    "simulate": "softpage.cli.simulate",
+    "migrate": "softpage.cli.migrate",
+    "save": "softpage.cli.migrate",
+}
+"""Which module registers each subcommand. A command line that names one loads only that module:
+the others import numpy, which takes seconds in an emulated dom0."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="softpage",
         description="Soft-page pruning for Xen live migration.",
@@ -38,13 +41,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"softpage {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in SUBCOMMAND_MODULES:
+    for name in _modules_needed(sys.argv[1:] if argv is None else argv):
         importlib.import_module(name).register(subparsers)
     return parser
 
 
+def _modules_needed(argv: Sequence[str]) -> list[str]:
+    """The module of the subcommand named first on the command line, or every module (for
+    ``--help``, a usage error, or an unknown command, which argparse then reports)."""
+    for word in argv:
+        if not word.startswith("-"):
+            if word in SUBCOMMAND_MODULES:
+                return [SUBCOMMAND_MODULES[word]]
+            break
+    return list(dict.fromkeys(SUBCOMMAND_MODULES.values()))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

@@ -18,15 +18,21 @@ import os
 import sys
 import time
 from dataclasses import asdict
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from softpage import toolstack
-from softpage.driver import DriverOptions, MigrationStats, RoundStats
+from softpage.categories import PRUNABLE, Category
 from softpage.errors import SoftpageError
+from softpage.options import DriverOptions
 from softpage.policy import SPP_MAX_ITERATIONS, SPP_TARGET_DIRTY_COUNT, PrecopyPolicy
-from softpage.sender import migrate_domain, save_domain
-from softpage.snapshot import PRUNABLE, Category
 from softpage.stream.handshake import ReceiverProcess
+
+if TYPE_CHECKING:
+    from softpage.driver import MigrationStats, RoundStats
+
+# The sender, the driver and the Xen bindings (numpy, cffi) are imported where they are used:
+# in an emulated dom0 they take seconds to load, and `softpage migrate` starts the receiver
+# first so that its start-up (ssh, xl migrate-receive) runs meanwhile.
 
 MIB = 1024 * 1024
 
@@ -122,20 +128,25 @@ def _backend(args: argparse.Namespace, domid: int) -> Any:
 
 def run_migrate(args: argparse.Namespace) -> int:
     domid = toolstack.domain_id(args.domain)
-    name = toolstack.domain_name(domid)
-    config = toolstack.domain_config_json(domid, preserve_domid=args.preserve_domid)
     rune = args.host if not args.ssh_command else f"exec {args.ssh_command} {args.host} xl migrate-receive"
     log = _logger(sys.stderr)
-    backend = _backend(args, domid)
-    started = time.monotonic()
+    backend = None
     try:
+        # As early as the domain is known to exist: the receiver starts up while we do.
         with ReceiverProcess(["sh", "-c", rune]) as receiver:
+            name = toolstack.domain_name(domid)
+            config = toolstack.domain_config_json(domid, preserve_domid=args.preserve_domid)
+            from softpage.sender import migrate_domain
+
+            backend = _backend(args, domid)
+            started = time.monotonic()
             result = migrate_domain(
                 backend, _Receiver(receiver), config, name, toolstack.rename,
                 _driver_options(args, live=True), log, None if args.quiet else _progress(sys.stderr),
             )
     finally:
-        _cleanup(backend, log)
+        if backend is not None:
+            _cleanup(backend, log)
     log("migration sender: Target reports successful startup.")
     toolstack.destroy(domid)
     stats = result.send.stats
@@ -150,6 +161,8 @@ def run_save(args: argparse.Namespace) -> int:
     domid = toolstack.domain_id(args.domain)
     config = toolstack.domain_config_json(domid)
     log = _logger(sys.stderr)
+    from softpage.sender import save_domain
+
     backend = _backend(args, domid)
     started = time.monotonic()
     try:

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from softpage.backend import PAGE_SIZE
-from softpage.driver import DriverOptions, MigrationStats, RoundStats, send_domain
+from softpage.driver import MigrationStats, RoundStats, send_domain
 from softpage.errors import BackendError
+from softpage.options import DriverOptions
 from softpage.sim.backend import SimBackend
 from softpage.sim.destination import DirectSink
 from softpage.sim.guest import PageKind, SimGuest
