@@ -82,6 +82,9 @@ class Run:
     guest_drop_ms: float | None
     """The module's cache drop at .freeze (its drop_ns counter after the migration)."""
     guest_final_scan_ms: float | None
+    early_drop_s: float | None
+    """softpage's wait for the guest's early cache drop, right before the suspend request (not
+    downtime): the guest_drop_s of its totals record."""
     """The module's final scan, interrupts off, just before the suspend (final_scan_ns)."""
 
 
@@ -126,12 +129,14 @@ def to_run(anon_mb: int, cache_mb: int, method: str, repetition: int, measured: 
     send, recv, tap = measured["send"], measured["recv"], measured["tap"]
     assert isinstance(send, dict) and isinstance(recv, dict) and isinstance(tap, dict)
     stats = measured.get("stats")
-    rounds = scan_ms = None
+    rounds = scan_ms = early_drop_s = None
     if isinstance(stats, list):
         per_round = [record for record in stats if not record.get("totals")]
         rounds = len(per_round)
         scans = [record["guest_scan_ms"] for record in per_round[:-1] if record.get("guest_scan_ms")]
         scan_ms = statistics.median(scans) if scans else None
+        totals = [record for record in stats if record.get("totals")]
+        early_drop_s = totals[0].get("guest_drop_s") if totals else None
     counters = measured.get("guest_counters")
     guest_ms = ({name: int(value) / 1e6 for name, value in counters.items()}
                 if isinstance(counters, dict) else {})
@@ -142,6 +147,7 @@ def to_run(anon_mb: int, cache_mb: int, method: str, repetition: int, measured: 
         stream_bytes=int(tap["stream_bytes"]), pages_data=int(tap["pages_data"]),
         pages_xalloc=int(tap["pages_xalloc"]), rounds=rounds, guest_scan_ms=scan_ms,
         guest_drop_ms=guest_ms.get("drop_ns"), guest_final_scan_ms=guest_ms.get("final_scan_ns"),
+        early_drop_s=early_drop_s,
     )
 
 
@@ -212,7 +218,7 @@ def summarise(runs: list[Run]) -> list[dict[str, object]]:
             chosen = [run for run in runs if run.anon_mb == anon_mb and run.method == method]
             row: dict[str, object] = {"anon_mb": anon_mb, "method": method, "runs": len(chosen)}
             for field in ("pages_data", "stream_bytes", "wall_s", "downtime_s", "suspended_s", "sender_cpu_s",
-                          "rounds", "guest_scan_ms", "guest_drop_ms", "guest_final_scan_ms"):
+                          "rounds", "guest_scan_ms", "early_drop_s", "guest_drop_ms", "guest_final_scan_ms"):
                 row[field] = median(chosen, field)
                 base = median(stock, field)
                 if field in ("pages_data", "stream_bytes", "wall_s", "downtime_s", "sender_cpu_s"):
@@ -231,9 +237,9 @@ def markdown(rows: list[dict[str, object]], header: str) -> str:
 
     lines = [header, "",
              "| user MB | method | pages with data | x stock | MiB sent | time s | x stock | downtime s "
-             "| x stock | suspended s | sender CPU s | rounds | guest scan ms | guest drop ms "
-             "| guest final scan ms |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| x stock | suspended s | sender CPU s | rounds | guest scan ms | early drop s "
+             "| guest drop at suspend ms | guest final scan ms |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         mib = row["stream_bytes"] / 2**20 if isinstance(row["stream_bytes"], float | int) else None
         lines.append(
@@ -242,8 +248,8 @@ def markdown(rows: list[dict[str, object]], header: str) -> str:
             f"{cell(row['wall_s_vs_stock'])} | {cell(row['downtime_s'])} | "
             f"{cell(row['downtime_s_vs_stock'])} | {cell(row['suspended_s'])} | "
             f"{cell(row['sender_cpu_s'], 1)} | "
-            f"{cell(row['rounds'], 0)} | {cell(row['guest_scan_ms'], 1)} | {cell(row['guest_drop_ms'], 1)} | "
-            f"{cell(row['guest_final_scan_ms'], 1)} |")
+            f"{cell(row['rounds'], 0)} | {cell(row['guest_scan_ms'], 1)} | {cell(row['early_drop_s'])} | "
+            f"{cell(row['guest_drop_ms'], 1)} | {cell(row['guest_final_scan_ms'], 1)} |")
     return "\n".join(lines) + "\n"
 
 

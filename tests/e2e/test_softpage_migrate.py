@@ -96,6 +96,8 @@ def test_softpage_migrate_prunes_and_the_guest_survives_repeatedly(xen_pvh_testb
         assert int(totals["pages_xalloc"]) > 2048, (attempt, totals)  # type: ignore[call-overload]
         assert rounds[0]["snapshot_used"], (attempt, rounds[0])
         assert rounds[-1]["kind"] == "final"
+        # The guest dropped its cache while it still ran, before the suspend request.
+        assert totals["guest_drop_outcome"] == "done", (attempt, totals)
         assert_survived(guest, heartbeat)
         assert domid(guest) != source_domid
         # The module re-published under the new domain, with fresh grants: the next round uses it.
@@ -154,11 +156,13 @@ def test_failed_migrations_leave_the_guest_running_on_the_source(xen_pvh_testbed
     assert domid(guest) == source_domid
     assert_survived(guest, heartbeat)
 
-    # A paused guest cannot answer: no soft-page reports (plain rounds) and no suspend ack.
+    # A paused guest cannot answer: no soft-page reports (plain rounds), no early cache drop
+    # and no suspend ack.
     xen_pvh_testbed.run(["xl", "pause", guest.name], check=True)
     result = softpage(xen_pvh_testbed, "migrate", "-s", "", "--snapshot-timeout", "1",
-                      "--suspend-timeout", "10", guest.name, LOCALHOST_RECEIVER)
+                      "--drop-timeout", "2", "--suspend-timeout", "10", guest.name, LOCALHOST_RECEIVER)
     assert result.rc == 1, (result.rc, result.stderr)
+    assert "no answer to the early cache drop within 2 s" in result.stderr, result.stderr
     assert re.search(r"acknowledg|suspend", result.stderr), result.stderr
     xen_pvh_testbed.run(["xl", "unpause", guest.name], check=True)
     heartbeat = guest.heartbeat()

@@ -20,6 +20,7 @@ def run(method: str, repetition: int, **changes: object) -> xen_bench.Run:
         downtime_s=None, suspended_s=None, sender_cpu_s=12.25, stream_bytes=3 << 20, pages_data=700,
         pages_xalloc=65000,
         rounds=None, guest_scan_ms=None, guest_drop_ms=None, guest_final_scan_ms=None,
+        early_drop_s=None,
     )
     return dataclasses.replace(measured, **changes)  # type: ignore[arg-type]
 
@@ -27,7 +28,7 @@ def run(method: str, repetition: int, **changes: object) -> xen_bench.Run:
 def test_appended_runs_load_back_equal(tmp_path: Path) -> None:
     path = tmp_path / "runs.csv"
     pruned = run("prune", 0, downtime_s=0.75, rounds=3, guest_scan_ms=9.5, guest_drop_ms=125.0,
-                 guest_final_scan_ms=30.5, suspended_s=0.5)
+                 guest_final_scan_ms=30.5, suspended_s=0.5, early_drop_s=3.25)
     written = [run("stock", 0), pruned]
     for each in written:
         xen_bench.append_run(path, each)
