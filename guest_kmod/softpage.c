@@ -148,10 +148,9 @@ struct softpage {
 	struct work_struct request_work;
 	struct delayed_work periodic_work;
 	struct work_struct drop_work;
+	/* node is set while registered */
 	struct xenbus_watch armed_watch;
 	struct xenbus_watch drop_watch;
-	bool watch_registered;
-	bool drop_watch_registered;
 	u64 last_drop_id;
 	bool armed;
 	/*
@@ -903,15 +902,39 @@ static int softpage_alloc_shared(struct softpage *sp)
 	return softpage_grant_all(sp);
 }
 
+/*
+ * Watch a key under data/softpage/: a relative path, so the watch follows the
+ * guest into a new domain after a migration.
+ */
+static int softpage_watch(struct xenbus_watch *watch, const char *node,
+			  void (*callback)(struct xenbus_watch *, const char *,
+					   const char *))
+{
+	int err;
+
+	watch->node = node;
+	watch->callback = callback;
+	err = register_xenbus_watch(watch);
+	if (err)
+		watch->node = NULL;
+	return err;
+}
+
+static void softpage_unwatch(struct xenbus_watch *watch)
+{
+	if (!watch->node)
+		return;
+	unregister_xenbus_watch(watch);
+	watch->node = NULL;
+}
+
 static void softpage_teardown(struct softpage *sp)
 {
 	mutex_lock(&sp->lock);
 	sp->stopping = true;
 	mutex_unlock(&sp->lock);
-	if (sp->watch_registered)
-		unregister_xenbus_watch(&sp->armed_watch);
-	if (sp->drop_watch_registered)
-		unregister_xenbus_watch(&sp->drop_watch);
+	softpage_unwatch(&sp->armed_watch);
+	softpage_unwatch(&sp->drop_watch);
 	/* Before quiescing: an event would queue the request work again. */
 	softpage_unbind_event_channel(sp);
 	softpage_quiesce(sp);
@@ -1024,18 +1047,13 @@ static int softpage_probe(struct platform_device *pdev)
 	err = softpage_advertise(sp);
 	if (err)
 		goto fail;
-	sp->armed_watch.node = SOFTPAGE_XS_ARMED;
-	sp->armed_watch.callback = softpage_armed_changed;
-	err = register_xenbus_watch(&sp->armed_watch);
+	err = softpage_watch(&sp->armed_watch, SOFTPAGE_XS_ARMED,
+			     softpage_armed_changed);
+	if (!err)
+		err = softpage_watch(&sp->drop_watch, SOFTPAGE_XS_DROP,
+				     softpage_drop_requested);
 	if (err)
 		goto fail;
-	sp->watch_registered = true;
-	sp->drop_watch.node = SOFTPAGE_XS_DROP;
-	sp->drop_watch.callback = softpage_drop_requested;
-	err = register_xenbus_watch(&sp->drop_watch);
-	if (err)
-		goto fail;
-	sp->drop_watch_registered = true;
 	dev_info(sp->dev,
 		 "publishing %lu PFNs in %u+%u pages: header-gref %u, event-channel %u, flags %#x\n",
 		 sp->nr_pfns, sp->nr_list_frames, softpage_bitmap_frames(sp),
