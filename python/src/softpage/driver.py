@@ -42,8 +42,11 @@ from softpage.policy import Decision, PrecopyPolicy, PrecopyStats
 from softpage.snapshot import SoftSnapshot
 from softpage.stream.records import PFINFO_SHIFT, PageType
 
-MAX_BATCH_SIZE = 1024
-"""PFNs per PAGE_DATA record, as libxenguest's MAX_BATCH_SIZE."""
+READ_BATCH_PFNS = 4096
+"""PFNs typed, mapped and written per step of a round: 16 MiB mapped at a time. The sink splits
+them into PAGE_DATA records of at most 1024 (``stream.records.MAX_BATCH_SIZE``), as the stock
+receiver wants; reading four records' worth at once costs a quarter of the per-batch Python
+work, which in an emulated dom0 was seconds per GiB."""
 
 
 class PageSink(Protocol):
@@ -54,8 +57,9 @@ class PageSink(Protocol):
         ...
 
     def write_pages(self, pfns: PfnArray, types: npt.NDArray[np.uint32], data: memoryview) -> int:
-        """Write one PAGE_DATA record; ``data`` holds the pages of the entries
-        whose type carries data, in order. Returns the bytes written."""
+        """Write the entries as PAGE_DATA records of at most 1024 entries each
+        (up to ``READ_BATCH_PFNS`` come at once); ``data`` holds the pages of the
+        entries whose type carries data, in order. Returns the bytes written."""
         ...
 
     def end(self, end_of_checkpoint: EndOfCheckpoint) -> None:
@@ -384,8 +388,8 @@ def _send_round(
 
 
 def _batches(pfns: PfnArray) -> Iterator[PfnArray]:
-    for start in range(0, pfns.size, MAX_BATCH_SIZE):
-        yield pfns[start : start + MAX_BATCH_SIZE]
+    for start in range(0, pfns.size, READ_BATCH_PFNS):
+        yield pfns[start : start + READ_BATCH_PFNS]
 
 
 def _pfn_set(p2m_size: int, parts: list[PfnArray]) -> PfnSet:
