@@ -37,7 +37,7 @@ from xen_testbed import (
     TestbedConfig,
     TestbedError,
     booted_testbed,
-    once_more_after_a_triple_fault,
+    retry_after_triple_faults,
 )
 
 
@@ -138,7 +138,7 @@ def main() -> int:
             guest = start_guest(testbed, spec)
             for method in METHODS:
                 print(f"running: {method.name}", flush=True)
-                guest, measured = once_more_after_a_triple_fault(
+                guest, measured = retry_after_triple_faults(
                     testbed, guest, functools.partial(move_and_wait, method=method),
                     functools.partial(start_guest, testbed, spec))
                 verdict = guest.verify()

@@ -740,25 +740,27 @@ class Guest:
         self.testbed.run(["xl", "destroy", self.name], timeout_s=120)
 
 
-def once_more_after_a_triple_fault(
+def retry_after_triple_faults(
     testbed: Testbed, guest: Guest, action: Callable[[Guest], T], start_guest: Callable[[], Guest],
-    errors: tuple[type[Exception], ...] = (TestbedError,),
+    errors: tuple[type[Exception], ...] = (TestbedError,), retries: int = 1,
 ) -> tuple[Guest, T]:
-    """``action(guest)``; if it fails with one of ``errors`` while Xen logged a new guest triple
-    fault (nested SVM under TCG, not softpage: testbed/README.md), destroy every guest, start a
-    fresh one and run it once more. Returns the guest in use afterwards and the action's result.
-    For scripts (demo, bench); the e2e suite reruns such a test instead."""
-    faults = testbed.triple_faults()
-    try:
-        return guest, action(guest)
-    except errors as failure:
-        if testbed.triple_faults() == faults:
-            raise
-        print(f"xen_testbed: a guest triple-faulted ({str(failure)[:200]}); once more on a fresh guest",
-              file=sys.stderr, flush=True)
-    testbed.destroy_all_guests()
-    guest = start_guest()
-    return guest, action(guest)
+    """``action(guest)``; each time it fails with one of ``errors`` while Xen logged a new guest
+    triple fault (nested SVM under TCG, not softpage: testbed/README.md), destroy every guest,
+    start a fresh one and run it again, at most ``retries`` times. Returns the guest in use
+    afterwards and the action's result. For scripts (demo, bench); the e2e suite reruns such a
+    test instead."""
+    for attempt in range(retries + 1):
+        faults = testbed.triple_faults()
+        try:
+            return guest, action(guest)
+        except errors as failure:
+            if testbed.triple_faults() == faults or attempt == retries:
+                raise
+            print(f"xen_testbed: a guest triple-faulted ({str(failure)[:200]}); again on a fresh guest "
+                  f"({attempt + 1} of {retries})", file=sys.stderr, flush=True)
+        testbed.destroy_all_guests()
+        guest = start_guest()
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 @contextlib.contextmanager

@@ -109,7 +109,7 @@ def test_without_a_probe_a_silent_command_fails_at_its_timeout(
 
 
 class FaultCountingTestbed:
-    """What once_more_after_a_triple_fault asks of a testbed: Xen's triple-fault count and a reset."""
+    """What retry_after_triple_faults asks of a testbed: Xen's triple-fault count and a reset."""
 
     def __init__(self) -> None:
         self.faults = 0
@@ -133,7 +133,7 @@ def test_a_failure_with_a_triple_fault_runs_once_more_on_a_fresh_guest() -> None
             raise xen_testbed.TestbedError("guest died")
         return f"measured on {guest}"
 
-    result = xen_testbed.once_more_after_a_triple_fault(
+    result = xen_testbed.retry_after_triple_faults(
         testbed, "old", action, lambda: "fresh"  # type: ignore[arg-type]
     )
     assert result == ("fresh", "measured on fresh")
@@ -147,5 +147,20 @@ def test_a_failure_without_a_triple_fault_stands() -> None:
         raise xen_testbed.TestbedError("softpage broke it")
 
     with pytest.raises(xen_testbed.TestbedError, match="softpage broke it"):
-        xen_testbed.once_more_after_a_triple_fault(testbed, "old", action, lambda: "fresh")  # type: ignore[arg-type]
+        xen_testbed.retry_after_triple_faults(testbed, "old", action, lambda: "fresh")  # type: ignore[arg-type]
     assert testbed.destroyed == 0
+
+
+def test_retries_stop_at_their_limit_and_the_last_failure_stands() -> None:
+    testbed = FaultCountingTestbed()
+    fresh = iter(["fresh-1", "fresh-2", "fresh-3"])
+
+    def action(guest: str) -> str:
+        testbed.faults += 1
+        raise xen_testbed.TestbedError(f"{guest} died")
+
+    with pytest.raises(xen_testbed.TestbedError, match="fresh-2 died"):
+        xen_testbed.retry_after_triple_faults(
+            testbed, "old", action, lambda: next(fresh), retries=2  # type: ignore[arg-type]
+        )
+    assert testbed.destroyed == 2
