@@ -48,7 +48,8 @@ SOFTPAGE_PAGE = 4096
 SOFTPAGE_MAGIC = 0x47505353
 # struct softpage_header (guest_kmod/uapi/softpage_abi.h), 512 bytes
 SOFTPAGE_HEADER = "<IHHIIQQQII4QQ21Q64I"
-SOFTPAGE_KEYS = ("version", "header-gref", "event-channel", "state", "request", "armed")
+SOFTPAGE_KEYS = ("version", "header-gref", "event-channel", "state", "request", "armed",
+                 "feature-drop", "drop", "dropped")
 
 
 def _dom0_xenstore_read(path: str) -> str | None:
@@ -247,6 +248,8 @@ def assert_publishing(found: dict[str, Any]) -> None:
     assert keys["armed"] == "0"
     assert re.fullmatch(r"\d+", keys["header-gref"] or "")
     assert re.fullmatch(r"\d+", keys["event-channel"] or "")
+    assert keys["feature-drop"] == "1"
+    assert re.fullmatch(r"\d+", keys["dropped"] or "")
 
 
 def assert_well_formed(snapshot: dict[str, Any]) -> None:
