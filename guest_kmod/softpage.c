@@ -619,7 +619,8 @@ static int softpage_drop_caches(unsigned int mode)
 	return written == len ? 0 : -EIO;
 }
 
-static void softpage_drop_and_account(struct softpage *sp)
+/* Returns how long the drop took, in ns. */
+static u64 softpage_drop_and_account(struct softpage *sp)
 {
 	u64 start = ktime_get_ns();
 	unsigned long file_before = global_node_page_state(NR_FILE_PAGES);
@@ -638,7 +639,7 @@ static void softpage_drop_and_account(struct softpage *sp)
 					file_before - file_after : 0;
 	sp->stats.dropped_slab_pages = slab_before > slab_after ?
 				       slab_before - slab_after : 0;
-	sp->stats.drop_ns = ktime_get_ns() - start;
+	return ktime_get_ns() - start;
 }
 
 /*
@@ -650,7 +651,7 @@ static void softpage_drop_and_account(struct softpage *sp)
 static void softpage_drop_work(struct work_struct *work)
 {
 	struct softpage *sp = container_of(work, struct softpage, drop_work);
-	u64 drop_id, start;
+	u64 drop_id;
 	int err;
 
 	mutex_lock(&sp->lock);
@@ -659,10 +660,8 @@ static void softpage_drop_work(struct work_struct *work)
 		goto out;
 	sp->last_drop_id = drop_id;
 	if (sp->armed) {
-		start = ktime_get_ns();
-		softpage_drop_and_account(sp);
+		sp->stats.early_drop_ns = softpage_drop_and_account(sp);
 		sp->stats.early_drops++;
-		sp->stats.early_drop_ns = ktime_get_ns() - start;
 	}
 	err = xenbus_printf(XBT_NIL, SOFTPAGE_XS_DIR, "dropped", "%llu",
 			    drop_id);
@@ -722,7 +721,7 @@ static int softpage_pm_freeze(struct device *dev)
 		mutex_unlock(&sp->lock);
 		return 0;
 	}
-	softpage_drop_and_account(sp);
+	sp->stats.drop_ns = softpage_drop_and_account(sp);
 	sp->final_request_id = request_id;
 	sp->final_pending = true;
 	WRITE_ONCE(softpage_suspending, sp);
@@ -752,9 +751,11 @@ static int softpage_syscore_suspend(void)
 	if (!sp || !sp->final_pending)
 		return 0;
 	sp->final_pending = false;
-	memset(sp->scan_bitmaps, 0,
-	       (size_t)softpage_bitmap_frames(sp) * PAGE_SIZE);
-	if (!page_poisoning_enabled()) {
+	if (page_poisoning_enabled()) {
+		memset(sp->scan_bitmaps, 0,
+		       (size_t)softpage_bitmap_frames(sp) * PAGE_SIZE);
+	} else {
+		/* The walk clears the bitmaps first. */
 		scan_ns = softpage_walk(sp, true, false, false);
 		bitmap_copy(softpage_category(sp, sp->scan_bitmaps,
 					      SOFTPAGE_CAT_HELD),

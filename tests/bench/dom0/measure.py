@@ -29,7 +29,7 @@ from softpage.xenstore import PyxsStore
 POLL_S = 0.02
 WATCHED_NEW_DOMAINS = 8
 FIRST_WATCH_EVENT_S = 10.0
-"""xenstored fires a new watch once at once; that event is not a write."""
+"""xenstored fires a new watch once as soon as it is set; that event is not a write."""
 
 
 def watch_suspend_request(source: int, stop: threading.Event, result: dict[str, float | None]) -> None:
