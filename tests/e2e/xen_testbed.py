@@ -62,6 +62,12 @@ DATA_DISK_SERIAL = "sp-data"
 FATAL_BOOT_PATTERNS = (r"Kernel panic", r"\(XEN\) Panic on CPU", r"\(XEN\) \*\*\*\* Dom0 crashed")
 
 HEARTBEAT_RE = re.compile(r"HEARTBEAT (\d+)")
+DOM0_BOOT_STALL_S = 300.0
+"""A dom0 boot whose serial console stays silent this long has hung: seen once under TCG
+(2026-12-01), dom0's kernel stopped after "clocksource: Switched to clocksource xen" and wrote
+nothing more for 15 minutes. A whole boot writes to the console every few seconds and takes
+about 3 minutes."""
+DOM0_BOOT_ATTEMPTS = 2
 BOOT_ATTEMPTS = 4
 """Tries at booting a fresh guest: nested SVM under TCG occasionally triple-faults a PVH guest
 in early kernel boot, before anything of softpage runs (2026-11-30, idle host: 4 of about 30
@@ -79,6 +85,12 @@ class TestbedError(RuntimeError):
     """The testbed could not be built, booted or driven."""
 
     __test__ = False  # not a pytest test class, despite the name
+
+
+class Dom0BootStalled(TestbedError):
+    """dom0's boot wrote nothing to the serial console for ``DOM0_BOOT_STALL_S``."""
+
+    __test__ = False
 
 
 class GuestTripleFault(TestbedError):
@@ -398,6 +410,24 @@ class Testbed:
         ]  # fmt: skip
 
     def boot(self) -> None:
+        """Boot QEMU, Xen and dom0 up to a ready ``xl``; a boot that stalls is tried again once
+        (``DOM0_BOOT_ATTEMPTS``), its serial log kept beside."""
+        for attempt in range(1, DOM0_BOOT_ATTEMPTS + 1):
+            try:
+                self._boot_once()
+                return
+            except Dom0BootStalled as stalled:
+                self.shutdown()
+                if attempt == DOM0_BOOT_ATTEMPTS:
+                    raise
+                kept = self.serial_log.with_name(f"serial-stalled-{attempt}.log")
+                with contextlib.suppress(OSError):
+                    self.serial_log.rename(kept)
+                print(f"xen_testbed: {stalled.args[0].splitlines()[0]}; booting again "
+                      f"(attempt {attempt + 1} of {DOM0_BOOT_ATTEMPTS}), serial log kept in {kept}",
+                      file=sys.stderr, flush=True)
+
+    def _boot_once(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         qemu_output = (self.work_dir / "qemu.out").open("wb")
@@ -425,11 +455,21 @@ class Testbed:
 
     def _wait_for_agent(self, started: float) -> None:
         socket_path = self.work_dir / "agent.sock"
+        serial_size, serial_grew = -1, started
         while True:
-            elapsed = time.monotonic() - started
+            now = time.monotonic()
+            elapsed = now - started
             if elapsed > self.config.boot_timeout_s:
                 raise TestbedError(
                     f"dom0 agent not up after {elapsed:.0f} s; serial tail:\n{self.serial_tail()}"
+                )
+            size = self.serial_log.stat().st_size if self.serial_log.exists() else 0
+            if size != serial_size:
+                serial_size, serial_grew = size, now
+            elif now - serial_grew > DOM0_BOOT_STALL_S:
+                raise Dom0BootStalled(
+                    f"dom0 boot stalled: no serial output for {now - serial_grew:.0f} s; "
+                    f"serial tail:\n{self.serial_tail()}"
                 )
             assert self._qemu is not None
             if self._qemu.poll() is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -164,3 +165,48 @@ def test_retries_stop_at_their_limit_and_the_last_failure_stands() -> None:
             testbed, "old", action, lambda: next(fresh), retries=2  # type: ignore[arg-type]
         )
     assert testbed.destroyed == 2
+
+
+def test_a_dom0_boot_with_a_silent_console_is_called_stalled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(xen_testbed, "DOM0_BOOT_STALL_S", 0.3)
+    testbed = xen_testbed.Testbed(xen_testbed.TestbedConfig(), tmp_path / "payload.img", tmp_path)
+    testbed.serial_log.write_text("(XEN) booting\n[    4.118727] clocksource: Switched to clocksource xen\n")
+    testbed._qemu = subprocess.Popen(["sleep", "30"])  # a QEMU that runs on and says nothing
+    try:
+        with pytest.raises(xen_testbed.Dom0BootStalled, match="no serial output for"):
+            testbed._wait_for_agent(time.monotonic())
+    finally:
+        testbed._qemu.kill()
+        testbed._qemu.wait()
+
+
+def test_a_stalled_dom0_boot_is_tried_again_once_and_its_log_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    testbed = xen_testbed.Testbed(xen_testbed.TestbedConfig(), tmp_path / "payload.img", tmp_path)
+    attempts: list[int] = []
+
+    def boot_once() -> None:
+        attempts.append(len(attempts) + 1)
+        testbed.serial_log.write_text(f"boot {len(attempts)}\n")
+        if len(attempts) == 1:
+            raise xen_testbed.Dom0BootStalled("dom0 boot stalled: no serial output for 301 s")
+
+    monkeypatch.setattr(testbed, "_boot_once", boot_once)
+    testbed.boot()
+    assert attempts == [1, 2]
+    assert (tmp_path / "serial-stalled-1.log").read_text() == "boot 1\n"
+    assert testbed.serial_log.read_text() == "boot 2\n"
+
+
+def test_a_dom0_boot_that_stalls_twice_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    testbed = xen_testbed.Testbed(xen_testbed.TestbedConfig(), tmp_path / "payload.img", tmp_path)
+
+    def boot_once() -> None:
+        raise xen_testbed.Dom0BootStalled("dom0 boot stalled: no serial output for 301 s")
+
+    monkeypatch.setattr(testbed, "_boot_once", boot_once)
+    with pytest.raises(xen_testbed.Dom0BootStalled):
+        testbed.boot()
