@@ -28,6 +28,8 @@ class Round:
     snapshot_matches: bool
     written_during: frozenset[int]
     """Guest writes while the round is sent: logged for the next harvest."""
+    deferred: frozenset[int]
+    """Planned PFNs the sender could not send this round (PV page tables in flux)."""
 
 
 def pfn_sets(size: int) -> st.SearchStrategy[frozenset[int]]:
@@ -48,7 +50,8 @@ class Migration:
 @st.composite
 def migrations(draw: st.DrawFn) -> Migration:
     size = draw(st.integers(1, 200))
-    round_strategy = st.builds(Round, pfn_sets(size), pfn_sets(size), st.booleans(), pfn_sets(size))
+    round_strategy = st.builds(Round, pfn_sets(size), pfn_sets(size), st.booleans(), pfn_sets(size),
+                               pfn_sets(size))
     return Migration(
         size=size,
         holes=draw(pfn_sets(size)),
@@ -92,11 +95,14 @@ class Destination:
         self.named[xalloc] = True
 
 
-def send(planner: RoundPlanner, plan: RoundPlan, holes: PfnSet, destination: Destination) -> None:
+def send(planner: RoundPlanner, plan: RoundPlan, holes: PfnSet, destination: Destination,
+         deferred: PfnSet | None = None) -> None:
     planned = plan.data | plan.xalloc
     assert plan.data.isdisjoint(plan.xalloc)
     assert plan.xalloc.isdisjoint(planner.named), "XALLOC planned for a PFN already named"
-    sent = SentPages(data=plan.data - holes, xalloc=plan.xalloc - holes, holes=planned & holes)
+    deferred = (deferred if deferred is not None else PfnSet.empty(planned.nr_pfns)) & (planned - holes)
+    sent = SentPages(data=plan.data - holes - deferred, xalloc=plan.xalloc - holes - deferred,
+                     holes=planned & holes, deferred=deferred)
     planner.record_sent(plan, sent)
     destination.receive(sent)
 
@@ -116,7 +122,7 @@ def test_stale_covers_every_page_the_destination_has_wrong(migration: Migration)
         soft = as_set(size, planned_round.soft)
         plan = planner.plan_precopy(candidates, report(size, request_id, soft), number)
         assert plan.data | plan.xalloc | plan.skipped == candidates
-        send(planner, plan, holes, destination)
+        send(planner, plan, holes, destination, as_set(size, planned_round.deferred))
         during = planned_round.written_during - hole_members
         destination.guest_writes(during)
         pending = as_set(size, during)

@@ -272,3 +272,25 @@ def test_planner_rejects_sets_of_another_universe() -> None:
     planner = RoundPlanner(P2M)
     with pytest.raises(PlannerError, match="universe"):
         planner.plan_precopy(PfnSet.full(P2M + 1), None, None)
+
+
+def test_a_deferred_page_is_stale_and_goes_out_in_the_final_round_even_if_never_dirtied() -> None:
+    """A PV page table the sender could not send in a live round (the guest was rewriting it),
+    once sent before (pfn 5) or never (pfn 6): both must go out with data at the end, though
+    neither is dirty again."""
+    planner = after_first_round()
+    plan = planner.plan_precopy(pfns(5), None, None)
+    planner.record_sent(plan, SentPages(data=EMPTY, xalloc=EMPTY, holes=EMPTY, deferred=pfns(5)))
+    first = RoundPlanner(P2M)
+    plan = first.plan_precopy(PfnSet.full(P2M), None, None)
+    first.record_sent(plan, SentPages(data=plan.data - pfns(6), xalloc=EMPTY, holes=EMPTY, deferred=pfns(6)))
+    for planner_under_test, pfn in ((planner, 5), (first, 6)):
+        final = planner_under_test.plan_final(EMPTY, None, None)
+        assert pfns(pfn).issubset(final.data), pfn
+
+
+def test_record_sent_rejects_a_pfn_both_deferred_and_sent() -> None:
+    planner = RoundPlanner(P2M)
+    plan = planner.plan_precopy(span(0, 8), None, None)
+    with pytest.raises(PlannerError, match="deferred PFN was reported sent"):
+        planner.record_sent(plan, SentPages(data=span(0, 8), xalloc=EMPTY, holes=EMPTY, deferred=pfns(3)))

@@ -61,6 +61,10 @@ class SentPages:
     xalloc: PfnSet
     holes: PfnSet
     """Planned PFNs that turned out not to be RAM (XTAB/BROKEN) and were not named."""
+    deferred: PfnSet | None = None
+    """Planned PFNs the sender could not send in this round (a PV page table the guest was
+    rewriting, as libxenguest's ``deferred_pages``): not named now, sent by a later round and
+    at the latest by the final one."""
 
 
 class RoundPlanner:
@@ -109,12 +113,15 @@ class RoundPlanner:
     # -- bookkeeping ------------------------------------------------------
     def record_sent(self, plan: RoundPlan, sent: SentPages) -> None:
         """Account for what the sender really wrote for ``plan``."""
-        for pfns in (sent.data, sent.xalloc, sent.holes):
+        deferred = sent.deferred if sent.deferred is not None else PfnSet.empty(self.p2m_size)
+        for pfns in (sent.data, sent.xalloc, sent.holes, deferred):
             self._check_universe(pfns)
         if not sent.data.isdisjoint(sent.xalloc):
             raise PlannerError("a PFN was reported sent both with data and as XALLOC")
+        if not deferred.isdisjoint(sent.data | sent.xalloc | sent.holes):
+            raise PlannerError("a deferred PFN was reported sent as well")
         planned = plan.data | plan.xalloc
-        if not (sent.data | sent.xalloc | sent.holes).issubset(planned):
+        if not (sent.data | sent.xalloc | sent.holes | deferred).issubset(planned):
             raise PlannerError("the sender reports PFNs the plan did not contain")
         if not sent.xalloc.issubset(plan.xalloc):
             raise PlannerError("the sender used XALLOC for a PFN planned with data")
@@ -130,6 +137,8 @@ class RoundPlanner:
         # from the source until it is sent with data or held at the end.
         self.stale |= sent.xalloc
         self.stale |= plan.skipped & self.named
+        # Its copy on the destination is older than the source's, or missing.
+        self.stale |= deferred
 
     def unaccounted(self) -> PfnSet:
         """PFNs neither named in the stream nor seen as holes (must be empty before END)."""
