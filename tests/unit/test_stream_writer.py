@@ -19,7 +19,7 @@ from stream_builders import (
     page_of,
 )
 
-from softpage.backend import GuestType
+from softpage.backend import EndOfCheckpoint, GuestType, PvStaticInfo, StaticInfo
 from softpage.errors import StreamError
 from softpage.stream.reader import PageData, parse_stream
 from softpage.stream.writer import IOV_MAX, StreamWriter
@@ -57,9 +57,20 @@ def test_calls_out_of_stream_order_are_refused() -> None:
         writer.libxl_end()
 
 
-def test_pv_guests_are_refused_rather_than_half_written() -> None:
-    with pytest.raises(StreamError, match="got PV"):
-        StreamWriter(ByteSink().writev).libxc_headers(GuestType.PV, (4, 17))
+def test_a_pv_stream_needs_its_pv_records_rather_than_being_half_written() -> None:
+    writer = StreamWriter(ByteSink().writev)
+    writer.libxc_headers(GuestType.PV, (4, 17))
+    with pytest.raises(StreamError, match="PV information is for PV guests"):
+        writer.static_data(StaticInfo(cpuid_policy=b"", msr_policy=b""))
+
+    writer = StreamWriter(ByteSink().writev)
+    writer.libxc_headers(GuestType.PV, (4, 17))
+    pv = PvStaticInfo(guest_width=8, pt_levels=4, p2m_end_pfn=511, p2m_frame_pfns=(1,))
+    writer.static_data(StaticInfo(cpuid_policy=b"", msr_policy=b"", pv=pv))
+    with pytest.raises(StreamError, match="SHARED_INFO: expected 4096 bytes, got 0"):
+        writer.end_of_checkpoint(END)
+    with pytest.raises(StreamError, match="one for every online vCPU"):
+        writer.end_of_checkpoint(EndOfCheckpoint(END.tsc, pv_shared_info=bytes(4096)))
 
 
 @pytest.mark.parametrize(

@@ -63,6 +63,20 @@ class DomainInfo:
 
 
 @dataclass(frozen=True)
+class PvStaticInfo:
+    """What a PV stream says about the guest before its memory: X86_PV_INFO and, right after
+    STATIC_DATA_END, X86_PV_P2M_FRAMES."""
+
+    guest_width: int
+    """Bytes in the guest's ``unsigned long``: 8 (64-bit guests only)."""
+    pt_levels: int
+    p2m_end_pfn: int
+    """The highest pfn the guest's p2m covers (``max_pfn``)."""
+    p2m_frame_pfns: tuple[int, ...]
+    """The pfns of the frames holding the guest's p2m, in p2m order."""
+
+
+@dataclass(frozen=True)
 class StaticInfo:
     """The records that precede memory in the libxc stream (v3 'static data')."""
 
@@ -70,6 +84,8 @@ class StaticInfo:
     """``xen_cpuid_leaf_t[]`` as ``xc_cpu_policy_serialise`` gives it."""
     msr_policy: bytes
     """``xen_msr_entry_t[]``."""
+    pv: PvStaticInfo | None = None
+    """Set for PV guests only."""
 
 
 @dataclass(frozen=True)
@@ -88,12 +104,27 @@ TSC_MODE_NEVER_EMULATE = 2
 
 
 @dataclass(frozen=True)
+class PvVcpuState:
+    """One online vCPU of a PV guest: the blobs of its X86_PV_VCPU_* records, mfns already
+    turned into pfns; an empty blob means no record (no such state)."""
+
+    vcpu_id: int
+    basic: bytes
+    extended: bytes = b""
+    xsave: bytes = b""
+    msrs: bytes = b""
+
+
+@dataclass(frozen=True)
 class EndOfCheckpoint:
-    """The records that follow memory, read with the guest suspended."""
+    """The records that follow memory, read with the guest suspended: HVM_CONTEXT and
+    HVM_PARAMS for HVM and PVH guests, SHARED_INFO and the vCPU records for PV ones."""
 
     tsc: TscInfo
-    hvm_context: bytes
+    hvm_context: bytes = b""
     hvm_params: Sequence[tuple[int, int]] = field(default_factory=tuple)
+    pv_shared_info: bytes = b""
+    pv_vcpus: Sequence[PvVcpuState] = field(default_factory=tuple)
 
 
 class MigrationBackend(Protocol):

@@ -89,6 +89,8 @@ class StreamWriter:
         self._writev = writev
         self._stage = _Stage.START
         self._inside_libxl = False
+        self._pv = False
+        """The domain header said X86_PV: PV records before and after memory."""
         self.stats = WriterStats()
         self._batch_pfns: list[int] = []
         self._batch_types: list[int] = []
@@ -166,26 +168,31 @@ class StreamWriter:
 
     # -- libxc ------------------------------------------------------------
     def libxc_headers(self, guest_type: GuestType, xen_version: tuple[int, int]) -> None:
-        """Image header (v3, little-endian) and domain header.
-
-        Only HVM and PVH (both ``DHDR_TYPE_X86_HVM``) are written: a PV stream
-        needs X86_PV_INFO, P2M frames, normalised page tables and VCPU
-        records that this writer does not produce.
-        """
+        """Image header (v3, little-endian) and domain header (X86_PV, or X86_HVM for HVM and
+        PVH guests)."""
         self._advance({_Stage.START, _Stage.LIBXC_CONTEXT}, _Stage.LIBXC_HEADERS, "libxc_headers")
-        if guest_type is GuestType.PV:
-            raise StreamError("domain header: expected an HVM or PVH guest, got PV (not supported)")
+        self._pv = guest_type is GuestType.PV
+        domain_type = wire.DomainType.X86_PV if self._pv else wire.DomainType.X86_HVM
         major, minor = xen_version
         if not (0 <= major <= 0xFFFF and 0 <= minor <= 0xFFFF):
             raise StreamError(f"domain header: expected a 16-bit Xen version, got {major}.{minor}")
         image = wire.LIBXC_IMAGE_HEADER.pack(wire.IHDR_MARKER, wire.IHDR_ID, wire.IHDR_VERSION, 0, 0, 0)
-        domain = wire.LIBXC_DOMAIN_HEADER.pack(wire.DomainType.X86_HVM, wire.PAGE_SHIFT, 0, major, minor)
+        domain = wire.LIBXC_DOMAIN_HEADER.pack(domain_type, wire.PAGE_SHIFT, 0, major, minor)
         self._emit([image + domain])
 
     def static_data(self, static: StaticInfo) -> None:
         """CPUID and MSR policy records, each only when non-empty (as
-        ``write_x86_cpu_policy_records`` does), then STATIC_DATA_END."""
+        ``write_x86_cpu_policy_records`` does), then STATIC_DATA_END. A PV guest's
+        X86_PV_INFO comes first and its X86_PV_P2M_FRAMES last, the order of
+        ``x86_pv_static_data`` and ``x86_pv_start_of_stream`` (xg_sr_save_x86_pv.c)."""
         self._advance({_Stage.LIBXC_HEADERS}, _Stage.MEMORY, "static_data")
+        if self._pv != (static.pv is not None):
+            raise StreamError("static data: PV information is for PV guests, and only for them")
+        if static.pv is not None:
+            self._libxc_record(
+                wire.LibxcRecordType.X86_PV_INFO,
+                wire.X86_PV_INFO.pack(static.pv.guest_width, static.pv.pt_levels, 0, 0),
+            )
         for record_type, blob, entry_size in (
             (wire.LibxcRecordType.X86_CPUID_POLICY, static.cpuid_policy, wire.X86_CPUID_LEAF_SIZE),
             (wire.LibxcRecordType.X86_MSR_POLICY, static.msr_policy, wire.X86_MSR_ENTRY_SIZE),
@@ -196,25 +203,49 @@ class StreamWriter:
             if blob:
                 self._libxc_record(record_type, blob)
         self._libxc_record(wire.LibxcRecordType.STATIC_DATA_END, b"")
+        if static.pv is not None:
+            frames = np.asarray(static.pv.p2m_frame_pfns, dtype="<u8")
+            self._libxc_record(
+                wire.LibxcRecordType.X86_PV_P2M_FRAMES,
+                wire.X86_PV_P2M_FRAMES_HEADER.pack(0, static.pv.p2m_end_pfn) + frames.tobytes(),
+            )
 
     def end_of_checkpoint(self, end: EndOfCheckpoint) -> None:
         """X86_TSC_INFO, HVM_CONTEXT, HVM_PARAMS, the order of
-        ``x86_hvm_end_of_checkpoint`` (xg_sr_save_x86_hvm.c)."""
+        ``x86_hvm_end_of_checkpoint`` (xg_sr_save_x86_hvm.c); for a PV guest X86_TSC_INFO,
+        SHARED_INFO and each vCPU's records (``x86_pv_end_of_checkpoint``)."""
         self._require({_Stage.MEMORY}, "end_of_checkpoint")
+        if self._pv:
+            _check_pv_end(end)
+        elif not end.hvm_context:
+            raise StreamError("HVM_CONTEXT: expected a non-empty blob, got 0 bytes")
         self.flush()
         self._advance({_Stage.MEMORY}, _Stage.END_OF_CHECKPOINT, "end_of_checkpoint")
-        if not end.hvm_context:
-            raise StreamError("HVM_CONTEXT: expected a non-empty blob, got 0 bytes")
         tsc = end.tsc
-        self._libxc_record(
-            wire.LibxcRecordType.X86_TSC_INFO,
-            wire.X86_TSC_INFO.pack(tsc.mode, tsc.khz, tsc.nsec, tsc.incarnation, 0),
-        )
+        tsc_info = wire.X86_TSC_INFO.pack(tsc.mode, tsc.khz, tsc.nsec, tsc.incarnation, 0)
+        if self._pv:
+            self._pv_end_of_checkpoint(end, tsc_info)
+            return
+        self._libxc_record(wire.LibxcRecordType.X86_TSC_INFO, tsc_info)
         self._libxc_record(wire.LibxcRecordType.HVM_CONTEXT, end.hvm_context)
         params = bytearray(wire.HVM_PARAMS_HEADER.pack(len(end.hvm_params), 0))
         for index, value in end.hvm_params:
             params += wire.HVM_PARAMS_ENTRY.pack(index, value)
         self._libxc_record(wire.LibxcRecordType.HVM_PARAMS, params)
+
+    def _pv_end_of_checkpoint(self, end: EndOfCheckpoint, tsc_info: bytes) -> None:
+        self._libxc_record(wire.LibxcRecordType.X86_TSC_INFO, tsc_info)
+        self._libxc_record(wire.LibxcRecordType.SHARED_INFO, end.pv_shared_info)
+        for vcpu in end.pv_vcpus:
+            header = wire.X86_PV_VCPU_HEADER.pack(vcpu.vcpu_id, 0)
+            for record_type, blob in (
+                (wire.LibxcRecordType.X86_PV_VCPU_BASIC, vcpu.basic),
+                (wire.LibxcRecordType.X86_PV_VCPU_EXTENDED, vcpu.extended),
+                (wire.LibxcRecordType.X86_PV_VCPU_XSAVE, vcpu.xsave),
+                (wire.LibxcRecordType.X86_PV_VCPU_MSRS, vcpu.msrs),
+            ):
+                if blob:
+                    self._libxc_record(record_type, header + blob)
 
     def libxc_end(self) -> None:
         self._advance({_Stage.END_OF_CHECKPOINT}, _Stage.LIBXC_END, "libxc_end")
@@ -377,3 +408,12 @@ class StreamWriter:
                 else:
                     views[first] = views[first][written:]
                     written = 0
+
+
+def _check_pv_end(end: EndOfCheckpoint) -> None:
+    if len(end.pv_shared_info) != wire.SHARED_INFO_SIZE:
+        raise StreamError(
+            f"SHARED_INFO: expected {wire.SHARED_INFO_SIZE} bytes, got {len(end.pv_shared_info)}"
+        )
+    if not end.pv_vcpus or any(not vcpu.basic for vcpu in end.pv_vcpus):
+        raise StreamError("X86_PV_VCPU_BASIC: expected one for every online vCPU, got none")
