@@ -39,7 +39,8 @@ typedef struct { uint32_t fault_count; uint32_t dirty_count; } xc_shadow_op_stat
 struct xen_arch_domainconfig { uint32_t emulation_flags; uint32_t misc_flags; };
 typedef struct {
     uint16_t domain; uint32_t flags; uint64_t tot_pages; uint64_t max_pages;
-    uint32_t nr_online_vcpus; uint32_t max_vcpu_id; struct xen_arch_domainconfig arch_config;
+    uint32_t nr_online_vcpus; uint32_t max_vcpu_id; uint64_t shared_info_frame;
+    struct xen_arch_domainconfig arch_config;
 } xc_domaininfo_t;
 typedef struct { uint32_t leaf, subleaf; uint32_t a, b, c, d; } xen_cpuid_leaf_t;
 typedef struct { uint32_t idx; uint32_t flags; uint64_t val; } xen_msr_entry_t;

@@ -63,6 +63,7 @@ typedef struct xen_domctl_getdomaininfo {
     uint64_t max_pages;
     uint32_t nr_online_vcpus;
     uint32_t max_vcpu_id;
+    uint64_t shared_info_frame;
     struct xen_arch_domainconfig arch_config;
     ...;
 } xc_domaininfo_t;
@@ -192,3 +193,28 @@ int xenevtchn_unmask(xenevtchn_handle *xce, evtchn_port_t port);
 
 /* ---- mmap protection ------------------------------------------------------- */
 #define PROT_READ ...
+
+/* ---- PV guests (helpers defined in build_xen.py, PV_HELPERS) --------------- */
+int xc_domain_get_guest_width(xc_interface *xch, uint32_t domid, unsigned int *guest_width);
+int xc_maximum_ram_page(xc_interface *xch, unsigned long *max_mfn);
+
+static const size_t SOFTPAGE_PV_VCPU_CONTEXT_SIZE;
+static const size_t SOFTPAGE_PV_VCPU_RDX_OFFSET;
+static const size_t SOFTPAGE_PV_VCPU_GDT_FRAMES_OFFSET;
+static const size_t SOFTPAGE_PV_VCPU_GDT_ENTS_OFFSET;
+static const size_t SOFTPAGE_PV_VCPU_CTRLREG_OFFSET;
+static const size_t SOFTPAGE_SHINFO_MAX_PFN_OFFSET;
+static const size_t SOFTPAGE_SHINFO_P2M_CR3_OFFSET;
+static const size_t SOFTPAGE_SHINFO_P2M_VADDR_OFFSET;
+static const size_t SOFTPAGE_SHINFO_P2M_GENERATION_OFFSET;
+#define FIRST_RESERVED_GDT_ENTRY ...
+
+int softpage_pv_vcpu_online(xc_interface *xch, uint32_t domid, uint32_t vcpu);
+int softpage_pv_vcpu_context(xc_interface *xch, uint32_t domid, uint32_t vcpu,
+                             uint8_t *buf, size_t *size);
+int softpage_pv_vcpu_extended(xc_interface *xch, uint32_t domid, uint32_t vcpu,
+                              uint8_t *buf, size_t *size);
+int softpage_pv_vcpu_xsave(xc_interface *xch, uint32_t domid, uint32_t vcpu,
+                           uint8_t *buf, size_t *size);
+int softpage_pv_vcpu_msrs(xc_interface *xch, uint32_t domid, uint32_t vcpu,
+                          uint8_t *buf, size_t *size);

@@ -17,7 +17,7 @@ from typing import Any
 
 from softpage.errors import BackendError
 
-EXPECTED_BINDING_ABI = 1
+EXPECTED_BINDING_ABI = 2
 """Must equal ``BINDING_ABI`` in softpage/_cffi_build/build_xen.py."""
 
 COMPILED_MODULE = "softpage._xen"

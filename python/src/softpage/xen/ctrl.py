@@ -85,6 +85,8 @@ class DomainState:
     nr_online_vcpus: int
     max_vcpu_id: int
     emulation_flags: int
+    shared_info_frame: int = 0
+    """The mfn of a PV guest's shared info page."""
 
     @property
     def dying(self) -> bool:
@@ -253,6 +255,7 @@ class XenCtrl:
             nr_online_vcpus=int(info.nr_online_vcpus),
             max_vcpu_id=int(info.max_vcpu_id),
             emulation_flags=int(info.arch_config.emulation_flags),
+            shared_info_frame=int(info.shared_info_frame),
         )
 
     def maximum_gpfn(self, domid: int) -> int:
@@ -377,6 +380,56 @@ class XenCtrl:
             cpuid_policy=bytes(ffi.buffer(leaves, nr_leaves[0] * ffi.sizeof("xen_cpuid_leaf_t"))),
             msr_policy=bytes(ffi.buffer(msrs, nr_msrs[0] * ffi.sizeof("xen_msr_entry_t"))),
         )
+
+    # -- PV guests --------------------------------------------------------
+    def guest_width(self, domid: int) -> int:
+        """Bytes in the PV guest's ``unsigned long`` (4 or 8)."""
+        width = self.binding.ffi.new("unsigned int *")
+        self.binding.check_rc(
+            self.binding.lib.xc_domain_get_guest_width(self.handle, domid, width),
+            "xc_domain_get_guest_width",
+            domid,
+        )
+        return int(width[0])
+
+    def maximum_ram_page(self) -> int:
+        """The highest machine frame of the host (``XENMEM_maximum_ram_page``)."""
+        mfn = self.binding.ffi.new("unsigned long *")
+        self.binding.check_rc(
+            self.binding.lib.xc_maximum_ram_page(self.handle, mfn), "xc_maximum_ram_page"
+        )
+        return int(mfn[0])
+
+    def pv_vcpu_online(self, domid: int, vcpu: int) -> bool:
+        online = self.binding.check_rc(
+            self.binding.lib.softpage_pv_vcpu_online(self.handle, domid, vcpu),
+            f"xc_vcpu_getinfo(vcpu {vcpu})",
+            domid,
+        )
+        return bool(online)
+
+    def pv_vcpu_state(self, domid: int, vcpu: int, kind: str) -> bytes:
+        """One of a PV vCPU's blobs, as Xen gives it: ``kind`` is "basic"
+        (``vcpu_guest_context_x86_64_t``), "extended", "xsave" or "msrs"; b"" when
+        the vCPU has no such state."""
+        ffi, lib = self.binding.ffi, self.binding.lib
+        function = {
+            "basic": lib.softpage_pv_vcpu_context,
+            "extended": lib.softpage_pv_vcpu_extended,
+            "xsave": lib.softpage_pv_vcpu_xsave,
+            "msrs": lib.softpage_pv_vcpu_msrs,
+        }[kind]
+        capacity = max(XC_PAGE_SIZE, int(lib.SOFTPAGE_PV_VCPU_CONTEXT_SIZE))
+        size = ffi.new("size_t *")
+        for _attempt in range(2):
+            buffer = ffi.new("uint8_t[]", capacity)
+            size[0] = capacity
+            if function(self.handle, domid, vcpu, buffer, size) == 0:
+                return bytes(ffi.buffer(buffer, size[0]))
+            if ffi.errno != errno.ENOBUFS:
+                break
+            capacity = int(size[0])  # the state is bigger than guessed: once more, big enough
+        raise errno_error(ffi.errno, f"get vcpu{vcpu} {kind} state", domid)
 
     # -- life cycle ------------------------------------------------------
     def shutdown(self, domid: int, reason: int) -> None:
