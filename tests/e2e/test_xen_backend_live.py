@@ -60,7 +60,7 @@ try:
                     "by_stream_type": {str(int(t)): int(c) for t, c in zip(stream_types, counts)}}
     ram = probe_pfns[(types >> 28) == 0][:1024]
     t0 = time.monotonic()
-    pages = backend.read_pages(ram)
+    pages = backend.read_pages(ram, types[(types >> 28) == 0][:1024]).data
     out["read"] = {"pages": int(ram.size), "bytes": len(pages), "seconds": time.monotonic() - t0,
                    "nonzero_pages": int(sum(any(pages[i * 4096:(i + 1) * 4096]) for i in range(ram.size)))}
     channel = backend.soft_channel()
@@ -72,9 +72,10 @@ try:
     out["suspended_state"] = {"shutdown": state.shutdown, "reason": state.shutdown_reason}
     final = backend.harvest_dirty(final=True)
     out["final_dirty"] = final.count()
-    frozen_a = hashlib.sha256(bytes(backend.read_pages(ram[:64]))).hexdigest()
+    plain = np.zeros(64, dtype=np.uint32)
+    frozen_a = hashlib.sha256(bytes(backend.read_pages(ram[:64], plain).data)).hexdigest()
     time.sleep(1.0)
-    frozen_b = hashlib.sha256(bytes(backend.read_pages(ram[:64]))).hexdigest()
+    frozen_b = hashlib.sha256(bytes(backend.read_pages(ram[:64], plain).data)).hexdigest()
     out["suspended_pages_stable"] = frozen_a == frozen_b
     out["final_dirty_after_wait"] = backend.harvest_dirty(final=True).count()
     eoc = backend.end_of_checkpoint()

@@ -9,7 +9,7 @@ import numpy.typing as npt
 import pytest
 
 from softpage import bitmap
-from softpage.backend import DomainInfo, DropOutcome, EndOfCheckpoint, StaticInfo
+from softpage.backend import DomainInfo, DropOutcome, EndOfCheckpoint, PageBatch, StaticInfo
 from softpage.driver import MigrationSession, send_domain
 from softpage.errors import MigrationError
 from softpage.options import DriverOptions
@@ -83,6 +83,29 @@ def test_plain_precopy_sends_every_ram_page_with_data() -> None:
     assert stats.rounds[0].pages_data == int(np.count_nonzero(guest.ram))
     assert backend.channel.requests == []
     assert not guest.armed
+
+
+class DeferringBackend(SimBackend):
+    """Defers every PFN divisible by 7 while the guest runs, as a PV backend defers a page
+    table the guest is rewriting: ``data`` then holds only the other pages."""
+
+    def read_pages(self, pfns: PfnArray, types: npt.NDArray[np.uint32]) -> PageBatch:
+        batch = super().read_pages(pfns, types)
+        if self.suspended:
+            return batch
+        deferred = np.asarray(pfns) % 7 == 0
+        pages = np.frombuffer(batch.data, dtype=np.uint8).reshape(-1, 4096)[~deferred]
+        return PageBatch(pages.reshape(-1).data, deferred)
+
+
+def test_pages_deferred_in_live_rounds_reach_the_destination_by_the_final_round() -> None:
+    guest = small_guest()
+    backend, sink = DeferringBackend(guest), DirectSink()
+    stats = send_domain(backend, sink, DriverOptions(prune=()), Messages())
+    check_destination(backend, sink)
+    assert stats.rounds[0].pages_deferred > 0
+    assert stats.rounds[-1].kind == "final" and stats.rounds[-1].pages_deferred == 0
+    assert stats.rounds[-1].pages_data >= stats.rounds[0].pages_deferred
 
 
 # -- failures ----------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -36,6 +38,12 @@ XTAB = np.uint32(PageType.XTAB.pfinfo)
 SMALL = GuestShape(memory_mib=4, kernel_mib=1, min_free_mib=1)
 
 
+def read(backend: Any, pfns: Any) -> memoryview:
+    """``read_pages`` of plain (NOTAB) pages: their data."""
+    return backend.read_pages(pfns, np.zeros(len(pfns), dtype=np.uint32)).data
+
+
+
 def guest_with(free: int = 0, cache: int = 0, anon: int = 0, holes: tuple[int, ...] = ()) -> SimGuest:
     size = free + cache + anon + len(holes)
     guest = SimGuest(size, np.array(holes, dtype=np.uint64), seed=1)
@@ -68,13 +76,13 @@ def test_tokens_never_repeat() -> None:
 def test_read_pages_returns_token_and_pfn_and_refuses_holes() -> None:
     guest = guest_with(free=4, holes=(4, 5))
     backend = SimBackend(guest)
-    pages = np.frombuffer(backend.read_pages(np.array([3, 1], dtype=np.uint64)), dtype=np.uint64)
+    pages = np.frombuffer(read(backend, np.array([3, 1], dtype=np.uint64)), dtype=np.uint64)
     assert pages.size == 2 * PAGE_SIZE // 8
     assert pages[0] == guest.tokens[3] and pages[1] == 3
     assert pages[512] == guest.tokens[1] and pages[513] == 1
     assert not pages.reshape(2, 512)[:, 2:].any()
     with pytest.raises(BackendError, match="XTAB"):
-        backend.read_pages(np.array([4], dtype=np.uint64))
+        read(backend, np.array([4], dtype=np.uint64))
     types = backend.page_types(np.array([3, 4], dtype=np.uint64))
     assert types.tolist() == [int(NOTAB), int(XTAB)]
 

@@ -89,6 +89,20 @@ class StaticInfo:
 
 
 @dataclass(frozen=True)
+class PageBatch:
+    """What ``read_pages`` gives back."""
+
+    data: memoryview
+    """The pages read, ``PAGE_SIZE`` each, in the order asked for, less the deferred ones."""
+    deferred: npt.NDArray[np.bool_] | None = None
+    """Per PFN asked for: True where the page could not be read in this round (a PV page
+    table the guest is rewriting); it must be sent later. None: every page was read."""
+
+    def deferred_count(self) -> int:
+        return 0 if self.deferred is None else int(np.count_nonzero(self.deferred))
+
+
+@dataclass(frozen=True)
 class TscInfo:
     """What ``xc_domain_get_tsc_info`` reports; the stream's X86_TSC_INFO record."""
 
@@ -161,11 +175,13 @@ class MigrationBackend(Protocol):
         4-bit type). XTAB means "no RAM here"."""
         ...
 
-    def read_pages(self, pfns: PfnArray) -> memoryview:
-        """The contents of ``pfns``, ``len(pfns) * PAGE_SIZE`` bytes in order.
+    def read_pages(self, pfns: PfnArray, types: npt.NDArray[np.uint32]) -> PageBatch:
+        """The contents of ``pfns``, whose ``page_types`` are ``types``, ready for the stream.
 
         The view is valid until the next ``read_pages`` call; the driver
         writes it out before asking again. PFNs must be RAM (not XTAB).
+        A PV backend rewrites page tables (mfns to pfns) and may defer one
+        it cannot express in pfns while the guest runs.
         """
         ...
 

@@ -31,6 +31,7 @@ from softpage.backend import (
     DropOutcome,
     EndOfCheckpoint,
     MigrationBackend,
+    PageBatch,
     SoftPageChannel,
     StaticInfo,
 )
@@ -79,6 +80,8 @@ class RoundStats:
     pages_xalloc: int = 0
     pages_skipped: int = 0
     holes: int = 0
+    pages_deferred: int = 0
+    """PV page tables the guest was rewriting: sent by a later round."""
     bytes: int = 0
     duration_s: float = 0.0
     snapshot_used: bool = False
@@ -356,6 +359,7 @@ def _send_round(
     sent_data: list[PfnArray] = []
     sent_xalloc: list[PfnArray] = []
     holes: list[PfnArray] = []
+    deferred: list[PfnArray] = []
     for batch in _batches(planned.to_pfns()):
         types = backend.page_types(batch)
         stream_types = types >> np.uint32(PFINFO_SHIFT)
@@ -365,12 +369,20 @@ def _send_round(
         # XALLOC only for plain pages: PV page tables keep their type and data.
         use_xalloc = plan.xalloc.contains_many(batch) & (stream_types == PageType.NOTAB)
         with_data = ~is_hole & ~use_xalloc
-        named = ~is_hole
+        if with_data.any():
+            pages = backend.read_pages(batch[with_data], types[with_data])
+            if pages.deferred is not None:
+                # Not named now: the planner keeps them stale for a later round.
+                later = np.zeros_like(with_data)
+                later[with_data] = pages.deferred
+                deferred.append(batch[later])
+                with_data &= ~later
+        else:
+            pages = PageBatch(memoryview(b""))
+        named = with_data | use_xalloc
         if named.any():
-            data_pfns = batch[with_data]
-            pages = backend.read_pages(data_pfns) if data_pfns.size else memoryview(b"")
             entry_types = np.where(use_xalloc, np.uint32(PageType.XALLOC.pfinfo), types).astype(np.uint32)
-            round_stats.bytes += sink.write_pages(batch[named], entry_types[named], pages)
+            round_stats.bytes += sink.write_pages(batch[named], entry_types[named], pages.data)
         sent_data.append(batch[with_data])
         sent_xalloc.append(batch[use_xalloc])
         holes.append(batch[is_hole])
@@ -378,11 +390,13 @@ def _send_round(
         data=_pfn_set(planner.p2m_size, sent_data),
         xalloc=_pfn_set(planner.p2m_size, sent_xalloc),
         holes=_pfn_set(planner.p2m_size, holes),
+        deferred=_pfn_set(planner.p2m_size, deferred),
     )
     planner.record_sent(plan, sent)
     round_stats.pages_data = sent.data.count()
     round_stats.pages_xalloc = sent.xalloc.count()
     round_stats.holes = sent.holes.count()
+    round_stats.pages_deferred = sent.deferred.count() if sent.deferred is not None else 0
     round_stats.duration_s = time.monotonic() - started
     return round_stats
 

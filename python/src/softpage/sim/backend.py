@@ -21,6 +21,7 @@ from softpage.backend import (
     DropOutcome,
     EndOfCheckpoint,
     GuestType,
+    PageBatch,
     SoftPageChannel,
     StaticInfo,
     TscInfo,
@@ -162,7 +163,7 @@ class SimBackend:
             np.uint32
         )
 
-    def read_pages(self, pfns: PfnArray) -> memoryview:
+    def read_pages(self, pfns: PfnArray, types: npt.NDArray[np.uint32]) -> PageBatch:
         if self.faults.read_fails_after is not None and self._reads >= self.faults.read_fails_after:
             raise OSError(5, f"read_pages: simulated I/O error on domain {self.domid}")
         indexes = self._indexes("read_pages", pfns)
@@ -179,7 +180,7 @@ class SimBackend:
         view = pages.reshape(-1).view(np.uint8).data
         if self.read_hook is not None and self.guest.running:
             self.read_hook(self.guest, pfns)
-        return view
+        return PageBatch(view)
 
     def _indexes(self, call: str, pfns: PfnArray) -> npt.NDArray[np.intp]:
         indexes = np.asarray(pfns, dtype=np.uint64)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from softpage.backend import DomainInfo, EndOfCheckpoint, GuestType, StaticInfo
+from softpage.backend import DomainInfo, EndOfCheckpoint, GuestType, PageBatch, StaticInfo
 from softpage.errors import BackendError
 from softpage.pfnset import PfnArray, PfnSet
 from softpage.xen._binding import XenBinding, load_binding
@@ -134,7 +134,7 @@ class XenBackend:
         checked = check_pfns(pfns, self.describe().p2m_size, "page_types")
         return self._ctrl.page_types(self.domid, checked)
 
-    def read_pages(self, pfns: PfnArray) -> memoryview:
+    def read_pages(self, pfns: PfnArray, types: npt.NDArray[np.uint32]) -> PageBatch:
         """One foreign map call for the batch; the view is the mapping itself, no
         copy (1 ms per 1024 pages natively, far more under TCG). The mapping
         lives until the next call or ``cleanup()``, which unmap it: that is the
@@ -143,9 +143,9 @@ class XenBackend:
         self._unmap_pages()
         checked = check_pfns(pfns, self.describe().p2m_size, "read_pages")
         if checked.size == 0:
-            return memoryview(b"")
+            return PageBatch(memoryview(b""))
         self._pages_mapped = self._foreign_memory().map_readonly(self.domid, checked)
-        return self._pages_mapped.view
+        return PageBatch(self._pages_mapped.view)
 
     def suspend(self) -> None:
         suspend_guest(self._xenstore(), self.domid, self.domain_state, self._suspend_timeouts)
