@@ -11,10 +11,10 @@
  * the final round every page it skipped earlier unless this module reports it
  * HELD.  So the precopy scans read struct page without locks (as
  * /proc/kpageflags does) and only the HELD bitmap has to be, and is, exact: it
- * is the buddy allocator's free pages, scanned from a syscore suspend callback
- * with one CPU running and interrupts off, the last thing the guest does
- * before HYPERVISOR_suspend.  Nothing can allocate, and so touch, one of them
- * until the domain runs again.
+ * is the free pages, buddy blocks and per-CPU lists, scanned from a syscore
+ * suspend callback with one CPU running and interrupts off, the last thing the
+ * guest does before HYPERVISOR_suspend.  Nothing can allocate, and so touch,
+ * one of them until the domain runs again.
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
@@ -65,7 +65,7 @@
 
 static bool report_free = true;
 module_param(report_free, bool, 0644);
-MODULE_PARM_DESC(report_free, "Report free (buddy) pages in the FREE bitmap");
+MODULE_PARM_DESC(report_free, "Report free pages (buddy and per-CPU lists) in the FREE bitmap");
 
 static bool report_cache = true;
 module_param(report_cache, bool, 0644);
@@ -271,6 +271,54 @@ static unsigned long softpage_classify(const struct softpage *sp,
 	return 1;
 }
 
+/* The order of the pages on per-CPU list @pindex: pindex_to_order() in 6.1. */
+static unsigned int softpage_pcp_order(unsigned int pindex)
+{
+#ifdef CONFIG_TRANSPARENT_HUGEPAGE
+	if (pindex >= NR_LOWORDER_PCP_LISTS)
+		return pageblock_order;
+#endif
+	return pindex / MIGRATE_PCPTYPES;
+}
+
+/*
+ * The pages on @zone's per-CPU free lists are as free as the buddy
+ * allocator's but not PageBuddy.  There are many: up to pcp->high per CPU,
+ * the zone's low watermark split between its CPUs (about 7000 pages per CPU
+ * for a 1 GiB guest with two), and a cache drop frees into them first.
+ * trylock: the walk never waits for the allocator; a list that is busy at that
+ * moment is left out and its pages are sent.  In the syscore callback no lock
+ * can be held (holders run with preemption off, which stop_machine waits for).
+ */
+static void softpage_mark_pcp_free(struct softpage *sp, struct zone *zone)
+{
+	unsigned long *free = softpage_category(sp, sp->scan_bitmaps,
+						SOFTPAGE_CAT_FREE);
+	unsigned int cpu, pindex;
+
+	for_each_possible_cpu(cpu) {
+		struct per_cpu_pages *pcp;
+		unsigned long flags;
+
+		pcp = per_cpu_ptr(zone->per_cpu_pageset, cpu);
+		if (!spin_trylock_irqsave(&pcp->lock, flags))
+			continue;
+		for (pindex = 0; pindex < NR_PCP_LISTS; pindex++) {
+			unsigned long nr = 1UL << softpage_pcp_order(pindex);
+			struct page *page;
+
+			list_for_each_entry(page, &pcp->lists[pindex], pcp_list) {
+				unsigned long pfn = page_to_pfn(page);
+
+				if (pfn < sp->nr_pfns)
+					bitmap_set(free, pfn,
+						   min(nr, sp->nr_pfns - pfn));
+			}
+		}
+		spin_unlock_irqrestore(&pcp->lock, flags);
+	}
+}
+
 /*
  * Fill the private bitmaps from a walk of every RAM zone.  The SLAB bitmap
  * stays empty: telling reclaimable slab pages apart needs struct slab, which
@@ -310,6 +358,8 @@ static u64 softpage_walk(struct softpage *sp, bool want_free, bool want_cache,
 					cond_resched();
 				}
 			}
+			if (want_free)
+				softpage_mark_pcp_free(sp, zone);
 		}
 	}
 	return ktime_get_ns() - start;
@@ -735,8 +785,8 @@ static int softpage_pm_freeze(struct device *dev)
 /*
  * xen_suspend() calls this under stop_machine, interrupts off, right before
  * HYPERVISOR_suspend: no other CPU runs and nothing here may sleep, so the
- * buddy allocator's free pages stay free until the domain runs again.  They
- * are FINAL's HELD set.  No lock: everything else that publishes is stopped
+ * free pages, buddy blocks and per-CPU lists, stay free until the domain runs
+ * again.  They are FINAL's HELD set.  No lock: everything else that publishes is stopped
  * (frozen), and sp->lock may be held by a task stopped on another CPU.
  *
  * With page poisoning the allocator checks each free page for its pattern,
