@@ -59,6 +59,8 @@ class FakeDomain:
     memory: bytearray = field(default_factory=bytearray)
     shutdown_reason: int | None = None
     logdirty: bool = False
+    guest_width: int = 8
+    """Bytes in a PV guest's unsigned long."""
     dirty: set[int] = field(default_factory=set)
     hvm_context: bytes = b"HVMCTX" * 50
     hvm_params: dict[int, int] = field(default_factory=lambda: {1: 0xFEFFF, 17: 0xFEFFE, 9: 0})
@@ -152,6 +154,13 @@ class FakeXen:
         info.max_vcpu_id = domain.max_vcpu_id
         info.arch_config.emulation_flags = domain.emulation_flags
         return 1
+
+    def xc_domain_get_guest_width(self, _handle: Any, domid: int, width: Any) -> int:
+        domain = self._domain(domid)
+        if domain is None:
+            return -1
+        width[0] = domain.guest_width
+        return 0
 
     def xc_domain_maximum_gpfn(self, _handle: Any, domid: int, gpfn: Any) -> int:
         domain = self._domain(domid)

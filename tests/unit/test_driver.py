@@ -375,3 +375,14 @@ def test_pages_written_between_the_early_drop_and_the_suspend_are_sent() -> None
     check_destination(backend, sink)
     assert stats.guest_drop_outcome is DropOutcome.DONE and stats.rounds[-1].pages_data > 0
 
+
+
+def test_a_save_that_is_not_live_needs_no_log_dirty() -> None:
+    """Suspend first, read everything once: as xc_domain_save without XCFLAGS_LIVE, and all a PV
+    guest gets from a hypervisor without shadow paging."""
+    guest = small_guest()
+    backend, sink = SimBackend(guest), DirectSink()
+    stats = send_domain(backend, sink, DriverOptions(live=False), Messages())
+    check_destination(backend, sink)
+    assert "enable_logdirty" not in backend.calls and "harvest_dirty(final)" not in backend.calls
+    assert [r.kind for r in stats.rounds] == ["final"]

@@ -26,13 +26,14 @@ def make(domain: FakeDomain) -> tuple[XenBackend, object]:
 
 
 @pytest.mark.parametrize(
-    ("hvm", "emulation", "refusal"),
-    [(False, 0, "PV guests need p2m mapping"), (True, 0x7FF, "HVM guests need the QEMU")],
+    ("hvm", "emulation", "width", "refusal"),
+    [(True, 0x7FF, 8, "HVM guests need the QEMU"), (False, 0, 4, "32-bit PV guests are not supported")],
 )
 def test_unsupported_guest_types_are_refused_with_what_is_missing(
-    hvm: bool, emulation: int, refusal: str
+    hvm: bool, emulation: int, width: int, refusal: str
 ) -> None:
-    backend, _lib = make(FakeDomain(domid=3, nr_pfns=16, hvm=hvm, emulation_flags=emulation))
+    domain = FakeDomain(domid=3, nr_pfns=16, hvm=hvm, emulation_flags=emulation, guest_width=width)
+    backend, _lib = make(domain)
     with pytest.raises(BackendError, match=refusal):
         backend.describe()
     backend.cleanup()

@@ -207,8 +207,11 @@ class MigrationSession:
         self.planner.honour_held = self.channel is not None
         self.sink.begin(self.domain, self.backend.static_info())
         # Log-dirty before the first snapshot request: a soft page written
-        # after the guest reported it must show in the next harvest.
-        self.backend.enable_logdirty()
+        # after the guest reported it must show in the next harvest. A save
+        # that is not live reads everything once, suspended, and needs none
+        # (as xc_domain_save; a PV guest has no log-dirty without shadow paging).
+        if self.options.live:
+            self.backend.enable_logdirty()
         if self.channel is not None:
             self.channel.arm(True)
 
@@ -242,8 +245,8 @@ class MigrationSession:
         self.suspended = True
         self.stats.suspend_requested_at = time.monotonic()
         self.backend.suspend()
-        final_dirty = self.backend.harvest_dirty(final=True)
-        if not self.planner.rounds_planned:
+        final_dirty = self.backend.harvest_dirty(final=True) if self.options.live else None
+        if final_dirty is None or not self.planner.rounds_planned:
             final_dirty = PfnSet.full(self.domain.p2m_size)
         final_snapshot = self._read_snapshot(final_request, self.options.final_snapshot_timeout)
         plan = self.planner.plan_final(final_dirty, final_snapshot, final_request)

@@ -1,15 +1,14 @@
 """``XenBackend``: ``softpage.backend.MigrationBackend`` on a live Xen 4.17 domain.
 
 Supported: PVH guests (HVM-type stream, ``gfn == pfn``, no device model), the
-type the testbed can live-migrate (HAP log-dirty). Refused in ``describe()``:
-
-* PV: needs the guest p2m mapped (pfn -> mfn for types and mappings),
-  page-table normalisation (mfn -> pfn in L1-L4), X86_PV_INFO, P2M_FRAMES,
-  SHARED_INFO and per-VCPU records; and Debian's 4.17.7 hypervisor has no PV
-  log-dirty at all (no shadow paging);
-* HVM: needs QEMU's side (``switch_qemu_logdirty``, the device-model save
-  file as EMULATOR_CONTEXT and its xenstore data); the memory and
-  HVM_CONTEXT paths below would otherwise serve as they are.
+type the testbed can live-migrate (HAP log-dirty), and 64-bit PV guests
+(``softpage.xen.pvdomain``: the guest's p2m for types and mappings, page
+tables rewritten in pfns, X86_PV_INFO, P2M_FRAMES, SHARED_INFO and the vCPU
+records). PV live migration needs shadow paging, which Debian's 4.17.7
+hypervisor is built without; a non-live save works there. Refused in
+``describe()``: HVM guests, which need QEMU's side (``switch_qemu_logdirty``,
+the device-model save file as EMULATOR_CONTEXT and its xenstore data); the
+memory and HVM_CONTEXT paths below would otherwise serve as they are.
 
 The libxl ordering is kept: log-dirty on before any page is read, pages read
 read-only through one foreign mapping per ``read_pages`` call (written to the
@@ -19,6 +18,8 @@ xenstore handshake, FINAL harvest with the domain suspended.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 from typing import Any
 
 import numpy as np
@@ -33,12 +34,12 @@ from softpage.xen.ctrl import DirtyLog, DomainState, XenCtrl
 from softpage.xen.evtchn import EventChannels
 from softpage.xen.foreignmemory import ForeignMapping, ForeignMemory
 from softpage.xen.gnttab import GrantTable
+from softpage.xen.pvdomain import PvDomain
 from softpage.xen.suspend import SuspendTimeouts, suspend_guest
 from softpage.xenstore import PyxsStore, XenStore
 
-SUPPORTED_TYPES = (GuestType.PVH,)
+SUPPORTED_TYPES = (GuestType.PVH, GuestType.PV)
 UNSUPPORTED_REASONS = {
-    GuestType.PV: "PV guests need p2m mapping and page-table normalisation (not implemented)",
     GuestType.HVM: "HVM guests need the QEMU device-model state and log-dirty switch (not implemented)",
 }
 
@@ -81,6 +82,8 @@ class XenBackend:
             self._close_handles()
             raise
         self._info: DomainInfo | None = None
+        self._pv: PvDomain | None = None
+        self._suspended = False
         self._dirty_log: DirtyLog | None = None
         self._logdirty_enabled = False
         self._pages_mapped: ForeignMapping | None = None
@@ -101,11 +104,16 @@ class XenBackend:
         if guest_type not in SUPPORTED_TYPES:
             raise BackendError(f"dom {self.domid}: {UNSUPPORTED_REASONS[guest_type]}")
         name = self._xenstore().read(f"/local/domain/{self.domid}/name") or f"domain-{self.domid}"
+        if guest_type is GuestType.PV:
+            self._pv = PvDomain(self._ctrl, self._foreign_memory(), state)
+            p2m_size = self._pv.p2m_size
+        else:
+            p2m_size = self._ctrl.maximum_gpfn(self.domid) + 1
         self._info = DomainInfo(
             domid=self.domid,
             name=name,
             guest_type=guest_type,
-            p2m_size=self._ctrl.maximum_gpfn(self.domid) + 1,
+            p2m_size=p2m_size,
             max_memkb=state.max_pages * 4,
             nr_vcpus=state.nr_vcpus,
             xen_version=self._ctrl.xen_version(),
@@ -113,7 +121,11 @@ class XenBackend:
         return self._info
 
     def static_info(self) -> StaticInfo:
-        return self._ctrl.cpu_policy(self.domid)
+        policy = self._ctrl.cpu_policy(self.domid)
+        self.describe()
+        if self._pv is None:
+            return policy
+        return dataclasses.replace(policy, pv=self._pv.static_info())
 
     def enable_logdirty(self) -> None:
         info = self.describe()
@@ -121,17 +133,29 @@ class XenBackend:
             raise BackendError(f"dom {self.domid}: log-dirty already enabled")
         if self._dirty_log is None:
             self._dirty_log = self._ctrl.dirty_log(self.domid, info.p2m_size)
-        self._ctrl.enable_logdirty(self.domid)
+        try:
+            self._ctrl.enable_logdirty(self.domid)
+        except OSError as error:
+            if info.guest_type is GuestType.PV and error.errno == errno.EOPNOTSUPP:
+                raise BackendError(
+                    f"dom {self.domid}: this hypervisor has no log-dirty for PV guests (built without "
+                    "shadow paging, as Debian's 4.17.7): PV guests cannot be migrated live here; "
+                    "a non-live save works") from error
+            raise
         self._logdirty_enabled = True
 
     def harvest_dirty(self, final: bool) -> PfnSet:
         if not self._logdirty_enabled or self._dirty_log is None:
             raise BackendError(f"dom {self.domid}: harvest_dirty before enable_logdirty")
         dirty, _xen_dirty_count = self._dirty_log.clean(final)
+        if self._pv is not None:
+            self._pv.check_p2m_unchanged()
         return dirty
 
     def page_types(self, pfns: PfnArray) -> npt.NDArray[np.uint32]:
         checked = check_pfns(pfns, self.describe().p2m_size, "page_types")
+        if self._pv is not None:
+            return self._pv.page_types(checked)
         return self._ctrl.page_types(self.domid, checked)
 
     def read_pages(self, pfns: PfnArray, types: npt.NDArray[np.uint32]) -> PageBatch:
@@ -139,20 +163,35 @@ class XenBackend:
         copy (1 ms per 1024 pages natively, far more under TCG). The mapping
         lives until the next call or ``cleanup()``, which unmap it: that is the
         interface's "valid until the next call", and it holds one batch mapped
-        at most. The driver writes each batch out before it reads the next."""
+        at most. The driver writes each batch out before it reads the next.
+        A PV guest's pages are mapped by mfn and its page tables copied and
+        rewritten in pfns (deferred while the guest runs if it is changing one)."""
         self._unmap_pages()
         checked = check_pfns(pfns, self.describe().p2m_size, "read_pages")
         if checked.size == 0:
             return PageBatch(memoryview(b""))
-        self._pages_mapped = self._foreign_memory().map_readonly(self.domid, checked)
-        return PageBatch(self._pages_mapped.view)
+        frames = checked if self._pv is None else self._pv.mfns_of(checked)
+        self._pages_mapped = self._foreign_memory().map_readonly(self.domid, frames)
+        if self._pv is None:
+            return PageBatch(self._pages_mapped.view)
+        return self._pv.normalise(self._pages_mapped.view, np.asarray(types, dtype=np.uint32),
+                                  strict=self._suspended)
 
     def suspend(self) -> None:
         suspend_guest(self._xenstore(), self.domid, self.domain_state, self._suspend_timeouts)
+        self._suspended = True
 
     def end_of_checkpoint(self) -> EndOfCheckpoint:
-        if not self.domain_state().suspended:
+        state = self.domain_state()
+        if not state.suspended:
             raise BackendError(f"dom {self.domid}: end_of_checkpoint needs the domain suspended")
+        if self._pv is not None:
+            self._pv.check_p2m_unchanged()
+            return EndOfCheckpoint(
+                tsc=self._ctrl.tsc_info(self.domid),
+                pv_shared_info=self._pv.shared_info(),
+                pv_vcpus=self._pv.vcpu_states(state.max_vcpu_id),
+            )
         return EndOfCheckpoint(
             tsc=self._ctrl.tsc_info(self.domid),
             hvm_context=self._ctrl.hvm_context(self.domid),
@@ -164,6 +203,7 @@ class XenBackend:
         if self.domain_state().suspended:
             self._ctrl.resume(self.domid, fast=True)
             self._xenstore().resume_domain(self.domid)
+        self._suspended = False
 
     def soft_channel(self) -> XenSoftPageChannel | None:
         """Connect once; later calls return the same channel (or None again)."""
