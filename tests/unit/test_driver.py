@@ -86,12 +86,14 @@ def test_plain_precopy_sends_every_ram_page_with_data() -> None:
 
 
 class DeferringBackend(SimBackend):
-    """Defers every PFN divisible by 7 while the guest runs, as a PV backend defers a page
-    table the guest is rewriting: ``data`` then holds only the other pages."""
+    """Defers every PFN divisible by 7 while the guest runs (and, if ``when_suspended``, after),
+    as a PV backend defers a page table the guest is rewriting: ``data`` holds the others."""
+
+    when_suspended = False
 
     def read_pages(self, pfns: PfnArray, types: npt.NDArray[np.uint32]) -> PageBatch:
         batch = super().read_pages(pfns, types)
-        if self.suspended:
+        if self.suspended and not self.when_suspended:
             return batch
         deferred = np.asarray(pfns) % 7 == 0
         pages = np.frombuffer(batch.data, dtype=np.uint8).reshape(-1, 4096)[~deferred]
@@ -109,6 +111,15 @@ def test_pages_deferred_in_live_rounds_reach_the_destination_by_the_final_round(
 
 
 # -- failures ----------------------------------------------------------------------
+def test_a_page_deferred_with_the_guest_suspended_fails_the_migration_and_resumes_the_guest() -> None:
+    guest = small_guest()
+    backend = DeferringBackend(guest)
+    backend.when_suspended = True
+    sink = DirectSink()
+    with pytest.raises(MigrationError, match="could not be read with the guest suspended"):
+        send_domain(backend, sink, DriverOptions(prune=()), Messages())
+    assert not sink.ended
+    assert "resume" in backend.calls and guest.running
 def test_suspend_failure_resumes_and_disarms() -> None:
     guest = small_guest()
     backend = SimBackend(guest, faults=SimFaults(suspend_fails=True))

@@ -254,6 +254,9 @@ class MigrationSession:
             self.backend, self.sink, self.planner, plan, len(self.stats.rounds) + 1, "final", final_snapshot
         )
         self._finish_round(round_stats)
+        if round_stats.pages_deferred:
+            raise MigrationError(f"{round_stats.pages_deferred} pages could not be read with the guest "
+                                 "suspended; not ending the stream")
         unaccounted = self.planner.unaccounted()
         if unaccounted:
             raise MigrationError(f"{unaccounted.count()} PFNs were never named in the stream; not ending it")
