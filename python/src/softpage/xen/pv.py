@@ -31,9 +31,10 @@ GUEST_WIDTH = 8
 """Bytes in a guest ``unsigned long``: 64-bit guests only."""
 PT_LEVELS = 4
 
-# xen/include/public/arch-x86/xen-x86_64.h and tools/libs/guest/xg_sr_common_x86_pv.h
+# tools/libs/guest/xg_sr_common_x86_pv.h: Xen's range, inclusive (the guest's own mappings
+# start right above it, the L4 slot after the last one cleared).
 HYPERVISOR_VIRT_START_X86_64 = 0xFFFF800000000000
-HYPERVISOR_VIRT_END_X86_64 = 0xFFFF880000000000
+HYPERVISOR_VIRT_END_X86_64 = 0xFFFF87FFFFFFFFFF
 L4_PAGETABLE_SHIFT_X86_64 = 39
 PTE_PRESENT = 1 << 0
 PTE_PSE = 1 << 7
