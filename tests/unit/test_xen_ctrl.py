@@ -130,6 +130,17 @@ def test_enable_logdirty_retries_after_off_like_libxc() -> None:
     assert shadow_calls == [("xc_shadow_control(2)",), ("xc_shadow_control(0)",), ("xc_shadow_control(2)",)]
 
 
+def test_enable_logdirty_reports_why_enabling_failed_not_the_retry() -> None:
+    """A PV guest on Xen without shadow paging: ENABLE fails with EOPNOTSUPP, the OFF of the
+    retry with EINVAL. The first error says why."""
+    xc, lib = open_ctrl(FakeDomain(domid=1, nr_pfns=8, hvm=False))
+    lib.fail["xc_shadow_control(2)"] = errno.EOPNOTSUPP
+    lib.fail["xc_shadow_control(0)"] = errno.EINVAL
+    with pytest.raises(OSError) as raised:
+        xc.enable_logdirty(1)
+    assert raised.value.errno == errno.EOPNOTSUPP
+
+
 def test_end_of_checkpoint_pieces() -> None:
     domain = FakeDomain(domid=6, nr_pfns=8)
     xc, _lib = open_ctrl(domain)

@@ -277,12 +277,18 @@ class XenCtrl:
 
     def enable_logdirty(self, domid: int) -> None:
         """As ``enable_logdirty()`` in xg_sr_save.c: if enabling fails (log-dirty
-        already on, e.g. VRAM tracking), turn it off and try once more."""
+        already on, e.g. VRAM tracking), turn it off and try once more. If that
+        fails too, the first error is the one that says why (EOPNOTSUPP: a PV
+        guest on a hypervisor without shadow paging, whose OFF then fails with
+        EINVAL)."""
         try:
             self.shadow_control(domid, XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY)
-        except OSError:
-            self.shadow_control(domid, XEN_DOMCTL_SHADOW_OP_OFF)
-            self.shadow_control(domid, XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY)
+        except OSError as first:
+            try:
+                self.shadow_control(domid, XEN_DOMCTL_SHADOW_OP_OFF)
+                self.shadow_control(domid, XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY)
+            except OSError:
+                raise first from None
 
     def disable_logdirty(self, domid: int) -> None:
         self.shadow_control(domid, XEN_DOMCTL_SHADOW_OP_OFF)
