@@ -251,11 +251,11 @@ def test_pv_softpage_save_then_stock_restore(xen_pvh_testbed: Testbed) -> None:
         if attempt == 0:
             verified = xen_pvh_testbed.run(
                 "PYTHONPATH=/usr/lib/xen-4.17/lib/python /usr/lib/xen-4.17/bin/verify-stream-v2 "
-                f"-f xl -i {image}",
+                f"-v -f xl -i {image}",
                 timeout_s=900,
             )
             assert verified.ok, verified.stdout[-2000:] + verified.stderr[-2000:]
-            assert "Domain Header: x86 PV" in verified.stdout
+            assert "Domain Header: x86 PV" in verified.stdout, verified.stdout[:2000]
         restored = xen_pvh_testbed.run(["xl", "restore", image], timeout_s=900)
         assert restored.ok, f"restore {attempt}: {restored.stderr}"
         xen_pvh_testbed.run(["rm", "-f", image])
