@@ -30,6 +30,8 @@ class Round:
     """Guest writes while the round is sent: logged for the next harvest."""
     deferred: frozenset[int]
     """Planned PFNs the sender could not send this round (PV page tables in flux)."""
+    tables: frozenset[int]
+    """PFNs that go out as page tables if sent with data this round (PV)."""
 
 
 def pfn_sets(size: int) -> st.SearchStrategy[frozenset[int]]:
@@ -51,7 +53,7 @@ class Migration:
 def migrations(draw: st.DrawFn) -> Migration:
     size = draw(st.integers(1, 200))
     round_strategy = st.builds(Round, pfn_sets(size), pfn_sets(size), st.booleans(), pfn_sets(size),
-                               pfn_sets(size))
+                               pfn_sets(size), pfn_sets(size))
     return Migration(
         size=size,
         holes=draw(pfn_sets(size)),
@@ -81,6 +83,8 @@ class Destination:
     def __init__(self, size: int) -> None:
         self.equal = np.zeros(size, dtype=bool)
         self.named = np.zeros(size, dtype=bool)
+        self.table = np.zeros(size, dtype=bool)
+        """The PFN's latest entry was a page table: a PV receiver pins it by that type."""
 
     def guest_writes(self, pfns: frozenset[int]) -> None:
         self.equal[sorted(pfns)] = False
@@ -93,16 +97,21 @@ class Destination:
         self.equal[xalloc] = False
         self.named[data] = True
         self.named[xalloc] = True
+        self.table[data] = False
+        self.table[xalloc] = False
+        if sent.tables is not None:
+            self.table[sent.tables.to_pfns().astype(np.intp)] = True
 
 
 def send(planner: RoundPlanner, plan: RoundPlan, holes: PfnSet, destination: Destination,
-         deferred: PfnSet | None = None) -> None:
+         deferred: PfnSet | None = None, tables: PfnSet | None = None) -> None:
     planned = plan.data | plan.xalloc
     assert plan.data.isdisjoint(plan.xalloc)
     assert plan.xalloc.isdisjoint(planner.named), "XALLOC planned for a PFN already named"
     deferred = (deferred if deferred is not None else PfnSet.empty(planned.nr_pfns)) & (planned - holes)
-    sent = SentPages(data=plan.data - holes - deferred, xalloc=plan.xalloc - holes - deferred,
-                     holes=planned & holes, deferred=deferred)
+    data = plan.data - holes - deferred
+    sent = SentPages(data=data, xalloc=plan.xalloc - holes - deferred, holes=planned & holes,
+                     deferred=deferred, tables=(tables & data) if tables is not None else None)
     planner.record_sent(plan, sent)
     destination.receive(sent)
 
@@ -122,7 +131,8 @@ def test_stale_covers_every_page_the_destination_has_wrong(migration: Migration)
         soft = as_set(size, planned_round.soft)
         plan = planner.plan_precopy(candidates, report(size, request_id, soft), number)
         assert plan.data | plan.xalloc | plan.skipped == candidates
-        send(planner, plan, holes, destination, as_set(size, planned_round.deferred))
+        send(planner, plan, holes, destination, as_set(size, planned_round.deferred),
+             as_set(size, planned_round.tables))
         during = planned_round.written_during - hole_members
         destination.guest_writes(during)
         pending = as_set(size, during)
@@ -142,4 +152,5 @@ def test_stale_covers_every_page_the_destination_has_wrong(migration: Migration)
     assert named == ram
     wrong = PfnSet.from_pfns(size, np.flatnonzero(destination.named & ~destination.equal))
     assert wrong.issubset(held)
+    assert not (destination.table & ~destination.equal).any(), "a stale page table is left to pin"
     assert planner.unsent_stale(held) == PfnSet.empty(size)

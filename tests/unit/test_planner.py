@@ -294,3 +294,24 @@ def test_record_sent_rejects_a_pfn_both_deferred_and_sent() -> None:
     plan = planner.plan_precopy(span(0, 8), None, None)
     with pytest.raises(PlannerError, match="deferred PFN was reported sent"):
         planner.record_sent(plan, SentPages(data=span(0, 8), xalloc=EMPTY, holes=EMPTY, deferred=pfns(3)))
+
+
+def test_a_held_page_last_sent_as_a_page_table_is_sent_again() -> None:
+    """PV: a page table sent in round 1 and freed since is held at the end, but the receiver would
+    pin its stale copy by the type it last had in the stream: it goes out again. A page sent as a
+    table and later as a plain page may be held."""
+    planner = RoundPlanner(P2M)
+    plan = planner.plan_precopy(PfnSet.full(P2M), None, None)
+    planner.record_sent(plan, SentPages(data=plan.data, xalloc=EMPTY, holes=EMPTY, tables=pfns(3, 4)))
+    plan = planner.plan_precopy(pfns(4), None, None)
+    planner.record_sent(plan, SentPages(data=pfns(4), xalloc=EMPTY, holes=EMPTY))
+    final_plan = planner.plan_final(pfns(3, 4, 5), final(9, pfns(3, 4, 5)), 9)
+    assert final_plan.data == pfns(3)
+    assert final_plan.skipped == pfns(4, 5)
+
+
+def test_record_sent_rejects_a_page_table_without_data() -> None:
+    planner = RoundPlanner(P2M)
+    plan = planner.plan_precopy(span(0, 8), None, None)
+    with pytest.raises(PlannerError, match="page table without data"):
+        planner.record_sent(plan, SentPages(data=span(0, 7), xalloc=EMPTY, holes=EMPTY, tables=pfns(7)))

@@ -43,6 +43,10 @@ from softpage.policy import Decision, PrecopyPolicy, PrecopyStats
 from softpage.snapshot import SoftSnapshot
 from softpage.stream.records import PFINFO_SHIFT, PageType
 
+PAGETABLE_LEVEL_MASK = 0x7
+"""A stream type's page-table level (``XEN_DOMCTL_PFINFO_LTABTYPE_MASK >> 28``): 1-4 for L1-L4,
+pinned or not."""
+
 READ_BATCH_PFNS = 4096
 """PFNs typed, mapped and written per step of a round: 16 MiB mapped at a time. The sink splits
 them into PAGE_DATA records of at most 1024 (``stream.records.MAX_BATCH_SIZE``), as the stock
@@ -366,6 +370,7 @@ def _send_round(
     sent_xalloc: list[PfnArray] = []
     holes: list[PfnArray] = []
     deferred: list[PfnArray] = []
+    tables: list[PfnArray] = []
     for batch in _batches(planned.to_pfns()):
         types = backend.page_types(batch)
         stream_types = types >> np.uint32(PFINFO_SHIFT)
@@ -390,6 +395,8 @@ def _send_round(
             entry_types = np.where(use_xalloc, np.uint32(PageType.XALLOC.pfinfo), types).astype(np.uint32)
             round_stats.bytes += sink.write_pages(batch[named], entry_types[named], pages.data)
         sent_data.append(batch[with_data])
+        levels = stream_types & np.uint32(PAGETABLE_LEVEL_MASK)
+        tables.append(batch[with_data & (levels >= 1) & (levels <= 4)])
         sent_xalloc.append(batch[use_xalloc])
         holes.append(batch[is_hole])
     sent = SentPages(
@@ -397,6 +404,7 @@ def _send_round(
         xalloc=_pfn_set(planner.p2m_size, sent_xalloc),
         holes=_pfn_set(planner.p2m_size, holes),
         deferred=_pfn_set(planner.p2m_size, deferred),
+        tables=_pfn_set(planner.p2m_size, tables),
     )
     planner.record_sent(plan, sent)
     round_stats.pages_data = sent.data.count()

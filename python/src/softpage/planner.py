@@ -15,7 +15,9 @@ Its rules (docs/design.md, "The safety invariant"):
    snapshot after the harvest of its round and passes the request id it used;
    any other snapshot is ignored for the round).
 3. Stop-and-copy: every PFN that is stale or dirty in the final harvest goes out
-   with data, unless it is in the guest's final *held* set.
+   with data, unless it is in the guest's final *held* set and its latest entry in
+   the stream is not a page table (``tables``: a PV receiver pins page tables by
+   the type they last had in the stream, and a stale one fails or, worse, pins).
 4. A snapshot that is missing, malformed, stale or in the wrong state is ignored
    (plain precopy for that round) and the reason is reported.
 
@@ -65,6 +67,8 @@ class SentPages:
     """Planned PFNs the sender could not send in this round (a PV page table the guest was
     rewriting, as libxenguest's ``deferred_pages``): not named now, sent by a later round and
     at the latest by the final one."""
+    tables: PfnSet | None = None
+    """The part of ``data`` sent as page tables (L1-L4 types: PV guests only)."""
 
 
 class RoundPlanner:
@@ -80,6 +84,8 @@ class RoundPlanner:
         self.named = PfnSet.empty(p2m_size)
         self.holes = PfnSet.empty(p2m_size)
         self.stale = PfnSet.empty(p2m_size)
+        self.tables = PfnSet.empty(p2m_size)
+        """Named PFNs whose latest entry in the stream is a page table."""
         self.rounds_planned = 0
         self.final_planned = False
 
@@ -103,6 +109,7 @@ class RoundPlanner:
         self._check_open()
         self._check_universe(final_dirty)
         held, used, note = self._final_held(snapshot, expected_request_id)
+        held = held - self.tables
         # unaccounted() is empty after a first round over every PFN; naming it
         # here keeps rule 1 even for a driver that planned a partial first round.
         candidates = final_dirty | self.stale | self.unaccounted()
@@ -114,8 +121,11 @@ class RoundPlanner:
     def record_sent(self, plan: RoundPlan, sent: SentPages) -> None:
         """Account for what the sender really wrote for ``plan``."""
         deferred = sent.deferred if sent.deferred is not None else PfnSet.empty(self.p2m_size)
-        for pfns in (sent.data, sent.xalloc, sent.holes, deferred):
+        tables = sent.tables if sent.tables is not None else PfnSet.empty(self.p2m_size)
+        for pfns in (sent.data, sent.xalloc, sent.holes, deferred, tables):
             self._check_universe(pfns)
+        if not tables.issubset(sent.data):
+            raise PlannerError("a PFN was reported sent as a page table without data")
         if not sent.data.isdisjoint(sent.xalloc):
             raise PlannerError("a PFN was reported sent both with data and as XALLOC")
         if not deferred.isdisjoint(sent.data | sent.xalloc | sent.holes):
@@ -139,6 +149,8 @@ class RoundPlanner:
         self.stale |= plan.skipped & self.named
         # Its copy on the destination is older than the source's, or missing.
         self.stale |= deferred
+        self.tables -= sent.data | sent.xalloc
+        self.tables |= tables
 
     def unaccounted(self) -> PfnSet:
         """PFNs neither named in the stream nor seen as holes (must be empty before END)."""
