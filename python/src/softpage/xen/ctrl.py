@@ -298,7 +298,8 @@ class XenCtrl:
 
     # -- pages -----------------------------------------------------------
     def page_types(self, domid: int, pfns: PfnArray) -> npt.NDArray[np.uint32]:
-        """``XEN_DOMCTL_PFINFO_*`` of each PFN (a GFN: HVM/PVH only), 1024 per hypercall."""
+        """``XEN_DOMCTL_PFINFO_*`` of each frame (a GFN for HVM/PVH, an MFN for PV), 1024 per
+        hypercall."""
         pfns = np.ascontiguousarray(pfns, dtype=np.uint64)
         types = np.empty(pfns.size, dtype=np.uint32)
         scratch = self._type_scratch
