@@ -116,31 +116,39 @@ def test_softpage_migrate_without_pruning_repeatedly(xen_pvh_testbed: Testbed) -
         assert_survived(guest, heartbeat)
 
 
-def test_softpage_save_then_stock_restore_repeatedly(xen_pvh_testbed: Testbed) -> None:
-    guest = start_guest(xen_pvh_testbed, "sp-save")
+def save_and_restore_repeatedly(testbed: Testbed, guest: Guest, domain_header: str) -> None:
+    """``softpage save`` then stock ``xl restore``, REPEAT times; the first image must pass
+    verify-stream-v2 with the given domain header. Held pages travel as XALLOC in the one,
+    final round (a save is not live): the image is smaller than the guest's memory."""
     image = f"/var/lib/xen/softpage-{guest.name}.img"
     for attempt in range(REPEAT):
         heartbeat = guest.heartbeat()
-        result = softpage(xen_pvh_testbed, "save", "--stats", STATS, guest.name, image)
+        result = softpage(testbed, "save", "--stats", STATS, guest.name, image)
         assert result.ok, f"save {attempt}: {result.stderr}"
-        assert guest.name not in xen_pvh_testbed.domains()
-        _, totals = read_stats(xen_pvh_testbed)
-        size = int(xen_pvh_testbed.run(["stat", "-c", "%s", image], check=True).stdout)
-        # The held pages travel as XALLOC: the image is smaller than the guest's memory.
+        assert guest.name not in testbed.domains()
+        rounds, totals = read_stats(testbed)
+        assert [r["kind"] for r in rounds] == ["final"], rounds
         assert int(totals["pages_xalloc"]) > 2048, (attempt, totals)  # type: ignore[call-overload]
+        size = int(testbed.run(["stat", "-c", "%s", image], check=True).stdout)
         assert size < PRUNE_GUEST["memory_mb"] << 20
         if attempt == 0:
-            verified = xen_pvh_testbed.run(
+            verified = testbed.run(
                 "PYTHONPATH=/usr/lib/xen-4.17/lib/python /usr/lib/xen-4.17/bin/verify-stream-v2 "
-                f"-f xl -i {image}",
+                f"-v -f xl -i {image}",
                 timeout_s=900,
             )
             assert verified.ok, verified.stdout[-2000:] + verified.stderr[-2000:]
-        restored = xen_pvh_testbed.run(["xl", "restore", image], timeout_s=900)
+            assert f"Domain Header: {domain_header}" in verified.stdout, verified.stdout[:2000]
+        restored = testbed.run(["xl", "restore", image], timeout_s=900)
         assert restored.ok, f"restore {attempt}: {restored.stderr}"
-        xen_pvh_testbed.run(["rm", "-f", image])
+        testbed.run(["rm", "-f", image])
         assert_survived(guest, heartbeat)
         assert _wait_for_module(guest) == "ready"
+
+
+def test_softpage_save_then_stock_restore_repeatedly(xen_pvh_testbed: Testbed) -> None:
+    guest = start_guest(xen_pvh_testbed, "sp-save")
+    save_and_restore_repeatedly(xen_pvh_testbed, guest, "x86 HVM")
 
 
 def test_failed_migrations_leave_the_guest_running_on_the_source(xen_pvh_testbed: Testbed) -> None:
@@ -240,27 +248,7 @@ def test_pv_softpage_save_then_stock_restore(xen_pvh_testbed: Testbed) -> None:
     SHARED_INFO and vCPU records. Not live (Xen 4.17.7 has no PV log-dirty), so the guest is
     suspended first and its held pages go out as XALLOC."""
     guest = start_guest(xen_pvh_testbed, "sp-pv-save", guest_type="pv")
-    image = f"/var/lib/xen/softpage-{guest.name}.img"
-    for attempt in range(REPEAT):
-        heartbeat = guest.heartbeat()
-        result = softpage(xen_pvh_testbed, "save", "--stats", STATS, guest.name, image)
-        assert result.ok, f"save {attempt}: {result.stderr}"
-        rounds, totals = read_stats(xen_pvh_testbed)
-        assert [r["kind"] for r in rounds] == ["final"], rounds
-        assert int(totals["pages_xalloc"]) > 2048, (attempt, totals)  # type: ignore[call-overload]
-        if attempt == 0:
-            verified = xen_pvh_testbed.run(
-                "PYTHONPATH=/usr/lib/xen-4.17/lib/python /usr/lib/xen-4.17/bin/verify-stream-v2 "
-                f"-v -f xl -i {image}",
-                timeout_s=900,
-            )
-            assert verified.ok, verified.stdout[-2000:] + verified.stderr[-2000:]
-            assert "Domain Header: x86 PV" in verified.stdout, verified.stdout[:2000]
-        restored = xen_pvh_testbed.run(["xl", "restore", image], timeout_s=900)
-        assert restored.ok, f"restore {attempt}: {restored.stderr}"
-        xen_pvh_testbed.run(["rm", "-f", image])
-        assert_survived(guest, heartbeat)
-        assert _wait_for_module(guest) == "ready"
+    save_and_restore_repeatedly(xen_pvh_testbed, guest, "x86 PV")
 
 
 def test_pv_live_migration_without_shadow_paging_fails_cleanly(xen_pvh_testbed: Testbed) -> None:
