@@ -164,3 +164,14 @@ def test_type_tables_follow_xg_sr_common() -> None:
     assert wire.PageType.XALLOC.pfinfo == 0xE000_0000
     assert set(wire.LIBXC_RECORD_NAMES) == set(wire.LibxcRecordType)
     assert set(wire.LIBXL_RECORD_NAMES) == set(wire.LibxlRecordType)
+
+
+def test_pagetable_levels_of_every_type() -> None:
+    PageType = wire.PageType
+    types = np.array([int(page_type) for page_type in PageType], dtype=np.uint32)
+    levels = dict(zip(PageType, wire.pagetable_levels(types).tolist(), strict=True))
+    assert levels == {
+        PageType.NOTAB: 0, PageType.L1TAB: 1, PageType.L2TAB: 2, PageType.L3TAB: 3, PageType.L4TAB: 4,
+        PageType.L1TAB_PINNED: 1, PageType.L2TAB_PINNED: 2, PageType.L3TAB_PINNED: 3,
+        PageType.L4TAB_PINNED: 4, PageType.BROKEN: 0, PageType.XALLOC: 0, PageType.XTAB: 0,
+    }

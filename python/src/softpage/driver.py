@@ -41,11 +41,7 @@ from softpage.pfnset import PfnArray, PfnSet
 from softpage.planner import RoundPlan, RoundPlanner, SentPages
 from softpage.policy import Decision, PrecopyPolicy, PrecopyStats
 from softpage.snapshot import SoftSnapshot
-from softpage.stream.records import PFINFO_SHIFT, PageType
-
-PAGETABLE_LEVEL_MASK = 0x7
-"""A stream type's page-table level (``XEN_DOMCTL_PFINFO_LTABTYPE_MASK >> 28``): 1-4 for L1-L4,
-pinned or not."""
+from softpage.stream.records import PFINFO_SHIFT, PageType, pagetable_levels
 
 READ_BATCH_PFNS = 4096
 """PFNs typed, mapped and written per step of a round: 16 MiB mapped at a time. The sink splits
@@ -395,8 +391,7 @@ def _send_round(
             entry_types = np.where(use_xalloc, np.uint32(PageType.XALLOC.pfinfo), types).astype(np.uint32)
             round_stats.bytes += sink.write_pages(batch[named], entry_types[named], pages.data)
         sent_data.append(batch[with_data])
-        levels = stream_types & np.uint32(PAGETABLE_LEVEL_MASK)
-        tables.append(batch[with_data & (levels >= 1) & (levels <= 4)])
+        tables.append(batch[with_data & (pagetable_levels(stream_types) > 0)])
         sent_xalloc.append(batch[use_xalloc])
         holes.append(batch[is_hole])
     sent = SentPages(

@@ -190,6 +190,10 @@ PFINFO_SHIFT = 28
 and a pfn word is ``(domctl_type << 32) | pfn`` (xg_sr_save.c ``write_batch``)."""
 
 
+PAGETABLE_LEVEL_MASK = 0x7
+"""``XEN_DOMCTL_PFINFO_LTABTYPE_MASK >> 28``: a stream type's page-table level bits."""
+
+
 class PageType(enum.IntEnum):
     """The 4-bit type of a pfn word (``XEN_DOMCTL_PFINFO_*`` >> 28,
     xen/include/public/domctl.h). Values 5..8 are invalid."""
@@ -254,6 +258,13 @@ def data_type_mask(stream_types: npt.NDArray[np.integer]) -> npt.NDArray[np.bool
     return (stream_types <= PageType.L4TAB) | (
         (stream_types >= PageType.L1TAB_PINNED) & (stream_types <= PageType.L4TAB_PINNED)
     )
+
+
+def pagetable_levels(stream_types: npt.NDArray[np.integer]) -> npt.NDArray[np.uint32]:
+    """The page-table level of each type: 1-4 for L1-L4, pinned or not
+    (``XEN_DOMCTL_PFINFO_LTABTYPE_MASK``), 0 for every other type."""
+    levels = np.asarray(stream_types, dtype=np.uint32) & np.uint32(PAGETABLE_LEVEL_MASK)
+    return np.where((levels >= PageType.L1TAB) & (levels <= PageType.L4TAB), levels, 0).astype(np.uint32)
 
 
 def populate_type_mask(stream_types: npt.NDArray[np.integer]) -> npt.NDArray[np.bool_]:

@@ -43,9 +43,8 @@ PTE_FRAME_MASK = 0x000FFFFFFFFFF000
 VADDR_MASK_X86_64 = 0x0000FFFFFFFFFFFF
 INVALID_MFN = (1 << 64) - 1
 
-# XEN_DOMCTL_PFINFO_* page-table types (xen/include/public/domctl.h), as type >> 28
+# Page-table levels, as softpage.stream.records.pagetable_levels gives them
 L1TAB, L2TAB, L3TAB, L4TAB = 1, 2, 3, 4
-LTABTYPE_MASK = 0x7
 
 XEN_SLOTS_L4 = range(
     (HYPERVISOR_VIRT_START_X86_64 >> L4_PAGETABLE_SHIFT_X86_64) & 511,

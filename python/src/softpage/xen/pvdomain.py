@@ -19,12 +19,12 @@ import numpy.typing as npt
 from softpage.backend import PageBatch, PvStaticInfo, PvVcpuState
 from softpage.errors import BackendError
 from softpage.pfnset import PfnArray
+from softpage.stream.records import PFINFO_SHIFT, pagetable_levels
 from softpage.xen.ctrl import XEN_DOMCTL_PFINFO_XTAB, DomainState, XenCtrl
 from softpage.xen.foreignmemory import ForeignMemory
 from softpage.xen.pv import (
     GUEST_WIDTH,
     INVALID_MFN,
-    LTABTYPE_MASK,
     PAGE_SHIFT,
     PAGE_SIZE,
     PT_LEVELS,
@@ -36,7 +36,6 @@ from softpage.xen.pv import (
 
 U64 = struct.Struct("<Q")
 VCPU_STATE_KINDS = ("extended", "xsave", "msrs")
-L1TAB_TYPE, L4TAB_TYPE = 1, 4
 
 
 class PvDomain:
@@ -104,8 +103,8 @@ class PvDomain:
         """``pages`` (mapped, in order) with every page table rewritten in pfns. While the guest
         runs (not ``strict``), a table naming a frame that is not the guest's is deferred, as
         libxenguest defers it on EAGAIN; with the guest suspended that is an error."""
-        levels = (types >> np.uint32(28)) & np.uint32(LTABTYPE_MASK)
-        tables = np.flatnonzero((levels >= L1TAB_TYPE) & (levels <= L4TAB_TYPE))
+        levels = pagetable_levels(types >> np.uint32(PFINFO_SHIFT))
+        tables = np.flatnonzero(levels)
         if tables.size == 0:
             return PageBatch(pages)
         out = bytearray(pages)
