@@ -786,8 +786,9 @@ static int softpage_pm_freeze(struct device *dev)
  * xen_suspend() calls this under stop_machine, interrupts off, right before
  * HYPERVISOR_suspend: no other CPU runs and nothing here may sleep, so the
  * free pages, buddy blocks and per-CPU lists, stay free until the domain runs
- * again.  They are FINAL's HELD set.  No lock: everything else that publishes is stopped
- * (frozen), and sp->lock may be held by a task stopped on another CPU.
+ * again.  They are FINAL's HELD set.  No lock: everything else that publishes
+ * is stopped (frozen), and sp->lock may be held by a task stopped on another
+ * CPU.
  *
  * With page poisoning the allocator checks each free page for its pattern,
  * which an allocate-only page on the destination does not have: HELD is then
