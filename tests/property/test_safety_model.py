@@ -77,6 +77,7 @@ class SafetyModel(RuleBasedStateMachine):
         pinned=st.integers(0, 20),
         module_loaded=st.booleans(),
         skip_early_drop=st.booleans(),
+        snapshot_min_candidates=st.sampled_from([0, 0, 8, 40]),
     )
     def boot(
         self,
@@ -90,6 +91,7 @@ class SafetyModel(RuleBasedStateMachine):
         pinned: int,
         module_loaded: bool,
         skip_early_drop: bool,
+        snapshot_min_candidates: int,
     ) -> None:
         hole_start = min(hole[0], p2m_size - 1)
         holes = np.arange(hole_start, min(p2m_size - 1, hole_start + hole[1]), dtype=np.uint64)
@@ -105,7 +107,8 @@ class SafetyModel(RuleBasedStateMachine):
         self.backend = SimBackend(guest, read_hook=self._while_reading)
         self.sink = RestoreSink()
         options = DriverOptions(
-            snapshot_timeout=0.0, final_snapshot_timeout=0.0, drop_timeout=0.0 if skip_early_drop else 1.0
+            snapshot_timeout=0.0, final_snapshot_timeout=0.0, drop_timeout=0.0 if skip_early_drop else 1.0,
+            snapshot_min_candidates=snapshot_min_candidates,
         )
         self.session = MigrationSession(self.backend, self.sink, options, self.messages.append)
         self.session.planner = self.planner_class(p2m_size, options.prune, honour_held=False)

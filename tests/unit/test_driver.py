@@ -10,7 +10,7 @@ import pytest
 
 from softpage import bitmap
 from softpage.backend import DomainInfo, DropOutcome, EndOfCheckpoint, PageBatch, StaticInfo
-from softpage.driver import MigrationSession, send_domain
+from softpage.driver import FEW_CANDIDATES_NOTE, MigrationSession, send_domain
 from softpage.errors import MigrationError
 from softpage.options import DriverOptions
 from softpage.pfnset import PfnArray
@@ -288,13 +288,36 @@ def test_snapshot_is_requested_after_the_harvest() -> None:
 
     backend.harvest_dirty = logged_harvest  # type: ignore[method-assign,assignment]
     backend.channel.request = logged_request  # type: ignore[method-assign]
-    session = MigrationSession(backend, DirectSink(), DriverOptions(), Messages())
+    session = MigrationSession(backend, DirectSink(), DriverOptions(snapshot_min_candidates=0), Messages())
     session.start()
     session.live_round()
     session.live_round(session.harvest())
     assert order == ["request", "harvest", "request"]
     requests = backend.channel.requests
     assert requests == sorted(requests) and len(set(requests)) == len(requests)
+
+
+@pytest.mark.parametrize("threshold", [0, 10])
+def test_a_round_of_few_dirty_pages_asks_no_report(threshold: int) -> None:
+    guest = small_guest()
+    backend = SimBackend(guest)
+    log = Messages()
+    session = MigrationSession(backend, DirectSink(), DriverOptions(snapshot_min_candidates=threshold), log)
+    session.start()
+    session.live_round()
+    asked = len(backend.channel.requests)
+    assert guest.fill_cache(9) == 9  # clean page cache read in since: dirty, and soft
+    dirty = session.harvest()
+    assert dirty.count() == 9
+    round_stats = session.live_round(dirty)
+    if threshold > dirty.count():
+        assert len(backend.channel.requests) == asked
+        assert (round_stats.pages_data, round_stats.pages_skipped) == (9, 0)
+        assert round_stats.snapshot_note == FEW_CANDIDATES_NOTE
+        assert not any("soft pages not used" in message for message in log)
+    else:
+        assert len(backend.channel.requests) == asked + 1
+        assert (round_stats.pages_data, round_stats.pages_skipped) == (0, 9)
 
 
 # -- the early drop ---------------------------------------------------------------------

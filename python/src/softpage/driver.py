@@ -43,6 +43,10 @@ from softpage.policy import Decision, PrecopyPolicy, PrecopyStats
 from softpage.snapshot import SoftSnapshot
 from softpage.stream.records import PFINFO_SHIFT, PageType, pagetable_levels
 
+FEW_CANDIDATES_NOTE = "few dirty pages: no report asked"
+QUIET_NOTES = ("pruning off", "no snapshot", FEW_CANDIDATES_NOTE)
+"""Why a round used no soft pages, when that is by design and not worth a log line."""
+
 READ_BATCH_PFNS = 4096
 """PFNs typed, mapped and written per step of a round: 16 MiB mapped at a time. The sink splits
 them into PAGE_DATA records of at most 1024 (``stream.records.MAX_BATCH_SIZE``), as the stock
@@ -226,11 +230,14 @@ class MigrationSession:
         """
         if candidates is None:
             candidates = PfnSet.full(self.domain.p2m_size)
-        snapshot, request_id = self._precopy_snapshot()
+        few = self.channel is not None and candidates.count() < self.options.snapshot_min_candidates
+        snapshot, request_id = (None, None) if few else self._precopy_snapshot()
         plan = self.planner.plan_precopy(candidates, snapshot, request_id)
         round_stats = _send_round(
             self.backend, self.sink, self.planner, plan, len(self.stats.rounds) + 1, "live", snapshot
         )
+        if few:
+            round_stats.snapshot_note = FEW_CANDIDATES_NOTE
         self._finish_round(round_stats)
         return round_stats
 
@@ -331,7 +338,7 @@ class MigrationSession:
     # -- bookkeeping ------------------------------------------------------
     def _finish_round(self, round_stats: RoundStats) -> None:
         self.stats.rounds.append(round_stats)
-        if not round_stats.snapshot_used and round_stats.snapshot_note not in ("pruning off", "no snapshot"):
+        if not round_stats.snapshot_used and round_stats.snapshot_note not in QUIET_NOTES:
             self.log(f"round {round_stats.round}: soft pages not used: {round_stats.snapshot_note}")
         if self.progress is not None:
             self.progress(round_stats)
