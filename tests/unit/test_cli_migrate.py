@@ -7,10 +7,14 @@ import subprocess
 import sys
 
 import pytest
-
 from softpage.backend import DropOutcome
 from softpage.cli.main import _modules_needed, build_parser
-from softpage.cli.migrate import _driver_options, _summary, _totals
+from softpage.cli.migrate import (
+    Timeline,
+    _driver_options,
+    _summary,
+    _totals,
+)
 from softpage.driver import MigrationStats
 from softpage.options import DriverOptions
 
@@ -34,6 +38,16 @@ def test_totals_and_summary_report_the_early_drop() -> None:
     assert (totals["guest_drop_s"], totals["guest_drop_outcome"]) == (4.251, "timed-out")
     assert totals["downtime_s"] == 0.5
     assert "downtime 0.50 s, early cache drop 4.25 s" in _summary(stats, 0, 10.0, 0.5)
+
+
+def test_totals_say_where_the_time_outside_the_migration_went() -> None:
+    totals = _totals(MigrationStats(domid=3), 0, 10.0, None, Timeline(startup_s=2.34567, destroy_s=0.5))
+    assert (totals["startup_s"], totals["destroy_s"]) == (2.346, 0.5)
+    probe = ("import time; time.sleep(0.3); "
+             "from softpage.cli.migrate import _process_age_s; print(_process_age_s())")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    age = float(done.stdout)
+    assert 0.3 <= age < 30
 
 
 def test_totals_and_summary_without_an_early_drop() -> None:

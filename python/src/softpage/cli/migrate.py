@@ -13,11 +13,12 @@ xl migrate-receive``, or the ``HOST`` command itself with ``-s ""``) and
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
 from softpage import toolstack
@@ -26,6 +27,7 @@ from softpage.errors import SoftpageError
 from softpage.options import DriverOptions
 from softpage.policy import SPP_MAX_ITERATIONS, SPP_TARGET_DIRTY_COUNT, PrecopyPolicy
 from softpage.stream.handshake import ReceiverProcess
+from softpage.xenstore import PyxsStore
 
 if TYPE_CHECKING:
     from softpage.driver import MigrationStats, RoundStats
@@ -127,44 +129,47 @@ def _backend(args: argparse.Namespace, domid: int) -> Any:
 
 
 def run_migrate(args: argparse.Namespace) -> int:
-    domid = toolstack.domain_id(args.domain)
+    domain = toolstack.list_domain(args.domain)
     rune = args.host if not args.ssh_command else f"exec {args.ssh_command} {args.host} xl migrate-receive"
     log = _logger(sys.stderr)
     backend = None
     try:
         # As early as the domain is known to exist: the receiver starts up while we do.
-        with ReceiverProcess(["sh", "-c", rune]) as receiver:
-            name = toolstack.domain_name(domid)
-            config = toolstack.domain_config_json(domid, preserve_domid=args.preserve_domid)
+        with ReceiverProcess(["sh", "-c", rune]) as receiver, PyxsStore() as store:
             from softpage.sender import migrate_domain
 
-            backend = _backend(args, domid)
+            backend = _backend(args, domain.domid)
             started = time.monotonic()
+            startup = _process_age_s()
             result = migrate_domain(
-                backend, _Receiver(receiver), config, name, toolstack.rename,
+                backend, _Receiver(receiver), domain.config_json(preserve_domid=args.preserve_domid),
+                domain.name, functools.partial(toolstack.rename, store, domain.domid, domain.uuid),
                 _driver_options(args, live=True), log, None if args.quiet else _progress(sys.stderr),
             )
     finally:
         if backend is not None:
             _cleanup(backend, log)
     log("migration sender: Target reports successful startup.")
-    toolstack.destroy(domid)
+    destroying = time.monotonic()
+    toolstack.destroy(domain.domid)
+    timeline = Timeline(startup_s=startup, destroy_s=time.monotonic() - destroying)
     stats = result.send.stats
-    _write_stats(args.stats, stats, result.send.stream_bytes, time.monotonic() - started, result.downtime_s)
-    print(_summary(stats, result.send.stream_bytes, time.monotonic() - started, result.downtime_s),
-          file=sys.stderr)
+    elapsed = time.monotonic() - started
+    _write_stats(args.stats, stats, result.send.stream_bytes, elapsed, result.downtime_s, timeline)
+    print(_summary(stats, result.send.stream_bytes, elapsed, result.downtime_s), file=sys.stderr)
     log("Migration successful.")
     return 0
 
 
 def run_save(args: argparse.Namespace) -> int:
-    domid = toolstack.domain_id(args.domain)
-    config = toolstack.domain_config_json(domid)
+    domain = toolstack.list_domain(args.domain)
+    config = domain.config_json()
     log = _logger(sys.stderr)
     from softpage.sender import save_domain
 
-    backend = _backend(args, domid)
+    backend = _backend(args, domain.domid)
     started = time.monotonic()
+    startup = _process_age_s()
     try:
         fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -173,18 +178,43 @@ def run_save(args: argparse.Namespace) -> int:
             os.fsync(fd)
         finally:
             os.close(fd)
+        destroying = time.monotonic()
         if args.checkpoint or args.leave_paused:
             backend.resume()
             if args.leave_paused:
-                toolstack.run_xl(["pause", str(domid)])
+                toolstack.run_xl(["pause", str(domain.domid)])
         else:
-            toolstack.destroy(domid)
+            toolstack.destroy(domain.domid)
+        timeline = Timeline(startup_s=startup, destroy_s=time.monotonic() - destroying)
     finally:
         _cleanup(backend, log)
     elapsed = time.monotonic() - started
-    _write_stats(args.stats, result.stats, result.stream_bytes, elapsed, None)
+    _write_stats(args.stats, result.stats, result.stream_bytes, elapsed, None, timeline)
     print(_summary(result.stats, result.stream_bytes, elapsed, None), file=sys.stderr)
     return 0
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Where a command's time goes besides the migration proper (``migration_s``)."""
+
+    startup_s: float | None
+    """From the process's start (the interpreter's own start-up included) to the first step of
+    the migration: imports, ``xl list -l``, the receiver's launch, the Xen handles."""
+    destroy_s: float
+    """``xl destroy`` of the source after a migration, or the resume/destroy after a save."""
+
+
+def _process_age_s() -> float | None:
+    """Seconds since this process started, from /proc/self/stat's start time (in clock ticks
+    since boot); None where there is no /proc."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    started_ticks = int(fields[19])  # field 22 of proc(5); fields[0] is field 3
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - started_ticks / os.sysconf("SC_CLK_TCK")
 
 
 class _Receiver:
@@ -229,7 +259,8 @@ def _progress(stream: TextIO) -> Any:
 
 
 def _totals(
-    stats: MigrationStats, stream_bytes: int, elapsed: float, downtime: float | None
+    stats: MigrationStats, stream_bytes: int, elapsed: float, downtime: float | None,
+    timeline: Timeline | None = None,
 ) -> dict[str, Any]:
     return {
         "totals": True,
@@ -244,18 +275,20 @@ def _totals(
         "guest_drop_s": None if stats.guest_drop_s is None else round(stats.guest_drop_s, 3),
         "guest_drop_outcome": None if stats.guest_drop_outcome is None else stats.guest_drop_outcome.value,
         "sender_cpu_s": round(stats.sender_cpu_s, 3),
+        "startup_s": None if timeline is None or timeline.startup_s is None else round(timeline.startup_s, 3),
+        "destroy_s": None if timeline is None else round(timeline.destroy_s, 3),
         "warnings": stats.warnings,
     }
 
 
 def _write_stats(path: str | None, stats: MigrationStats, stream_bytes: int, elapsed: float,
-                 downtime: float | None) -> None:
+                 downtime: float | None, timeline: Timeline) -> None:
     if path is None:
         return
     with open(path, "w", encoding="utf-8") as out:
         for round_stats in stats.rounds:
             out.write(json.dumps(asdict(round_stats)) + "\n")
-        out.write(json.dumps(_totals(stats, stream_bytes, elapsed, downtime)) + "\n")
+        out.write(json.dumps(_totals(stats, stream_bytes, elapsed, downtime, timeline)) + "\n")
 
 
 def _summary(stats: MigrationStats, stream_bytes: int, elapsed: float, downtime: float | None) -> str:
