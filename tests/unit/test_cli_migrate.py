@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+
 from softpage.backend import DropOutcome
 from softpage.cli.main import _modules_needed, build_parser
 from softpage.cli.migrate import (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from softpage import toolstack
 from softpage.errors import BackendError
 from softpage.xenstore import MemoryStore
