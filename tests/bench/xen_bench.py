@@ -13,9 +13,10 @@ migrated to localhost SOFTPAGE_BENCH_REPS times (default 3) by each method, inte
 Every method is measured the same way (tests/bench/dom0/): the receiver command is the stock
 `xl migrate-receive` behind a tap that counts the stream's bytes and pages; a watcher polls Xen for
 the downtime (suspend request -> incoming copy unpaused, and from the source's suspension
-as Xen shows it); sender CPU is the rusage of the sender's
-process tree less the receiver's (softpage's senders only: stock xl does not reap its receiver,
-so its own CPU is not measured). After every migration the guest must pass the workload's full
+as Xen shows it); dom0 CPU is the busy time of all of dom0's vCPUs while the sender ran (sender,
+receiver, tap and watchers together: the same measure for every method); sender CPU is the
+rusage of the sender's process tree less the receiver's (softpage's senders only: stock xl does
+not reap its receiver, so its own CPU is not measured). After every migration the guest must pass the workload's full
 integrity check, or the run stops; a run during which Xen logged a guest triple fault (nested
 SVM under TCG, testbed/README.md) is measured again on a fresh guest instead (up to
 TRIPLE_FAULT_RETRIES times). Medians per step
@@ -57,6 +58,7 @@ from xen_testbed import (  # noqa: E402  (the harness lives with the e2e tests)
 )
 
 METHODS = ("stock", "no-prune", "prune")
+COMPARED_WITH_STOCK = ("pages_data", "stream_bytes", "wall_s", "downtime_s", "sender_cpu_s", "dom0_cpu_s")
 KERNEL_AND_WORKLOAD_MB = 160
 """Guest memory the page cache cannot have: kernel, initramfs, workload slack."""
 DOM0_TOOLS = "/tmp/softpage-bench"
@@ -86,10 +88,13 @@ class Run:
     guest_drop_ms: float | None
     """The module's cache drop at .freeze (its drop_ns counter after the migration)."""
     guest_final_scan_ms: float | None
+    """The module's final scan, interrupts off, just before the suspend (final_scan_ns)."""
     early_drop_s: float | None
     """softpage's wait for the guest's early cache drop, right before the suspend request (not
     downtime): the guest_drop_s of its totals record."""
-    """The module's final scan, interrupts off, just before the suspend (final_scan_ns)."""
+    dom0_cpu_s: float | None = None
+    """All of dom0's CPU time while the sender ran (every vCPU's busy time in /proc/stat: sender,
+    receiver, tap, measurement), the one CPU figure measured alike for stock xl."""
 
 
 def environment_list(name: str, default: str) -> list[int]:
@@ -151,7 +156,7 @@ def to_run(anon_mb: int, cache_mb: int, method: str, repetition: int, measured: 
         stream_bytes=int(tap["stream_bytes"]), pages_data=int(tap["pages_data"]),
         pages_xalloc=int(tap["pages_xalloc"]), rounds=rounds, guest_scan_ms=scan_ms,
         guest_drop_ms=guest_ms.get("drop_ns"), guest_final_scan_ms=guest_ms.get("final_scan_ns"),
-        early_drop_s=early_drop_s,
+        early_drop_s=early_drop_s, dom0_cpu_s=send.get("dom0_cpu_s"),  # type: ignore[arg-type]
     )
 
 
@@ -222,10 +227,11 @@ def summarise(runs: list[Run]) -> list[dict[str, object]]:
             chosen = [run for run in runs if run.anon_mb == anon_mb and run.method == method]
             row: dict[str, object] = {"anon_mb": anon_mb, "method": method, "runs": len(chosen)}
             for field in ("pages_data", "stream_bytes", "wall_s", "downtime_s", "suspended_s", "sender_cpu_s",
-                          "rounds", "guest_scan_ms", "early_drop_s", "guest_drop_ms", "guest_final_scan_ms"):
+                          "dom0_cpu_s", "rounds", "guest_scan_ms", "early_drop_s", "guest_drop_ms",
+                          "guest_final_scan_ms"):
                 row[field] = median(chosen, field)
                 base = median(stock, field)
-                if field in ("pages_data", "stream_bytes", "wall_s", "downtime_s", "sender_cpu_s"):
+                if field in COMPARED_WITH_STOCK:
                     value = row[field]
                     row[f"{field}_vs_stock"] = (value / base if isinstance(value, float | int) and base
                                                 else None)
@@ -241,9 +247,9 @@ def markdown(rows: list[dict[str, object]], header: str) -> str:
 
     lines = [header, "",
              "| user MB | method | pages with data | x stock | MiB sent | time s | x stock | downtime s "
-             "| x stock | suspended s | sender CPU s | rounds | guest scan ms | early drop s "
-             "| guest drop at suspend ms | guest final scan ms |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| x stock | suspended s | sender CPU s | dom0 CPU s | x stock | rounds | guest scan ms "
+             "| early drop s | guest drop at suspend ms | guest final scan ms |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         mib = row["stream_bytes"] / 2**20 if isinstance(row["stream_bytes"], float | int) else None
         lines.append(
@@ -251,7 +257,8 @@ def markdown(rows: list[dict[str, object]], header: str) -> str:
             f"{cell(row['pages_data_vs_stock'])} | {cell(mib, 1)} | {cell(row['wall_s'], 1)} | "
             f"{cell(row['wall_s_vs_stock'])} | {cell(row['downtime_s'])} | "
             f"{cell(row['downtime_s_vs_stock'])} | {cell(row['suspended_s'])} | "
-            f"{cell(row['sender_cpu_s'], 1)} | "
+            f"{cell(row['sender_cpu_s'], 1)} | {cell(row['dom0_cpu_s'], 1)} | "
+            f"{cell(row['dom0_cpu_s_vs_stock'])} | "
             f"{cell(row['rounds'], 0)} | {cell(row['guest_scan_ms'], 1)} | {cell(row['early_drop_s'])} | "
             f"{cell(row['guest_drop_ms'], 1)} | {cell(row['guest_final_scan_ms'], 1)} |")
     return "\n".join(lines) + "\n"
@@ -283,8 +290,12 @@ def load_runs(path: Path) -> list[Run]:
     if not path.exists():
         return []
     with open(path, newline="", encoding="utf-8") as runs_file:
-        rows = list(csv.DictReader(runs_file))
+        reader = csv.DictReader(runs_file)
+        rows = list(reader)
     fields = {field.name: field.type for field in dataclasses.fields(Run)}
+    if list(reader.fieldnames or []) != list(fields):
+        raise SystemExit(f"{path} has the columns of another version of the bench: continue it "
+                         "with that version, or start a new folder")
     runs = []
     for row in rows:
         values: dict[str, object] = {}

@@ -36,6 +36,22 @@ def test_appended_runs_load_back_equal(tmp_path: Path) -> None:
     assert path.read_text().count("anon_mb") == 1  # one header line
 
 
+def test_runs_of_another_bench_version_are_not_continued(tmp_path: Path) -> None:
+    path = tmp_path / "runs.csv"
+    xen_bench.append_run(path, run("stock", 0))
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")  # one column less
+    with pytest.raises(SystemExit, match="another version of the bench"):
+        xen_bench.load_runs(path)
+
+
+def test_dom0_cpu_is_compared_with_stock() -> None:
+    rows = xen_bench.summarise([run("stock", 0, dom0_cpu_s=40.0), run("prune", 0, dom0_cpu_s=10.0)])
+    pruned = next(row for row in rows if row["method"] == "prune")
+    assert (pruned["dom0_cpu_s"], pruned["dom0_cpu_s_vs_stock"]) == (10.0, 0.25)
+    assert "| 10.0 | 0.25 |" in xen_bench.markdown(rows, "# table")
+
+
 def test_no_file_means_no_runs(tmp_path: Path) -> None:
     assert xen_bench.load_runs(tmp_path / "runs.csv") == []
 

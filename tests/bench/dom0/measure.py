@@ -5,6 +5,8 @@
 
 Wall time; CPU time of the command's process tree (user + system, from the rusage of waited-for
 children; the receiver's share is measured by its own wrapper and subtracted by the caller);
+dom0's CPU time, all of it, while the command ran (``dom0_cpu_s``: the busy time of every dom0
+vCPU in /proc/stat, sender, receiver, tap and these watchers together, the same for any sender);
 two downtimes, both ending at the first poll where another domain (the incoming copy) runs
 unpaused:
 * ``downtime_s`` starts when the sender asks the guest to suspend (the xenstore write of
@@ -17,6 +19,7 @@ unpaused:
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -74,6 +77,15 @@ def downtimes(times: dict[str, float | None]) -> dict[str, float | None]:
     return {"downtime_s": since(times["requested_at"]), "suspended_s": since(times["suspended_at"])}
 
 
+def dom0_busy_s() -> float:
+    """The CPU time all of dom0's vCPUs have spent busy since boot: /proc/stat's user, nice,
+    system, irq and softirq (not idle, iowait or steal)."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        fields = stat.readline().split()
+    user, nice, system, _idle, _iowait, irq, softirq = (int(value) for value in fields[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> int:
     source, summary_path, separator, *command = sys.argv[1:]
     if separator != "--" or not command:
@@ -88,8 +100,10 @@ def main() -> int:
             watcher.start()
             watchers.append(watcher)
     started = time.monotonic()
+    busy_before = dom0_busy_s()
     completed = subprocess.run(command, check=False)
     wall = time.monotonic() - started
+    dom0_cpu = dom0_busy_s() - busy_before
     if any(watcher.is_alive() for watcher in watchers):
         time.sleep(1.0)  # let the watchers see the incoming copy start if they have not yet
     stop.set()
@@ -99,7 +113,7 @@ def main() -> int:
     measured = downtimes(times) if source != "-" else {}
     with open(summary_path, "w", encoding="utf-8") as summary:
         json.dump({"rc": completed.returncode, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
-                   **measured}, summary)
+                   "dom0_cpu_s": dom0_cpu, **measured}, summary)
     return completed.returncode
 
 
