@@ -78,8 +78,12 @@ class RoundStats:
 
     round: int
     kind: str
-    """"live" or "final"."""
+    """"live" (the precopy policy's rounds), "after-drop" (the pages the guest's early cache drop
+    wrote, sent while it still runs) or "final"."""
     candidates: int
+    dirty: int | None = None
+    """Pages in the dirty log this round was planned from; None for a round that plans every
+    PFN (the first, or a final round without a log)."""
     pages_data: int = 0
     pages_xalloc: int = 0
     pages_skipped: int = 0
@@ -222,20 +226,22 @@ class MigrationSession:
     def harvest(self) -> PfnSet:
         return self.backend.harvest_dirty(final=False)
 
-    def live_round(self, candidates: PfnSet | None = None) -> RoundStats:
+    def live_round(self, candidates: PfnSet | None = None, kind: str = "live") -> RoundStats:
         """Send ``candidates`` (default: every PFN, the first round) while the guest runs.
 
         The soft snapshot is requested after ``candidates`` was harvested, so
         it may prune them (planner rule 2).
         """
+        dirty = None if candidates is None else candidates.count()
         if candidates is None:
             candidates = PfnSet.full(self.domain.p2m_size)
         few = self.channel is not None and candidates.count() < self.options.snapshot_min_candidates
         snapshot, request_id = (None, None) if few else self._precopy_snapshot()
         plan = self.planner.plan_precopy(candidates, snapshot, request_id)
         round_stats = _send_round(
-            self.backend, self.sink, self.planner, plan, len(self.stats.rounds) + 1, "live", snapshot
+            self.backend, self.sink, self.planner, plan, len(self.stats.rounds) + 1, kind, snapshot
         )
+        round_stats.dirty = dirty
         if few:
             round_stats.snapshot_note = FEW_CANDIDATES_NOTE
         self._finish_round(round_stats)
@@ -245,7 +251,10 @@ class MigrationSession:
         """Suspend, send what may be stale (less what the guest holds), end the stream."""
         final_request = self._requests.next()
         if self.channel is not None:
-            self._early_drop(self.channel, final_request)
+            if self._early_drop(self.channel, final_request) and self.options.live:
+                # Freeing the cache writes the kernel's own pages (struct pages, free
+                # lists, slab): send them now, while the guest runs, not in the downtime.
+                self.live_round(self.harvest(), kind="after-drop")
             self.channel.request_final(final_request)
         # Set before the call: a guest that acknowledges after our timeout
         # may still suspend, and abandon() must then resume it.
@@ -253,13 +262,15 @@ class MigrationSession:
         self.stats.suspend_requested_at = time.monotonic()
         self.backend.suspend()
         final_dirty = self.backend.harvest_dirty(final=True) if self.options.live else None
+        dirty = None if final_dirty is None else final_dirty.count()
         if final_dirty is None or not self.planner.rounds_planned:
-            final_dirty = PfnSet.full(self.domain.p2m_size)
+            final_dirty, dirty = PfnSet.full(self.domain.p2m_size), None
         final_snapshot = self._read_snapshot(final_request, self.options.final_snapshot_timeout)
         plan = self.planner.plan_final(final_dirty, final_snapshot, final_request)
         round_stats = _send_round(
             self.backend, self.sink, self.planner, plan, len(self.stats.rounds) + 1, "final", final_snapshot
         )
+        round_stats.dirty = dirty
         self._finish_round(round_stats)
         if round_stats.pages_deferred:
             raise MigrationError(f"{round_stats.pages_deferred} pages could not be read with the guest "
@@ -294,13 +305,13 @@ class MigrationSession:
                 self.log(f"warning: could not disarm the guest: {error}")
 
     # -- the guest's early drop ------------------------------------------
-    def _early_drop(self, channel: SoftPageChannel, drop_id: int) -> None:
+    def _early_drop(self, channel: SoftPageChannel, drop_id: int) -> bool:
         """Have the guest drop its caches while it still runs, so that its ``.freeze``
         finds little left to drop: this wait comes before the suspend request, outside
-        the downtime."""
+        the downtime. True if the guest says it dropped them."""
         timeout = self.options.drop_timeout
         if timeout <= 0:
-            return
+            return False
         started = time.monotonic()
         outcome = channel.drop_caches(drop_id, timeout)
         self.stats.guest_drop_s = time.monotonic() - started
@@ -312,6 +323,7 @@ class MigrationSession:
         elif outcome is DropOutcome.UNSUPPORTED:
             self.log(f"domain {domid}: the guest's softpage module predates the early cache drop: "
                      "it drops its caches at suspend, in the downtime")
+        return outcome is DropOutcome.DONE
 
     # -- snapshots --------------------------------------------------------
     def _precopy_snapshot(self) -> tuple[SoftSnapshot | None, int | None]:

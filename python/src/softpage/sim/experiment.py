@@ -126,7 +126,7 @@ def migrate(
         overhead = link.round_overhead_ms / 1e3
         if round_stats.guest_scan_ms is not None:
             overhead += round_stats.guest_scan_ms / 1e3
-        clock.advance(overhead, guest_runs=round_stats.kind == "live")
+        clock.advance(overhead, guest_runs=round_stats.kind != "final")
         timings.append(RoundTiming(round_stats.round, round_stats.kind, round_stats.pages_data,
                                    round_stats.pages_xalloc, clock.now - round_started[0]))
         round_started[0] = clock.now

@@ -40,6 +40,9 @@ from softpage.snapshot import SnapshotState, SoftSnapshot
 
 Mask = npt.NDArray[np.bool_]
 Indexes = npt.NDArray[np.intp]
+
+STRUCT_PAGES_PER_MEMMAP_PAGE = 64
+"""A struct page is 64 bytes: one 4 KiB page of the kernel's memmap describes 64 PFNs."""
 GuestActivity = Callable[["SimGuest"], None]
 """Guest work run at a point where a real guest would keep running (a hook)."""
 
@@ -376,9 +379,19 @@ class SimGuest:
 
     def drop_reclaimable(self) -> None:
         """The module's drop (``drop_caches``): clean, unpinned cache and
-        reclaimable slab become free, their contents unwritten."""
+        reclaimable slab become free, their contents unwritten; the kernel
+        writes the struct pages that describe them (its memmap)."""
         droppable = ((self.kind == PageKind.CACHE) & ~self.pinned) | (self.kind == PageKind.SLAB)
         self.kind[droppable] = PageKind.FREE
+        self._write_memmap(np.flatnonzero(droppable))
+
+    def _write_memmap(self, freed: Indexes) -> None:
+        """The kernel pages holding the struct pages of ``freed`` (64 bytes each, so one memmap
+        page per 64 PFNs), stood in for by the guest's KERNEL pages in PFN order."""
+        kernel = self.pfns_of(PageKind.KERNEL)
+        if freed.size == 0 or kernel.size == 0:
+            return
+        self.write(kernel[np.unique(freed // STRUCT_PAGES_PER_MEMMAP_PAGE) % kernel.size])
 
     # -- the module: suspend -------------------------------------------------
     def freeze(self) -> None:
