@@ -16,8 +16,8 @@ the downtime (suspend request -> incoming copy unpaused, and from the source's s
 as Xen shows it); dom0 CPU is the busy time of all of dom0's vCPUs while the sender ran (sender,
 receiver, tap and watchers together: the same measure for every method); sender CPU is the
 rusage of the sender's process tree less the receiver's (softpage's senders only: stock xl does
-not reap its receiver, so its own CPU is not measured). After every migration the guest must pass the workload's full
-integrity check, or the run stops; a run during which Xen logged a guest triple fault (nested
+not reap its receiver, so its own CPU is not measured). After every migration the guest must
+pass the workload's full integrity check, or the run stops; a run during which Xen logged a guest triple fault (nested
 SVM under TCG, testbed/README.md) is measured again on a fresh guest instead (up to
 TRIPLE_FAULT_RETRIES times). Medians per step
 and method go to results/bench-DATE/ (CSV of every run, summary CSV, Markdown table, PNG plots)
