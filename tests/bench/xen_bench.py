@@ -10,18 +10,17 @@ migrated to localhost SOFTPAGE_BENCH_REPS times (default 3) by each method, inte
     no-prune   softpage migrate --no-prune -s "" GUEST "<receiver>"
     prune      softpage migrate -s "" GUEST "<receiver>"
 
-Every method is measured the same way (tests/bench/dom0/): the receiver command is the stock
-`xl migrate-receive` behind a tap that counts the stream's bytes and pages; a watcher polls Xen for
-the downtime (suspend request -> incoming copy unpaused, and from the source's suspension
-as Xen shows it); dom0 CPU is the busy time of all of dom0's vCPUs while the sender ran (sender,
-receiver, tap and watchers together: the same measure for every method); sender CPU is the
-rusage of the sender's process tree less the receiver's (softpage's senders only: stock xl does
-not reap its receiver, so its own CPU is not measured). After every migration the guest must
-pass the workload's full integrity check, or the run stops; a run during which Xen logged a guest triple fault (nested
-SVM under TCG, testbed/README.md) is measured again on a fresh guest instead (up to
-TRIPLE_FAULT_RETRIES times). Medians per step
-and method go to results/bench-DATE/ (CSV of every run, summary CSV, Markdown table, PNG plots)
-and the ratios to stock are printed; softpage's own per-round records go to stats/.
+Every method is measured the same way (tests/bench/dom0/): the receiver command is the stock `xl
+migrate-receive` behind a tap that counts the stream's bytes and pages; a watcher polls Xen for
+the downtime (suspend request -> incoming copy unpaused, and from the source's suspension as Xen
+shows it); dom0 CPU is the busy time of all of dom0's vCPUs while the sender ran (sender,
+receiver, tap and watchers together: the same measure for every method); sender CPU is the rusage
+of the sender's process tree less the receiver's (softpage's senders only: stock xl does not reap
+its receiver, so its own CPU is not measured). After every migration the guest must pass the
+workload's full integrity check, or the run stops; a run during which Xen logged a guest triple
+fault (nested SVM under TCG, testbed/README.md) is measured again on a fresh guest instead (up to
+TRIPLE_FAULT_RETRIES times). Medians per step and method go to results/bench-DATE/ (CSV of every
+run, summary CSV, Markdown table, PNG plots) and the ratios to stock are printed; softpage's own per-round records go to stats/.
 
 Under TCG a full sweep takes hours, so nothing waits for the end: each run is appended to
 runs.csv as it finishes and the summary is rewritten after every step. SOFTPAGE_BENCH_OUT=DIR
