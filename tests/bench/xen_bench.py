@@ -20,7 +20,8 @@ its receiver, so its own CPU is not measured). After every migration the guest m
 workload's full integrity check, or the run stops; a run during which Xen logged a guest triple
 fault (nested SVM under TCG, testbed/README.md) is measured again on a fresh guest instead (up to
 TRIPLE_FAULT_RETRIES times). Medians per step and method go to results/bench-DATE/ (CSV of every
-run, summary CSV, Markdown table, PNG plots) and the ratios to stock are printed; softpage's own per-round records go to stats/.
+run, summary CSV, Markdown table, PNG plots) and the ratios to stock are printed; softpage's own
+per-round records go to stats/.
 
 Under TCG a full sweep takes hours, so nothing waits for the end: each run is appended to
 runs.csv as it finishes and the summary is rewritten after every step. SOFTPAGE_BENCH_OUT=DIR
