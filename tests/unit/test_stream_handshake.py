@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import sys
@@ -20,6 +21,7 @@ from softpage.stream.handshake import (
     PERMISSION_TO_GO,
     RECEIVER_BANNER,
     RECEIVER_READY,
+    STREAM_PIPE_BYTES,
     UNPAUSE_REPORT,
     FdChannel,
     HandoverOutcome,
@@ -272,6 +274,12 @@ def test_receiver_process_runs_a_command_like_xl_migrate(monkeypatch: pytest.Mon
         result = hand_over(channel.read, channel.write, TIMEOUTS)
         assert result.outcome is HandoverOutcome.DESTINATION_RUNNING
         assert receiver.close() == 0  # the fake exits 3 if page 1 did not arrive
+
+
+def test_the_stream_pipe_to_the_receiver_command_is_enlarged() -> None:
+    with ReceiverProcess(["cat"]) as receiver:
+        size = fcntl.fcntl(receiver.channel.send_fd, fcntl.F_GETPIPE_SZ)
+    assert size == STREAM_PIPE_BYTES
 
 
 def test_receiver_process_that_cannot_start_is_a_migration_error() -> None:
