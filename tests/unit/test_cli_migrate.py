@@ -71,3 +71,13 @@ def test_softpage_migrate_starts_without_numpy() -> None:
              "print('numpy' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_the_sender_loads_in_the_background() -> None:
+    probe = ("import sys, threading; from softpage.cli.migrate import _load_sender_meanwhile; "
+             "_load_sender_meanwhile(); "
+             "[t.join(60) for t in threading.enumerate() if t.name == 'softpage-import']; "
+             "print('softpage.sender' in sys.modules, 'numpy' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True", "True"]
+

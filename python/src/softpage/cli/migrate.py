@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, TextIO
@@ -33,8 +35,24 @@ if TYPE_CHECKING:
     from softpage.driver import MigrationStats, RoundStats
 
 # The sender, the driver and the Xen bindings (numpy, cffi) are imported where they are used:
-# in an emulated dom0 they take seconds to load, and `softpage migrate` starts the receiver
-# first so that its start-up (ssh, xl migrate-receive) runs meanwhile.
+# in an emulated dom0 they take seconds to load. `softpage migrate` and `save` start loading them
+# in a thread while `xl list -l` runs, and `migrate` starts the receiver before it needs them,
+# so that its start-up (ssh, xl migrate-receive) runs meanwhile.
+SENDER_MODULES = ("softpage.sender", "softpage.xen.backend")
+
+
+def _load_sender_meanwhile() -> None:
+    """Import SENDER_MODULES in a background thread. The later imports wait for it through the
+    module locks; an import that fails here fails again there, with its error."""
+
+    def load() -> None:
+        for module in SENDER_MODULES:
+            try:
+                importlib.import_module(module)
+            except BaseException:
+                return
+
+    threading.Thread(target=load, name="softpage-import", daemon=True).start()
 
 MIB = 1024 * 1024
 
@@ -129,6 +147,7 @@ def _backend(args: argparse.Namespace, domid: int) -> Any:
 
 
 def run_migrate(args: argparse.Namespace) -> int:
+    _load_sender_meanwhile()
     domain = toolstack.list_domain(args.domain)
     rune = args.host if not args.ssh_command else f"exec {args.ssh_command} {args.host} xl migrate-receive"
     log = _logger(sys.stderr)
@@ -162,6 +181,7 @@ def run_migrate(args: argparse.Namespace) -> int:
 
 
 def run_save(args: argparse.Namespace) -> int:
+    _load_sender_meanwhile()
     domain = toolstack.list_domain(args.domain)
     config = domain.config_json()
     log = _logger(sys.stderr)
