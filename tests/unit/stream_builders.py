@@ -1,13 +1,17 @@
-"""Helpers the stream unit tests share: a byte-collecting sink and a small
-complete PVH stream."""
+"""Helpers the stream unit tests share: a byte-collecting sink, a small
+complete PVH stream and a fake ``xl migrate-receive``."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 
 import numpy as np
 
 from softpage.backend import EndOfCheckpoint, GuestType, StaticInfo, TscInfo
+from softpage.stream.handshake import PERMISSION_TO_GO, RECEIVER_BANNER, RECEIVER_READY, UNPAUSE_REPORT
+from softpage.stream.reader import read_records
+from softpage.stream.receiver import RestoreModel
 from softpage.stream.writer import StreamWriter
 
 PAGE = 4096
@@ -65,3 +69,23 @@ def build_stream(batches: Sequence[Sequence[Entry]], sink: ByteSink | None = Non
         writer.write_pages(pfns, types, data)
     writer.finish(END)
     return bytes(sink.buffer)
+
+
+def fake_migrate_receive(connection: socket.socket, status: int, model: RestoreModel) -> None:
+    """migrate_receive() of xl_migrate.c, with RestoreModel as create_domain()."""
+    reader_file = connection.makefile("rb")
+    connection.sendall(RECEIVER_BANNER)
+    try:
+        model.apply_all(read_records(reader_file.read))
+        model.complete()
+    except Exception:
+        connection.close()  # create_domain failed: xl exits without a word
+        return
+    connection.sendall(RECEIVER_READY)
+    if reader_file.read(len(PERMISSION_TO_GO)) != PERMISSION_TO_GO:
+        connection.close()
+        return
+    connection.sendall(UNPAUSE_REPORT + bytes([status & 0xFF]))
+    if status:
+        connection.sendall(PERMISSION_TO_GO)
+    connection.close()

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from stream_builders import CONFIG, END, STATIC, page_of
+from stream_builders import CONFIG, END, STATIC, fake_migrate_receive, page_of
 
 from softpage.backend import GuestType
 from softpage.errors import MigrationError
@@ -31,7 +31,6 @@ from softpage.stream.handshake import (
     expect_receiver_ready,
     hand_over,
 )
-from softpage.stream.reader import read_records
 from softpage.stream.receiver import RestoreModel
 from softpage.stream.writer import StreamWriter
 
@@ -153,26 +152,6 @@ def test_hand_over_with_a_broken_connection_is_undefined() -> None:
 
 
 # -- a whole migration over a socket, against a fake xl migrate-receive ---------
-
-
-def fake_migrate_receive(connection: socket.socket, status: int, model: RestoreModel) -> None:
-    """migrate_receive() of xl_migrate.c, with RestoreModel as create_domain()."""
-    reader_file = connection.makefile("rb")
-    connection.sendall(RECEIVER_BANNER)
-    try:
-        model.apply_all(read_records(reader_file.read))
-        model.complete()
-    except Exception:
-        connection.close()  # create_domain failed: xl exits without a word
-        return
-    connection.sendall(RECEIVER_READY)
-    if reader_file.read(len(PERMISSION_TO_GO)) != PERMISSION_TO_GO:
-        connection.close()
-        return
-    connection.sendall(UNPAUSE_REPORT + bytes([status & 0xFF]))
-    if status:
-        connection.sendall(PERMISSION_TO_GO)
-    connection.close()
 
 
 def migrate_over_socket(

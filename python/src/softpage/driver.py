@@ -112,7 +112,16 @@ class MigrationStats:
     guest_drop_outcome: DropOutcome | None = None
     """The guest's answer to the early drop; None if it was not asked for."""
     sender_cpu_s: float = 0.0
+    downtime_steps: dict[str, float] = field(default_factory=dict)
+    """Seconds from the suspend request to the end of each step of the downtime, in order:
+    ``suspended``, ``final_harvest``, ``final_report``, ``final_round``, ``stream_end`` here,
+    then the sender's handshake steps (``receiver_ready``, ``renamed``, ``destination_running``)."""
     warnings: list[str] = field(default_factory=list)
+
+    def mark_downtime(self, step: str) -> None:
+        """Record that ``step`` of the downtime ends now (nothing before the suspend request)."""
+        if self.suspend_requested_at is not None:
+            self.downtime_steps[step] = round(time.monotonic() - self.suspend_requested_at, 3)
 
     @property
     def pages_data(self) -> int:
@@ -261,17 +270,21 @@ class MigrationSession:
         self.suspended = True
         self.stats.suspend_requested_at = time.monotonic()
         self.backend.suspend()
+        self.stats.mark_downtime("suspended")
         final_dirty = self.backend.harvest_dirty(final=True) if self.options.live else None
         dirty = None if final_dirty is None else final_dirty.count()
         if final_dirty is None or not self.planner.rounds_planned:
             final_dirty, dirty = PfnSet.full(self.domain.p2m_size), None
+        self.stats.mark_downtime("final_harvest")
         final_snapshot = self._read_snapshot(final_request, self.options.final_snapshot_timeout)
+        self.stats.mark_downtime("final_report")
         plan = self.planner.plan_final(final_dirty, final_snapshot, final_request)
         round_stats = _send_round(
             self.backend, self.sink, self.planner, plan, len(self.stats.rounds) + 1, "final", final_snapshot
         )
         round_stats.dirty = dirty
         self._finish_round(round_stats)
+        self.stats.mark_downtime("final_round")
         if round_stats.pages_deferred:
             raise MigrationError(f"{round_stats.pages_deferred} pages could not be read with the guest "
                                  "suspended; not ending the stream")
@@ -279,6 +292,7 @@ class MigrationSession:
         if unaccounted:
             raise MigrationError(f"{unaccounted.count()} PFNs were never named in the stream; not ending it")
         self.sink.end(self.backend.end_of_checkpoint())
+        self.stats.mark_downtime("stream_end")
         return round_stats
 
     def finish(self) -> MigrationStats:

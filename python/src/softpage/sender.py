@@ -133,15 +133,18 @@ def migrate_domain(
     renamed = False
     try:
         handshake.expect_receiver_ready(receiver.read, timeouts.ready)
+        stats.mark_downtime("receiver_ready")
         log("migration sender: Target has acknowledged transfer.")
         rename(domain_name, away_name)
         renamed = True
+        stats.mark_downtime("renamed")
     except (SoftpageError, OSError) as error:
         _resume_source(backend, receiver, rename if renamed else None, away_name, domain_name, log)
         raise MigrationError(f"migration failed, resumed at sender: {error}") from error
     log("migration sender: Giving target permission to start.")
     handover = handshake.hand_over(receiver.read, receiver.write, timeouts)
     if handover.outcome is HandoverOutcome.DESTINATION_RUNNING:
+        stats.mark_downtime("destination_running")
         requested_at = stats.suspend_requested_at
         if requested_at is None:
             requested_at = time.monotonic()

@@ -297,6 +297,7 @@ def _totals(
         "sender_cpu_s": round(stats.sender_cpu_s, 3),
         "startup_s": None if timeline is None or timeline.startup_s is None else round(timeline.startup_s, 3),
         "destroy_s": None if timeline is None else round(timeline.destroy_s, 3),
+        "downtime_steps": stats.downtime_steps,
         "warnings": stats.warnings,
     }
 

@@ -1,0 +1,78 @@
+"""softpage.sender.migrate_domain: a whole migration of a simulated guest to a fake
+`xl migrate-receive`, the source renamed as xl renames it and the downtime's steps recorded."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Sequence
+
+from stream_builders import CONFIG, fake_migrate_receive
+
+from softpage.errors import MigrationError
+from softpage.options import DriverOptions
+from softpage.sender import MigrateResult, migrate_domain
+from softpage.sim.backend import SimBackend
+from softpage.sim.experiment import GuestShape, boot_guest
+from softpage.stream.handshake import FdChannel
+from softpage.stream.receiver import RestoreModel
+
+SMALL = GuestShape(memory_mib=4, kernel_mib=1, min_free_mib=1)
+
+
+class SocketReceiver:
+    """``sender.ReceiverConnection`` over one end of a socket pair."""
+
+    def __init__(self, end: socket.socket) -> None:
+        self._end = end
+        channel = FdChannel(end.fileno(), end.fileno())
+        self.read, self.write = channel.read, channel.write
+
+    def writev(self, buffers: Sequence[bytes]) -> int:
+        return FdChannel(self._end.fileno(), self._end.fileno()).writev(buffers)
+
+    def close_sending_side(self) -> None:
+        self._end.shutdown(socket.SHUT_WR)
+
+
+def migrate(status: int) -> tuple[MigrateResult | MigrationError, list[tuple[str, str]], SimBackend]:
+    """Migrate a small simulated guest to a fake receiver whose copy exits with ``status``."""
+    backend = SimBackend(boot_guest(SMALL, 1, seed=5))
+    sender_end, receiver_end = socket.socketpair()
+    receiver = threading.Thread(target=fake_migrate_receive, args=(receiver_end, status, RestoreModel()))
+    receiver.start()
+    renames: list[tuple[str, str]] = []
+    try:
+        result: MigrateResult | MigrationError = migrate_domain(
+            backend, SocketReceiver(sender_end), CONFIG, "guest",
+            lambda old, new: renames.append((old, new)), DriverOptions(), lambda message: None)
+    except MigrationError as error:
+        result = error
+    finally:
+        sender_end.close()
+        receiver.join(10)
+    return result, renames, backend
+
+
+def test_a_migration_renames_the_source_away_and_times_the_downtime() -> None:
+    result, renames, _backend = migrate(0)
+    assert isinstance(result, MigrateResult)
+    assert renames == [("guest", "guest--migratedaway")]
+    steps = result.send.stats.downtime_steps
+    assert list(steps) == ["suspended", "final_harvest", "final_report", "final_round", "stream_end",
+                           "receiver_ready", "renamed", "destination_running"]
+    assert list(steps.values()) == sorted(steps.values())
+    assert steps["destination_running"] <= result.downtime_s + 0.001
+
+
+def test_a_copy_that_fails_to_start_gets_the_source_renamed_back_and_resumed() -> None:
+    result, renames, backend = migrate(5)
+    assert isinstance(result, MigrationError) and "resumed at sender" in str(result)
+    assert renames == [("guest", "guest--migratedaway"), ("guest--migratedaway", "guest")]
+    assert backend.guest.running
+
+
+def test_the_source_is_not_resumed_after_a_successful_handover() -> None:
+    result, _renames, backend = migrate(0)
+    assert isinstance(result, MigrateResult)
+    assert not backend.guest.running
