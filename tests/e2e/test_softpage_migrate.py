@@ -96,8 +96,11 @@ def test_softpage_migrate_prunes_and_the_guest_survives_repeatedly(xen_pvh_testb
         assert int(totals["pages_xalloc"]) > 2048, (attempt, totals)  # type: ignore[call-overload]
         assert rounds[0]["snapshot_used"], (attempt, rounds[0])
         assert rounds[-1]["kind"] == "final"
-        # The guest dropped its cache while it still ran, before the suspend request.
+        # The guest dropped its cache while it still ran, before the suspend request, and what
+        # the drop wrote went out in one more round before the suspend.
         assert totals["guest_drop_outcome"] == "done", (attempt, totals)
+        assert rounds[-2]["kind"] == "after-drop", (attempt, rounds)
+        assert 0 < float(totals["startup_s"]) < 300, (attempt, totals)  # type: ignore[arg-type]
         assert_survived(guest, heartbeat)
         assert domid(guest) != source_domid
         # The module re-published under the new domain, with fresh grants: the next round uses it.
