@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -73,3 +75,16 @@ def test_softpage_round_records_are_kept_per_run(tmp_path: Path) -> None:
     kept = tmp_path / "stats" / "400-prune-2.jsonl"
     assert [json.loads(line) for line in kept.read_text().splitlines()] == records
     assert [path.name for path in (tmp_path / "stats").iterdir()] == ["400-prune-2.jsonl"]
+
+
+@pytest.mark.skipif(shutil.which("busybox") is None, reason="busybox (the guest's shell) is not installed")
+def test_warming_the_cache_reads_the_files_the_workload_cached(tmp_path: Path) -> None:
+    """As load_manifest in testbed/guest/workload.c: whole files in MANIFEST order until the
+    wanted bytes are reached."""
+    (tmp_path / "MANIFEST").write_text("a 4096 1f\nb 8192 2f\nc 4096 3f\n")
+    for name, size in (("a", 4096), ("b", 8192), ("c", 4096)):
+        (tmp_path / name).write_bytes(bytes(size))
+    command = xen_bench.warm_cache_command(10000, "WARM-1", str(tmp_path))
+    done = subprocess.run(["busybox", "sh", "-c", command], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "WARM-1 read=12288"
+
