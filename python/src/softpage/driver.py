@@ -258,12 +258,15 @@ class MigrationSession:
 
     def stop_and_copy(self) -> RoundStats:
         """Suspend, send what may be stale (less what the guest holds), end the stream."""
+        dropped = self.channel is not None and self._early_drop(self.channel, self._requests.next())
+        if dropped and self.options.live:
+            # Freeing the cache writes the kernel's own pages (struct pages, free
+            # lists, slab): send them now, while the guest runs, not in the downtime.
+            self.live_round(self.harvest(), kind="after-drop")
+        # Taken last: Rf must be greater than every request id used before it,
+        # the after-drop round's included (docs/spec/guest-protocol.md).
         final_request = self._requests.next()
         if self.channel is not None:
-            if self._early_drop(self.channel, final_request) and self.options.live:
-                # Freeing the cache writes the kernel's own pages (struct pages, free
-                # lists, slab): send them now, while the guest runs, not in the downtime.
-                self.live_round(self.harvest(), kind="after-drop")
             self.channel.request_final(final_request)
         # Set before the call: a guest that acknowledges after our timeout
         # may still suspend, and abandon() must then resume it.
