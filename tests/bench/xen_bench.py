@@ -98,6 +98,10 @@ class Run:
     early_drop_s: float | None
     """softpage's wait for the guest's early cache drop, right before the suspend request (not
     downtime): the guest_drop_s of its totals record."""
+    guest_dropped_cache_pages: int | None = None
+    """Page-cache pages the module's drop at ``.freeze`` freed (in the downtime)."""
+    guest_dropped_slab_pages: int | None = None
+    """Reclaimable slab pages the same drop freed."""
     dom0_cpu_s: float | None = None
     """All of dom0's CPU time while the sender ran (every vCPU's busy time in /proc/stat: sender,
     receiver, tap, measurement), the one CPU figure measured alike for stock xl."""
@@ -153,8 +157,8 @@ def to_run(anon_mb: int, cache_mb: int, method: str, repetition: int, measured: 
         totals = [record for record in stats if record.get("totals")]
         early_drop_s = totals[0].get("guest_drop_s") if totals else None
     counters = measured.get("guest_counters")
-    guest_ms = ({name: int(value) / 1e6 for name, value in counters.items()}
-                if isinstance(counters, dict) else {})
+    counters = counters if isinstance(counters, dict) else {}
+    guest_ms = {name: int(value) / 1e6 for name, value in counters.items() if name.endswith("_ns")}
     return Run(
         anon_mb=anon_mb, cache_mb=cache_mb, method=method, repetition=repetition,
         wall_s=float(send["wall_s"]), downtime_s=send.get("downtime_s"), suspended_s=send.get("suspended_s"),
@@ -162,6 +166,8 @@ def to_run(anon_mb: int, cache_mb: int, method: str, repetition: int, measured: 
         stream_bytes=int(tap["stream_bytes"]), pages_data=int(tap["pages_data"]),
         pages_xalloc=int(tap["pages_xalloc"]), rounds=rounds, guest_scan_ms=scan_ms,
         guest_drop_ms=guest_ms.get("drop_ns"), guest_final_scan_ms=guest_ms.get("final_scan_ns"),
+        guest_dropped_cache_pages=counters.get("dropped_cache_pages"),
+        guest_dropped_slab_pages=counters.get("dropped_slab_pages"),
         early_drop_s=early_drop_s, dom0_cpu_s=send.get("dom0_cpu_s"),  # type: ignore[arg-type]
     )
 
@@ -176,7 +182,7 @@ def sender_cpu_s(method: str, send: dict[str, object], recv: dict[str, object]) 
     return float(str(send["cpu_s"])) - float(str(recv["cpu_s"]))
 
 
-GUEST_SUSPEND_COUNTERS = ("drop_ns", "final_scan_ns")
+GUEST_SUSPEND_COUNTERS = ("drop_ns", "final_scan_ns", "dropped_cache_pages", "dropped_slab_pages")
 
 
 def guest_suspend_counters(guest: Guest, token: str) -> dict[str, int]:
@@ -266,7 +272,7 @@ def summarise(runs: list[Run]) -> list[dict[str, object]]:
             row: dict[str, object] = {"anon_mb": anon_mb, "method": method, "runs": len(chosen)}
             for field in ("pages_data", "stream_bytes", "wall_s", "downtime_s", "suspended_s", "sender_cpu_s",
                           "dom0_cpu_s", "rounds", "guest_scan_ms", "early_drop_s", "guest_drop_ms",
-                          "guest_final_scan_ms"):
+                          "guest_final_scan_ms", "guest_dropped_cache_pages", "guest_dropped_slab_pages"):
                 row[field] = median(chosen, field)
                 base = median(stock, field)
                 if field in COMPARED_WITH_STOCK:
