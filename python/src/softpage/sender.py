@@ -77,7 +77,7 @@ def save_domain(
 
 
 Rename = Callable[[str, str], None]
-"""``rename(old_name, new_name)`` of the source domain (``xl rename``)."""
+"""``rename(old_name, new_name)`` of the source domain (``libxl_domain_rename``: ``toolstack.rename``)."""
 
 
 class ReceiverConnection(Protocol):
