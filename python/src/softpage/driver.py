@@ -241,10 +241,12 @@ class MigrationSession:
         The soft snapshot is requested after ``candidates`` was harvested, so
         it may prune them (planner rule 2).
         """
-        dirty = None if candidates is None else candidates.count()
+        first = candidates is None
         if candidates is None:
             candidates = PfnSet.full(self.domain.p2m_size)
-        few = self.channel is not None and candidates.count() < self.options.snapshot_min_candidates
+        count = candidates.count()
+        dirty = None if first else count
+        few = self.channel is not None and count < self.options.snapshot_min_candidates
         snapshot, request_id = (None, None) if few else self._precopy_snapshot()
         plan = self.planner.plan_precopy(candidates, snapshot, request_id)
         round_stats = _send_round(
