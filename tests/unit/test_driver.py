@@ -321,6 +321,49 @@ def test_a_round_of_few_dirty_pages_asks_no_report(threshold: int) -> None:
         assert (round_stats.pages_data, round_stats.pages_skipped) == (0, 9)
 
 
+class SlowSink(DirectSink):
+    """A receiver that takes ``delay`` seconds over each PAGE_DATA write."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.writes = 0
+
+    def write_pages(self, pfns: PfnArray, types: npt.NDArray[np.uint32], data: memoryview) -> int:
+        self.writes += 1
+        time.sleep(self.delay)
+        return super().write_pages(pfns, types, data)
+
+
+class SlowTypesBackend(SimBackend):
+    """A hypervisor that takes ``delay`` seconds over each page-type query."""
+
+    delay = 0.0
+    queries = 0
+
+    def page_types(self, pfns: PfnArray) -> npt.NDArray[np.uint32]:
+        self.queries += 1
+        time.sleep(self.delay)
+        return super().page_types(pfns)
+
+
+def test_a_round_says_where_its_time_went() -> None:
+    guest = small_guest()
+    backend, sink = SlowTypesBackend(guest), SlowSink(delay=0.02)
+    backend.delay = 0.01
+    session = MigrationSession(backend, sink, DriverOptions(snapshot_min_candidates=10), Messages())
+    session.start()
+    first = session.live_round()
+    assert first.snapshot_used and first.report_s is not None and first.report_s >= 0
+    assert first.types_s >= 0.01 * backend.queries > 0
+    assert first.write_s >= 0.02 * sink.writes > 0
+    assert first.read_s > 0
+    assert first.types_s + first.read_s + first.write_s <= first.duration_s
+    assert guest.fill_cache(3) == 3
+    few = session.live_round(session.harvest())
+    assert few.snapshot_note == FEW_CANDIDATES_NOTE and few.report_s is None
+
+
 # -- the early drop ---------------------------------------------------------------------
 def test_early_drop_comes_before_the_final_request_and_the_suspend() -> None:
     guest = small_guest()

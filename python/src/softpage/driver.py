@@ -95,6 +95,16 @@ class RoundStats:
     snapshot_used: bool = False
     snapshot_note: str = ""
     guest_scan_ms: float | None = None
+    report_s: float | None = None
+    """Before ``duration_s``: asking the guest for its soft-page report and waiting for it (its
+    scan, xenstore, the decoding); None when no report was asked for."""
+    types_s: float = 0.0
+    """Of ``duration_s``: asking Xen for the page types, holes included."""
+    read_s: float = 0.0
+    """Of ``duration_s``: mapping and copying the pages with data."""
+    write_s: float = 0.0
+    """Of ``duration_s``: writing the stream, waiting for the receiver whenever its pipe is full
+    (the receiver populating, mapping and copying what it reads)."""
 
 
 @dataclass
@@ -247,12 +257,15 @@ class MigrationSession:
         count = candidates.count()
         dirty = None if first else count
         few = self.channel is not None and count < self.options.snapshot_min_candidates
+        asked = time.monotonic()
         snapshot, request_id = (None, None) if few else self._precopy_snapshot()
+        report_s = None if request_id is None else time.monotonic() - asked
         plan = self.planner.plan_precopy(candidates, snapshot, request_id)
         round_stats = _send_round(
             self.backend, self.sink, self.planner, plan, len(self.stats.rounds) + 1, kind, snapshot
         )
         round_stats.dirty = dirty
+        round_stats.report_s = report_s
         if few:
             round_stats.snapshot_note = FEW_CANDIDATES_NOTE
         self._finish_round(round_stats)
@@ -406,7 +419,9 @@ def _send_round(
     deferred: list[PfnArray] = []
     tables: list[PfnArray] = []
     for batch in _batches(planned.to_pfns()):
+        step_started = time.monotonic()
         types = backend.page_types(batch)
+        round_stats.types_s += time.monotonic() - step_started
         stream_types = types >> np.uint32(PFINFO_SHIFT)
         # Holes are left out of the stream altogether: the receiver treats an
         # unnamed PFN exactly like an XTAB one (neither populated nor written).
@@ -415,7 +430,9 @@ def _send_round(
         use_xalloc = plan.xalloc.contains_many(batch) & (stream_types == PageType.NOTAB)
         with_data = ~is_hole & ~use_xalloc
         if with_data.any():
+            step_started = time.monotonic()
             pages = backend.read_pages(batch[with_data], types[with_data])
+            round_stats.read_s += time.monotonic() - step_started
             if pages.deferred is not None:
                 # Not named now: the planner keeps them stale for a later round.
                 later = np.zeros_like(with_data)
@@ -427,7 +444,9 @@ def _send_round(
         named = with_data | use_xalloc
         if named.any():
             entry_types = np.where(use_xalloc, np.uint32(PageType.XALLOC.pfinfo), types).astype(np.uint32)
+            step_started = time.monotonic()
             round_stats.bytes += sink.write_pages(batch[named], entry_types[named], pages.data)
+            round_stats.write_s += time.monotonic() - step_started
         sent_data.append(batch[with_data])
         tables.append(batch[with_data & (pagetable_levels(stream_types) > 0)])
         sent_xalloc.append(batch[use_xalloc])
