@@ -366,6 +366,53 @@ def test_armed_suspend_publishes_final_and_thaw_releases(xen_pvh_testbed: Testbe
     assert after["count"][FREE] > final["count"][HELD] // 2
 
 
+def early_drop(testbed: Testbed, guest: Guest, drop_id: int) -> None:
+    """Ask for the drop dom0 asks for right before a suspend, and wait for the answer."""
+    domid = testbed.run(["xl", "domid", guest.name], check=True).stdout.strip()
+    base = f"/local/domain/{domid}/data/softpage"
+    testbed.run(f"xenstore-write {base}/drop {drop_id}", check=True)
+    for _ in range(120):
+        if testbed.run(["xenstore-read", f"{base}/dropped"]).stdout.strip() == str(drop_id):
+            return
+        testbed.run(["sleep", "1"])
+    raise AssertionError(f"no answer to drop {drop_id}")
+
+
+def suspend_paused_and_unpause(testbed: Testbed, guest: Guest) -> dict[str, Any]:
+    """An armed suspend (``xl save -p``) whose FINAL is read while the guest stays paused."""
+    testbed.run(["xl", "save", "-p", guest.name, "/var/lib/xen/kmod-final.img"], timeout_s=900, check=True)
+    testbed.run(["rm", "-f", "/var/lib/xen/kmod-final.img"])
+    final: dict[str, Any] = probe(testbed, guest, "read")["snapshot"]
+    testbed.run(["xl", "unpause", guest.name], check=True)
+    return final
+
+
+def test_freeze_drops_again_only_what_was_read_back_since_the_early_drop(xen_pvh_testbed: Testbed) -> None:
+    guest = start_guest(xen_pvh_testbed)
+    heartbeat = guest.heartbeat()
+    arm_for_final(xen_pvh_testbed, guest, 31)
+    early_drop(xen_pvh_testbed, guest, 30)
+    final = suspend_paused_and_unpause(xen_pvh_testbed, guest)
+    assert (final["state"], final["request_id"]) == (STATE_FINAL, 31)
+    stats = guest_stats(guest)
+    assert (stats["early_drops"], stats["freezes"], stats["freeze_drops_skipped"]) == (1, 1, 1)
+    assert (stats["drop_ns"], stats["dropped_cache_pages"]) == (0, 0)
+    assert final["count"][HELD] == stats["held_pages"] > 0
+    assert_healthy(guest, heartbeat)  # its verify reads the data files back into the cache
+
+    # 32 MiB of files read back after the early drop: over freeze_drop_min_pages, so dropped.
+    heartbeat = guest.heartbeat()
+    arm_for_final(xen_pvh_testbed, guest, 33)
+    early_drop(xen_pvh_testbed, guest, 32)
+    guest_line(guest, "cat /data/data-* > /dev/null; echo read")
+    final = suspend_paused_and_unpause(xen_pvh_testbed, guest)
+    assert (final["state"], final["request_id"]) == (STATE_FINAL, 33)
+    stats = guest_stats(guest)
+    assert (stats["early_drops"], stats["freezes"], stats["freeze_drops_skipped"]) == (2, 2, 1)
+    assert stats["dropped_cache_pages"] >= 1024 and stats["drop_ns"] > 0
+    assert_healthy(guest, heartbeat)
+
+
 def test_armed_save_restore_republishes_under_new_domid(xen_pvh_testbed: Testbed) -> None:
     guest = start_guest(xen_pvh_testbed)
     heartbeat = guest.heartbeat()
