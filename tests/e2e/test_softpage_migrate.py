@@ -95,6 +95,11 @@ def test_softpage_migrate_prunes_and_the_guest_survives_repeatedly(xen_pvh_testb
         # Free memory and clean cache of the 256 MiB guest: far more than 8 MiB must go without data.
         assert int(totals["pages_xalloc"]) > 2048, (attempt, totals)  # type: ignore[call-overload]
         assert rounds[0]["snapshot_used"], (attempt, rounds[0])
+        # Where round 1's time went: Xen's page types, reading pages, writing to the receiver.
+        first = {key: float(rounds[0][key]) for key in ("types_s", "read_s", "write_s", "duration_s")}  # type: ignore[arg-type]
+        assert min(first.values()) > 0, (attempt, rounds[0])
+        assert first["types_s"] + first["read_s"] + first["write_s"] <= first["duration_s"], rounds[0]
+        assert float(rounds[0]["report_s"]) > 0, (attempt, rounds[0])  # type: ignore[arg-type]
         assert rounds[-1]["kind"] == "final"
         # The guest dropped its cache while it still ran, before the suspend request, and what
         # the drop wrote went out in one more round before the suspend.
