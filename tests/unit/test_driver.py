@@ -249,6 +249,9 @@ class ContractSink:
         self.calls.append("write_pages")
         return 0
 
+    def drain(self) -> None:
+        self.calls.append("drain")
+
     def end(self, end_of_checkpoint: EndOfCheckpoint) -> None:
         self.calls.append("end")
 
@@ -269,6 +272,9 @@ def test_backend_call_order() -> None:
     ]
     assert sink.calls[0] == "begin" and sink.calls[-1] == "end"
     assert "write_pages" in sink.calls
+    # Drained once, after the live rounds and before the final one (whose first write follows).
+    assert sink.calls.count("drain") == 1
+    assert sink.calls.index("drain") < len(sink.calls) - 1 - sink.calls[::-1].index("write_pages")
 
 
 def test_snapshot_is_requested_after_the_harvest() -> None:

@@ -67,8 +67,13 @@ class PageSink(Protocol):
         entries whose type carries data, in order. Returns the bytes written."""
         ...
 
+    def drain(self) -> None:
+        """Return once everything written so far has reached the receiver: ``write_pages`` may
+        return earlier (softpage.stream.background)."""
+        ...
+
     def end(self, end_of_checkpoint: EndOfCheckpoint) -> None:
-        """Write the post-memory records and the END records."""
+        """Write the post-memory records and the END records, and drain."""
         ...
 
 
@@ -103,8 +108,9 @@ class RoundStats:
     read_s: float = 0.0
     """Of ``duration_s``: mapping and copying the pages with data."""
     write_s: float = 0.0
-    """Of ``duration_s``: writing the stream, waiting for the receiver whenever its pipe is full
-    (the receiver populating, mapping and copying what it reads)."""
+    """Of ``duration_s``: handing the pages to the stream, waiting for room whenever the receiver
+    is ``max_queued_bytes`` behind (softpage.stream.background: it populates, maps and copies
+    each record before it reads the next)."""
 
 
 @dataclass
@@ -122,6 +128,9 @@ class MigrationStats:
     guest_drop_outcome: DropOutcome | None = None
     """The guest's answer to the early drop; None if it was not asked for."""
     sender_cpu_s: float = 0.0
+    drain_s: float = 0.0
+    """Seconds waited before the suspend request for the receiver to take what the live rounds
+    had queued (their ``write_s`` counts only the waits for room in the queue)."""
     downtime_steps: dict[str, float] = field(default_factory=dict)
     """Seconds from the suspend request to the end of each step of the downtime, in order:
     ``suspended``, ``final_harvest``, ``final_report``, ``final_round``, ``stream_end`` here,
@@ -278,6 +287,11 @@ class MigrationSession:
             # Freeing the cache writes the kernel's own pages (struct pages, free
             # lists, slab): send them now, while the guest runs, not in the downtime.
             self.live_round(self.harvest(), kind="after-drop")
+        # What the live rounds queued goes to the receiver while the guest still runs, not
+        # in the downtime.
+        draining = time.monotonic()
+        self.sink.drain()
+        self.stats.drain_s = time.monotonic() - draining
         # Taken last: Rf must be greater than every request id used before it,
         # the after-drop round's included (docs/spec/guest-protocol.md).
         final_request = self._requests.next()

@@ -10,6 +10,7 @@ receiver was told "domain is yours" resumes the domain on the source.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,18 +25,23 @@ from softpage.errors import MigrationError, SoftpageError
 from softpage.options import DriverOptions
 from softpage.pfnset import PfnArray
 from softpage.stream import handshake
+from softpage.stream.background import BackgroundWritev
 from softpage.stream.handshake import Handover, HandoverOutcome, HandshakeTimeouts
-from softpage.stream.writer import StreamWriter
+from softpage.stream.writer import StreamWriter, WritevFn
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 
 class XlStreamSink:
-    """The driver's ``PageSink`` over a ``StreamWriter`` writing an xl stream."""
+    """The driver's ``PageSink`` over a ``StreamWriter`` writing an xl stream, through
+    ``background`` if its writes go out from a thread (None: they are written when made)."""
 
-    def __init__(self, writer: StreamWriter, config_json: bytes) -> None:
+    def __init__(
+        self, writer: StreamWriter, config_json: bytes, background: BackgroundWritev | None = None
+    ) -> None:
         self.writer = writer
+        self.background = background
         self.config_json = config_json
 
     def begin(self, domain: DomainInfo, static: StaticInfo) -> None:
@@ -46,8 +52,31 @@ class XlStreamSink:
         self.writer.write_pages(pfns, types, data)
         return self.writer.bytes_written - before
 
+    def drain(self) -> None:
+        if self.background is not None:
+            self.background.drain()
+
     def end(self, end_of_checkpoint: EndOfCheckpoint) -> None:
         self.writer.finish(end_of_checkpoint)
+        self.drain()
+
+
+def _send(
+    backend: MigrationBackend,
+    writev: WritevFn,
+    config_json: bytes,
+    options: DriverOptions,
+    log: Log,
+    progress: Progress | None,
+) -> SendResult:
+    """``send_domain`` into ``writev``, written from a thread; returns once all of it was written."""
+    background = BackgroundWritev(writev)
+    writer = StreamWriter(background)
+    try:
+        stats = send_domain(backend, XlStreamSink(writer, config_json, background), options, log, progress)
+    finally:
+        background.close()
+    return SendResult(stats=stats, stream_bytes=writer.bytes_written)
 
 
 @dataclass(frozen=True)
@@ -71,9 +100,7 @@ def save_domain(
     ``MigrationError`` raised. The caller destroys the domain, or resumes it to
     keep it running (``xl save -c``).
     """
-    writer = StreamWriter.for_fd(fd)
-    stats = send_domain(backend, XlStreamSink(writer, config_json), options, log, progress)
-    return SendResult(stats=stats, stream_bytes=writer.bytes_written)
+    return _send(backend, lambda buffers: os.writev(fd, buffers), config_json, options, log, progress)
 
 
 Rename = Callable[[str, str], None]
@@ -122,13 +149,12 @@ def migrate_domain(
     """
     timeouts = timeouts or HandshakeTimeouts()
     handshake.expect_banner(receiver.read, timeouts.banner)
-    writer = StreamWriter(receiver.writev)
     try:
-        stats = send_domain(backend, XlStreamSink(writer, config_json), options, log, progress)
+        sent = _send(backend, receiver.writev, config_json, options, log, progress)
     except BaseException:
         receiver.close_sending_side()
         raise
-    sent = SendResult(stats=stats, stream_bytes=writer.bytes_written)
+    stats = sent.stats
     away_name = f"{domain_name}--migratedaway"
     renamed = False
     try:

@@ -295,6 +295,7 @@ def _totals(
         "guest_drop_s": None if stats.guest_drop_s is None else round(stats.guest_drop_s, 3),
         "guest_drop_outcome": None if stats.guest_drop_outcome is None else stats.guest_drop_outcome.value,
         "sender_cpu_s": round(stats.sender_cpu_s, 3),
+        "drain_s": round(stats.drain_s, 3),
         "startup_s": None if timeline is None or timeline.startup_s is None else round(timeline.startup_s, 3),
         "destroy_s": None if timeline is None else round(timeline.destroy_s, 3),
         "downtime_steps": stats.downtime_steps,

@@ -129,6 +129,9 @@ class DirectSink:
             self.on_transfer(written, records, int(pfns.size), data_pages)
         return written
 
+    def drain(self) -> None:
+        """Nothing is ever queued: ``write_pages`` applies the pages before it returns."""
+
     def end(self, end_of_checkpoint: EndOfCheckpoint) -> None:
         if self.destination is None or self.ended:
             raise StreamError("end: expected an open stream")
