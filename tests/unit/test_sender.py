@@ -7,6 +7,7 @@ import socket
 import threading
 from collections.abc import Sequence
 
+import pytest
 from stream_builders import CONFIG, fake_migrate_receive
 
 from softpage.errors import MigrationError
@@ -14,7 +15,7 @@ from softpage.options import DriverOptions
 from softpage.sender import MigrateResult, migrate_domain
 from softpage.sim.backend import SimBackend
 from softpage.sim.experiment import GuestShape, boot_guest
-from softpage.stream.handshake import FdChannel
+from softpage.stream.handshake import RECEIVER_BANNER, FdChannel
 from softpage.stream.receiver import RestoreModel
 
 SMALL = GuestShape(memory_mib=4, kernel_mib=1, min_free_mib=1)
@@ -76,3 +77,34 @@ def test_the_source_is_not_resumed_after_a_successful_handover() -> None:
     result, _renames, backend = migrate(0)
     assert isinstance(result, MigrateResult)
     assert not backend.guest.running
+
+
+class VanishingReceiver(SocketReceiver):
+    """A receiver that takes ``limit`` bytes of the stream, then is gone (EPIPE)."""
+
+    def __init__(self, end: socket.socket, limit: int) -> None:
+        super().__init__(end)
+        self.limit = limit
+        self.taken = 0
+
+    def writev(self, buffers: Sequence[bytes]) -> int:
+        if self.taken >= self.limit:
+            raise BrokenPipeError(32, "Broken pipe")
+        offered = sum(len(memoryview(buffer).cast("B")) for buffer in buffers)
+        self.taken += offered
+        return offered
+
+
+def test_a_receiver_gone_in_the_middle_of_the_stream_leaves_the_source_running() -> None:
+    backend = SimBackend(boot_guest(SMALL, 1, seed=5))
+    sender_end, receiver_end = socket.socketpair()
+    receiver_end.sendall(RECEIVER_BANNER)
+    try:
+        with pytest.raises(MigrationError) as failed:
+            migrate_domain(backend, VanishingReceiver(sender_end, limit=1 << 20), CONFIG, "guest",
+                           lambda old, new: None, DriverOptions(), lambda message: None)
+    finally:
+        sender_end.close()
+        receiver_end.close()
+    assert "Broken pipe" in str(failed.value)
+    assert backend.guest.running
