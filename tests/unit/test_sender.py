@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Sequence
 
 import pytest
 from stream_builders import CONFIG, fake_migrate_receive
 
-from softpage.errors import MigrationError
+from softpage import sender
+from softpage.errors import BackendError, MigrationError
 from softpage.options import DriverOptions
-from softpage.sender import MigrateResult, migrate_domain
+from softpage.sender import MigrateResult, StreamLeftOpen, migrate_domain
 from softpage.sim.backend import SimBackend
 from softpage.sim.experiment import GuestShape, boot_guest
 from softpage.stream.handshake import RECEIVER_BANNER, FdChannel
 from softpage.stream.receiver import RestoreModel
+from softpage.stream.writer import StreamWriter
 
 SMALL = GuestShape(memory_mib=4, kernel_mib=1, min_free_mib=1)
 
@@ -108,3 +111,81 @@ def test_a_receiver_gone_in_the_middle_of_the_stream_leaves_the_source_running()
         receiver_end.close()
     assert "Broken pipe" in str(failed.value)
     assert backend.guest.running
+
+
+class NoLogDirtyBackend(SimBackend):
+    """A domain whose log-dirty cannot be enabled (a PV guest without shadow paging)."""
+
+    def enable_logdirty(self) -> None:
+        raise BackendError("no log-dirty for PV guests on this hypervisor")
+
+
+class RecordingReceiver:
+    """Takes the stream slowly (``delay`` per writev, or not at all until ``release``) and
+    records when the sender closed its side."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.received = bytearray()
+        self.writes_after_close = 0
+        self.received_at_close: int | None = None
+        self.release = threading.Event()
+        self.release.set()
+
+    def read(self, max_bytes: int, timeout: float) -> bytes:
+        return RECEIVER_BANNER
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def writev(self, buffers: Sequence[bytes]) -> int:
+        self.release.wait(timeout=10)
+        time.sleep(self.delay)
+        if self.received_at_close is not None:
+            self.writes_after_close += 1
+        taken = b"".join(bytes(memoryview(buffer).cast("B")) for buffer in buffers)
+        self.received += taken
+        return len(taken)
+
+    def close_sending_side(self) -> None:
+        self.received_at_close = len(self.received)
+
+
+def stream_headers(backend: SimBackend) -> bytes:
+    """What a sender writes before log-dirty is enabled: everything up to STATIC_DATA_END."""
+    out = bytearray()
+
+    def collect(buffers: Sequence[bytes]) -> int:
+        taken = b"".join(bytes(memoryview(buffer).cast("B")) for buffer in buffers)
+        out.extend(taken)
+        return len(taken)
+
+    domain = backend.describe()
+    StreamWriter(collect).begin(CONFIG, domain.guest_type, domain.xen_version, backend.static_info())
+    return bytes(out)
+
+
+def test_a_failed_migration_sends_what_was_written_before_it_closes_the_stream() -> None:
+    backend = NoLogDirtyBackend(boot_guest(SMALL, 1, seed=5))
+    receiver = RecordingReceiver(delay=0.05)
+    with pytest.raises(MigrationError, match="no log-dirty"):
+        migrate_domain(backend, receiver, CONFIG, "guest", lambda old, new: None, DriverOptions(),
+                       lambda message: None)
+    # The receiver must fail where it did when every write went out at once, and nothing may
+    # be written to the connection once it is closed.
+    assert receiver.received_at_close == len(stream_headers(backend))
+    assert bytes(receiver.received) == stream_headers(backend)
+    assert receiver.writes_after_close == 0
+    assert backend.guest.running
+
+
+def test_a_stream_stuck_on_its_receiver_is_left_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sender, "FAILED_STREAM_FLUSH_S", 0.2)
+    backend = NoLogDirtyBackend(boot_guest(SMALL, 1, seed=5))
+    receiver = RecordingReceiver()
+    receiver.release.clear()
+    with pytest.raises(StreamLeftOpen, match=r"no log-dirty.*still blocked"):
+        migrate_domain(backend, receiver, CONFIG, "guest", lambda old, new: None, DriverOptions(),
+                       lambda message: None)
+    assert receiver.received_at_close is None
+    receiver.release.set()

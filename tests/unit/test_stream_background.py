@@ -119,3 +119,15 @@ def test_writing_after_close_is_refused() -> None:
 def test_the_bound_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_queued_bytes"):
         BackgroundWritev(SlowReceiver(), max_queued_bytes=0)
+
+
+def test_join_says_whether_the_thread_ended() -> None:
+    receiver = SlowReceiver(chunk=1 << 20)
+    receiver.release.clear()
+    background = BackgroundWritev(receiver)
+    background([b"stuck"])
+    background.close()
+    assert not background.join(timeout=0.2)
+    receiver.release.set()
+    assert background.join(timeout=10)
+    assert bytes(receiver.received) == b"stuck"

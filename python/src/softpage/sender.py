@@ -61,6 +61,11 @@ class XlStreamSink:
         self.drain()
 
 
+FAILED_STREAM_FLUSH_S = 30.0
+"""After a failure, how long the stream's writer thread may take to write what the driver had
+already handed it, before the caller would close the connection."""
+
+
 def _send(
     backend: MigrationBackend,
     writev: WritevFn,
@@ -69,14 +74,32 @@ def _send(
     log: Log,
     progress: Progress | None,
 ) -> SendResult:
-    """``send_domain`` into ``writev``, written from a thread; returns once all of it was written."""
+    """``send_domain`` into ``writev``, written from a thread; returns once all of it was written.
+
+    On failure, what the driver had written still goes out first, as it did when each write
+    went out at once: the receiver then fails at the same point of the stream (a stock
+    ``xl migrate-receive`` cut off inside its headers was seen to leave its half-created
+    domain behind). ``StreamLeftOpen`` if the thread did not finish in time: the caller must
+    then not close the connection.
+    """
     background = BackgroundWritev(writev)
     writer = StreamWriter(background)
     try:
         stats = send_domain(backend, XlStreamSink(writer, config_json, background), options, log, progress)
-    finally:
+    except BaseException as error:
         background.close()
+        if not background.join(FAILED_STREAM_FLUSH_S):
+            raise StreamLeftOpen(f"{error} (the stream's writer is still blocked on the receiver "
+                                 f"after {FAILED_STREAM_FLUSH_S:g} s)") from error
+        raise
+    background.close()
+    background.join()
     return SendResult(stats=stats, stream_bytes=writer.bytes_written)
+
+
+class StreamLeftOpen(MigrationError):
+    """The migration failed and its stream's writer thread may still write: the connection to
+    the receiver must stay open (it is closed when the process exits)."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +174,8 @@ def migrate_domain(
     handshake.expect_banner(receiver.read, timeouts.banner)
     try:
         sent = _send(backend, receiver.writev, config_json, options, log, progress)
+    except StreamLeftOpen:
+        raise
     except BaseException:
         receiver.close_sending_side()
         raise

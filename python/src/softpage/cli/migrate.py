@@ -185,19 +185,25 @@ def run_save(args: argparse.Namespace) -> int:
     domain = toolstack.list_domain(args.domain)
     config = domain.config_json()
     log = _logger(sys.stderr)
-    from softpage.sender import save_domain
+    from softpage.sender import StreamLeftOpen, save_domain
 
     backend = _backend(args, domain.domid)
     started = time.monotonic()
     startup = _process_age_s()
     try:
         fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        leave_open = False
         try:
             result = save_domain(backend, fd, config, _driver_options(args, live=False), log,
                                  None if args.quiet else _progress(sys.stderr))
             os.fsync(fd)
+        except StreamLeftOpen:
+            # Its writer thread may still write to fd: the process's exit closes it.
+            leave_open = True
+            raise
         finally:
-            os.close(fd)
+            if not leave_open:
+                os.close(fd)
         destroying = time.monotonic()
         if args.checkpoint or args.leave_paused:
             backend.resume()

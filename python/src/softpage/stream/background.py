@@ -11,7 +11,10 @@ foreign mapping that dies at its next read (``MigrationBackend.read_pages``). Th
 lets the sender run ahead; ``max_queued_bytes`` bounds how far. ``drain()`` waits until the
 receiver has taken everything (the driver calls it before it suspends the guest, so that none of
 the backlog becomes downtime). A write error (the receiver went away) is raised by the next call
-or by ``drain()``, as ``OSError`` unchanged.
+or by ``drain()``, as ``OSError`` with the same errno.
+
+Whoever owns the file descriptor behind ``writev`` must not close it before ``join()`` returned
+True: the thread would write to whatever file gets that descriptor number next.
 """
 
 from __future__ import annotations
@@ -80,6 +83,13 @@ class BackgroundWritev:
         with self._changed:
             self._closing = True
             self._changed.notify_all()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """After ``close()``: wait up to ``timeout`` seconds (None: for ever) for the thread to
+        end, that is, for the queue to be written or a write to fail. True if it ended: only
+        then may the file descriptor behind ``writev`` be closed."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     @property
     def queued_bytes(self) -> int:
