@@ -4,7 +4,7 @@ The stock receiver reads one record, then populates, maps and copies it before i
 next (``process_page_data`` in tools/libs/guest/xg_sr_restore.c). A sender that writes in its
 own thread waits for every record: at 0 MB user allocation that wait was 11-13 s of a 19-22 s
 first round (bench-20261201-092101, ``write_s``), while the sender's own page types, reads and
-batching (7-8 s) had to wait their turn. With the writes in a thread the two overlap.
+batching (about 8 s) had to wait their turn. With the writes in a thread the two overlap.
 
 Each call copies its buffers into one ``bytes`` object: the caller's page data is a view of a
 foreign mapping that dies at its next read (``MigrationBackend.read_pages``). The copy is what
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 DEFAULT_MAX_QUEUED_BYTES = 64 << 20
-"""How far the sender may run ahead of the receiver: 16 batches of 1024 pages with data, or
+"""How far the sender may run ahead of the receiver: 16 PAGE_DATA records of 1024 pages with data, or
 several seconds of the stock receiver's populating at 0 MB (XALLOC entries are 8 bytes each)."""
 
 
@@ -49,7 +49,7 @@ class BackgroundWritev:
         self._closing = False
         self._changed = threading.Condition()
         # A daemon: a receiver that stops reading must not keep the process alive after the
-        # sender gave up on it (closing the pipe does not wake a thread blocked in writev).
+        # sender gave up on it (the sender then leaves the connection open: StreamLeftOpen).
         self._thread = threading.Thread(target=self._write_queued, name="stream-writer", daemon=True)
         self._thread.start()
 
