@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 
 import pytest
-from stream_builders import CONFIG, fake_migrate_receive
+from stream_builders import CONFIG, ByteSink, fake_migrate_receive
 
 from softpage import sender
 from softpage.errors import BackendError, MigrationError
@@ -153,16 +153,10 @@ class RecordingReceiver:
 
 def stream_headers(backend: SimBackend) -> bytes:
     """What a sender writes before log-dirty is enabled: everything up to STATIC_DATA_END."""
-    out = bytearray()
-
-    def collect(buffers: Sequence[bytes]) -> int:
-        taken = b"".join(bytes(memoryview(buffer).cast("B")) for buffer in buffers)
-        out.extend(taken)
-        return len(taken)
-
+    sink = ByteSink()
     domain = backend.describe()
-    StreamWriter(collect).begin(CONFIG, domain.guest_type, domain.xen_version, backend.static_info())
-    return bytes(out)
+    StreamWriter(sink.writev).begin(CONFIG, domain.guest_type, domain.xen_version, backend.static_info())
+    return bytes(sink.buffer)
 
 
 def test_a_failed_migration_sends_what_was_written_before_it_closes_the_stream() -> None:

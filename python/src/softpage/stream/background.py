@@ -25,7 +25,7 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from softpage.stream.writer import WritevFn
+from softpage.stream.writer import WritevFn, write_all
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -110,7 +110,7 @@ class BackgroundWritev:
                     return
                 record = self._queue[0]
             try:
-                self._write_all(record)
+                write_all(self._writev, [record])
             except OSError as error:
                 with self._changed:
                     self._error = error
@@ -120,11 +120,3 @@ class BackgroundWritev:
                 self._queue.popleft()
                 self._queued_bytes -= len(record)
                 self._changed.notify_all()
-
-    def _write_all(self, record: bytes) -> None:
-        view = memoryview(record)
-        while len(view):
-            written = self._writev([view])
-            if written <= 0:
-                raise OSError(errno.EIO, f"stream sink accepted {written} of {len(view)} bytes")
-            view = view[written:]

@@ -393,21 +393,30 @@ class StreamWriter:
         self._stage = to
 
     def _emit(self, buffers: Sequence[Buffer]) -> None:
-        views = [view for view in (memoryview(buffer).cast("B") for buffer in buffers) if len(view)]
-        first = 0
-        while first < len(views):
-            offered = views[first : first + IOV_MAX]
-            written = self._writev(offered)
-            if written <= 0:
-                raise OSError(errno.EIO, f"stream sink accepted {written} of {sum(map(len, offered))} bytes")
-            self.stats.bytes_written += written
-            while written:
-                if written >= len(views[first]):
-                    written -= len(views[first])
-                    first += 1
-                else:
-                    views[first] = views[first][written:]
-                    written = 0
+        self.stats.bytes_written += write_all(self._writev, buffers)
+
+
+def write_all(writev: WritevFn, buffers: Sequence[Buffer]) -> int:
+    """Write every byte of ``buffers`` through ``writev``, however short its writes, at most
+    ``IOV_MAX`` buffers a call; returns the bytes written. ``OSError`` (EIO) for a sink that
+    accepts nothing."""
+    views = [view for view in (memoryview(buffer).cast("B") for buffer in buffers) if len(view)]
+    total = 0
+    first = 0
+    while first < len(views):
+        offered = views[first : first + IOV_MAX]
+        written = writev(offered)
+        if written <= 0:
+            raise OSError(errno.EIO, f"stream sink accepted {written} of {sum(map(len, offered))} bytes")
+        total += written
+        while written:
+            if written >= len(views[first]):
+                written -= len(views[first])
+                first += 1
+            else:
+                views[first] = views[first][written:]
+                written = 0
+    return total
 
 
 def _check_pv_end(end: EndOfCheckpoint) -> None:
