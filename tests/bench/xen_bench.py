@@ -113,25 +113,33 @@ def environment_list(name: str, default: str) -> list[int]:
 
 def install_dom0_tools(testbed: Testbed) -> None:
     testbed.run(["mkdir", "-p", DOM0_TOOLS], check=True)
-    for name in ("tap.py", "measure.py"):
+    for name in ("tap.py", "measure.py", "stamp.py"):
         testbed.write_file(f"{DOM0_TOOLS}/{name}", (REPO / "tests/bench/dom0" / name).read_text())
+
+
+def receiver_command(receive: str = "xl migrate-receive") -> str:
+    """The receiver every method migrates to: ``receive`` behind the tap, under measure.py."""
+    return (f"python3 {DOM0_TOOLS}/measure.py - /tmp/bench-recv.json -- "
+            f"sh -c 'python3 {DOM0_TOOLS}/tap.py /tmp/bench-tap.json | {receive}'")
+
+
+def measured_sender_command(method: str, guest: Guest, receiver: str) -> list[str]:
+    """``method``'s migration of ``guest`` to the ``receiver`` command, under measure.py."""
+    source = guest.testbed.run(["xl", "domid", guest.name], check=True).stdout.strip()
+    softpage = ["python3", "-m", "softpage", "migrate", "-q", "--stats", "/tmp/bench-stats.json"]
+    senders = {
+        "stock": ["xl", "migrate"],
+        "no-prune": [*softpage, "--no-prune"],
+        "prune": softpage,
+    }
+    return ["python3", f"{DOM0_TOOLS}/measure.py", source, "/tmp/bench-send.json", "--",
+            *senders[method], "-s", "", guest.name, receiver]
 
 
 def migrate(guest: Guest, method: str) -> dict[str, object]:
     testbed = guest.testbed
-    source = testbed.run(["xl", "domid", guest.name], check=True).stdout.strip()
-    receiver = (f"python3 {DOM0_TOOLS}/measure.py - /tmp/bench-recv.json -- "
-                f"sh -c 'python3 {DOM0_TOOLS}/tap.py /tmp/bench-tap.json | xl migrate-receive'")
-    senders = {
-        "stock": ["xl", "migrate", "-s", "", guest.name, receiver],
-        "no-prune": ["python3", "-m", "softpage", "migrate", "-q", "--no-prune", "--stats",
-                     "/tmp/bench-stats.json", "-s", "", guest.name, receiver],
-        "prune": ["python3", "-m", "softpage", "migrate", "-q", "--stats", "/tmp/bench-stats.json",
-                  "-s", "", guest.name, receiver],
-    }
+    command = measured_sender_command(method, guest, receiver_command())
     testbed.run(["rm", "-f", "/tmp/bench-recv.json", "/tmp/bench-tap.json", "/tmp/bench-stats.json"])
-    measure = ["python3", f"{DOM0_TOOLS}/measure.py", source, "/tmp/bench-send.json", "--"]
-    command = [*measure, *senders[method]]
     result = testbed.run(command, timeout_s=3600)
     if not result.ok:
         raise RuntimeError(f"{method} migration failed (rc {result.rc}): {result.stderr[-3000:]}")
