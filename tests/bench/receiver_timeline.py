@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import xen_bench  # tests/bench is not a package: found through sys.path above
-from xen_testbed import XEN_PVH_VERSION, Guest, GuestSpec, TestbedConfig, booted_testbed
+from xen_testbed import XEN_PVH_VERSION, Guest, TestbedConfig, booted_testbed
 
 TOOLS = xen_bench.DOM0_TOOLS
 RECEIVER_LOG = "/tmp/timeline-recv.log"
@@ -120,18 +120,14 @@ def main() -> int:
     anon_mb = int(os.environ.get("SOFTPAGE_TIMELINE_ANON_MB", "200"))
     repetitions = int(os.environ.get("SOFTPAGE_TIMELINE_REPS", "2"))
     methods = os.environ.get("SOFTPAGE_TIMELINE_METHODS", "stock,no-prune").split(",")
-    os.environ.setdefault("SOFTPAGE_DATA_MB", str(guest_mb))
-    os.environ.setdefault("SOFTPAGE_QEMU_MEM_MB", str(1024 + 2 * guest_mb + 1024))
+    xen_bench.size_testbed_for(guest_mb)
     out = xen_bench.REPO / "results" / time.strftime("receiver-timeline-%Y%m%d-%H%M%S")
     out.mkdir(parents=True)
     rows = []
     with booted_testbed(TestbedConfig.from_env(XEN_PVH_VERSION),
                         Path(tempfile.mkdtemp(prefix="softpage-timeline-"))) as testbed:
         xen_bench.install_dom0_tools(testbed)
-        cache_mb = max(0, guest_mb - xen_bench.KERNEL_AND_WORKLOAD_MB - anon_mb)
-        guest = xen_bench.start_guest(testbed, GuestSpec(
-            name="timeline", guest_type="pvh", memory_mb=guest_mb, anon_mb=anon_mb,
-            cache_mb=cache_mb, dirty_rate=100))
+        guest = xen_bench.start_guest(testbed, xen_bench.bench_guest("timeline", guest_mb, anon_mb))
         for run in range(repetitions):
             for method in methods:
                 rows.append((method, run, migrate_with_receiver_log(guest, method, out, f"r{run}")))

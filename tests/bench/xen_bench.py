@@ -203,6 +203,22 @@ def guest_suspend_counters(guest: Guest, token: str) -> dict[str, int]:
     return {name: int(value) for name, value in re.findall(r"(\w+)=(\d+)", line.group(1))}
 
 
+def size_testbed_for(guest_mb: int) -> None:
+    """Unless set already: a data disk as large as the guest, and QEMU memory for dom0 and the two
+    copies of the guest that a localhost migration holds in Xen."""
+    os.environ.setdefault("SOFTPAGE_DATA_MB", str(guest_mb))
+    os.environ.setdefault("SOFTPAGE_QEMU_MEM_MB", str(1024 + 2 * guest_mb + 1024))
+
+
+def bench_guest(name: str, guest_mb: int, anon_mb: int) -> GuestSpec:
+    """A PVH guest with ``anon_mb`` of user allocation and as much page cache from its data disk
+    (SOFTPAGE_DATA_MB) as the rest of its memory holds."""
+    data_mb = int(os.environ.get("SOFTPAGE_DATA_MB", str(guest_mb)))
+    cache_mb = max(0, min(data_mb, guest_mb - KERNEL_AND_WORKLOAD_MB - anon_mb))
+    return GuestSpec(name=name, guest_type="pvh", memory_mb=guest_mb, anon_mb=anon_mb,
+                     cache_mb=cache_mb, dirty_rate=100)
+
+
 def start_guest(testbed: Testbed, spec: GuestSpec) -> Guest:
     guest = testbed.create_guest(spec, timeout_s=900)
     guest.wait_for_workload_ready(timeout_s=1800)
@@ -406,9 +422,7 @@ def main() -> int:
     steps = environment_list("SOFTPAGE_BENCH_ANON_MB", "0,200,400,600,800")
     repetitions = int(os.environ.get("SOFTPAGE_BENCH_REPS", "3"))
     check_each = os.environ.get("SOFTPAGE_BENCH_CHECK", "each") != "step"
-    data_mb = int(os.environ.setdefault("SOFTPAGE_DATA_MB", str(guest_mb)))
-    # Localhost migration holds two copies of the guest in Xen, beside dom0.
-    os.environ.setdefault("SOFTPAGE_QEMU_MEM_MB", str(1024 + 2 * guest_mb + 1024))
+    size_testbed_for(guest_mb)
     out = output_dir(guest_mb)
     runs_path = out / "runs.csv"
     runs = load_runs(runs_path)
@@ -429,9 +443,7 @@ def main() -> int:
                     if (anon_mb, method, repetition) not in done]
             if not todo:
                 continue
-            cache_mb = max(0, min(data_mb, guest_mb - KERNEL_AND_WORKLOAD_MB - anon_mb))
-            spec = GuestSpec(name=f"bench{anon_mb}", guest_type="pvh", memory_mb=guest_mb,
-                             anon_mb=anon_mb, cache_mb=cache_mb, dirty_rate=100)
+            spec = bench_guest(f"bench{anon_mb}", guest_mb, anon_mb)
             guest = start_guest(testbed, spec)
             for repetition, method in todo:
                 guest, measured = retry_after_triple_faults(
@@ -440,7 +452,7 @@ def main() -> int:
                                       full_check=check_each),
                     functools.partial(start_guest, testbed, spec), errors=(RuntimeError, TestbedError),
                     retries=TRIPLE_FAULT_RETRIES)
-                run = to_run(anon_mb, cache_mb, method, repetition, measured)
+                run = to_run(anon_mb, spec.cache_mb, method, repetition, measured)
                 runs.append(run)
                 append_run(runs_path, run)
                 keep_round_stats(out, run, measured)

@@ -88,3 +88,12 @@ def test_warming_the_cache_reads_the_files_the_workload_cached(tmp_path: Path) -
     done = subprocess.run(["busybox", "sh", "-c", command], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "WARM-1 read=12288"
 
+
+
+def test_bench_guest_caches_what_its_memory_and_data_disk_allow(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOFTPAGE_DATA_MB", "2048")
+    assert xen_bench.bench_guest("g", 2048, 0).cache_mb == 2048 - xen_bench.KERNEL_AND_WORKLOAD_MB
+    assert xen_bench.bench_guest("g", 2048, 1600).cache_mb == 288
+    assert xen_bench.bench_guest("g", 2048, 2000).cache_mb == 0
+    monkeypatch.setenv("SOFTPAGE_DATA_MB", "500")
+    assert xen_bench.bench_guest("g", 2048, 0).cache_mb == 500
