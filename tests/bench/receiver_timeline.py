@@ -15,7 +15,6 @@ results/receiver-timeline-DATE/.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -91,16 +90,13 @@ def migrate_with_receiver_log(guest: Guest, method: str, out: Path, tag: str) ->
     testbed = guest.testbed
     # The receiver's stderr goes through stamp.py, its stdout (the handshake) back to the sender.
     receive = f"{{ xl -vvv migrate-receive 2>&1 1>&3 | python3 {TOOLS}/stamp.py {RECEIVER_LOG} 3>&-; }} 3>&1"
-    command = xen_bench.measured_sender_command(method, guest, xen_bench.receiver_command(receive))
-    testbed.run(["rm", "-f", RECEIVER_LOG, "/tmp/bench-send.json"])
+    testbed.run(["rm", "-f", RECEIVER_LOG])
     heartbeat = guest.heartbeat()
-    result = testbed.run(command, timeout_s=3600)
-    if not result.ok:
-        raise RuntimeError(f"{method} migration failed (rc {result.rc}): {result.stderr[-3000:]}")
+    send = xen_bench.migrate(guest, method, receive)["send"]
     guest.wait_for_heartbeat(heartbeat + 2, timeout_s=300)
     log = testbed.run(["cat", RECEIVER_LOG], check=True).stdout
     (out / f"{tag}-{method}-receiver.log").write_text(log)
-    send = json.loads(testbed.run(["cat", "/tmp/bench-send.json"], check=True).stdout)
+    assert isinstance(send, dict)
     return timeline(log, float(send["downtime_s"]))
 
 
@@ -137,8 +133,9 @@ def main() -> int:
     header = (f"Receiver time line, {time.strftime('%Y-%m-%d %H:%M')}: PVH guest {guest_mb} MiB, user "
               f"{anon_mb} MB, Xen {XEN_PVH_VERSION} under QEMU TCG. Each column: seconds since the "
               "milestone before (the first: since the suspend request).\n\n")
-    (out / "table.md").write_text(header + table(rows))
-    print("\n" + header + table(rows) + f"\nlogs in {out}")
+    summary = header + table(rows)
+    (out / "table.md").write_text(summary)
+    print("\n" + summary + f"\nlogs in {out}")
     return 0
 
 

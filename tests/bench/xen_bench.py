@@ -136,9 +136,10 @@ def measured_sender_command(method: str, guest: Guest, receiver: str) -> list[st
             *senders[method], "-s", "", guest.name, receiver]
 
 
-def migrate(guest: Guest, method: str) -> dict[str, object]:
+def migrate(guest: Guest, method: str, receive: str = "xl migrate-receive") -> dict[str, object]:
+    """One measured migration of ``guest`` by ``method`` to ``receive`` (see ``receiver_command``)."""
     testbed = guest.testbed
-    command = measured_sender_command(method, guest, receiver_command())
+    command = measured_sender_command(method, guest, receiver_command(receive))
     testbed.run(["rm", "-f", "/tmp/bench-recv.json", "/tmp/bench-tap.json", "/tmp/bench-stats.json"])
     result = testbed.run(command, timeout_s=3600)
     if not result.ok:
