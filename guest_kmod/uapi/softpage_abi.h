@@ -58,7 +58,14 @@
 #define SOFTPAGE_FLAG_INIT_ON_FREE    0x1 /* guest zeroes pages when freed */
 #define SOFTPAGE_FLAG_PAGE_POISON     0x2 /* guest poisons pages when freed */
 #define SOFTPAGE_FLAG_HOLD_SHORT      0x4 /* FINAL: hold stopped at the reserve */
-#define SOFTPAGE_FLAGS_KNOWN          0x7
+/*
+ * The module rewrites, at resume and before anything can allocate them, every
+ * HELD page that does not hold what the guest's allocator expects of a free
+ * page: zero with INIT_ON_FREE, the poison pattern with PAGE_POISON.  Without
+ * it dom0 must not honour HELD for a guest with either of those two flags.
+ */
+#define SOFTPAGE_FLAG_HELD_REINIT     0x8
+#define SOFTPAGE_FLAGS_KNOWN          0xf
 
 struct softpage_header {
 	uint32_t magic;               /*   0: SOFTPAGE_MAGIC */

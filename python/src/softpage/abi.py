@@ -46,12 +46,16 @@ KNOWN_STATES: Final = frozenset({STATE_EMPTY, STATE_SNAPSHOT, STATE_FINAL})
 FLAG_INIT_ON_FREE: Final = 0x1
 FLAG_PAGE_POISON: Final = 0x2
 FLAG_HOLD_SHORT: Final = 0x4
-FLAGS_KNOWN: Final = 0x7
+FLAG_HELD_REINIT: Final = 0x8
+FLAGS_KNOWN: Final = 0xF
 FLAG_NAMES: Final = (
     (FLAG_INIT_ON_FREE, "init_on_free"),
     (FLAG_PAGE_POISON, "page_poison"),
     (FLAG_HOLD_SHORT, "hold_short"),
+    (FLAG_HELD_REINIT, "held_reinit"),
 )
+FREE_CONTENTS_FLAGS: Final = FLAG_INIT_ON_FREE | FLAG_PAGE_POISON
+"""The guest's allocator trusts what a free page holds (zero, or the poison pattern)."""
 
 # -- limits (spec section 12, "Limits") -------------------------------------------
 MAX_BITMAP_FRAMES: Final = MAX_LIST_FRAMES * REFS_PER_LIST_FRAME
