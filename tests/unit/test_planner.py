@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from softpage import abi
 from softpage.categories import Category
 from softpage.errors import PlannerError
 from softpage.pfnset import PfnSet
@@ -34,12 +35,13 @@ def snapshot(
     slab: PfnSet = EMPTY,
     held: PfnSet = EMPTY,
     state: SnapshotState = SnapshotState.SNAPSHOT,
+    flags: int = 0,
 ) -> SoftSnapshot:
     return SoftSnapshot(
         state=state,
         generation=2,
         request_id=request_id,
-        flags=0,
+        flags=flags,
         guest_nr_pfns=P2M,
         scan_ns=1000,
         free=free,
@@ -49,8 +51,8 @@ def snapshot(
     )
 
 
-def final(request_id: int, held: PfnSet) -> SoftSnapshot:
-    return snapshot(request_id, held=held, state=SnapshotState.FINAL)
+def final(request_id: int, held: PfnSet, flags: int = 0) -> SoftSnapshot:
+    return snapshot(request_id, held=held, state=SnapshotState.FINAL, flags=flags)
 
 
 def send_as_planned(planner: RoundPlanner, plan: RoundPlan, holes: PfnSet = EMPTY) -> None:
@@ -198,6 +200,28 @@ def test_rule3_held_ignored_when_the_guest_has_no_module() -> None:
     planner.honour_held = False
     plan = planner.plan_final(EMPTY, final(5, held=pfns(1)), 5)
     assert plan.data == pfns(1)
+
+
+@pytest.mark.parametrize("trusted", [abi.FLAG_INIT_ON_FREE, abi.FLAG_PAGE_POISON])
+def test_rule3_held_ignored_when_the_guest_trusts_free_pages_and_its_module_does_not_restore_them(
+    trusted: int,
+) -> None:
+    # 1 was sent with data in round 1 and freed since: on the destination it still holds
+    # that data, which an init_on_free allocator would hand out as zeroed memory.
+    planner = after_first_round(soft=pfns(2))
+    plan = planner.plan_final(pfns(1), final(5, held=pfns(1, 2), flags=trusted), 5)
+    assert plan.data == pfns(1, 2)
+    assert plan.skipped == EMPTY
+    assert not plan.snapshot_used
+    assert "does not restore" in plan.snapshot_note
+
+
+@pytest.mark.parametrize("trusted", [0, abi.FLAG_INIT_ON_FREE, abi.FLAG_PAGE_POISON])
+def test_rule3_held_honoured_when_the_module_restores_free_page_contents(trusted: int) -> None:
+    planner = after_first_round(soft=pfns(2))
+    plan = planner.plan_final(pfns(1), final(5, held=pfns(1, 2), flags=trusted | abi.FLAG_HELD_REINIT), 5)
+    assert plan.data == EMPTY
+    assert plan.skipped == pfns(1, 2)
 
 
 def test_rule3_only_one_final_round() -> None:

@@ -18,6 +18,11 @@ Its rules (docs/design.md, "The safety invariant"):
    with data, unless it is in the guest's final *held* set and its latest entry in
    the stream is not a page table (``tables``: a PV receiver pins page tables by
    the type they last had in the stream, and a stale one fails or, worse, pins).
+   A held page is not sent, so on the destination it holds whatever the stream
+   last left there; the held set is honoured only if that cannot matter to the
+   guest (``SoftSnapshot.held_contents_kept``): its allocator trusts nothing
+   about a free page, or its module rewrites held pages at resume to what the
+   allocator trusts (zero with ``init_on_free``, the poison pattern).
 4. A snapshot that is missing, malformed, stale or in the wrong state is ignored
    (plain precopy for that round) and the reason is reported.
 
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from softpage import abi
 from softpage.categories import PRUNABLE, Category
 from softpage.errors import PlannerError
 from softpage.pfnset import PfnSet
@@ -193,6 +199,12 @@ class RoundPlanner:
         if refusal is not None or snapshot is None:
             return PfnSet.empty(self.p2m_size), False, refusal or "no final snapshot"
         self._check_universe(snapshot.held)
+        if not snapshot.held_contents_kept:
+            trusted = ", ".join(abi.flag_names(snapshot.flags & abi.FREE_CONTENTS_FLAGS))
+            return PfnSet.empty(self.p2m_size), False, (
+                f"the guest trusts what its free pages hold ({trusted}) and its module does not "
+                "restore that on held pages at resume: sending every stale page"
+            )
         note = f"final generation {snapshot.generation}: {snapshot.held.count()} held pages"
         return snapshot.held, True, note
 

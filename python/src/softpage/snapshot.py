@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from softpage import abi
 from softpage.categories import Category
 from softpage.pfnset import PfnSet
 
@@ -37,6 +38,17 @@ class SoftSnapshot:
     cache: PfnSet
     slab: PfnSet
     held: PfnSet
+
+    @property
+    def held_contents_kept(self) -> bool:
+        """Whether HELD pages hold, once the guest runs again, what its allocator trusts a free
+        page to hold. False only for a guest whose allocator trusts free pages' contents
+        (``init_on_free``: zero; page poisoning: the pattern) and whose module does not rewrite
+        HELD pages at resume (no ``FLAG_HELD_REINIT``): a HELD page arrives with the last data
+        sent for it or as the frame Xen populated for its XALLOC entry, neither of which need
+        be that (docs/spec/guest-protocol.md, "What a HELD page holds")."""
+        relies_on_contents = bool(self.flags & abi.FREE_CONTENTS_FLAGS)
+        return not relies_on_contents or bool(self.flags & abi.FLAG_HELD_REINIT)
 
     def category(self, category: Category) -> PfnSet:
         return (self.free, self.cache, self.slab, self.held)[category]
