@@ -31,6 +31,8 @@
 #include <linux/page-flags.h>
 #include <linux/pagemap.h>
 #include <linux/platform_device.h>
+#include <linux/poison.h>
+#include <linux/highmem.h>
 #include <linux/slab.h>
 #include <linux/syscore_ops.h>
 #include <linux/vmalloc.h>
@@ -126,6 +128,8 @@ struct softpage_stats {
 	u64 early_drop_ns;		/* the last of them */
 	u64 held_pages;			/* HELD at the last armed suspend */
 	u64 final_scan_ns;		/* its scan, interrupts off */
+	u64 held_reinit_pages;		/* HELD pages rewritten at the last resume */
+	u64 held_reinit_ns;		/* that resume's check of HELD, interrupts off */
 	u64 freezes;			/* armed suspends */
 	u64 thaws;
 	u64 restores;
@@ -175,6 +179,8 @@ struct softpage {
 	/* Read at .freeze; the syscore callback publishes FINAL for it. */
 	bool final_pending;
 	u64 final_request_id;
+	/* FINAL was published: the syscore resume callback checks HELD. */
+	bool held_published;
 
 	struct softpage_stats stats;
 };
@@ -230,7 +236,8 @@ static u32 softpage_guest_flags(void)
 		flags |= SOFTPAGE_FLAG_INIT_ON_FREE;
 	if (page_poisoning_enabled())
 		flags |= SOFTPAGE_FLAG_PAGE_POISON;
-	return flags;
+	/* softpage_syscore_resume() restores what the allocator expects. */
+	return flags | SOFTPAGE_FLAG_HELD_REINIT;
 }
 
 static bool softpage_is_clean_cache(struct page *page, bool skip_hot)
@@ -838,44 +845,89 @@ static int softpage_pm_freeze(struct device *dev)
  * again.  They are FINAL's HELD set.  No lock: everything else that publishes
  * is stopped (frozen), and sp->lock may be held by a task stopped on another
  * CPU.
- *
- * With page poisoning the allocator checks each free page for its pattern,
- * which an allocate-only page on the destination does not have: HELD is then
- * empty and dom0 resends what it skipped.
  */
 static int softpage_syscore_suspend(void)
 {
 	struct softpage *sp = READ_ONCE(softpage_suspending);
-	u64 scan_ns = 0;
+	u64 scan_ns;
 
 	if (!sp || !sp->final_pending)
 		return 0;
 	sp->final_pending = false;
-	if (page_poisoning_enabled()) {
-		memset(sp->scan_bitmaps, 0,
-		       (size_t)softpage_bitmap_frames(sp) * PAGE_SIZE);
-	} else {
-		/* The walk clears the bitmaps first. */
-		scan_ns = softpage_walk(sp, true, false, false);
-		bitmap_copy(softpage_category(sp, sp->scan_bitmaps,
-					      SOFTPAGE_CAT_HELD),
-			    softpage_category(sp, sp->scan_bitmaps,
-					      SOFTPAGE_CAT_FREE),
-			    sp->nr_pfns);
-		bitmap_zero(softpage_category(sp, sp->scan_bitmaps,
-					      SOFTPAGE_CAT_FREE),
-			    sp->nr_pfns);
-	}
+	/* The walk clears the bitmaps first. */
+	scan_ns = softpage_walk(sp, true, false, false);
+	bitmap_copy(softpage_category(sp, sp->scan_bitmaps, SOFTPAGE_CAT_HELD),
+		    softpage_category(sp, sp->scan_bitmaps, SOFTPAGE_CAT_FREE),
+		    sp->nr_pfns);
+	bitmap_zero(softpage_category(sp, sp->scan_bitmaps, SOFTPAGE_CAT_FREE),
+		    sp->nr_pfns);
 	softpage_account_scan(sp, scan_ns);
 	sp->stats.final_scan_ns = scan_ns;
 	softpage_publish(sp, SOFTPAGE_STATE_FINAL, sp->final_request_id,
 			 scan_ns, 0);
 	sp->stats.held_pages = sp->stats.count[SOFTPAGE_CAT_HELD];
+	sp->held_published = true;
 	return 0;
+}
+
+/*
+ * What the allocator trusts a free page to hold, as one byte repeated, or -1
+ * if it trusts nothing (it writes a page before anything reads it).  Page
+ * poisoning takes precedence over init_on_free (mm/page_alloc.c,
+ * init_mem_debugging_and_hardening()), so at most one applies.
+ */
+static int softpage_free_page_byte(void)
+{
+	if (page_poisoning_enabled())
+		return PAGE_POISON;
+	if (want_init_on_free())
+		return 0;
+	return -1;
+}
+
+/*
+ * The syscore resume callback: still one CPU, interrupts off, right after
+ * HYPERVISOR_suspend returned, on the destination or (cancelled) the source.
+ * A HELD page was not sent: on the destination it holds the last data dom0
+ * sent for it in an earlier round, or whatever frame Xen populated for its
+ * XALLOC entry, which Xen scrubs only if it was marked for scrubbing
+ * (free_domheap_pages() leaves a frame a live domain gave back as it was).
+ * With init_on_free or page poisoning the allocator hands such a page out
+ * trusting its contents, so rewrite every HELD page that differs before
+ * anything can allocate it.  On a cancelled suspend they all match.
+ */
+static void softpage_syscore_resume(void)
+{
+	struct softpage *sp = READ_ONCE(softpage_suspending);
+	unsigned long pfn, rewritten = 0;
+	const unsigned long *held;
+	u64 start;
+	int byte;
+
+	if (!sp || !sp->held_published)
+		return;
+	sp->held_published = false;
+	byte = softpage_free_page_byte();
+	if (byte < 0)
+		return;
+	start = ktime_get_ns();
+	held = softpage_category(sp, sp->scan_bitmaps, SOFTPAGE_CAT_HELD);
+	for_each_set_bit(pfn, held, sp->nr_pfns) {
+		void *addr = kmap_local_page(pfn_to_page(pfn));
+
+		if (memchr_inv(addr, byte, PAGE_SIZE)) {
+			memset(addr, byte, PAGE_SIZE);
+			rewritten++;
+		}
+		kunmap_local(addr);
+	}
+	sp->stats.held_reinit_pages = rewritten;
+	sp->stats.held_reinit_ns = ktime_get_ns() - start;
 }
 
 static struct syscore_ops softpage_syscore_ops = {
 	.suspend = softpage_syscore_suspend,
+	.resume = softpage_syscore_resume,
 };
 
 /* After an armed suspend, in either resume callback. */
@@ -884,6 +936,7 @@ static void softpage_end_suspend(struct softpage *sp)
 	lockdep_assert_held(&sp->lock);
 	WRITE_ONCE(softpage_suspending, NULL);
 	sp->final_pending = false;
+	sp->held_published = false;
 	sp->armed = false;
 	sp->early_dropped = false;
 	sp->frozen = false;
@@ -1077,6 +1130,8 @@ SOFTPAGE_STAT_ATTR(early_drops, early_drops);
 SOFTPAGE_STAT_ATTR(early_drop_ns, early_drop_ns);
 SOFTPAGE_STAT_ATTR(held_pages, held_pages);
 SOFTPAGE_STAT_ATTR(final_scan_ns, final_scan_ns);
+SOFTPAGE_STAT_ATTR(held_reinit_pages, held_reinit_pages);
+SOFTPAGE_STAT_ATTR(held_reinit_ns, held_reinit_ns);
 SOFTPAGE_STAT_ATTR(freezes, freezes);
 SOFTPAGE_STAT_ATTR(thaws, thaws);
 SOFTPAGE_STAT_ATTR(restores, restores);
@@ -1108,6 +1163,8 @@ static struct attribute *softpage_stats_attrs[] = {
 	&dev_attr_early_drop_ns.attr,
 	&dev_attr_held_pages.attr,
 	&dev_attr_final_scan_ns.attr,
+	&dev_attr_held_reinit_pages.attr,
+	&dev_attr_held_reinit_ns.attr,
 	&dev_attr_freezes.attr,
 	&dev_attr_thaws.attr,
 	&dev_attr_restores.attr,
