@@ -15,11 +15,22 @@ stop-and-copy it checks:
   content it had on the source at suspend. The held set is the one the guest
   published in a well-formed FINAL report answering the final request (what
   it claims, lies included: a lying guest may only corrupt itself).
+* what the guest relies on in its free pages: a guest booted with
+  ``init_on_free`` (free means zero) or page poisoning (free means the
+  pattern) hands out a free page trusting its content, so for such a guest the
+  pages really held must also match the source (zero or the pattern) once its
+  module's resume callback has run on the destination. The destination's heap
+  may be unscrubbed: a page populated without data then reads as junk, as Xen
+  allows (``RestoreModel(fresh_fill=...)``).
 
-The same machine must catch deliberately broken planners.
+The same machine must catch deliberately broken planners, and today's planner
+before the fix for such guests (``IgnoresFreePageContents`` with a module that
+does not rewrite held pages).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -32,6 +43,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from softpage import abi
 from softpage.categories import Category
 from softpage.driver import MigrationSession
 from softpage.options import DriverOptions
@@ -41,6 +53,7 @@ from softpage.sim.backend import SimBackend
 from softpage.sim.guest import (
     DropBehaviour,
     FinalBehaviour,
+    FreeContents,
     PageKind,
     ReportBehaviour,
     SimGuest,
@@ -57,6 +70,12 @@ class SafetyModel(RuleBasedStateMachine):
     """One live migration of a small simulated guest, step by step."""
 
     planner_class: type[RoundPlanner] = RoundPlanner
+    free_contents = st.sampled_from(FreeContents)
+    module_reinits_held = st.booleans()
+    """Whether the guest's module rewrites held pages at resume (a module from before that
+    fix does not, and says so by leaving ``FLAG_HELD_REINIT`` out)."""
+    fresh_fill = st.sampled_from([0, 0x5A])
+    """What a page populated without data reads as on the destination: Xen scrubbed it, or not."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -78,6 +97,7 @@ class SafetyModel(RuleBasedStateMachine):
         module_loaded=st.booleans(),
         skip_early_drop=st.booleans(),
         snapshot_min_candidates=st.sampled_from([0, 0, 8, 40]),
+        data=st.data(),
     )
     def boot(
         self,
@@ -92,12 +112,15 @@ class SafetyModel(RuleBasedStateMachine):
         module_loaded: bool,
         skip_early_drop: bool,
         snapshot_min_candidates: int,
+        data: st.DataObject,
     ) -> None:
         hole_start = min(hole[0], p2m_size - 1)
         holes = np.arange(hole_start, min(p2m_size - 1, hole_start + hole[1]), dtype=np.uint64)
-        guest = SimGuest(p2m_size, holes, seed=seed)
+        guest = SimGuest(p2m_size, holes, seed=seed, free_contents=data.draw(self.free_contents))
+        guest.module_reinits_held = data.draw(self.module_reinits_held)
         kernel_pages = guest.pfns_of(PageKind.FREE)[:kernel].astype(np.intp)
         guest.kind[kernel_pages] = PageKind.KERNEL
+        guest.write(kernel_pages)
         guest.allocate_anon(anon)
         guest.fill_cache(cache)
         guest.grow_slab(slab)
@@ -105,7 +128,7 @@ class SafetyModel(RuleBasedStateMachine):
         guest.module_loaded = module_loaded or seed % 8 != 0
         self.guest = guest
         self.backend = SimBackend(guest, read_hook=self._while_reading)
-        self.sink = RestoreSink()
+        self.sink = RestoreSink(fresh_fill=data.draw(self.fresh_fill))
         options = DriverOptions(
             snapshot_timeout=0.0, final_snapshot_timeout=0.0, drop_timeout=0.0 if skip_early_drop else 1.0,
             snapshot_min_candidates=snapshot_min_candidates,
@@ -262,9 +285,18 @@ class SafetyModel(RuleBasedStateMachine):
                 exempt = mask_from_pfnset(report.claimed_held)
             if guest.final_behaviour is FinalBehaviour.PROMPT:
                 assert report.claimed_held == backend.suspended_held, "the simulator's guest lied"
+        free_token = guest.free_contents.value
+        event(f"free pages: {guest.free_contents.name}; module rewrites held: {guest.module_reinits_held}")
+        if free_token is not None:
+            # The guest hands its really free pages out trusting their content: only the pages
+            # it lied about are its own business.
+            really_held = mask_from_pfnset(backend.suspended_held)
+            assert (source[really_held] == free_token).all(), "the simulator freed a page without zeroing it"
+            exempt &= ~really_held
 
         must_match = np.flatnonzero(ram & ~exempt).astype(np.uint64)
-        destination = self.sink.tokens(must_match)
+        # The guest's first step on the destination, before anything can allocate.
+        destination = guest.reinit_held(must_match, self.sink.tokens(must_match))
         wrong = must_match[destination != source[must_match.astype(np.intp)]]
         assert wrong.size == 0, (
             f"{wrong.size} PFNs differ on the destination: {wrong[:16]} "
@@ -324,9 +356,21 @@ class TrustsLastPrecopySnapshot(RoundPlanner):
         )
 
 
-@pytest.mark.parametrize("broken_planner", [ForgetsStaleResend, TrustsLastPrecopySnapshot])
-def test_the_model_catches_a_broken_planner(broken_planner: type[RoundPlanner]) -> None:
-    machine = type(f"{broken_planner.__name__}Model", (SafetyModel,), {"planner_class": broken_planner})
+class IgnoresFreePageContents(RoundPlanner):
+    """The planner before issue 17: it honours any well-formed held set, although a guest
+    booted with ``init_on_free`` or page poisoning hands out a held page trusting that it is
+    zero (or poisoned) while the destination holds the last data sent for it, or an
+    unscrubbed frame populated for its XALLOC entry."""
+
+    def plan_final(
+        self, final_dirty: PfnSet, snapshot: SoftSnapshot | None, expected_request_id: int | None
+    ) -> RoundPlan:
+        if snapshot is not None:
+            snapshot = dataclasses.replace(snapshot, flags=snapshot.flags | abi.FLAG_HELD_REINIT)
+        return super().plan_final(final_dirty, snapshot, expected_request_id)
+
+
+def _must_fail(machine: type[SafetyModel]) -> None:
     with pytest.raises(AssertionError, match="PFNs differ on the destination"):
         run_state_machine_as_test(
             machine,
@@ -340,3 +384,39 @@ def test_the_model_catches_a_broken_planner(broken_planner: type[RoundPlanner]) 
                 print_blob=False,
             ),
         )
+
+
+@pytest.mark.parametrize("broken_planner", [ForgetsStaleResend, TrustsLastPrecopySnapshot])
+def test_the_model_catches_a_broken_planner(broken_planner: type[RoundPlanner]) -> None:
+    _must_fail(type(f"{broken_planner.__name__}Model", (SafetyModel,), {"planner_class": broken_planner}))
+
+
+@pytest.mark.parametrize("free_contents", [FreeContents.ZERO, FreeContents.POISON])
+@pytest.mark.parametrize("fresh_fill", [0, 0x5A])
+def test_the_model_catches_the_planner_and_module_before_issue_17(
+    free_contents: FreeContents, fresh_fill: int
+) -> None:
+    """The recorded mutation check: today's planner with a module that does not rewrite held
+    pages leaves stale or unscrubbed memory in pages an ``init_on_free`` or poisoning guest
+    trusts. With a scrubbed heap it fails through pages sent with data and freed later alone."""
+    attributes = {
+        "planner_class": IgnoresFreePageContents,
+        "free_contents": st.just(free_contents),
+        "module_reinits_held": st.just(False),
+        "fresh_fill": st.just(fresh_fill),
+    }
+    _must_fail(type(f"Before17{free_contents.name}{fresh_fill}Model", (SafetyModel,), attributes))
+
+
+@pytest.mark.parametrize("free_contents", [FreeContents.ZERO, FreeContents.POISON])
+def test_the_fixed_planner_alone_keeps_an_old_modules_guest_safe(free_contents: FreeContents) -> None:
+    """Half of the fix is dom0's: an old module in such a guest gets its held set ignored."""
+    attributes = {
+        "free_contents": st.just(free_contents),
+        "module_reinits_held": st.just(False),
+        "fresh_fill": st.just(0x5A),
+    }
+    machine = type(f"OldModule{free_contents.name}Model", (SafetyModel,), attributes)
+    run_state_machine_as_test(
+        machine, settings=settings(max_examples=100, stateful_step_count=STEPS, deadline=None, database=None)
+    )

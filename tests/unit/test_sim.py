@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from softpage import bitmap
+from softpage import abi, bitmap
 from softpage.backend import PAGE_SIZE, DropOutcome
 from softpage.driver import send_domain
 from softpage.errors import BackendError, BitmapError, StreamError
@@ -211,7 +211,7 @@ def test_freeze_drops_unpinned_cache_and_slab_and_holds_every_free_page() -> Non
     report = bitmap.decode(raw, guest.p2m_size)
     assert report.state is SnapshotState.FINAL
     assert report.held == pfnset_from_mask(guest.kind == PageKind.HELD) == backend.suspended_held
-    assert report.flags == 0
+    assert report.flags == abi.FLAG_HELD_REINIT  # neither init_on_free nor page poisoning
     backend.resume()
     assert guest.count(PageKind.HELD) == 0 and guest.count(PageKind.FREE) == 6 + 4 + 7 and not guest.armed
 

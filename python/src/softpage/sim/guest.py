@@ -68,6 +68,33 @@ class PageKind(enum.IntEnum):
     untouched until the guest runs again (thaw or restore)."""
 
 
+class FreeContents(enum.Enum):
+    """What the guest's allocator trusts a free page to hold: its boot options.
+
+    The value is the content token every page gets when the kernel frees it, or None when the
+    kernel writes nothing on free and trusts nothing (it zeroes on allocation where it must).
+    """
+
+    ANY = None
+    """Neither option: a free page's content never matters."""
+    ZERO = 0
+    """``init_on_free=1``: freeing zeroes the page, and allocations, ``__GFP_ZERO`` ones
+    included, trust it to be zero. Zero content is token 0, what a fresh page on the
+    destination reads."""
+    POISON = 0xAAAA_AAAA_AAAA_AAAA
+    """``page_poison=1``: freeing fills the page with ``PAGE_POISON`` (0xaa), and allocation
+    checks the pattern."""
+
+    @property
+    def flags(self) -> int:
+        """The header flag the module publishes for it."""
+        if self is FreeContents.ZERO:
+            return abi.FLAG_INIT_ON_FREE
+        if self is FreeContents.POISON:
+            return abi.FLAG_PAGE_POISON
+        return 0
+
+
 class ReportBehaviour(enum.Enum):
     """How the module answers the next precopy request."""
 
@@ -127,10 +154,17 @@ _MALFORMATIONS = ("magic", "count", "stray-bit", "reserved", "flags")
 class SimGuest:
     """Guest memory and kernel bookkeeping for one simulated domain."""
 
-    def __init__(self, p2m_size: int, holes: PfnArray | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        p2m_size: int,
+        holes: PfnArray | None = None,
+        seed: int = 0,
+        free_contents: FreeContents = FreeContents.ANY,
+    ) -> None:
         if p2m_size < 1:
             raise BackendError(f"p2m_size: expected at least 1, got {p2m_size}")
         self.p2m_size = p2m_size
+        self.free_contents = free_contents
         self.rng = np.random.default_rng(seed)
         self.kind = np.full(p2m_size, PageKind.FREE, dtype=np.uint8)
         if holes is not None and holes.size:
@@ -141,12 +175,18 @@ class SimGuest:
         # never equals a source page by accident.
         self.tokens = np.arange(1, p2m_size + 1, dtype=np.uint64)
         self._next_token = p2m_size + 1
+        if free_contents.value is not None:
+            # The kernel frees its boot memory through the same path: zeroed or poisoned.
+            self.tokens[self.kind == PageKind.FREE] = free_contents.value
         self.dirty = np.zeros(p2m_size, dtype=bool)
         self.logdirty = False
         self.running = True
         self.writes = 0
         # The module.
         self.module_loaded = True
+        self.module_reinits_held = True
+        """The module rewrites HELD pages at resume and says so (``FLAG_HELD_REINIT``); False is
+        a module from before that, which dom0 must not trust with HELD in such a guest."""
         self.armed = False
         self.frozen = False
         """The armed suspend ran (``freeze``) and ``thaw`` has not yet."""
@@ -185,8 +225,9 @@ class SimGuest:
         return np.flatnonzero(self.kind == kind).astype(np.uint64)
 
     # -- memory -----------------------------------------------------------
-    def write(self, pfns: npt.NDArray[np.integer]) -> None:
-        """Give each PFN new contents; logged if log-dirty is on."""
+    def write(self, pfns: npt.NDArray[np.integer], token: int | None = None) -> None:
+        """Give each PFN new contents (``token`` for all of them, or each a token never used
+        before); logged if log-dirty is on."""
         if not self.running:
             raise BackendError("the simulated guest is suspended: it cannot write")
         indexes = np.asarray(pfns, dtype=np.intp)
@@ -194,8 +235,12 @@ class SimGuest:
             return
         if (self.kind[indexes] == PageKind.HOLE).any():
             raise BackendError("a guest write to a PFN that is not RAM")
-        self.tokens[indexes] = np.arange(self._next_token, self._next_token + indexes.size, dtype=np.uint64)
-        self._next_token += indexes.size
+        if token is not None:
+            self.tokens[indexes] = np.uint64(token)
+        else:
+            fresh = np.arange(self._next_token, self._next_token + indexes.size, dtype=np.uint64)
+            self.tokens[indexes] = fresh
+            self._next_token += indexes.size
         self.writes += indexes.size
         if self.logdirty:
             self.dirty[indexes] = True
@@ -258,7 +303,8 @@ class SimGuest:
         return int(pages.size)
 
     def free_anon(self, count: int) -> int:
-        """Processes exit: their pages go back to the buddy allocator with stale contents."""
+        """Processes exit: their pages go back to the buddy allocator, with stale contents unless
+        the kernel zeroes or poisons what it frees."""
         return self._move(PageKind.ANON, PageKind.FREE, count, write=False)
 
     def fill_cache(self, count: int) -> int:
@@ -288,11 +334,11 @@ class SimGuest:
         return int(pages.size)
 
     def drop_cache(self, count: int) -> int:
-        """Reclaim clean, unpinned cache without writing it."""
+        """Reclaim clean, unpinned cache (written only by a kernel that zeroes or poisons what it frees)."""
         if not self.running or count <= 0:
             return 0
         pages = self._pick(self._droppable, count)
-        self.kind[pages] = PageKind.FREE
+        self._free(pages)
         return int(pages.size)
 
     def dirty_in_use(self, count: int) -> int:
@@ -312,11 +358,22 @@ class SimGuest:
         if not self.running or count <= 0:
             return 0
         pages = self._pick(self._of_kind(source), count)
+        if target is PageKind.FREE:
+            self._free(pages)
+            return int(pages.size)
         self.kind[pages] = target
         self.pinned[pages] = False
         if write:
             self.write(pages)
         return int(pages.size)
+
+    def _free(self, pages: Indexes) -> None:
+        """Give pages back to the buddy allocator, as ``free_pages_prepare`` does: zeroed with
+        ``init_on_free``, poisoned with page poisoning (a write, so logged), untouched otherwise."""
+        self.kind[pages] = PageKind.FREE
+        self.pinned[pages] = False
+        if self.free_contents.value is not None:
+            self.write(pages, token=self.free_contents.value)
 
     # -- the module: precopy reports ------------------------------------------
     def scan(self) -> tuple[Mask, Mask, Mask]:
@@ -382,7 +439,7 @@ class SimGuest:
         reclaimable slab become free, their contents unwritten; the kernel
         writes the struct pages that describe them (its memmap)."""
         droppable = ((self.kind == PageKind.CACHE) & ~self.pinned) | (self.kind == PageKind.SLAB)
-        self.kind[droppable] = PageKind.FREE
+        self._free(np.flatnonzero(droppable))
         self._write_memmap(np.flatnonzero(droppable))
 
     def _write_memmap(self, freed: Indexes) -> None:
@@ -440,6 +497,24 @@ class SimGuest:
             snapshot = self._snapshot(SnapshotState.EMPTY, self.request_value, empty, empty, empty, None)
             self._publish(snapshot, malformed=False, torn=False)
 
+    def reinit_held(self, pfns: PfnArray, contents: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+        """The module's syscore resume callback on the destination, before anything can allocate:
+        ``contents`` are the tokens the destination holds for ``pfns``; returned with every page
+        of the HELD set the module published rewritten to what the allocator trusts a free page
+        to hold. A module without it, a guest that trusts nothing, or a suspend that published
+        no FINAL changes nothing."""
+        token = self.free_contents.value
+        if not self.module_reinits_held or token is None or self.final_report is None:
+            return contents
+        held = mask_from_pfnset(self.final_report.claimed_held)[np.asarray(pfns, dtype=np.intp)]
+        return np.where(held, np.uint64(token), contents).astype(np.uint64)
+
+    @property
+    def module_flags(self) -> int:
+        """The header flags the module publishes."""
+        flags = self.free_contents.flags
+        return flags | abi.FLAG_HELD_REINIT if self.module_reinits_held else flags
+
     # -- publication -----------------------------------------------------------
     def _snapshot(
         self,
@@ -456,7 +531,7 @@ class SimGuest:
             state=state,
             generation=self.generation,
             request_id=request_id,
-            flags=0,
+            flags=self.module_flags,
             guest_nr_pfns=self.p2m_size,
             scan_ns=self.scan_ns_per_pfn * self.p2m_size,
             free=pfnset_from_mask(free),

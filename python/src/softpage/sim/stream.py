@@ -26,8 +26,8 @@ from softpage.stream.writer import StreamWriter
 class RestoreSink(XlStreamSink):
     """``PageSink`` writing an xl stream that ``RestoreModel`` restores as it arrives."""
 
-    def __init__(self) -> None:
-        self.model = RestoreModel()
+    def __init__(self, fresh_fill: int = 0) -> None:
+        self.model = RestoreModel(fresh_fill)
         super().__init__(StreamWriter(self.model.sink().writev), config_json=b"")
         self.ended = False
 

@@ -7,8 +7,13 @@ It applies records exactly as ``xc_domain_restore`` does
   whose type populates (NOTAB, L1-L4, XALLOC) and whose pfn is not yet
   populated gets a fresh page (``populate_pfns``); then the entries with data
   are copied in. XTAB and BROKEN touch nothing. So an XALLOC never changes a
-  populated pfn's content, and a page populated without data reads as zeros
-  (what the xalloc experiment measured: Xen hands out scrubbed pages).
+  populated pfn's content. A page populated without data reads as whatever
+  frame Xen handed out: zeros in the xalloc experiment, but Xen scrubs only
+  frames marked for it (boot memory under the default ``bootscrub=idle``, a
+  dead domain's frames); ``free_domheap_pages`` (xen/common/page_alloc.c,
+  4.17 and 4.20) leaves a frame that a live domain gave back as it was,
+  unless Xen runs with ``scrub-domheap``. ``RestoreModel(fresh_fill=...)``
+  models such a heap.
 * PAGE_DATA before STATIC_DATA_END is refused in a v3 stream ("No
   STATIC_DATA_END seen"); a second STATIC_DATA_END is refused.
 * A record the HVM restorer does not handle (the PV ones) fails the restore
@@ -67,7 +72,10 @@ def _next_power_of_two_above(value: int) -> int:
 class RestoreModel:
     """The destination domain as a 4.17 HVM/PVH restore would build it."""
 
-    def __init__(self) -> None:
+    def __init__(self, fresh_fill: int = 0) -> None:
+        """``fresh_fill``: the byte every page populated without data reads as (0: Xen
+        scrubbed the frame; any other value: it did not)."""
+        self.fresh_fill = fresh_fill
         self._slot_of_pfn = np.full(_INITIAL_PFNS, _UNPOPULATED, dtype=np.int64)
         self._named = np.zeros(_INITIAL_PFNS, dtype=np.bool_)
         self._pages = np.zeros((0, wire.PAGE_SIZE), dtype=np.uint8)
@@ -214,6 +222,7 @@ class RestoreModel:
             first_slot = self._nr_populated
             self._reserve_slots(first_slot + len(fresh))
             self._slot_of_pfn[fresh] = np.arange(first_slot, first_slot + len(fresh))
+            self._pages[first_slot : first_slot + len(fresh)] = self.fresh_fill
             self._nr_populated += len(fresh)
 
         data_pfns = pfns[wire.data_type_mask(stream_types)]
