@@ -98,12 +98,14 @@ if [ -f "$STAGING/guest_kmod/softpage.ko" ]; then
     fi
 fi
 
-# 4. The guest: busybox initramfs with the workload (static, built here) and the modules.
+# 4. The guest: busybox initramfs with the workload and freemem (static, built here) and the
+#    modules.
 initrd=$WORK/initrd
 mkdir -p "$initrd/bin" "$initrd/dev" "$initrd/proc" "$initrd/sys" "$initrd/data" "$initrd/run" "$initrd/tmp"
 cp /bin/busybox "$initrd/bin/busybox"
 install -m 755 "$TESTBED_DIR/guest/init" "$initrd/init"
 gcc -O2 -static -Wall -Wextra -o "$initrd/bin/workload" "$TESTBED_DIR/guest/workload.c"
+gcc -O2 -static -Wall -Wextra -o "$initrd/bin/freemem" "$TESTBED_DIR/guest/freemem.c"
 cp -a "$CACHE/boot/guest-modules/lib" "$initrd/lib"
 if [ -f "$STAGING/guest_kmod/softpage.ko" ]; then cp "$STAGING/guest_kmod/softpage.ko" "$initrd/softpage.ko"; fi
 # Without /dev/console in the archive, init starts with no stdout.

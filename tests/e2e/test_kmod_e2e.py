@@ -30,14 +30,16 @@ from typing import Any
 import pytest
 from xen_testbed import REPO_DIR, Guest, GuestSpec, Testbed, TestbedConfig
 
+from softpage import abi
+
 pytestmark = pytest.mark.e2e
 
 GUEST = GuestSpec(name="kmod", guest_type="pvh", memory_mb=256, anon_mb=64, cache_mb=32)
 PROBE_PATH = "/root/kmod_probe.py"
 INSTALLER = REPO_DIR / "dom0_tools" / "softpage-guest-install"
 INSTALLER_PATH = "/root/softpage-guest-install"
-STATE_EMPTY, STATE_SNAPSHOT, STATE_FINAL = 0, 1, 2
-FREE, CACHE, SLAB, HELD = 0, 1, 2, 3
+STATE_EMPTY, STATE_SNAPSHOT, STATE_FINAL = abi.STATE_EMPTY, abi.STATE_SNAPSHOT, abi.STATE_FINAL
+FREE, CACHE, SLAB, HELD = abi.CAT_FREE, abi.CAT_CACHE, abi.CAT_SLAB, abi.CAT_HELD
 # The guest keeps dirtying pages (the workload, heartbeats) between the module's scan and the
 # kpageflags walk a few seconds later; measured agreement was exact on an idle-ish guest.
 KPAGEFLAGS_TOLERANCE_PAGES = 512
@@ -285,7 +287,8 @@ def test_publishes_answers_requests_and_agrees_with_kpageflags(xen_pvh_testbed: 
     assert_well_formed(snapshot)
     assert (snapshot["state"], snapshot["request_id"]) == (STATE_SNAPSHOT, 5)
     assert snapshot["generation"] > loaded["snapshot"]["generation"]
-    assert snapshot["flags"] == 0  # Debian: neither init_on_free nor page poisoning
+    # Debian: neither init_on_free nor page poisoning; the module rewrites HELD pages when needed.
+    assert snapshot["flags"] == abi.FLAG_HELD_REINIT
     # /proc/kpageflags covers [0, max_pfn): the bitmaps cover exactly the guest's RAM
     assert snapshot["nr_pfns"] == kpageflags["pfns"]
     assert snapshot["count"][SLAB] == 0  # documented: slab is only reported once freed

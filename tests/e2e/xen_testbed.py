@@ -190,11 +190,14 @@ class GuestSpec:
     """xl.cfg tsc_mode. QEMU's CPU has no invariant TSC, so Xen's "default" would intercept every
     guest RDTSC; under TCG's nested SVM such exits now and then end in a guest triple fault."""
     extra_config: tuple[str, ...] = ()  # more xl.cfg lines, verbatim
+    kernel_args: tuple[str, ...] = ()
+    """Guest kernel options users set, e.g. ``init_on_free=1``, ``page_poison=1``."""
 
     def kernel_command_line(self) -> str:
         words = [
             "console=hvc0",
             "loglevel=4",
+            *self.kernel_args,
             f"sp_anon_mb={self.anon_mb}",
             f"sp_cache_mb={self.cache_mb}",
             f"sp_dirty_rate={self.dirty_rate}",
