@@ -29,6 +29,11 @@ boot count and a re-read of the cached files, so that every migration starts wit
 cache): the check takes about 1.5 minutes of a 5-minute run at 800 MB under TCG. A run on a guest
 that triple-faults later in the step is then not covered by a full check.
 
+SOFTPAGE_BENCH_KERNEL_ARGS="init_on_free=1" (or page_poison=1) boots the guests with those
+options: runs.csv then says what softpage.ko's rewrite of its HELD pages at resume costs
+(guest_reinit_ms, interrupts off in the guest after the destination copy was unpaused, so not in
+downtime_s; guest_reinit_pages).
+
 Under TCG a full sweep takes hours, so nothing waits for the end: each run is appended to
 runs.csv as it finishes and the summary is rewritten after every step. SOFTPAGE_BENCH_OUT=DIR
 continues a sweep in DIR (same guest size), running only the runs it does not have yet.
@@ -105,6 +110,11 @@ class Run:
     dom0_cpu_s: float | None = None
     """All of dom0's CPU time while the sender ran (every vCPU's busy time in /proc/stat: sender,
     receiver, tap, measurement), the one CPU figure measured alike for stock xl."""
+    guest_reinit_ms: float | None = None
+    """The module's check of its HELD pages at resume, interrupts off (held_reinit_ns): 0 unless
+    the guest runs with init_on_free or page poisoning (SOFTPAGE_BENCH_KERNEL_ARGS)."""
+    guest_reinit_pages: int | None = None
+    """HELD pages that check rewrote (held_reinit_pages)."""
 
 
 def environment_list(name: str, default: str) -> list[int]:
@@ -178,6 +188,7 @@ def to_run(anon_mb: int, cache_mb: int, method: str, repetition: int, measured: 
         guest_dropped_cache_pages=counters.get("dropped_cache_pages"),
         guest_dropped_slab_pages=counters.get("dropped_slab_pages"),
         early_drop_s=early_drop_s, dom0_cpu_s=send.get("dom0_cpu_s"),  # type: ignore[arg-type]
+        guest_reinit_ms=guest_ms.get("held_reinit_ns"), guest_reinit_pages=counters.get("held_reinit_pages"),
     )
 
 
@@ -191,7 +202,8 @@ def sender_cpu_s(method: str, send: dict[str, object], recv: dict[str, object]) 
     return float(str(send["cpu_s"])) - float(str(recv["cpu_s"]))
 
 
-GUEST_SUSPEND_COUNTERS = ("drop_ns", "final_scan_ns", "dropped_cache_pages", "dropped_slab_pages")
+GUEST_SUSPEND_COUNTERS = ("drop_ns", "final_scan_ns", "dropped_cache_pages", "dropped_slab_pages",
+                          "held_reinit_ns", "held_reinit_pages")
 
 
 def guest_suspend_counters(guest: Guest, token: str) -> dict[str, int]:
@@ -217,7 +229,13 @@ def bench_guest(name: str, guest_mb: int, anon_mb: int) -> GuestSpec:
     data_mb = int(os.environ.get("SOFTPAGE_DATA_MB", str(guest_mb)))
     cache_mb = max(0, min(data_mb, guest_mb - KERNEL_AND_WORKLOAD_MB - anon_mb))
     return GuestSpec(name=name, guest_type="pvh", memory_mb=guest_mb, anon_mb=anon_mb,
-                     cache_mb=cache_mb, dirty_rate=100)
+                     cache_mb=cache_mb, dirty_rate=100, kernel_args=bench_kernel_args())
+
+
+def bench_kernel_args() -> tuple[str, ...]:
+    """Guest kernel options for the whole sweep (SOFTPAGE_BENCH_KERNEL_ARGS, space-separated), e.g.
+    ``init_on_free=1`` to measure what the module's HELD rewrite at resume costs."""
+    return tuple(os.environ.get("SOFTPAGE_BENCH_KERNEL_ARGS", "").split())
 
 
 def start_guest(testbed: Testbed, spec: GuestSpec) -> Guest:
@@ -297,7 +315,8 @@ def summarise(runs: list[Run]) -> list[dict[str, object]]:
             row: dict[str, object] = {"anon_mb": anon_mb, "method": method, "runs": len(chosen)}
             for field in ("pages_data", "stream_bytes", "wall_s", "downtime_s", "suspended_s", "sender_cpu_s",
                           "dom0_cpu_s", "rounds", "guest_scan_ms", "early_drop_s", "guest_drop_ms",
-                          "guest_final_scan_ms", "guest_dropped_cache_pages", "guest_dropped_slab_pages"):
+                          "guest_final_scan_ms", "guest_dropped_cache_pages", "guest_dropped_slab_pages",
+                          "guest_reinit_ms", "guest_reinit_pages"):
                 row[field] = median(chosen, field)
                 base = median(stock, field)
                 if field in COMPARED_WITH_STOCK:
@@ -436,7 +455,9 @@ def main() -> int:
                         Path(tempfile.mkdtemp(prefix="softpage-bench-"))) as testbed:
         install_dom0_tools(testbed)
         xen_info = testbed.run("xl info | grep -E '^(xen_version|host|nr_cpus)'").stdout
-        header = (f"softpage vs stock `xl migrate`, {time.strftime('%Y-%m-%d')}, PVH guest {guest_mb} MiB, "
+        kernel_args = " ".join(bench_kernel_args())
+        header = (f"softpage vs stock `xl migrate`, {time.strftime('%Y-%m-%d')}, PVH guest {guest_mb} MiB"
+                  f"{f' booted with {kernel_args}' if kernel_args else ''}, "
                   f"medians of up to {repetitions}; Xen {XEN_PVH_VERSION} under QEMU TCG on this machine "
                   f"({os.cpu_count()} cores). {xen_info.strip()}".replace("\n", "; "))
         for anon_mb in steps:
