@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,14 +32,17 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RUNS = 1_000_000
 TIME_LIMIT_S = 10
 """An input that decodes for longer is a hang (a valid one takes well under a millisecond)."""
-RSS_LIMIT_MB = 1024
-"""decode's largest legitimate allocation at MAX_P2M_SIZE is about 1 MiB."""
+RSS_LIMIT_MB = 2048
+"""decode's largest legitimate allocation at MAX_P2M_SIZE is about 1 MiB, but an atheris worker's
+RSS grows by about 0.7 KiB an execution whatever the target (measured 2026-12-05: 60 MB at the
+start, 130 MB after 100,000 executions; the same inputs decoded in a plain loop stay at 32 MB)."""
 MAX_LEN_SLACK = 4096
 """Octets the fuzzer may grow an input by beyond the longest seed."""
 
 _DONE = re.compile(r"Done (\d+) runs in (\d+) second")
 _STATUS = re.compile(r"^#(\d+)\s+(\w+)\s+cov: (\d+) ft: (\d+) corp: (\d+)/")
 _SEED = re.compile(r"INFO: Seed: (\d+)")
+_PEAK_RSS = re.compile(r"stat::peak_rss_mb:\s+(\d+)")
 _FINDING = re.compile(r"==\d+== ERROR|Uncaught Python exception|ERROR: libFuzzer|deadly signal|timeout after")
 
 
@@ -52,6 +56,7 @@ class WorkerOutcome:
     features: int
     corpus: int
     libfuzzer_seed: int
+    peak_rss_mb: int
     finding_lines: tuple[str, ...]
     summary: str
 
@@ -59,13 +64,16 @@ class WorkerOutcome:
 def worker(corpus: str, libfuzzer_flags: list[str]) -> None:
     import atheris  # the `fuzz` extra: only `make fuzz` installs it
 
-    # softpage is imported under instrumentation so that its branches guide the fuzzer.
-    with atheris.instrument_imports(include=["softpage", "bitmap_target"]):
-        import bitmap_target
+    # softpage is imported under instrumentation so that its branches guide the fuzzer; the
+    # oracle is not, so that its own comparisons do not.
+    with atheris.instrument_imports(include=["softpage"]):
+        import softpage.bitmap  # noqa: F401
+    import bitmap_target
 
     def test_one_input(data: bytes) -> None:
         bitmap_target.one_input(data, measure_memory=True)
 
+    tracemalloc.start()  # once: see bitmap_target.one_input
     atheris.Setup([sys.argv[0], *libfuzzer_flags, corpus], test_one_input)
     atheris.Fuzz()
 
@@ -75,6 +83,7 @@ def parse_log(index: int, returncode: int, log: str) -> WorkerOutcome:
     statuses = [match.groups() for line in log.splitlines() if (match := _STATUS.match(line))]
     last = statuses[-1] if statuses else ("0", "", "0", "0", "0")
     seed = _SEED.search(log)
+    peak_rss = _PEAK_RSS.search(log)
     summary = "\n".join(
         line for line in log.splitlines() if not re.match(r"^#\d+\s+(NEW|REDUCE)\b", line)
     )
@@ -87,9 +96,19 @@ def parse_log(index: int, returncode: int, log: str) -> WorkerOutcome:
         features=int(last[3]),
         corpus=int(last[4]),
         libfuzzer_seed=int(seed.group(1)) if seed else 0,
+        peak_rss_mb=int(peak_rss.group(1)) if peak_rss else 0,
         finding_lines=tuple(line for line in log.splitlines() if _FINDING.search(line)),
         summary=summary,
     )
+
+
+def atheris_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("atheris")
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def commit_fuzzed() -> str:
@@ -168,7 +187,7 @@ def write_readme(out: Path, commit: str, started_at: str, runs: int, workers: in
     executions = sum(outcome.executions for outcome in outcomes)
     rows = "\n".join(
         f"| {o.index} | {o.libfuzzer_seed} | {o.executions} | {o.seconds} | {o.coverage} | {o.features} "
-        f"| {o.corpus} | {o.returncode} |"
+        f"| {o.corpus} | {o.peak_rss_mb} | {o.returncode} |"
         for o in outcomes
     )
     finding_text = (
@@ -187,8 +206,9 @@ def write_readme(out: Path, commit: str, started_at: str, runs: int, workers: in
 inside the guest's `nr_pfns` and the header's counts, and allocates (traced by `tracemalloc`) no
 more than the octets given and four sets of `p2m_size` bits allow. {workers} worker processes
 shared one corpus, seeded with {nr_seeds} snapshots made by `bitmap.encode` at run time; inputs of
-at most {max_len} octets, {TIME_LIMIT_S} s and {RSS_LIMIT_MB} MB RSS each. Machine: {os.cpu_count()} cores,
-Python {sys.version.split()[0]}.
+at most {max_len} octets, {TIME_LIMIT_S} s each, {RSS_LIMIT_MB} MB RSS a worker (which grows with
+the executions in atheris itself: tests/fuzz/fuzz_bitmap.py, RSS_LIMIT_MB). Machine:
+{os.cpu_count()} cores, Python {sys.version.split()[0]}, atheris {atheris_version()}.
 
 - executions: {executions} (asked for {runs})
 - wall time: {wall_s:.0f} s
@@ -196,8 +216,8 @@ Python {sys.version.split()[0]}.
   (the larger worker's; libFuzzer counts atheris' edges of the instrumented softpage modules)
 - corpus at the end: {corpus_files} inputs (seeds included)
 
-| worker | libFuzzer seed | executions | s | cov | ft | corpus | exit |
-|---:|---:|---:|---:|---:|---:|---:|---:|
+| worker | libFuzzer seed | executions | s | cov | ft | corpus | peak RSS MB | exit |
+|---:|---:|---:|---:|---:|---:|---:|---:|---:|
 {rows}
 
 ## Findings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -98,8 +99,14 @@ def test_a_set_beyond_nr_pfns_is_a_finding(monkeypatch: pytest.MonkeyPatch) -> N
         bitmap_target.one_input(SEEDS[1])
 
 
-def test_allocating_for_a_claimed_size_is_a_finding(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("already_tracing", [False, True], ids=["started-per-input", "fuzzer-started"])
+def test_allocating_for_a_claimed_size_is_a_finding(
+    monkeypatch: pytest.MonkeyPatch, already_tracing: bool
+) -> None:
     real_decode = bitmap.decode
+    if already_tracing:
+        tracemalloc.start()
+        np.ones(1 << 20, dtype=np.uint8)  # freed again: an earlier input's peak must not count
 
     def greedy_decode(data: bytes, p2m_size: int) -> SoftSnapshot:
         claimed_frames = abi.unpack_header(bytes(data[: abi.HEADER.size])).frames_per_category
@@ -110,5 +117,9 @@ def test_allocating_for_a_claimed_size_is_a_finding(monkeypatch: pytest.MonkeyPa
     bitmap_target.one_input(SEEDS[0], measure_memory=True)  # claims 1 frame, gives 1: within the bound
     lying = bytearray(SEEDS[0])
     lying[START + 40] = 200  # frames_per_category 200 in a 1-frame snapshot
-    with pytest.raises(bitmap_target.FuzzFinding, match="decode allocated"):
-        bitmap_target.one_input(bytes(lying), measure_memory=True)
+    try:
+        with pytest.raises(bitmap_target.FuzzFinding, match="decode allocated"):
+            bitmap_target.one_input(bytes(lying), measure_memory=True)
+        assert tracemalloc.is_tracing() == already_tracing
+    finally:
+        tracemalloc.stop()
