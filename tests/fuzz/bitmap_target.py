@@ -13,6 +13,7 @@ claims. Any other exception, including ``FuzzFinding``, is a finding.
 
 from __future__ import annotations
 
+import re
 import struct
 import tracemalloc
 from typing import Final
@@ -85,6 +86,17 @@ def one_input(data: bytes, measure_memory: bool = False) -> None:
                     f"{p2m_size} (bound {memory_bound(p2m_size, octets)})"
                 )
     check_snapshot(snapshot, p2m_size, octets)
+
+
+def outcome(data: bytes) -> str:
+    """What ``decode`` made of an input: "accepted", or the field of the rule that rejected it
+    (the message up to its colon, numbers as N), to tell which rules a corpus reaches."""
+    p2m_size, octets = split_input(data)
+    try:
+        bitmap.decode(octets, p2m_size)
+    except BitmapError as error:
+        return re.sub(r"\d+", "N", str(error).split(":", 1)[0])
+    return "accepted"
 
 
 def check_snapshot(snapshot: SoftSnapshot, p2m_size: int, octets: bytes) -> None:

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,7 +163,7 @@ def run(runs: int, workers: int, out: Path) -> int:
             for index, code in enumerate(returncodes)
         ]
         crashing_inputs = sorted(artifacts.iterdir())
-        corpus_files = len(list(corpus.iterdir()))
+        outcomes_of_corpus = Counter(bitmap_target.outcome(path.read_bytes()) for path in corpus.iterdir())
         out.mkdir(parents=True)
         for artifact in crashing_inputs:
             shutil.copy(artifact, out / artifact.name)
@@ -174,7 +175,7 @@ def run(runs: int, workers: int, out: Path) -> int:
         "".join(f"==== worker {outcome.index} (exit {outcome.returncode})\n{outcome.summary}\n"
                 for outcome in outcomes)
     )
-    write_readme(out, commit, started_at, runs, workers, wall_s, outcomes, corpus_files, len(seeds),
+    write_readme(out, commit, started_at, runs, workers, wall_s, outcomes, outcomes_of_corpus, len(seeds),
                  max_len, result, findings, [path.name for path in crashing_inputs])
     print(f"{executions} executions in {wall_s:.0f} s on {workers} workers: {result} "
           f"(coverage {max(outcome.coverage for outcome in outcomes)} edges); written to {out}")
@@ -182,7 +183,7 @@ def run(runs: int, workers: int, out: Path) -> int:
 
 
 def write_readme(out: Path, commit: str, started_at: str, runs: int, workers: int, wall_s: float,
-                 outcomes: list[WorkerOutcome], corpus_files: int, nr_seeds: int, max_len: int,
+                 outcomes: list[WorkerOutcome], outcomes_of_corpus: Counter[str], nr_seeds: int, max_len: int,
                  result: str, findings: list[str], crashing_inputs: list[str]) -> None:
     executions = sum(outcome.executions for outcome in outcomes)
     rows = "\n".join(
@@ -214,7 +215,9 @@ the executions in atheris itself: tests/fuzz/fuzz_bitmap.py, RSS_LIMIT_MB). Mach
 - wall time: {wall_s:.0f} s
 - coverage: {max(o.coverage for o in outcomes)} edges, {max(o.features for o in outcomes)} features
   (the larger worker's; libFuzzer counts atheris' edges of the instrumented softpage modules)
-- corpus at the end: {corpus_files} inputs (seeds included)
+- corpus at the end: {outcomes_of_corpus.total()} inputs (seeds included); what `decode` makes of
+  them, by the field of the rule that rejects each (docs/spec/bitmap-page.md, section 11):
+  {", ".join(f"{name} {number}" for name, number in sorted(outcomes_of_corpus.items()))}
 
 | worker | libFuzzer seed | executions | s | cov | ft | corpus | peak RSS MB | exit |
 |---:|---:|---:|---:|---:|---:|---:|---:|---:|

@@ -123,3 +123,9 @@ def test_allocating_for_a_claimed_size_is_a_finding(
         assert tracemalloc.is_tracing() == already_tracing
     finally:
         tracemalloc.stop()
+
+
+def test_outcome_names_the_rule_that_rejects() -> None:
+    assert bitmap_target.outcome(SEEDS[0]) == "accepted"
+    assert bitmap_target.outcome(MALFORMED["bad magic"]) == "magic"
+    assert bitmap_target.outcome(MALFORMED["count off by one"]) == "count[N] (free)"
