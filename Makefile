@@ -7,6 +7,7 @@
 #   make testbed    build the cached Xen-in-QEMU testbed (testbed/)
 #   make demo       build the testbed and migrate a guest, stock xl vs softpage
 #   make bench      benchmarks: the planner, and softpage vs stock xl migrate on the testbed
+#   make fuzz       fuzz the bitmap decoder (atheris), SOFTPAGE_FUZZ_RUNS executions (1,000,000), to results/
 
 PYTHON ?= python3
 VENV := .venv
@@ -17,7 +18,7 @@ PYTEST := $(PY) -m pytest
 SETUP_INPUTS := python/pyproject.toml python/setup.py guest_kmod/uapi/softpage_abi.h \
 	$(wildcard python/src/softpage/_cffi_build/*) scripts/host-setup.sh
 
-.PHONY: setup test test-fast test-unit test-property test-e2e lint bench demo clean
+.PHONY: setup test test-fast test-unit test-property test-e2e lint bench fuzz demo clean
 
 setup: $(SETUP_STAMP)
 
@@ -55,6 +56,17 @@ lint: setup
 bench: setup testbed
 	$(PYTEST) -q tests/bench
 	$(PY) tests/bench/xen_bench.py
+
+# The fuzzer is the `fuzz` extra, installed here only; 2 workers, one a core.
+FUZZ_STAMP := $(VENV)/.softpage-fuzz
+SOFTPAGE_FUZZ_RUNS ?= 1000000
+
+$(FUZZ_STAMP): $(SETUP_STAMP)
+	$(PY) -m pip install -q -e 'python[test,xen,fuzz]'
+	touch $@
+
+fuzz: $(FUZZ_STAMP)
+	SOFTPAGE_FUZZ_RUNS=$(SOFTPAGE_FUZZ_RUNS) $(PY) tests/fuzz/fuzz_bitmap.py --workers 2
 
 clean:
 	rm -rf $(VENV) python/build python/src/*.egg-info

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import struct
+import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from stream_builders import CONFIG, END, STATIC, XALLOC, XTAB, build_stream, pag
 
 from softpage.errors import StreamError
 from softpage.stream import reader
+from softpage.stream import records as wire
 from softpage.stream.reader import (
     Layer,
     PageData,
@@ -164,3 +167,20 @@ def test_page_data_record_fields_are_views_not_copies() -> None:
     page_record = next(record for record in parse_stream(stream) if isinstance(record, PageData))
     assert page_record.page(0).obj is stream  # zero-copy down to the caller's buffer
     assert np.array_equal(page_record.data_mask(), [True])
+
+
+def test_a_claimed_length_allocates_no_more_than_the_file_has(tmp_path: Path) -> None:
+    # An xl header claiming 1 GiB of optional data, in a file of 64 bytes: a buffered file's
+    # read(1 GiB) would allocate 1 GiB before meeting the end of the file.
+    streamv2 = wire.XL_MANDATORY_FLAG_STREAMV2
+    header = wire.XL_HEADER.pack(wire.XL_MAGIC, wire.XL_BYTEORDER, streamv2, 0, 1 << 30)
+    path = tmp_path / "lying.stream"
+    path.write_bytes(header + b"\0" * 16)
+    tracemalloc.start()
+    try:
+        with path.open("rb") as stream, pytest.raises(StreamError, match="before EOF"):
+            list(read_records(stream.read))
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= reader.READ_CHUNK_MAX + (1 << 20), f"reading a 64-byte file allocated {peak} bytes"

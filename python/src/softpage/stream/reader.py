@@ -17,7 +17,7 @@ import enum
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Final, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -655,11 +655,19 @@ class StreamParser:
 # -- drivers ---------------------------------------------------------------------
 
 
+READ_CHUNK_MAX: Final = 16 << 20
+"""The most ``read_records`` asks ``read`` for at once. A buffered file's ``read(n)``
+allocates n bytes before it meets the end of the file, and n comes from the
+stream (an xl header's optional data length is any 32-bit number): asking for
+at most this much bounds the memory to the bytes the stream really has, plus
+16 MiB. A PAGE_DATA record of 1024 pages still arrives in one piece."""
+
+
 def _read_exactly(read: Callable[[int], bytes], size: int, offset: int) -> bytes:
     chunks: list[bytes] = []
     remaining = size
     while remaining:
-        chunk = read(remaining)
+        chunk = read(min(remaining, READ_CHUNK_MAX))
         if not chunk:
             got = size - remaining
             raise StreamError(f"expected {size} bytes at stream offset {offset}, got {got} before EOF")
