@@ -115,6 +115,7 @@ class BenchBackend:
         # One batch mapped at a time, as XenBackend.read_pages maps it: resident before we start.
         self.pages = np.full(READ_BATCH_PFNS * abi.PAGE_SIZE, 0x5A, dtype=np.uint8)
         self.harvests = 0
+        self.dirty_log_buffer = bytearray()
         self.request_ids: dict[str, int] = {}
 
     def describe(self) -> Any:
@@ -131,14 +132,15 @@ class BenchBackend:
                           msr_policy=struct.pack("<IIQ", 0xCE, 0, 0))
 
     def enable_logdirty(self) -> None:
-        pass
+        # XenBackend's DirtyLog: the hypercall buffer Xen copies the bitmap into, for the whole run.
+        self.dirty_log_buffer = bytearray(len(self.dirty_logs[0]))
 
     def harvest_dirty(self, final: bool) -> Any:
         from softpage.pfnset import PfnSet
 
-        log = self.dirty_logs[min(self.harvests, len(self.dirty_logs) - 1)]
+        self.dirty_log_buffer[:] = self.dirty_logs[min(self.harvests, len(self.dirty_logs) - 1)]
         self.harvests += 1
-        return PfnSet.from_bytes(self.p2m_size, log)
+        return PfnSet.from_bytes(self.p2m_size, self.dirty_log_buffer)
 
     def page_types(self, pfns: Any) -> Any:
         np = self.np
@@ -224,8 +226,6 @@ def run_64gib(p2m_size: int) -> dict[str, Any]:
 
 # -- the hostile case -----------------------------------------------------------------------
 def run_hostile(hostile_gfn: int) -> dict[str, Any]:
-    from xen_fakes import FakeDomain, fake_binding
-
     from softpage.driver import send_domain
     from softpage.errors import MigrationError
     from softpage.options import DriverOptions
@@ -234,9 +234,11 @@ def run_hostile(hostile_gfn: int) -> dict[str, Any]:
     from softpage.stream.writer import StreamWriter
     from softpage.xen.backend import XenBackend
     from softpage.xenstore import MemoryStore
+    from xen_fakes import FakeDomain, fake_binding
 
     domid = 9
-    domain = FakeDomain(domid=domid, nr_pfns=HOSTILE_RAM_PFNS, extra_xtab_pfns=hostile_gfn + 1 - HOSTILE_RAM_PFNS)
+    domain = FakeDomain(domid=domid, nr_pfns=HOSTILE_RAM_PFNS,
+                        extra_xtab_pfns=hostile_gfn + 1 - HOSTILE_RAM_PFNS)
     binding, _lib = fake_binding([domain])
     store = MemoryStore({f"/local/domain/{domid}/name": "hostile"})
     backend = XenBackend(domid, store=store, binding=binding)  # type: ignore[arg-type]
