@@ -5,8 +5,8 @@ untrusted. The geometry is checked before anything beyond the header page is
 mapped, and bounded by the domain's own size, so a lying guest can make dom0
 map at most ``1 + 64 + 4 * ceil(p2m_size / 32768)`` pages (``p2m_size`` being bounded in
 turn by what the domain can own, ``softpage.xen.backend.p2m_size_limit``: about 9 MiB of
-mappings for a 64 GiB guest) and never crash it: any failure while connecting gives no channel and a reason the caller
-logs (the migration then runs as plain precopy).
+mappings for a 64 GiB guest) and never crash it: any failure while connecting gives no
+channel and a reason the caller logs (the migration then runs as plain precopy).
 """
 
 from __future__ import annotations
