@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from softpage import pfnset
 from softpage.errors import PlannerError
 from softpage.pfnset import PfnSet
 
@@ -63,3 +66,38 @@ def test_out_of_range_and_mixed_universes_are_errors() -> None:
         PfnSet.from_pfns(10, [-1])
     with pytest.raises(PlannerError):
         _ = PfnSet.empty(10) | PfnSet.empty(11)
+
+
+@given(universe_and_sets(count=1), st.integers(min_value=1, max_value=3), st.integers(1, 70))
+def test_iter_pfns_cuts_to_pfns_in_order_across_blocks(
+    case: tuple[int, list[set[int]]], block_words: int, max_count: int
+) -> None:
+    nr_pfns, (members,) = case
+    pfn_set = PfnSet.from_pfns(nr_pfns, sorted(members))
+    expected = sorted(members)
+    # Blocks of one to three words, so that a batch spans several of them and some are empty.
+    with mock.patch.object(pfnset, "_UNPACK_BLOCK_WORDS", block_words):
+        batches = [batch.tolist() for batch in pfn_set.iter_pfns(max_count)]
+        assert pfn_set.to_pfns().tolist() == expected
+    assert [pfn for batch in batches for pfn in batch] == expected
+    assert all(len(batch) == max_count for batch in batches[:-1])
+    assert all(0 < len(batch) <= max_count for batch in batches)
+
+
+@given(universe_and_sets(count=2), st.randoms())
+def test_add_is_union_in_place_in_any_order(case: tuple[int, list[set[int]]], rng: object) -> None:
+    nr_pfns, (first, second) = case
+    pfn_set = PfnSet.from_pfns(nr_pfns, sorted(first))
+    added = sorted(second) * 2
+    rng.shuffle(added)  # type: ignore[attr-defined]
+    pfn_set.add(np.array(added, dtype=np.uint64))
+    assert pfn_set.to_pfns().tolist() == sorted(first | second)
+
+
+def test_add_refuses_a_pfn_outside_the_universe() -> None:
+    pfn_set = PfnSet.empty(100)
+    with pytest.raises(PlannerError, match="out of range"):
+        pfn_set.add(np.array([3, 100], dtype=np.uint64))
+    assert not pfn_set
+    with pytest.raises(PlannerError, match="max_count"):
+        next(pfn_set.iter_pfns(0))

@@ -128,6 +128,14 @@ def test_generation_layout_matches_the_compiler(compiled: ModuleType) -> None:
     assert abi.GENERATION.size == compiled.ffi.sizeof("uint64_t")
 
 
+def test_request_id_layout_matches_the_compiler_and_the_field_table(compiled: ModuleType) -> None:
+    assert compiled.ffi.offsetof("struct softpage_header", "request_id") == abi.REQUEST_ID_OFFSET
+    assert abi.REQUEST_ID.size == compiled.ffi.sizeof("uint64_t")
+    offsets = {name: offset for name, offset, _elements in abi.HEADER_FIELDS}
+    assert offsets["generation"] == abi.GENERATION_OFFSET
+    assert offsets["request_id"] == abi.REQUEST_ID_OFFSET
+
+
 def test_list_frame_layout_fills_one_page(compiled: ModuleType) -> None:
     assert abi.LIST_FRAME.size == compiled.lib.SOFTPAGE_PAGE_SIZE
     assert abi.LIST_FRAME.size == compiled.lib.SOFTPAGE_REFS_PER_LIST_FRAME * compiled.ffi.sizeof("uint32_t")

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 from softpage.errors import BackendError
-from softpage.xen.backend import XenBackend, check_pfns
+from softpage.xen.backend import (
+    BELOW_4GIB_PFNS,
+    P2M_SLACK_PFNS,
+    XenBackend,
+    check_p2m_size,
+    check_pfns,
+    p2m_size_limit,
+)
 from softpage.xenstore import MemoryStore
 from xen_fakes import FakeDomain, fake_binding
 
@@ -132,3 +140,58 @@ def test_resume_undoes_a_suspend_in_the_hypervisor_and_in_xenstored() -> None:
     assert domain.shutdown_reason is None
     assert store.resumed_domains == [5]
     backend.cleanup()
+
+
+HOSTILE_GFN = 1 << 36
+UUID = "6f1e0c4a-3c4b-4b9e-9f0e-0a1b2c3d4e5f"
+
+
+def hostile_domain(domid: int = 3, max_gfn: int = HOSTILE_GFN) -> FakeDomain:
+    """A 1 MiB PVH guest that mapped one frame at ``max_gfn`` (FakeDomain's p2m is its RAM and
+    ``extra_xtab_pfns`` of holes above it)."""
+    return FakeDomain(domid=domid, nr_pfns=256, extra_xtab_pfns=max_gfn + 1 - 256)
+
+
+def test_p2m_size_limit_allows_the_pvh_layout_and_refuses_beyond_it() -> None:
+    # A 256 MiB PVH guest's magic pages end at PFN 0xfefff; 64 GiB with RAM relocated above 4 GiB.
+    for max_pages, p2m_size in ((65_792, 0xFF000), (1 << 24, (1 << 24) + BELOW_4GIB_PFNS)):
+        check_p2m_size(3, p2m_size, max_pages)
+    limit = p2m_size_limit(65_792)
+    assert limit == 65_792 + BELOW_4GIB_PFNS + P2M_SLACK_PFNS
+    check_p2m_size(3, limit, 65_792)
+    with pytest.raises(BackendError, match=r"number is 0x150100, expected at most 0x1500ff"):
+        check_p2m_size(3, limit + 1, 65_792)
+
+
+def test_a_hostile_gfn_is_refused_before_anything_is_allocated() -> None:
+    domain = hostile_domain()
+    backend, lib = make(domain)
+    with pytest.raises(BackendError, match="highest guest frame number is 0x1000000000") as refusal:
+        backend.describe()
+    assert "\n" not in str(refusal.value) and "keeps running" in str(refusal.value)
+    assert not lib.hypercall_buffers and not lib.live_mappings
+    assert not any(call[0].startswith("xc_shadow_control") for call in lib.calls)
+    backend.cleanup()
+    assert domain.shutdown_reason is None and not domain.logdirty and lib.open_handles == 0
+
+
+def test_the_cli_refuses_a_hostile_gfn_in_one_line_with_exit_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from softpage import toolstack
+    from softpage.cli import main as cli_main
+    from softpage.cli import migrate as cli_migrate
+
+    domain = hostile_domain(domid=5)
+    binding, lib = fake_binding([domain])
+    listed = toolstack.ListedDomain(domid=5, name="hostile", uuid=UUID,
+                                    config={"c_info": {"name": "hostile"}})
+    monkeypatch.setattr(toolstack, "list_domain", lambda _spec: listed)
+    monkeypatch.setattr(cli_migrate, "_backend",
+                        lambda _args, domid: XenBackend(domid, store=MemoryStore(), binding=binding))
+    target = tmp_path / "hostile.save"
+    assert cli_main.main(["save", "hostile", str(target)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("softpage: error:") and "0x1000000000" in err[0]
+    assert domain.shutdown_reason is None and not domain.logdirty and lib.open_handles == 0
+    assert target.stat().st_size == 0  # refused before the stream began

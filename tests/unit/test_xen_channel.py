@@ -293,6 +293,40 @@ def test_failed_event_channel_bind_unmaps_the_grants(world: tuple) -> None:
     assert not lib.live_mappings
 
 
+OFFSETS = {name: offset for name, offset, _elements in abi.HEADER_FIELDS}
+
+
+def grant_pages_mapped(lib: FakeXen) -> list[int]:
+    return [call[1] for call in lib.calls if call[0] == "grant-map"]
+
+
+def test_the_most_a_header_can_make_dom0_map_is_bounded_by_the_p2m_size() -> None:
+    """A guest as large as the domain allows: 1 + list pages + 4 * ceil(p2m_size / 32768)."""
+    binding, lib = fake_binding([FakeDomain(domid=DOMID, nr_pfns=8)])
+    store = MemoryStore()
+    FakeSoftPageGuest(lib, store, DOMID, P2M_SIZE)
+    channel, reason = connect(lib, binding, store)
+    assert channel is not None, reason
+    frames = abi.frames_per_category(P2M_SIZE)
+    assert grant_pages_mapped(lib) == [1, abi.nr_list_frames(frames), abi.NR_CATEGORIES * frames]
+    channel.close()
+
+
+@pytest.mark.parametrize("nr_pfns", [abi.MAX_NR_PFNS + 1, 1 << 40])
+def test_a_consistent_header_beyond_the_abi_maps_only_the_header(world: tuple, nr_pfns: int) -> None:
+    """Sizes that agree with each other but need more than SOFTPAGE_MAX_LIST_FRAMES list pages:
+    refused after the header page, even for a domain whose p2m would allow them."""
+    lib, binding, store, guest = world
+    frames = abi.frames_per_category(nr_pfns)
+    lie(guest, OFFSETS["nr_pfns"], nr_pfns, 8)
+    lie(guest, OFFSETS["frames_per_category"], frames, 4)
+    lie(guest, OFFSETS["nr_list_frames"], abi.nr_list_frames(frames), 4)
+    channel, reason = connect(lib, binding, store, p2m_size=nr_pfns)
+    assert channel is None and reason is not None and "nr_list_frames" in reason, reason
+    assert grant_pages_mapped(lib) == [1]
+    assert not lib.live_mappings
+
+
 def test_guest_bigger_than_the_domain_is_refused() -> None:
     binding, lib = fake_binding([FakeDomain(domid=DOMID, nr_pfns=8)])
     store = MemoryStore()

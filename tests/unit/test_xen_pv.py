@@ -183,3 +183,43 @@ def test_a_superpage_cannot_be_migrated() -> None:
     table[8] = pte(guest_mfn(0), PRESENT_RW_USER | 0x80)
     with pytest.raises(BackendError, match="superpage"):
         normalise_pagetable(table.tobytes(), L2TAB, small_p2m(), strict=False)
+
+
+class _SharedInfoOnly:
+    """Just enough of XenCtrl and ForeignMemory for PvDomain to read a shared info page: any
+    other frame it maps (the p2m) is recorded."""
+
+    def __init__(self, max_pfn: int) -> None:
+        from types import SimpleNamespace
+
+        self.binding = SimpleNamespace(lib=SimpleNamespace(
+            SOFTPAGE_SHINFO_MAX_PFN_OFFSET=8, SOFTPAGE_SHINFO_P2M_CR3_OFFSET=16,
+            SOFTPAGE_SHINFO_P2M_VADDR_OFFSET=24, SOFTPAGE_SHINFO_P2M_GENERATION_OFFSET=32))
+        self.page = bytearray(PAGE_SIZE)
+        self.page[8:16] = (max_pfn + 1).to_bytes(8, "little")  # arch.max_pfn is a count
+        self.mapped: list[list[int]] = []
+
+    def guest_width(self, _domid: int) -> int:
+        return 8
+
+    def maximum_ram_page(self) -> int:
+        return 1 << 20
+
+    def map_readonly(self, _domid: int, mfns: object) -> object:
+        from contextlib import nullcontext
+        from types import SimpleNamespace
+
+        self.mapped.append([int(mfn) for mfn in mfns])  # type: ignore[attr-defined]
+        return nullcontext(SimpleNamespace(view=memoryview(self.page)))
+
+
+def test_a_pv_guest_with_a_huge_max_pfn_is_refused_before_its_p2m_is_read() -> None:
+    from softpage.xen.ctrl import DomainState
+    from softpage.xen.pvdomain import PvDomain
+
+    fake = _SharedInfoOnly(max_pfn=(1 << 36) - 1)
+    state = DomainState(domid=4, flags=0, tot_pages=65536, max_pages=65792, nr_online_vcpus=1,
+                        max_vcpu_id=0, emulation_flags=0, shared_info_frame=77)
+    with pytest.raises(BackendError, match=r"p2m has 68719476736 entries .* at most 1376512"):
+        PvDomain(fake, fake, state, p2m_limit=1376512)  # type: ignore[arg-type]
+    assert fake.mapped == [[77]]  # the shared info page, and nothing of the p2m

@@ -115,3 +115,43 @@ def test_suspension_is_noticed_without_a_release_event() -> None:
     assert guest.state().suspended
     timer.join()
     guest.stop()
+
+
+class FloodingGuest(ScriptedGuest):
+    """Acks, then rewrites ``control/shutdown`` and keys of new names below it ``writes`` times
+    each before it suspends, noting the most events any of dom0's watches held meanwhile."""
+
+    def __init__(self, store: MemoryStore, writes: int) -> None:
+        self.writes = writes
+        self.most_pending = 0
+        self.node_unwatched_after_ack = False
+        super().__init__(store)
+
+    def _run(self) -> None:
+        with self.store.watch(NODE) as watch:
+            while self.store.read(NODE) != "suspend":
+                watch.wait(0.02)
+        # From here on every watch of the store is dom0's.
+        self.store.write(NODE, "")
+        deadline = time.monotonic() + 5
+        while any(path == NODE for path, _ in self.store.watches()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.node_unwatched_after_ack = all(path != NODE for path, _ in self.store.watches())
+        for count in range(self.writes):
+            self.store.write(NODE, f"flood {count}")
+            self.store.write(f"{NODE}/flood{count}", "x")
+            self.most_pending = max([self.most_pending, *(pending for _, pending in self.store.watches())])
+        self.shutdown_reason = 2
+        self.store.fire("@releaseDomain")
+
+
+def test_a_guest_writing_its_keys_in_a_loop_cannot_make_dom0_queue_events() -> None:
+    store = MemoryStore({NODE: ""})
+    guest = FloodingGuest(store, writes=5_000)
+    suspend_guest(store, DOMID, guest.state, SuspendTimeouts(ack=10, suspended=30))
+    guest.stop()
+    assert guest.state().suspended
+    # The node is no longer watched once acknowledged; @releaseDomain holds at most one event.
+    assert guest.node_unwatched_after_ack
+    assert guest.most_pending <= 1
+    assert store.watches() == ()

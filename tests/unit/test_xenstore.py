@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 
 import pytest
 
 from softpage.errors import BackendError
-from softpage.xenstore import MemoryStore, XenStoreOps, check_path, run_transaction
+from softpage.xenstore import (
+    MAX_PENDING_WATCH_EVENTS,
+    MemoryStore,
+    WatchEvents,
+    XenStoreOps,
+    check_path,
+    run_transaction,
+)
 
 
 def test_special_watch_paths_fire_only_when_fired() -> None:
@@ -91,3 +99,32 @@ def test_invalid_paths(path: str) -> None:
 
 def test_special_paths_only_for_watches() -> None:
     assert check_path("@introduceDomain", watch=True) == "@introduceDomain"
+
+
+def test_a_watch_keeps_each_pending_path_once_and_a_bounded_number_of_paths() -> None:
+    store = MemoryStore()
+    control = "/local/domain/9/control"
+    with store.watch(control) as watch:
+        for count in range(10_000):  # a guest rewriting its own key in a loop
+            store.write(f"{control}/shutdown", str(count))
+        assert watch.pending() == 2  # the registration's event and the key's
+        for count in range(10_000):  # a guest creating keys of ever new names
+            store.write(f"{control}/key{count}", "x")
+        assert watch.pending() == MAX_PENDING_WATCH_EVENTS
+        events = []
+        while (event := watch.wait(0)) is not None:
+            events.append(event)
+        assert events[:3] == [control, f"{control}/shutdown", f"{control}/key0"]
+        assert len(events) == MAX_PENDING_WATCH_EVENTS
+        store.write(f"{control}/shutdown", "again")  # the queue drained: changes come again
+        assert watch.wait(1) == f"{control}/shutdown"
+
+
+def test_watch_events_put_never_blocks_and_get_times_out() -> None:
+    events: WatchEvents[str] = WatchEvents(capacity=2)
+    for event in ("a", "b", "a", "c", "d"):
+        events.put(event)
+    assert (events.qsize(), events.dropped) == (2, 2)
+    assert [events.get(0), events.get(0)] == ["a", "b"]
+    with pytest.raises(queue.Empty):
+        events.get(0.01)

@@ -89,6 +89,9 @@ HEADER_FIELDS: Final[tuple[tuple[str, int, int], ...]] = (
 GENERATION: Final = struct.Struct("<Q")
 """The generation word alone (spec section 9, "Publication"), for sequence-lock readers."""
 GENERATION_OFFSET: Final = 16
+REQUEST_ID: Final = struct.Struct("<Q")
+"""The request id alone (spec section 4, "Header"): the word dom0 polls for the id it wrote."""
+REQUEST_ID_OFFSET: Final = 24
 
 LIST_FRAME: Final = struct.Struct(f"<{REFS_PER_LIST_FRAME}I")
 """One list page (spec section 6, "List pages"): grant references of bitmap pages."""

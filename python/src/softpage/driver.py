@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -270,8 +270,11 @@ class MigrationSession:
         snapshot, request_id = (None, None) if few else self._precopy_snapshot()
         report_s = None if request_id is None else time.monotonic() - asked
         plan = self.planner.plan_precopy(candidates, snapshot, request_id)
+        scan_ms = _scan_ms(snapshot)
+        # The report's bitmaps are in the plan now: not held through the round as well.
+        del snapshot, candidates
         round_stats = _send_round(
-            self.backend, self.sink, self.planner, plan, len(self.stats.rounds) + 1, kind, snapshot
+            self.backend, self.sink, self.planner, plan, len(self.stats.rounds) + 1, kind, scan_ms
         )
         round_stats.dirty = dirty
         round_stats.report_s = report_s
@@ -311,8 +314,10 @@ class MigrationSession:
         final_snapshot = self._read_snapshot(final_request, self.options.final_snapshot_timeout)
         self.stats.mark_downtime("final_report")
         plan = self.planner.plan_final(final_dirty, final_snapshot, final_request)
+        scan_ms = _scan_ms(final_snapshot)
+        del final_snapshot, final_dirty
         round_stats = _send_round(
-            self.backend, self.sink, self.planner, plan, len(self.stats.rounds) + 1, "final", final_snapshot
+            self.backend, self.sink, self.planner, plan, len(self.stats.rounds) + 1, "final", scan_ms
         )
         round_stats.dirty = dirty
         self._finish_round(round_stats)
@@ -414,7 +419,7 @@ def _send_round(
     plan: RoundPlan,
     round_number: int,
     kind: str,
-    snapshot: SoftSnapshot | None,
+    guest_scan_ms: float | None,
 ) -> RoundStats:
     started = time.monotonic()
     planned = plan.data | plan.xalloc
@@ -425,14 +430,16 @@ def _send_round(
         pages_skipped=plan.skipped.count(),
         snapshot_used=plan.snapshot_used,
         snapshot_note=plan.snapshot_note,
-        guest_scan_ms=snapshot.scan_ns / 1e6 if snapshot is not None else None,
+        guest_scan_ms=guest_scan_ms,
     )
-    sent_data: list[PfnArray] = []
-    sent_xalloc: list[PfnArray] = []
-    holes: list[PfnArray] = []
-    deferred: list[PfnArray] = []
-    tables: list[PfnArray] = []
-    for batch in _batches(planned.to_pfns()):
+    # What the round did, kept as bitmaps filled batch by batch: a bit a PFN, whatever the
+    # round's size (a list of the PFNs would take 8 bytes each).
+    # Only PV guests have page tables, and deferred ones are rarer still: those two sets are
+    # made when first needed.
+    sent_data, sent_xalloc, holes = (PfnSet.empty(planner.p2m_size) for _ in range(3))
+    deferred: PfnSet | None = None
+    tables: PfnSet | None = None
+    for batch in planned.iter_pfns(READ_BATCH_PFNS):
         step_started = time.monotonic()
         types = backend.page_types(batch)
         round_stats.types_s += time.monotonic() - step_started
@@ -451,7 +458,7 @@ def _send_round(
                 # Not named now: the planner keeps them stale for a later round.
                 later = np.zeros_like(with_data)
                 later[with_data] = pages.deferred
-                deferred.append(batch[later])
+                deferred = _add_to(deferred, planner.p2m_size, batch[later])
                 with_data &= ~later
         else:
             pages = PageBatch(memoryview(b""))
@@ -461,17 +468,13 @@ def _send_round(
             step_started = time.monotonic()
             round_stats.bytes += sink.write_pages(batch[named], entry_types[named], pages.data)
             round_stats.write_s += time.monotonic() - step_started
-        sent_data.append(batch[with_data])
-        tables.append(batch[with_data & (pagetable_levels(stream_types) > 0)])
-        sent_xalloc.append(batch[use_xalloc])
-        holes.append(batch[is_hole])
-    sent = SentPages(
-        data=_pfn_set(planner.p2m_size, sent_data),
-        xalloc=_pfn_set(planner.p2m_size, sent_xalloc),
-        holes=_pfn_set(planner.p2m_size, holes),
-        deferred=_pfn_set(planner.p2m_size, deferred),
-        tables=_pfn_set(planner.p2m_size, tables),
-    )
+        sent_data.add(batch[with_data])
+        is_table = with_data & (pagetable_levels(stream_types) > 0)
+        if is_table.any():
+            tables = _add_to(tables, planner.p2m_size, batch[is_table])
+        sent_xalloc.add(batch[use_xalloc])
+        holes.add(batch[is_hole])
+    sent = SentPages(data=sent_data, xalloc=sent_xalloc, holes=holes, deferred=deferred, tables=tables)
     planner.record_sent(plan, sent)
     round_stats.pages_data = sent.data.count()
     round_stats.pages_xalloc = sent.xalloc.count()
@@ -481,15 +484,16 @@ def _send_round(
     return round_stats
 
 
-def _batches(pfns: PfnArray) -> Iterator[PfnArray]:
-    for start in range(0, pfns.size, READ_BATCH_PFNS):
-        yield pfns[start : start + READ_BATCH_PFNS]
+def _add_to(pfn_set: PfnSet | None, p2m_size: int, pfns: PfnArray) -> PfnSet:
+    """``pfn_set`` (a new one if None) with ``pfns`` added."""
+    if pfn_set is None:
+        pfn_set = PfnSet.empty(p2m_size)
+    pfn_set.add(pfns)
+    return pfn_set
 
 
-def _pfn_set(p2m_size: int, parts: list[PfnArray]) -> PfnSet:
-    if not parts:
-        return PfnSet.empty(p2m_size)
-    return PfnSet.from_pfns(p2m_size, np.concatenate(parts))
+def _scan_ms(snapshot: SoftSnapshot | None) -> float | None:
+    return snapshot.scan_ns / 1e6 if snapshot is not None else None
 
 
 # -- request ids ----------------------------------------------------------------

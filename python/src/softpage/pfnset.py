@@ -13,7 +13,7 @@ beyond ``nr_pfns`` are always zero.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import numpy.typing as npt
@@ -22,6 +22,9 @@ from softpage.errors import PlannerError
 
 PfnArray = npt.NDArray[np.uint64]
 _WORD_BITS = 64
+_UNPACK_BLOCK_WORDS = 1 << 12
+"""Words unpacked at a time when listing members: 2^18 PFNs (1 GiB of guest memory), so listing
+takes at most a few MiB of working memory beside its result, whatever the universe."""
 
 
 def _nr_words(nr_pfns: int) -> int:
@@ -87,10 +90,10 @@ class PfnSet:
         raw = np.frombuffer(data, dtype=np.uint8)
         if raw.size < (nr_pfns + 7) // 8:
             raise PlannerError(f"bitmap of {nr_pfns} PFNs needs {(nr_pfns + 7) // 8} bytes, got {raw.size}")
-        buf = np.zeros(nbytes, dtype=np.uint8)
+        result = cls(nr_pfns)
         take = min(nbytes, raw.size)
-        buf[:take] = raw[:take]
-        result = cls(nr_pfns, buf.view("<u8").astype(np.uint64))
+        # One copy, straight into the words (little-endian on x86, as the bitmap).
+        result.words.view(np.uint8)[:take] = raw[:take]
         result._clear_tail()
         return result
 
@@ -103,9 +106,45 @@ class PfnSet:
 
     # -- queries --------------------------------------------------------
     def to_pfns(self) -> PfnArray:
-        """The members in ascending order."""
-        bits = np.unpackbits(self.words.view(np.uint8), bitorder="little")
-        return np.flatnonzero(bits).astype(np.uint64)
+        """The members in ascending order: 8 bytes a member. A caller that goes through them
+        in steps uses ``iter_pfns``, which never holds them all."""
+        result = np.empty(self.count(), dtype=np.uint64)
+        filled = 0
+        for members in self._blocks():
+            result[filled : filled + members.size] = members
+            filled += members.size
+        return result
+
+    def iter_pfns(self, max_count: int) -> Iterator[PfnArray]:
+        """The members in ascending order, ``max_count`` at a time (the last array may be
+        shorter): the arrays of ``to_pfns()`` cut in order, with working memory bounded by
+        ``max_count`` and one block of ``_UNPACK_BLOCK_WORDS`` words, not by the universe."""
+        if max_count < 1:
+            raise PlannerError(f"max_count must be >= 1, got {max_count}")
+        pending: list[PfnArray] = []
+        pending_count = 0
+        for members in self._blocks():
+            while members.size:
+                taken = members[: max_count - pending_count]
+                members = members[taken.size :]
+                pending.append(taken)
+                pending_count += taken.size
+                if pending_count == max_count:
+                    yield pending[0] if len(pending) == 1 else np.concatenate(pending)
+                    pending, pending_count = [], 0
+        if pending:
+            yield pending[0] if len(pending) == 1 else np.concatenate(pending)
+
+    def _blocks(self) -> Iterator[PfnArray]:
+        """The members of each non-empty block of words, ascending."""
+        for first_word in range(0, self.words.size, _UNPACK_BLOCK_WORDS):
+            block = self.words[first_word : first_word + _UNPACK_BLOCK_WORDS]
+            if not block.any():
+                continue
+            bits = np.unpackbits(block.view(np.uint8), bitorder="little")
+            members = np.flatnonzero(bits).astype(np.uint64)
+            members += np.uint64(first_word * _WORD_BITS)
+            yield members
 
     def count(self) -> int:
         return _popcount(self.words)
@@ -165,6 +204,21 @@ class PfnSet:
         return result
 
     # -- in-place algebra -----------------------------------------------
+    def add(self, pfns: PfnArray) -> None:
+        """Add ``pfns`` (any order, repeats allowed, all < nr_pfns) in place, with working
+        memory in proportion to ``len(pfns)``, not to the universe (``from_pfns`` unpacks it)."""
+        indexes = np.asarray(pfns, dtype=np.uint64)
+        if indexes.size == 0:
+            return
+        if int(indexes.max()) >= self.nr_pfns:
+            raise PlannerError(f"PFN out of range [0, {self.nr_pfns}): {int(indexes.max())}")
+        if indexes.size > 1 and bool((indexes[1:] < indexes[:-1]).any()):
+            indexes = np.sort(indexes)
+        word_indexes = (indexes >> np.uint64(6)).astype(np.intp)
+        bits = np.left_shift(np.uint64(1), indexes & np.uint64(_WORD_BITS - 1))
+        starts = np.flatnonzero(np.concatenate(([True], word_indexes[1:] != word_indexes[:-1])))
+        self.words[word_indexes[starts]] |= np.bitwise_or.reduceat(bits, starts)
+
     def __ior__(self, other: PfnSet) -> PfnSet:
         self._check(other)
         np.bitwise_or(self.words, other.words, out=self.words)

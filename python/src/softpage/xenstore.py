@@ -24,6 +24,11 @@ Semantics both implementations follow (and tests/contract checks):
   so "wait for the next change" code never misses a change that raced with
   the registration) and then for every change at or below its path, and when
   an ancestor is removed;
+* a watch keeps at most ``MAX_PENDING_WATCH_EVENTS`` events until they are waited for, each
+  path once: a path already pending is not queued again, and beyond that many distinct paths
+  the rest are dropped. A guest can write the keys it owns (its ``control/shutdown`` among
+  them) as fast as xenstored lets it, and dom0 must not queue all of that. Nothing is lost:
+  whoever waits re-reads what it waits on after each wake-up, and a full queue wakes it;
 * a transaction sees the store as it was when it began plus its own changes;
   ``commit()`` returns False, applying nothing, if a node it read, wrote,
   removed or listed was changed by anyone else in the meantime.
@@ -37,16 +42,19 @@ import itertools
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from softpage.errors import BackendError
 
 DEFAULT_SOCKET = "/run/xenstored/socket"
 SPECIAL_WATCH_PATHS = ("@releaseDomain", "@introduceDomain")
+MAX_PENDING_WATCH_EVENTS = 64
+"""Distinct events one watch keeps until they are waited for (see the module docstring)."""
 
 ResultT = TypeVar("ResultT")
+EventT = TypeVar("EventT", bound=Hashable)
 
 
 class XenStoreOps(Protocol):
@@ -159,15 +167,54 @@ def _is_at_or_below(path: str, top: str) -> bool:
 # -- in memory -----------------------------------------------------------------
 
 
+class WatchEvents(Generic[EventT]):
+    """A watch's pending events: bounded and coalescing (the module docstring says why).
+    ``put`` never blocks; ``get`` is ``queue.Queue.get`` with a timeout."""
+
+    def __init__(self, capacity: int = MAX_PENDING_WATCH_EVENTS) -> None:
+        self._pending: dict[EventT, None] = {}
+        self._capacity = capacity
+        self._ready = threading.Condition()
+        self.dropped = 0
+        """Events neither queued nor already pending: the queue was full."""
+
+    def put(self, event: EventT) -> None:
+        with self._ready:
+            if event in self._pending:
+                return
+            if len(self._pending) >= self._capacity:
+                self.dropped += 1
+                return
+            self._pending[event] = None
+            self._ready.notify()
+
+    def get(self, timeout: float) -> EventT:
+        """The oldest pending event; ``queue.Empty`` if none came within ``timeout`` seconds."""
+        with self._ready:
+            if not self._ready.wait_for(lambda: bool(self._pending), timeout=max(0.0, timeout)):
+                raise queue.Empty
+            event = next(iter(self._pending))
+            del self._pending[event]
+            return event
+
+    def qsize(self) -> int:
+        with self._ready:
+            return len(self._pending)
+
+
 class _MemoryWatch:
     def __init__(self, store: MemoryStore, path: str) -> None:
         self._store = store
         self.path = path
-        self._events: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._events: WatchEvents[str] = WatchEvents()
         self._closed = False
 
     def deliver(self, path: str) -> None:
         self._events.put(path)
+
+    def pending(self) -> int:
+        """Events queued and not yet waited for (never more than MAX_PENDING_WATCH_EVENTS)."""
+        return self._events.qsize()
 
     def wait(self, timeout: float) -> str | None:
         if self._closed:
@@ -364,6 +411,11 @@ class MemoryStore:
                 if watch.path == special_path:
                     watch.deliver(special_path)
 
+    def watches(self) -> tuple[tuple[str, int], ...]:
+        """``(path, events pending)`` of every open watch, for tests."""
+        with self._lock:
+            return tuple((watch.path, watch.pending()) for watch in self._watches)
+
     def _unwatch(self, watch: _MemoryWatch) -> None:
         with self._lock:
             self._watches.remove(watch)
@@ -494,6 +546,9 @@ class _PyxsWatch:
         self.path = path
         self._token = token
         self._monitor = client.monitor()
+        # pyxs's router thread puts every event into ``monitor.events``, an unbounded
+        # queue.Queue: ours bounds and coalesces them (pyxs 0.4.x, pinned by tests/contract).
+        self._monitor.events = WatchEvents()
         self._monitor.watch(_encode(path), token)
 
     def wait(self, timeout: float) -> str | None:

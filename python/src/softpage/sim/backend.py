@@ -82,8 +82,8 @@ class SimSoftChannel:
         published = self.guest.published
         if published is None or len(published) < abi.HEADER.size:
             return None
-        generation = struct.unpack_from("<Q", published, abi.GENERATION_OFFSET)[0]
-        shown_request = struct.unpack_from("<Q", published, 24)[0]
+        generation = abi.GENERATION.unpack_from(published, abi.GENERATION_OFFSET)[0]
+        shown_request = abi.REQUEST_ID.unpack_from(published, abi.REQUEST_ID_OFFSET)[0]
         if generation % 2 or shown_request != request_id:
             return None
         return bytes(published)

@@ -38,10 +38,51 @@ from softpage.xen.pvdomain import PvDomain
 from softpage.xen.suspend import SuspendTimeouts, suspend_guest
 from softpage.xenstore import PyxsStore, XenStore
 
+BELOW_4GIB_PFNS = 1 << 20
+"""PFNs below 4 GiB. A PVH/HVM domain's maximum GPFN may exceed its page count by this much
+without the guest doing anything: libxl stops its low RAM at the MMIO hole and puts the rest
+above 4 GiB (``highmem`` starts at PFN 0x100000, tools/libs/guest/xg_dom_x86.c), and the magic
+pages sit right below ``X86_HVM_END_SPECIAL_REGION`` (PFN 0xff000, tools/include/xenguest.h),
+so even a 256 MiB PVH guest has a maximum GPFN near 0xfefff."""
+P2M_SLACK_PFNS = 1 << 18
+"""1 GiB of PFNs above that for frames a well-behaved guest maps beyond its RAM: Linux places
+its grant-table frames and other foreign mappings in free physical ranges of 128 MiB sections
+(drivers/xen/unpopulated-alloc.c), and memory hot-added by its balloon driver after the last
+RAM section; none of them can take more than max_pages beyond the RAM."""
+
 SUPPORTED_TYPES = (GuestType.PVH, GuestType.PV)
 UNSUPPORTED_REASONS = {
     GuestType.HVM: "HVM guests need the QEMU device-model state and log-dirty switch (not implemented)",
 }
+
+
+def p2m_size_limit(max_pages: int) -> int:
+    """The largest ``p2m_size`` dom0 accepts for a domain of ``max_pages`` pages.
+
+    ``p2m_size`` is ``xc_domain_maximum_gpfn() + 1``: for PVH and HVM the highest GFN the
+    guest ever had mapped (``p2m->max_mapped_pfn``, ``domain_get_maximum_gpfn`` in
+    xen/arch/x86/mm.c, Xen 4.17), which a guest raises by mapping one frame at a huge GFN
+    (``XENMEM_add_to_physmap``, ``XENMEM_populate_physmap``); for PV the ``arch.max_pfn`` the guest
+    writes in its shared info. Every per-PFN structure of the sender is sized by it (a bit a PFN
+    in each of about sixteen bitmaps, and the PV p2m), so it is bounded by what the domain can
+    really own: its pages, the 4 GiB the PVH/HVM memory map may skip (``BELOW_4GIB_PFNS``) and
+    ``P2M_SLACK_PFNS``. A 64 GiB guest (2^24 pages) may then reach 18.1 M PFNs, about 40 MiB of
+    dom0's memory (tests/bench/memory_bench.py). A guest beyond the limit is refused before
+    anything is allocated.
+    """
+    return max_pages + BELOW_4GIB_PFNS + P2M_SLACK_PFNS
+
+
+def check_p2m_size(domid: int, p2m_size: int, max_pages: int) -> None:
+    """``BackendError`` if ``p2m_size`` is beyond ``p2m_size_limit(max_pages)``."""
+    limit = p2m_size_limit(max_pages)
+    if p2m_size > limit:
+        raise BackendError(
+            f"dom {domid}: its highest guest frame number is {p2m_size - 1:#x}, expected at most "
+            f"{limit - 1:#x} for a domain of {max_pages} pages (its pages, 4 GiB for the MMIO hole, "
+            f"1 GiB of slack): the guest mapped a frame far beyond its memory; not migrating it, "
+            "it keeps running"
+        )
 
 
 def check_pfns(pfns: PfnArray, p2m_size: int, what: str) -> npt.NDArray[np.uint64]:
@@ -105,10 +146,12 @@ class XenBackend:
             raise BackendError(f"dom {self.domid}: {UNSUPPORTED_REASONS[guest_type]}")
         name = self._xenstore().read(f"/local/domain/{self.domid}/name") or f"domain-{self.domid}"
         if guest_type is GuestType.PV:
-            self._pv = PvDomain(self._ctrl, self._foreign_memory(), state)
+            self._pv = PvDomain(self._ctrl, self._foreign_memory(), state,
+                                p2m_size_limit(state.max_pages))
             p2m_size = self._pv.p2m_size
         else:
             p2m_size = self._ctrl.maximum_gpfn(self.domid) + 1
+            check_p2m_size(self.domid, p2m_size, state.max_pages)
         self._info = DomainInfo(
             domid=self.domid,
             name=name,

@@ -3,9 +3,10 @@
 Everything the guest publishes (xenstore keys, the header, the list pages) is
 untrusted. The geometry is checked before anything beyond the header page is
 mapped, and bounded by the domain's own size, so a lying guest can make dom0
-map at most ``1 + 64 + 4 * ceil(p2m_size / 32768)`` pages and never crash
-it: any failure while connecting gives no channel and a reason the caller
-logs (the migration then runs as plain precopy).
+map at most ``1 + 64 + 4 * ceil(p2m_size / 32768)`` pages (``p2m_size`` being bounded in
+turn by what the domain can own, ``softpage.xen.backend.p2m_size_limit``: about 9 MiB of
+mappings for a 64 GiB guest) and never crash it: any failure while connecting gives no
+channel and a reason the caller logs (the migration then runs as plain precopy).
 """
 
 from __future__ import annotations
@@ -158,11 +159,11 @@ def bitmap_grefs(list_pages: bytes | memoryview, geometry: Geometry) -> list[int
 
 
 def _generation(header_view: memoryview) -> int:
-    return int.from_bytes(header_view[16:24], "little")
+    return int(abi.GENERATION.unpack_from(header_view, abi.GENERATION_OFFSET)[0])
 
 
 def _request_id(header_view: memoryview) -> int:
-    return int.from_bytes(header_view[24:32], "little")
+    return int(abi.REQUEST_ID.unpack_from(header_view, abi.REQUEST_ID_OFFSET)[0])
 
 
 class XenSoftPageChannel:

@@ -41,7 +41,9 @@ VCPU_STATE_KINDS = ("extended", "xsave", "msrs")
 class PvDomain:
     """One PV source domain's shared info, p2m and vCPU state."""
 
-    def __init__(self, ctrl: XenCtrl, foreign: ForeignMemory, state: DomainState) -> None:
+    def __init__(self, ctrl: XenCtrl, foreign: ForeignMemory, state: DomainState, p2m_limit: int) -> None:
+        """``p2m_limit``: the largest p2m the sender accepts (``backend.p2m_size_limit``); the
+        guest writes ``arch.max_pfn`` itself, and the p2m read here takes 24 bytes a PFN."""
         self._ctrl = ctrl
         self._foreign = foreign
         self.domid = state.domid
@@ -55,6 +57,10 @@ class PvDomain:
         max_pfn = self._field(shared_info, "SOFTPAGE_SHINFO_MAX_PFN_OFFSET") - 1
         if max_pfn < 0:
             raise BackendError(f"dom {self.domid}: the guest published no p2m (arch.max_pfn is 0)")
+        if max_pfn + 1 > p2m_limit:
+            raise BackendError(
+                f"dom {self.domid}: its p2m has {max_pfn + 1} entries (arch.max_pfn), expected at most "
+                f"{p2m_limit} for a domain of {state.max_pages} pages: not migrating it, it keeps running")
         self.p2m: GuestP2m = read_p2m(
             self._map_copy,
             p2m_cr3=self._field(shared_info, "SOFTPAGE_SHINFO_P2M_CR3_OFFSET"),

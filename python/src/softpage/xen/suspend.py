@@ -65,19 +65,22 @@ def suspend_guest(
     node = shutdown_node(domid)
     if domain_state().suspended:
         return
-    with store.watch(node) as shutdown_watch, store.watch("@releaseDomain") as release_watch:
-        store.write(node, SUSPEND_REQUEST)
-        deadline = clock() + timeouts.ack
-        while not _acked(store.read(node)):
-            remaining = deadline - clock()
-            if remaining <= 0:
-                if not run_transaction(store, lambda ops: _withdraw_request(ops, node)):
-                    raise GuestProtocolError(
-                        f"dom {domid}: guest did not acknowledge {node} = {SUSPEND_REQUEST!r} within "
-                        f"{timeouts.ack:g} s; request withdrawn"
-                    )
-                break
-            shutdown_watch.wait(remaining)
+    with store.watch("@releaseDomain") as release_watch:
+        # Watched only until the guest acknowledges: it may go on writing the node, and those
+        # events would only queue up while we wait for the suspend.
+        with store.watch(node) as shutdown_watch:
+            store.write(node, SUSPEND_REQUEST)
+            deadline = clock() + timeouts.ack
+            while not _acked(store.read(node)):
+                remaining = deadline - clock()
+                if remaining <= 0:
+                    if not run_transaction(store, lambda ops: _withdraw_request(ops, node)):
+                        raise GuestProtocolError(
+                            f"dom {domid}: guest did not acknowledge {node} = {SUSPEND_REQUEST!r} "
+                            f"within {timeouts.ack:g} s; request withdrawn"
+                        )
+                    break
+                shutdown_watch.wait(remaining)
 
         deadline = clock() + timeouts.suspended
         while True:
