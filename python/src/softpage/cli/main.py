@@ -31,6 +31,7 @@ SUBCOMMAND_MODULES = {
     "simulate": "softpage.cli.simulate",
     "migrate": "softpage.cli.migrate",
     "save": "softpage.cli.migrate",
+    "resume": "softpage.cli.resume",
 }
 """Which module registers each subcommand. A command line that names one loads only that module:
 the others import numpy, which takes seconds in an emulated dom0."""

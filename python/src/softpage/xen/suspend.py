@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from softpage.errors import BackendError, GuestProtocolError
 from softpage.xen.ctrl import DomainState
@@ -95,6 +96,25 @@ def suspend_guest(
                     f"within {timeouts.suspended:g} s"
                 )
             release_watch.wait(min(remaining, STATE_POLL_INTERVAL))
+
+
+class Resumable(Protocol):
+    """What resuming a domain needs of libxenctrl (``XenCtrl``)."""
+
+    def domain_state(self, domid: int) -> DomainState: ...
+
+    def resume(self, domid: int, fast: bool = True) -> None: ...
+
+
+def resume_guest(ctrl: Resumable, store: XenStore, domid: int) -> bool:
+    """As ``libxl_domain_resume(suspend_cancel=1)``: if ``domid`` is suspended, resume it
+    cooperatively (the guest sees a cancelled suspend) in the hypervisor, then in xenstored.
+    True if it was suspended; a domain that is not is left as it is."""
+    if not ctrl.domain_state(domid).suspended:
+        return False
+    ctrl.resume(domid, fast=True)
+    store.resume_domain(domid)
+    return True
 
 
 def _withdraw_request(ops: XenStoreOps, node: str) -> bool:
