@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from softpage import toolstack
 from softpage.categories import PRUNABLE, Category
 from softpage.errors import SoftpageError
-from softpage.interrupts import signal_names
+from softpage.interrupts import held_signals, signal_names
 from softpage.options import DriverOptions
 from softpage.policy import SPP_MAX_ITERATIONS, SPP_TARGET_DIRTY_COUNT, PrecopyPolicy
 from softpage.stream.handshake import ReceiverProcess
@@ -213,17 +213,29 @@ def run_save(args: argparse.Namespace) -> int:
             # Its writer thread may still write to fd: the process's exit closes it.
             leave_open = True
             raise
+        except KeyboardInterrupt:
+            # After the stream, before the image is known to be on disk: the guest goes back to
+            # running (the driver already resumed it if the interrupt came earlier).
+            with held_signals():
+                backend.resume()
+            log(f"save: interrupted; {domain.name!r} runs")
+            raise
         finally:
             if not leave_open:
                 os.close(fd)
-        destroying = time.monotonic()
-        if args.checkpoint or args.leave_paused:
-            backend.resume()
-            if args.leave_paused:
-                toolstack.run_xl(["pause", str(domain.domid)])
-        else:
-            toolstack.destroy(domain.domid)
-        timeline = Timeline(startup_s=startup, destroy_s=time.monotonic() - destroying)
+        # Not cut in the middle: a half-destroyed or suspended-and-kept domain helps nobody.
+        with held_signals() as arrived:
+            destroying = time.monotonic()
+            if args.checkpoint or args.leave_paused:
+                backend.resume()
+                if args.leave_paused:
+                    toolstack.run_xl(["pause", str(domain.domid)])
+            else:
+                toolstack.destroy(domain.domid)
+            timeline = Timeline(startup_s=startup, destroy_s=time.monotonic() - destroying)
+        if arrived:
+            log(f"save: {signal_names(arrived)} arrived after the image was written, which was "
+                "finished first")
     finally:
         _cleanup(backend, log)
     elapsed = time.monotonic() - started
