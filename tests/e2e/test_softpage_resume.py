@@ -5,7 +5,7 @@ by itself after SIGTERM or SIGHUP) or runs on the destination, never both and ne
 One guest of 256 MiB goes through every step in turn. Each moment is picked from what the sender
 or Xen shows, not from sleeps: a dom0 helper (KILL_AT) starts the sender, polls for the step
 every 5 ms (the sender's own log lines, or the domain's state through softpage's Xen bindings)
-and sends the signal the moment it sees it.
+and sends the signal the moment it sees it; it then waits until the receiver is done.
 """
 
 from __future__ import annotations
@@ -27,9 +27,12 @@ from xen_testbed import Guest, Testbed
 pytestmark = pytest.mark.e2e
 
 KILL_AT = "/tmp/softpage-kill-at.py"
+NO_RECEIVER_S = 120
 KILL_AT_SCRIPT = f'''
 import json, os, re, signal, subprocess, sys, time
+from softpage.recovery import domain_names, migrate_receivers
 from softpage.xen.ctrl import XenCtrl
+from softpage.xenstore import PyxsStore
 
 step, signal_name, name, log_path = sys.argv[1:5]
 domid = int(subprocess.run(["xl", "domid", name], capture_output=True, text=True, check=True).stdout)
@@ -56,13 +59,25 @@ hit = sender.poll() is None
 if hit:
     os.kill(sender.pid, getattr(signal, signal_name))
 rc = sender.wait(600)
+
+# The receiver sees EOF and removes its copy (or dies of SIGPIPE first, its monitoring daemon
+# left beside the copy), or, given GO, starts its copy and renames it NAME: judge once it has
+# done one of these.
+def settled():
+    names = domain_names(store)
+    return all(receiver.monitor for receiver in migrate_receivers()) or any(
+        other_name == name and other != domid for other, other_name in names.items())
+
+store = PyxsStore()
+deadline = time.monotonic() + {NO_RECEIVER_S}
+while not settled() and time.monotonic() < deadline:
+    time.sleep(0.1)
 with open(log_path) as log:
-    print(json.dumps({{"hit": hit, "rc": rc, "log": log.read()}}))
+    print(json.dumps({{"hit": hit, "rc": rc, "settled": settled(), "log": log.read()}}))
 '''
 STEPS = ("live-round", "suspended", "final-round", "receiver-ack")
 """Before the suspend (after round 1), right after Xen shows the guest suspended, once the
 final round was sent (before the stream's end), and after the receiver's ready message."""
-NO_RECEIVER_S = 120
 
 
 def migrate_and_signal(guest: Guest, step: str, signal_name: str) -> dict[str, object]:
@@ -73,9 +88,7 @@ def migrate_and_signal(guest: Guest, step: str, signal_name: str) -> dict[str, o
                        timeout_s=900, check=True)
     outcome: dict[str, object] = json.loads(done.stdout)
     assert outcome["hit"], (step, outcome["log"])
-    # The receiver sees EOF (or, after GO, carries on alone): let it finish before judging.
-    testbed.run(f"for i in $(seq {NO_RECEIVER_S * 10}); do pgrep -f '^xl migrate-receive' >/dev/null || "
-                "exit 0; sleep 0.1; done; exit 1", timeout_s=NO_RECEIVER_S + 30, check=True)
+    assert outcome["settled"], (step, testbed.run("ps -ef | grep '[m]igrate-receive'; xl list").stdout)
     return outcome
 
 

@@ -108,6 +108,17 @@ def test_a_receiver_beside_its_incoming_copy_is_waited_for() -> None:
     assert ctrl.resumed == []
 
 
+def test_a_copys_monitor_does_not_stop_the_resume() -> None:
+    # The receiver died of SIGPIPE before it could destroy its copy; the daemon it forked to
+    # monitor the copy lives on until the copy is destroyed.
+    store, ctrl = host((7, "guest", SUSPENDED), (9, "guest--incoming", PAUSED))
+    report = resume_source("guest", store, ctrl, lambda: [Receiver(4242, "xl migrate-receive", True)])
+    assert report.resumed
+    assert report.leftovers == [
+        "'guest--incoming' (domain 9), the migration's unstarted copy: `xl destroy 9`",
+        "xl migrate-receive (pid 4242), a copy's monitor: it exits when that copy is destroyed"]
+
+
 def test_a_receiver_without_a_copy_is_named_as_a_leftover() -> None:
     store, ctrl = host((7, "guest", SUSPENDED))
     report = resume_source("guest", store, ctrl, lambda: [Receiver(4242, "xl migrate-receive")])
@@ -131,12 +142,17 @@ def test_an_unknown_domain_is_an_error() -> None:
 
 
 def test_receivers_are_found_by_their_command_line(tmp_path: Path) -> None:
-    for pid, words in ((10, [b"/usr/sbin/xl", b"migrate-receive"]), (11, [b"xl", b"list"]),
-                       (12, [b"sh", b"-c", b"xl migrate-receive"])):
-        os.mkdir(tmp_path / str(pid))
+    for pid, words, output in ((10, [b"/usr/lib/xen-4.17/bin/xl", b"migrate-receive"], "pipe:[77]"),
+                               (11, [b"xl", b"list"], "pipe:[78]"),
+                               (12, [b"sh", b"-c", b"xl migrate-receive"], "pipe:[79]"),
+                               (13, [b"xl", b"migrate-receive"], "/var/log/xen/xl-guest--incoming.log")):
+        os.makedirs(tmp_path / str(pid) / "fd")
         (tmp_path / str(pid) / "cmdline").write_bytes(b"\0".join(words) + b"\0")
+        os.symlink(output, tmp_path / str(pid) / "fd" / "1")
     os.mkdir(tmp_path / "self")
-    assert migrate_receivers(str(tmp_path)) == [Receiver(10, "/usr/sbin/xl migrate-receive")]
+    assert sorted(migrate_receivers(str(tmp_path)), key=lambda receiver: receiver.pid) == [
+        Receiver(10, "/usr/lib/xen-4.17/bin/xl migrate-receive", monitor=False),
+        Receiver(13, "xl migrate-receive", monitor=True)]
 
 
 def test_resume_is_a_subcommand() -> None:

@@ -38,6 +38,10 @@ class Receiver:
 
     pid: int
     command: str
+    monitor: bool = False
+    """It is the domain-monitoring daemon ``xl migrate-receive`` forks once its copy exists
+    (``do_daemonize``: its output goes to a log file), not the process that talks to the sender
+    and may still start the copy; it waits for the copy's end and exits with it."""
 
 
 @dataclass
@@ -77,8 +81,18 @@ def migrate_receivers(proc: str = "/proc") -> list[Receiver]:
             continue  # gone meanwhile, or not ours to read
         if len(words) >= 2 and os.path.basename(words[0]) == RECEIVER_COMMAND[0] \
                 and words[1] == RECEIVER_COMMAND[1]:
-            found.append(Receiver(int(entry), " ".join(words)))
+            found.append(Receiver(int(entry), " ".join(words), _writes_to_a_file(proc, entry)))
     return found
+
+
+def _writes_to_a_file(proc: str, pid: str) -> bool:
+    """Its standard output is a file: the receiver's own goes to the sender (a pipe, or a socket
+    under ssh), its monitoring daemon's to ``/var/log/xen/xl-NAME.log``."""
+    try:
+        target = os.readlink(os.path.join(proc, pid, "fd", "1"))
+    except OSError:
+        return False
+    return target.startswith("/")
 
 
 def _find_source(spec: str, names: dict[int, str]) -> tuple[int, str]:
@@ -112,7 +126,8 @@ def resume_source(
     ``ResumeRefused`` (nothing changed) if another domain of the guest's name, or its
     ``--incoming`` copy, runs: the destination owns the guest, and the source is to be destroyed;
     also while an ``xl migrate-receive`` runs here beside an incoming copy, which it may still
-    start; and if another domain, not running, has taken the guest's name."""
+    start (not its monitoring daemon, which never does); and if another domain, not running,
+    has taken the guest's name."""
     names = domain_names(store)
     domid, name = _find_source(spec, names)
     base = name.removesuffix(MIGRATED_AWAY_SUFFIX)
@@ -126,8 +141,9 @@ def resume_source(
             f"{others[copy]!r} (domain {copy}) runs: the migration's destination owns the guest, so "
             f"{name!r} (domain {domid}) is not resumed; `xl destroy {domid}` removes it")
     alive = receivers()
-    if alive and incoming in others.values():
-        pids = ", ".join(str(receiver.pid) for receiver in alive)
+    talking = [receiver for receiver in alive if not receiver.monitor]
+    if talking and incoming in others.values():
+        pids = ", ".join(str(receiver.pid) for receiver in talking)
         raise ResumeRefused(
             f"an xl migrate-receive (pid {pids}) still runs beside {incoming!r}, which it may still "
             f"start: wait for it to exit (or `kill {pids}`), then run `softpage resume {spec}` again")
@@ -151,6 +167,10 @@ def resume_source(
     for other, other_name in others.items():
         report.leftovers.append(f"{other_name!r} (domain {other}), the migration's unstarted copy: "
                                 f"`xl destroy {other}`")
-    report.leftovers.extend(f"xl migrate-receive (pid {receiver.pid}): `kill {receiver.pid}`"
-                            for receiver in alive)
+    for receiver in alive:
+        if receiver.monitor:
+            report.leftovers.append(f"xl migrate-receive (pid {receiver.pid}), a copy's monitor: it "
+                                    "exits when that copy is destroyed")
+        else:
+            report.leftovers.append(f"xl migrate-receive (pid {receiver.pid}): `kill {receiver.pid}`")
     return report
