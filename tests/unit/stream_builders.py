@@ -81,11 +81,14 @@ def fake_migrate_receive(connection: socket.socket, status: int, model: RestoreM
     except Exception:
         connection.close()  # create_domain failed: xl exits without a word
         return
-    connection.sendall(RECEIVER_READY)
-    if reader_file.read(len(PERMISSION_TO_GO)) != PERMISSION_TO_GO:
+    try:
+        connection.sendall(RECEIVER_READY)
+        if reader_file.read(len(PERMISSION_TO_GO)) != PERMISSION_TO_GO:
+            return
+        connection.sendall(UNPAUSE_REPORT + bytes([status & 0xFF]))
+        if status:
+            connection.sendall(PERMISSION_TO_GO)
+    except OSError:
+        return  # the sender is gone: xl dies of SIGPIPE
+    finally:
         connection.close()
-        return
-    connection.sendall(UNPAUSE_REPORT + bytes([status & 0xFF]))
-    if status:
-        connection.sendall(PERMISSION_TO_GO)
-    connection.close()

@@ -62,7 +62,8 @@ def test_a_named_subcommand_loads_only_its_own_module() -> None:
     # the other modules import numpy, which costs seconds in an emulated dom0
     assert _modules_needed(["--debug", "migrate", "-s", "", "guest", "host"]) == ["softpage.cli.migrate"]
     assert _modules_needed(["save", "guest", "file"]) == ["softpage.cli.migrate"]
-    everything = ["softpage.cli.inspect", "softpage.cli.simulate", "softpage.cli.migrate"]
+    everything = ["softpage.cli.inspect", "softpage.cli.simulate", "softpage.cli.migrate",
+                  "softpage.cli.resume"]
     assert _modules_needed(["--help"]) == _modules_needed(["nonsense"]) == everything
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -155,3 +157,32 @@ def test_a_guest_writing_its_keys_in_a_loop_cannot_make_dom0_queue_events() -> N
     assert guest.node_unwatched_after_ack
     assert guest.most_pending <= 1
     assert store.watches() == ()
+
+
+def test_an_interrupt_before_the_ack_withdraws_the_request() -> None:
+    store = MemoryStore({NODE: ""})
+    guest = ScriptedGuest(store, ack=False)
+    interrupt = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT))
+    interrupt.start()
+    with pytest.raises(KeyboardInterrupt):
+        suspend_guest(store, DOMID, guest.state, SuspendTimeouts(ack=5, suspended=5))
+    interrupt.join()
+    assert store.read(NODE) == ""  # a late guest will not suspend after all
+    guest.stop()
+
+
+def test_an_interrupt_after_the_ack_waits_for_the_suspend_so_that_a_resume_finds_it() -> None:
+    store = MemoryStore({NODE: ""})
+    guest = ScriptedGuest(store, delay=0.2)
+    calls = []
+
+    def state() -> DomainState:
+        calls.append(guest.state())
+        if len(calls) == 2:  # the first look after the ack
+            raise KeyboardInterrupt
+        return calls[-1]
+
+    with pytest.raises(KeyboardInterrupt):
+        suspend_guest(store, DOMID, state, SuspendTimeouts(ack=5, suspended=5))
+    assert calls[-1].suspended
+    guest.stop()

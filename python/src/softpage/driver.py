@@ -36,6 +36,7 @@ from softpage.backend import (
     StaticInfo,
 )
 from softpage.errors import BitmapError, MigrationError, SoftpageError
+from softpage.interrupts import held_signals
 from softpage.options import DriverOptions
 from softpage.pfnset import PfnArray, PfnSet
 from softpage.planner import RoundPlan, RoundPlanner, SentPages
@@ -177,7 +178,9 @@ def send_domain(
             _precopy(session, options.policy)
         session.stop_and_copy()
     except BaseException as error:
-        session.abandon()
+        # A second interrupt must not cut the resume short.
+        with held_signals():
+            session.abandon()
         if isinstance(error, (SoftpageError, OSError)) and not isinstance(error, MigrationError):
             raise MigrationError(f"migration of domain {session.domain.domid} failed: {error}") from error
         raise
@@ -348,7 +351,8 @@ class MigrationSession:
                 self.backend.resume()
                 self.suspended = False
             except (SoftpageError, OSError) as error:
-                self.log(f"error: could not resume domain {self.domain.domid} on the source: {error}")
+                self.log(f"error: could not resume domain {self.domain.domid} on the source: {error} "
+                         f"(`softpage resume {self.domain.domid}` retries)")
         if self.channel is not None:
             try:
                 self.channel.arm(False)

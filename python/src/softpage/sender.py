@@ -11,6 +11,7 @@ receiver was told "domain is yours" resumes the domain on the source.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,12 +23,14 @@ import numpy.typing as npt
 from softpage.backend import DomainInfo, EndOfCheckpoint, MigrationBackend, StaticInfo
 from softpage.driver import Log, MigrationStats, Progress, send_domain
 from softpage.errors import MigrationError, SoftpageError
+from softpage.interrupts import held_signals, signal_names
 from softpage.options import DriverOptions
 from softpage.pfnset import PfnArray
 from softpage.stream import handshake
 from softpage.stream.background import BackgroundWritev
 from softpage.stream.handshake import Handover, HandoverOutcome, HandshakeTimeouts
 from softpage.stream.writer import StreamWriter, WritevFn
+from softpage.toolstack import MIGRATED_AWAY_SUFFIX
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -148,6 +151,8 @@ class MigrateResult:
     handover: Handover
     downtime_s: float
     """From the suspend request to the receiver's report that its copy runs."""
+    held_signals: tuple[signal.Signals, ...] = ()
+    """Interrupting signals that arrived during the handover, which was finished first."""
 
 
 def migrate_domain(
@@ -160,53 +165,92 @@ def migrate_domain(
     log: Log,
     progress: Progress | None = None,
     timeouts: HandshakeTimeouts | None = None,
+    destroy_source: Callable[[], None] | None = None,
 ) -> MigrateResult:
     """Migrate the backend's domain to an ``xl migrate-receive`` on ``receiver``.
 
     Follows ``migrate_domain`` of tools/xl/xl_migrate.c step by step; the
     failure cases are those of ``softpage.stream.handshake``. Returns only
-    when the destination runs the guest (the caller destroys the source).
-    Raises ``MigrationError`` otherwise: with the guest resumed on the source,
-    except for ``HandoverOutcome.UNDEFINED`` (the message says so), where xl
-    too leaves everything as it is.
+    when the destination runs the guest, after ``destroy_source()`` (if given:
+    else the caller destroys the source). Raises ``MigrationError`` otherwise:
+    with the guest resumed on the source, except for ``HandoverOutcome.UNDEFINED``
+    (the message says so), where xl too leaves everything as it is, and for a
+    source that cannot be resumed (the message names ``softpage resume``).
+
+    ``KeyboardInterrupt`` (which the CLI raises for SIGTERM and SIGHUP too) takes
+    the failure path up to the handover: the source is renamed back and resumed,
+    and the interrupt raised again. From the handover's GO message on, those
+    signals are held until its outcome was acted on (the source destroyed, or
+    resumed if the target gave the guest back): resuming while the target may
+    unpause its copy could leave the guest running twice. The receiver's answers
+    are bounded by ``timeouts``.
     """
     timeouts = timeouts or HandshakeTimeouts()
     handshake.expect_banner(receiver.read, timeouts.banner)
-    try:
-        sent = _send(backend, receiver.writev, config_json, options, log, progress)
-    except StreamLeftOpen:
-        raise
-    except BaseException:
-        receiver.close_sending_side()
-        raise
-    stats = sent.stats
-    away_name = f"{domain_name}--migratedaway"
+    away_name = f"{domain_name}{MIGRATED_AWAY_SUFFIX}"
+    streamed = False
     renamed = False
     try:
+        sent = _send(backend, receiver.writev, config_json, options, log, progress)
+        streamed = True
         handshake.expect_receiver_ready(receiver.read, timeouts.ready)
-        stats.mark_downtime("receiver_ready")
+        sent.stats.mark_downtime("receiver_ready")
         log("migration sender: Target has acknowledged transfer.")
-        rename(domain_name, away_name)
-        renamed = True
-        stats.mark_downtime("renamed")
-    except (SoftpageError, OSError) as error:
-        _resume_source(backend, receiver, rename if renamed else None, away_name, domain_name, log)
-        raise MigrationError(f"migration failed, resumed at sender: {error}") from error
+        # Not cut between the rename and the note that it happened: the rename back needs it.
+        with held_signals() as arrived:
+            rename(domain_name, away_name)
+            renamed = True
+        if arrived:
+            raise KeyboardInterrupt(signal_names(arrived))
+        sent.stats.mark_downtime("renamed")
+    except StreamLeftOpen:
+        # The driver resumed the source; the stream's writer may still write, so the
+        # connection stays open.
+        raise
+    except BaseException as error:
+        with held_signals():
+            if streamed:
+                _resume_source(backend, receiver, rename if renamed else None, away_name, domain_name, log)
+            else:
+                # The driver resumed the source unless the interrupt came after its last step.
+                receiver.close_sending_side()
+                _resume(backend, domain_name)
+        if isinstance(error, KeyboardInterrupt):
+            log(f"migration sender: interrupted; {domain_name!r} runs on the source")
+            raise
+        if streamed and isinstance(error, (SoftpageError, OSError)):
+            raise MigrationError(f"migration failed, resumed at sender: {error}") from error
+        raise
+    stats = sent.stats
     log("migration sender: Giving target permission to start.")
-    handover = handshake.hand_over(receiver.read, receiver.write, timeouts)
-    if handover.outcome is HandoverOutcome.DESTINATION_RUNNING:
-        stats.mark_downtime("destination_running")
-        requested_at = stats.suspend_requested_at
-        if requested_at is None:
-            requested_at = time.monotonic()
-        return MigrateResult(sent, handover, time.monotonic() - requested_at)
-    if handover.outcome is HandoverOutcome.SOURCE_MAY_RESUME:
-        _resume_source(backend, receiver, rename, away_name, domain_name, log)
-        raise MigrationError(f"migration failed at the target: {handover.detail}; resumed at sender")
+    with held_signals() as arrived:
+        handover = handshake.hand_over(receiver.read, receiver.write, timeouts)
+        if handover.outcome is HandoverOutcome.DESTINATION_RUNNING:
+            stats.mark_downtime("destination_running")
+            requested_at = stats.suspend_requested_at
+            if requested_at is None:
+                requested_at = time.monotonic()
+            downtime = time.monotonic() - requested_at
+            log("migration sender: Target reports successful startup.")
+            if destroy_source is not None:
+                _destroy_source(destroy_source, away_name)
+            return MigrateResult(sent, handover, downtime, tuple(arrived))
+        if handover.outcome is HandoverOutcome.SOURCE_MAY_RESUME:
+            _resume_source(backend, receiver, rename, away_name, domain_name, log)
+            raise MigrationError(f"migration failed at the target: {handover.detail}; resumed at sender")
     raise MigrationError(
         f"{handover.detail}. Domain state is now undefined: the source is left suspended as "
-        f"{away_name!r}; check the target before resuming or destroying anything"
+        f"{away_name!r}; check the target before resuming or destroying anything "
+        f"(`softpage resume {domain_name}` resumes the source unless a copy runs on this host)"
     )
+
+
+def _destroy_source(destroy_source: Callable[[], None], away_name: str) -> None:
+    try:
+        destroy_source()
+    except (SoftpageError, OSError) as error:
+        raise MigrationError(f"the guest runs on the target, but destroying the source failed: {error}; "
+                             f"`xl destroy {away_name}` removes it") from error
 
 
 def _resume_source(
@@ -224,5 +268,15 @@ def _resume_source(
         except (SoftpageError, OSError) as error:
             log(f"warning: could not rename {away_name!r} back to {domain_name!r}: {error}")
     log("migration sender: Trying to resume at our end.")
-    backend.resume()
+    _resume(backend, domain_name)
     log("migration sender: Resumed OK.")
+
+
+def _resume(backend: MigrationBackend, domain_name: str) -> None:
+    """``backend.resume()`` (a no-op for a running domain); ``MigrationError`` naming the command
+    that brings the guest back if it fails."""
+    try:
+        backend.resume()
+    except (SoftpageError, OSError) as error:
+        raise MigrationError(f"could not resume {domain_name!r} on the source, which is left suspended: "
+                             f"{error}; `softpage resume {domain_name}` retries") from error

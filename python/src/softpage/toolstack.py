@@ -23,6 +23,13 @@ UUID_PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9
 
 XL = "xl"
 
+MIGRATED_AWAY_SUFFIX = "--migratedaway"
+"""What ``xl migrate`` appends to the source's name between the receiver's ready message and the
+handover (``migrate_domain`` in tools/xl/xl_migrate.c)."""
+INCOMING_SUFFIX = "--incoming"
+"""What ``xl migrate-receive`` appends to its copy's name until the handover
+(``migrate_receive`` in tools/xl/xl_migrate.c); it then renames the copy to the guest's name."""
+
 
 def run_xl(arguments: Sequence[str], timeout: float = 120.0) -> str:
     """Run ``xl ARGUMENTS``; its stdout, or ``BackendError`` with its stderr."""

@@ -9,12 +9,14 @@ callable ``(args) -> int``. This module owns the error boundary:
   (the traceback too with ``--debug``);
 * 2 usage error (argparse);
 * 3 unexpected exception: traceback and "this is a bug";
-* 130 interrupted.
+* 130 interrupted: SIGINT, and SIGTERM and SIGHUP (a dropped ssh session), which
+  raise ``KeyboardInterrupt`` as SIGINT does, so each takes the same cleanup path.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 import traceback
@@ -22,12 +24,14 @@ from collections.abc import Sequence
 
 from softpage import __version__
 from softpage.errors import SoftpageError
+from softpage.interrupts import raise_on_signals
 
 SUBCOMMAND_MODULES = {
     "inspect": "softpage.cli.inspect",
     "simulate": "softpage.cli.simulate",
     "migrate": "softpage.cli.migrate",
     "save": "softpage.cli.migrate",
+    "resume": "softpage.cli.resume",
 }
 """Which module registers each subcommand. A command line that names one loads only that module:
 the others import numpy, which takes seconds in an emulated dom0."""
@@ -60,10 +64,13 @@ def _modules_needed(argv: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    raise_on_signals()
     try:
         return int(args.func(args))
-    except KeyboardInterrupt:
-        print("softpage: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        # After SIGHUP stderr may be gone with the terminal: the exit status still tells.
+        with contextlib.suppress(OSError):
+            print(f"softpage: interrupted{f' ({interrupt})' if str(interrupt) else ''}", file=sys.stderr)
         return 130
     except (SoftpageError, OSError) as error:
         if args.debug:

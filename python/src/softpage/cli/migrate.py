@@ -13,6 +13,7 @@ xl migrate-receive``, or the ``HOST`` command itself with ``-s ""``) and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import json
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from softpage import toolstack
 from softpage.categories import PRUNABLE, Category
 from softpage.errors import SoftpageError
+from softpage.interrupts import held_signals, signal_names
 from softpage.options import DriverOptions
 from softpage.policy import SPP_MAX_ITERATIONS, SPP_TARGET_DIRTY_COUNT, PrecopyPolicy
 from softpage.stream.handshake import ReceiverProcess
@@ -152,6 +154,15 @@ def run_migrate(args: argparse.Namespace) -> int:
     rune = args.host if not args.ssh_command else f"exec {args.ssh_command} {args.host} xl migrate-receive"
     log = _logger(sys.stderr)
     backend = None
+    destroy_times: list[float] = []
+
+    def destroy_source() -> None:
+        if backend is not None:
+            _cleanup(backend, log)  # log-dirty off and the guest's pages unmapped first
+        destroying = time.monotonic()
+        toolstack.destroy(domain.domid)
+        destroy_times.append(time.monotonic() - destroying)
+
     try:
         # As early as the domain is known to exist: the receiver starts up while we do.
         with ReceiverProcess(["sh", "-c", rune]) as receiver, PyxsStore() as store:
@@ -164,18 +175,19 @@ def run_migrate(args: argparse.Namespace) -> int:
                 backend, _Receiver(receiver), domain.config_json(preserve_domid=args.preserve_domid),
                 domain.name, functools.partial(toolstack.rename, store, domain.domid, domain.uuid),
                 _driver_options(args, live=True), log, None if args.quiet else _progress(sys.stderr),
+                destroy_source=destroy_source,
             )
     finally:
         if backend is not None:
             _cleanup(backend, log)
-    log("migration sender: Target reports successful startup.")
-    destroying = time.monotonic()
-    toolstack.destroy(domain.domid)
-    timeline = Timeline(startup_s=startup, destroy_s=time.monotonic() - destroying)
+    timeline = Timeline(startup_s=startup, destroy_s=destroy_times[0])
     stats = result.send.stats
     elapsed = time.monotonic() - started
     _write_stats(args.stats, stats, result.send.stream_bytes, elapsed, result.downtime_s, timeline)
-    print(_summary(stats, result.send.stream_bytes, elapsed, result.downtime_s), file=sys.stderr)
+    log(_summary(stats, result.send.stream_bytes, elapsed, result.downtime_s))
+    if result.held_signals:
+        log(f"migration sender: {signal_names(list(result.held_signals))} arrived during the handover, "
+            "which was finished first: the guest runs on the target")
     log("Migration successful.")
     return 0
 
@@ -201,17 +213,29 @@ def run_save(args: argparse.Namespace) -> int:
             # Its writer thread may still write to fd: the process's exit closes it.
             leave_open = True
             raise
+        except KeyboardInterrupt:
+            # After the stream, before the image is known to be on disk: the guest goes back to
+            # running (the driver already resumed it if the interrupt came earlier).
+            with held_signals():
+                backend.resume()
+            log(f"save: interrupted; {domain.name!r} runs")
+            raise
         finally:
             if not leave_open:
                 os.close(fd)
-        destroying = time.monotonic()
-        if args.checkpoint or args.leave_paused:
-            backend.resume()
-            if args.leave_paused:
-                toolstack.run_xl(["pause", str(domain.domid)])
-        else:
-            toolstack.destroy(domain.domid)
-        timeline = Timeline(startup_s=startup, destroy_s=time.monotonic() - destroying)
+        # Not cut in the middle: a half-destroyed or suspended-and-kept domain helps nobody.
+        with held_signals() as arrived:
+            destroying = time.monotonic()
+            if args.checkpoint or args.leave_paused:
+                backend.resume()
+                if args.leave_paused:
+                    toolstack.run_xl(["pause", str(domain.domid)])
+            else:
+                toolstack.destroy(domain.domid)
+            timeline = Timeline(startup_s=startup, destroy_s=time.monotonic() - destroying)
+        if arrived:
+            log(f"save: {signal_names(arrived)} arrived after the image was written, which was "
+                "finished first")
     finally:
         _cleanup(backend, log)
     elapsed = time.monotonic() - started
@@ -265,23 +289,29 @@ def _cleanup(backend: Any, log: Any) -> None:
 
 def _logger(stream: TextIO) -> Any:
     def log(message: str) -> None:
-        print(message, file=stream, flush=True)
+        # After SIGHUP (a dropped ssh session) stderr may be gone: a failed log line must not
+        # cut short the resume or the handover it reports on.
+        _print_quietly(message, stream)
 
     return log
 
 
 def _progress(stream: TextIO) -> Any:
     def report(round_stats: RoundStats) -> None:
-        print(
+        _print_quietly(
             f"softpage: round {round_stats.round} ({round_stats.kind}): "
             f"{round_stats.pages_data} pages with data, {round_stats.pages_xalloc} as XALLOC, "
             f"{round_stats.pages_skipped} skipped soft, {round_stats.bytes / MIB:.1f} MiB "
             f"in {round_stats.duration_s:.1f} s",
-            file=stream,
-            flush=True,
+            stream,
         )
 
     return report
+
+
+def _print_quietly(message: str, stream: TextIO) -> None:
+    with contextlib.suppress(OSError):
+        print(message, file=stream, flush=True)
 
 
 def _totals(

@@ -35,7 +35,7 @@ from softpage.xen.evtchn import EventChannels
 from softpage.xen.foreignmemory import ForeignMapping, ForeignMemory
 from softpage.xen.gnttab import GrantTable
 from softpage.xen.pvdomain import PvDomain
-from softpage.xen.suspend import SuspendTimeouts, suspend_guest
+from softpage.xen.suspend import SuspendTimeouts, resume_guest, suspend_guest
 from softpage.xenstore import PyxsStore, XenStore
 
 BELOW_4GIB_PFNS = 1 << 20
@@ -243,9 +243,7 @@ class XenBackend:
 
     def resume(self) -> None:
         """As ``libxl_domain_resume(suspend_cancel=1)``: the hypervisor, then xenstored."""
-        if self.domain_state().suspended:
-            self._ctrl.resume(self.domid, fast=True)
-            self._xenstore().resume_domain(self.domid)
+        resume_guest(self._ctrl, self._xenstore(), self.domid)
         self._suspended = False
 
     def soft_channel(self) -> XenSoftPageChannel | None:

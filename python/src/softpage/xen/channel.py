@@ -45,6 +45,11 @@ def softpage_home(domid: int) -> str:
     return f"/local/domain/{domid}/data/softpage"
 
 
+ARMED = "armed"
+"""The key under ``softpage_home`` that arms the guest: "1" before the first request, "0" on
+cancel (docs/spec/guest-protocol.md)."""
+
+
 class PageMapping(Protocol):
     """A read-only mapping of granted pages (``gnttab.GrantMapping``)."""
 
@@ -238,7 +243,7 @@ class XenSoftPageChannel:
 
     # -- SoftPageChannel ---------------------------------------------------
     def arm(self, armed: bool) -> None:
-        self._store.write(f"{self._home}/armed", "1" if armed else "0")
+        self._store.write(f"{self._home}/{ARMED}", "1" if armed else "0")
 
     def request(self, request_id: int) -> None:
         self._store.write(f"{self._home}/request", str(request_id))

@@ -22,8 +22,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from softpage.errors import BackendError, GuestProtocolError
+from softpage.interrupts import held_signals
 from softpage.xen.ctrl import DomainState
 from softpage.xenstore import XenStore, XenStoreOps, run_transaction
 
@@ -65,10 +67,36 @@ def suspend_guest(
     node = shutdown_node(domid)
     if domain_state().suspended:
         return
+    requested: list[bool] = []
+    try:
+        _request_and_wait(store, domid, node, domain_state, timeouts, clock, requested)
+    except KeyboardInterrupt:
+        if not requested:
+            raise
+        # The caller resumes the guest, which is a no-op unless it is suspended: a guest that
+        # acknowledged must be let finish its suspend first, or it would suspend afterwards and
+        # stay suspended; one that did not is told not to.
+        with held_signals():
+            _settle(store, node, domain_state, timeouts, clock)
+        raise
+
+
+def _request_and_wait(
+    store: XenStore,
+    domid: int,
+    node: str,
+    domain_state: Callable[[], DomainState],
+    timeouts: SuspendTimeouts,
+    clock: Callable[[], float],
+    requested: list[bool],
+) -> None:
+    """The libxl steps of ``suspend_guest``; ``requested`` gets an entry once the request may
+    have been written."""
     with store.watch("@releaseDomain") as release_watch:
         # Watched only until the guest acknowledges: it may go on writing the node, and those
         # events would only queue up while we wait for the suspend.
         with store.watch(node) as shutdown_watch:
+            requested.append(True)
             store.write(node, SUSPEND_REQUEST)
             deadline = clock() + timeouts.ack
             while not _acked(store.read(node)):
@@ -98,6 +126,42 @@ def suspend_guest(
                     f"within {timeouts.suspended:g} s"
                 )
             release_watch.wait(min(remaining, STATE_POLL_INTERVAL))
+
+
+class Resumable(Protocol):
+    """What resuming a domain needs of libxenctrl (``XenCtrl``)."""
+
+    def domain_state(self, domid: int) -> DomainState: ...
+
+    def resume(self, domid: int, fast: bool = True) -> None: ...
+
+
+def resume_guest(ctrl: Resumable, store: XenStore, domid: int) -> bool:
+    """As ``libxl_domain_resume(suspend_cancel=1)``: if ``domid`` is suspended, resume it
+    cooperatively (the guest sees a cancelled suspend) in the hypervisor, then in xenstored.
+    True if it was suspended; a domain that is not is left as it is."""
+    if not ctrl.domain_state(domid).suspended:
+        return False
+    ctrl.resume(domid, fast=True)
+    store.resume_domain(domid)
+    return True
+
+
+def _settle(
+    store: XenStore,
+    node: str,
+    domain_state: Callable[[], DomainState],
+    timeouts: SuspendTimeouts,
+    clock: Callable[[], float],
+) -> None:
+    """After an interrupt: withdraw a request the guest has not acknowledged, or wait (at most
+    ``timeouts.suspended``) for an acknowledged one to end in a shutdown."""
+    if not run_transaction(store, lambda ops: _withdraw_request(ops, node)):
+        return
+    deadline = clock() + timeouts.suspended
+    with store.watch("@releaseDomain") as release_watch:
+        while not domain_state().shutdown and clock() < deadline:
+            release_watch.wait(min(deadline - clock(), STATE_POLL_INTERVAL))
 
 
 def _withdraw_request(ops: XenStoreOps, node: str) -> bool:
