@@ -236,8 +236,14 @@ static u32 softpage_guest_flags(void)
 		flags |= SOFTPAGE_FLAG_INIT_ON_FREE;
 	if (page_poisoning_enabled())
 		flags |= SOFTPAGE_FLAG_PAGE_POISON;
-	/* softpage_syscore_resume() restores what the allocator expects. */
-	return flags | SOFTPAGE_FLAG_HELD_REINIT;
+	/*
+	 * softpage_syscore_resume() restores what the allocator expects, but it
+	 * cannot read free pages that debug_pagealloc took out of the direct map
+	 * (docs/free-page-audit.md): without the flag dom0 sends every stale page.
+	 */
+	if (!debug_pagealloc_enabled_static())
+		flags |= SOFTPAGE_FLAG_HELD_REINIT;
+	return flags;
 }
 
 static bool softpage_is_clean_cache(struct page *page, bool skip_hot)
@@ -908,12 +914,18 @@ static void softpage_syscore_resume(void)
 		return;
 	sp->held_published = false;
 	byte = softpage_free_page_byte();
-	if (byte < 0)
+	if (byte < 0 || debug_pagealloc_enabled_static())
 		return;
 	start = ktime_get_ns();
 	held = softpage_category(sp, sp->scan_bitmaps, SOFTPAGE_CAT_HELD);
 	for_each_set_bit(pfn, held, sp->nr_pfns) {
-		void *addr = kmap_local_page(pfn_to_page(pfn));
+		struct page *page = pfn_to_page(pfn);
+		void *addr;
+
+		/* The allocator never hands it out (check_new_page_bad()). */
+		if (PageHWPoison(page))
+			continue;
+		addr = kmap_local_page(page);
 
 		if (memchr_inv(addr, byte, PAGE_SIZE)) {
 			memset(addr, byte, PAGE_SIZE);
