@@ -34,30 +34,14 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "say.h"
+
 #define PAGE_BYTES 4096u
 #define STATS "/sys/devices/platform/softpage/stats/"
 #define MAX_REGIONS 64
 /* Give up waiting for requests after this long: the test fails on the missing FREED lines. */
 #define CHURN_TIMEOUT_S 900
 #define POLL_NS 10000000L
-
-static void say(const char *fmt, ...)
-{
-	char line[256];
-	va_list ap;
-	int len;
-
-	va_start(ap, fmt);
-	len = vsnprintf(line, sizeof(line) - 1, fmt, ap);
-	va_end(ap);
-	if (len < 0)
-		return;
-	if ((size_t)len > sizeof(line) - 2)
-		len = sizeof(line) - 2;
-	line[len++] = '\n';
-	if (write(STDOUT_FILENO, line, (size_t)len) < 0)
-		return;
-}
 
 static int read_stat(const char *name, uint64_t *value)
 {

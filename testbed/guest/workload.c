@@ -36,6 +36,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "say.h"
+
 #define PAGE_BYTES 4096u
 #define WORDS_PER_PAGE (PAGE_BYTES / sizeof(uint64_t))
 #define DATA_FILE_BYTES (16u << 20)
@@ -84,25 +86,6 @@ static uint64_t checksum_update(uint64_t sum, const uint64_t *words, size_t coun
 	for (size_t i = 0; i < count; i++)
 		sum = (sum ^ words[i]) * CHECKSUM_PRIME;
 	return sum;
-}
-
-static void say(const char *fmt, ...)
-{
-	char line[512];
-	va_list ap;
-	int len;
-
-	va_start(ap, fmt);
-	len = vsnprintf(line, sizeof(line) - 1, fmt, ap);
-	va_end(ap);
-	if (len < 0)
-		return;
-	if ((size_t)len > sizeof(line) - 2)
-		len = sizeof(line) - 2;
-	line[len++] = '\n';
-	/* one write per line: the console log never interleaves half lines */
-	if (write(STDOUT_FILENO, line, (size_t)len) < 0)
-		return;
 }
 
 static double now_s(void)
