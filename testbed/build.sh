@@ -101,7 +101,7 @@ key_image() {
     { echo "image $(stamp_of rootfs) $DOM0_IMG_SIZE"; declare -f stage_image; } |
         hash_inputs dom0/softpage-agent.py dom0/softpage-agent.service dom0/configure.sh
 }
-key_data() { { echo "data $DATA_MB"; declare -f stage_data; } | hash_inputs guest/workload.c; }
+key_data() { { echo "data $DATA_MB"; declare -f stage_data; } | hash_inputs guest/workload.c guest/say.h; }
 
 stage_deps() {
     if [ "${SOFTPAGE_SKIP_APT:-0}" = 1 ]; then log "SOFTPAGE_SKIP_APT=1: not installing host packages"; return; fi
