@@ -439,8 +439,9 @@ class SimGuest:
         reclaimable slab become free, their contents unwritten; the kernel
         writes the struct pages that describe them (its memmap)."""
         droppable = ((self.kind == PageKind.CACHE) & ~self.pinned) | (self.kind == PageKind.SLAB)
-        self._free(np.flatnonzero(droppable))
-        self._write_memmap(np.flatnonzero(droppable))
+        freed = np.flatnonzero(droppable)
+        self._free(freed)
+        self._write_memmap(freed)
 
     def _write_memmap(self, freed: Indexes) -> None:
         """The kernel pages holding the struct pages of ``freed`` (64 bytes each, so one memmap
