@@ -37,8 +37,10 @@ from softpage.xenstore import PyxsStore
 step, signal_name, name, log_path = sys.argv[1:5]
 domid = int(subprocess.run(["xl", "domid", name], capture_output=True, text=True, check=True).stdout)
 ctrl = XenCtrl.open()
+store = PyxsStore()
 LOG_STEPS = {{"live-round": r"round 1 \\(live\\)", "final-round": r"\\(final\\)",
-             "receiver-ack": r"Target has acknowledged transfer"}}
+             "receiver-ack": r"Target has acknowledged transfer",
+             "destination-runs": r"Target reports successful startup"}}
 with open(log_path, "w") as log:
     sender = subprocess.Popen(["python3", "-m", "softpage", "migrate", "-s", "", name,
                                "{LOCALHOST_RECEIVER}"], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
@@ -68,16 +70,16 @@ def settled():
     return all(receiver.monitor for receiver in migrate_receivers()) or any(
         other_name == name and other != domid for other, other_name in names.items())
 
-store = PyxsStore()
 deadline = time.monotonic() + {NO_RECEIVER_S}
 while not settled() and time.monotonic() < deadline:
     time.sleep(0.1)
 with open(log_path) as log:
     print(json.dumps({{"hit": hit, "rc": rc, "settled": settled(), "log": log.read()}}))
 '''
-STEPS = ("live-round", "suspended", "final-round", "receiver-ack")
+STEPS = ("live-round", "suspended", "final-round", "receiver-ack", "destination-runs")
 """Before the suspend (after round 1), right after Xen shows the guest suspended, once the
-final round was sent (before the stream's end), and after the receiver's ready message."""
+final round was sent (before the stream's end), after the receiver's ready message, and after
+GO, once the receiver reported its copy running (before the sender destroys the source)."""
 
 
 def migrate_and_signal(guest: Guest, step: str, signal_name: str) -> dict[str, object]:
@@ -104,15 +106,22 @@ def test_a_killed_sender_leaves_one_copy_that_softpage_resume_brings_back(xen_pv
     testbed = xen_pvh_testbed
     guest = start_guest(testbed, "sp-kill")
     for step in STEPS:
+        source = domid(guest)
         heartbeat = guest.heartbeat()
         outcome = migrate_and_signal(guest, step, "SIGKILL")
         assert outcome["rc"] == -9, (step, outcome)
         resumed = softpage(testbed, "resume", guest.name, timeout_s=300)
+        if step == "destination-runs":
+            # The destination's copy runs: the suspended source beside it is never resumed but named
+            # for `xl destroy`, unless the sender's own `xl destroy` had already started.
+            print(f"kill after GO: softpage resume exit {resumed.rc}: {resumed.stderr.strip()}")
+            assert domid(guest) != source, (step, resumed.stderr)
+            assert not resumed.ok or "was not suspended" in resumed.stderr, (step, resumed.stderr)
         if resumed.ok:
             assert re.search(rf"'{guest.name}' \(domain \d+\): ", resumed.stderr), (step, resumed.stderr)
         else:
             # Killed after GO: the receiver started its copy, which owns the guest now.
-            assert step == "receiver-ack", (step, resumed.rc, resumed.stderr)
+            assert step in ("receiver-ack", "destination-runs"), (step, resumed.rc, resumed.stderr)
             assert "the migration's destination owns the guest" in resumed.stderr, resumed.stderr
         # Whatever `softpage resume` names as left over goes with the command it names.
         for leftover in re.findall(r"`xl destroy (\d+)`", resumed.stderr):
