@@ -47,7 +47,7 @@ test-e2e: setup testbed
 	$(PYTEST) -v -m e2e --reruns 1 --only-rerun GuestTripleFault --only-rerun Dom0Hung tests
 
 # Collecting the whole tree first catches what only the e2e run would otherwise meet
-# (two test modules with one basename), before the testbed is built.
+# (a test module that does not import), before the testbed is built.
 lint: setup
 	$(PYTEST) -q --collect-only tests > /dev/null
 	cd python && ../$(VENV)/bin/ruff check src ../tests ../testbed
