@@ -15,8 +15,9 @@ PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.softpage-setup
 PYTEST := $(PY) -m pytest
 # Inputs of the editable install (the cffi modules are compiled from these).
+# The testbed harness (testbed/softpage_testbed) is a second editable install.
 SETUP_INPUTS := python/pyproject.toml python/setup.py guest_kmod/uapi/softpage_abi.h \
-	$(wildcard python/src/softpage/_cffi_build/*) scripts/host-setup.sh
+	$(wildcard python/src/softpage/_cffi_build/*) scripts/host-setup.sh testbed/pyproject.toml
 
 .PHONY: setup test test-fast test-unit test-property test-e2e lint bench fuzz demo clean
 
@@ -26,7 +27,7 @@ $(SETUP_STAMP): $(SETUP_INPUTS)
 	scripts/host-setup.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e 'python[test,xen]'
+	$(PY) -m pip install -q -e 'python[test,xen]' -e testbed
 	touch $@
 
 test: setup lint test-unit test-property test-e2e
@@ -46,30 +47,30 @@ test-e2e: setup testbed
 	$(PYTEST) -v -m e2e --reruns 1 --only-rerun GuestTripleFault --only-rerun Dom0Hung tests
 
 # Collecting the whole tree first catches what only the e2e run would otherwise meet
-# (two test modules with one basename), before the testbed is built.
+# (a test module that does not import), before the testbed is built.
 lint: setup
 	$(PYTEST) -q --collect-only tests > /dev/null
-	cd python && ../$(VENV)/bin/ruff check src ../tests
-	cd python && ../$(VENV)/bin/mypy src
+	cd python && ../$(VENV)/bin/ruff check src ../tests ../testbed
+	cd python && ../$(VENV)/bin/mypy src ../testbed/softpage_testbed ../testbed/demo.py
 	$(MAKE) -C guest_kmod checkpatch
 
 bench: setup testbed
 	$(PYTEST) -q tests/bench
-	$(PY) tests/bench/xen_bench.py
+	$(PY) -m tests.bench.xen_bench
 
 # The fuzzer is the `fuzz` extra, installed here only; 2 workers, one a core.
 FUZZ_STAMP := $(VENV)/.softpage-fuzz
 SOFTPAGE_FUZZ_RUNS ?= 1000000
 
 $(FUZZ_STAMP): $(SETUP_STAMP)
-	$(PY) -m pip install -q -e 'python[test,xen,fuzz]'
+	$(PY) -m pip install -q -e 'python[test,xen,fuzz]' -e testbed
 	touch $@
 
 fuzz: $(FUZZ_STAMP)
-	SOFTPAGE_FUZZ_RUNS=$(SOFTPAGE_FUZZ_RUNS) $(PY) tests/fuzz/fuzz_bitmap.py --workers 2
+	SOFTPAGE_FUZZ_RUNS=$(SOFTPAGE_FUZZ_RUNS) $(PY) -m tests.fuzz.fuzz_bitmap --workers 2
 
 clean:
-	rm -rf $(VENV) python/build python/src/*.egg-info
+	rm -rf $(VENV) python/build python/src/*.egg-info testbed/build testbed/*.egg-info
 	-$(MAKE) -C guest_kmod clean
 
 include testbed/testbed.mk

@@ -26,10 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
-
-# the harness lives with the e2e tests (path set above)
-from xen_testbed import (
+from softpage_testbed import (
     XEN_PVH_VERSION,
     Guest,
     GuestSpec,

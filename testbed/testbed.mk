@@ -11,7 +11,8 @@
 #   SOFTPAGE_E2E_LOG_DIR    where failed e2e tests keep serial and Xen logs (default results/e2e-logs)
 
 TESTBED_DIR := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
-TESTBED_PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
+# The harness (testbed/softpage_testbed) is installed into the venv by `make setup`.
+TESTBED_PYTHON ?= .venv/bin/python
 
 .PHONY: testbed testbed-clean demo
 

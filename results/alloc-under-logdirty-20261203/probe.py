@@ -1,14 +1,14 @@
 """Guest-side cost of writing free memory for the first time, with and without log-dirty on.
 
-Run as root beside a built testbed: python3 results/alloc-under-logdirty-20261203/probe.py
+Run as root beside a built testbed, from the checkout after `make setup`:
+PYTHONPATH=. .venv/bin/python results/alloc-under-logdirty-20261203/probe.py
 (boots it, starts a 1 GiB PVH guest with no page cache, fills 700 MiB of tmpfs in it three
 times plain and three times while dom0 holds log-dirty on; appends to result.txt here)."""
 import os, sys, tempfile, time, re
 from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "e2e")); sys.path.insert(0, str(REPO / "tests" / "bench"))
-from xen_testbed import XEN_PVH_VERSION, GuestSpec, TestbedConfig, booted_testbed
-import xen_bench
+from softpage_testbed import XEN_PVH_VERSION, GuestSpec, TestbedConfig, booted_testbed
+from tests.bench import xen_bench
 os.environ.setdefault("SOFTPAGE_DATA_MB", "1024")
 os.environ.setdefault("SOFTPAGE_QEMU_MEM_MB", str(1024 + 2 * 1024 + 1024))
 t0 = time.monotonic()

@@ -23,7 +23,7 @@ whose maximum GPFN the guest raised to ``--hostile-gfn`` (default 2^36) by mappi
 there. The child's address space is capped at 2 GiB above its size after setup, so that a sender
 without a bound fails with ``MemoryError`` instead of taking the machine.
 
-    .venv/bin/python tests/bench/memory_bench.py [--pfns N] [--hostile-gfn GFN] [--json]
+    .venv/bin/python -m tests.bench.memory_bench [--pfns N] [--hostile-gfn GFN] [--json]
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
 
 DEFAULT_PFNS = 1 << 24
 DEFAULT_HOSTILE_GFN = 1 << 36
@@ -234,7 +233,7 @@ def run_hostile(hostile_gfn: int) -> dict[str, Any]:
     from softpage.stream.writer import StreamWriter
     from softpage.xen.backend import XenBackend
     from softpage.xenstore import MemoryStore
-    from xen_fakes import FakeDomain, fake_binding
+    from tests.xen_fakes import FakeDomain, fake_binding
 
     domid = 9
     domain = FakeDomain(domid=domid, nr_pfns=HOSTILE_RAM_PFNS,
@@ -274,8 +273,9 @@ def run_hostile(hostile_gfn: int) -> dict[str, Any]:
 def measure(case: str, pfns: int, hostile_gfn: int) -> dict[str, Any]:
     """One case in a child process of its own; its JSON result, with bytes per PFN added."""
     child = subprocess.run(
-        [sys.executable, __file__, "--child", case, "--pfns", str(pfns), "--hostile-gfn", str(hostile_gfn)],
-        capture_output=True, text=True, check=False)
+        [sys.executable, "-m", "tests.bench.memory_bench", "--child", case, "--pfns", str(pfns),
+         "--hostile-gfn", str(hostile_gfn)],
+        capture_output=True, text=True, check=False, cwd=REPO)
     if child.returncode != 0:
         raise RuntimeError(f"{case}: the child failed ({child.returncode}): {child.stderr.strip()[-2000:]}")
     result: dict[str, Any] = json.loads(child.stdout.strip().splitlines()[-1])

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where a migration's downtime goes on the stock receiver, for stock `xl migrate` and softpage.
 
-    .venv/bin/python tests/bench/receiver_timeline.py
+    .venv/bin/python -m tests.bench.receiver_timeline
 
 Boots the testbed, starts one PVH guest (SOFTPAGE_TIMELINE_GUEST_MB, default 1024, with
 SOFTPAGE_TIMELINE_ANON_MB of user allocation, default 200, and the rest page cache) and migrates
@@ -23,10 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import xen_bench  # tests/bench is not a package: found through sys.path above
-from xen_testbed import XEN_PVH_VERSION, Guest, TestbedConfig, booted_testbed
+from softpage_testbed import XEN_PVH_VERSION, Guest, TestbedConfig, booted_testbed
+from tests.bench import xen_bench
 
 TOOLS = xen_bench.DOM0_TOOLS
 RECEIVER_LOG = "/tmp/timeline-recv.log"

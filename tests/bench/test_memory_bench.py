@@ -7,14 +7,9 @@ Each case runs in a child process of its own; the figures are printed. The budge
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import memory_bench  # tests/bench is not a package: found through sys.path above
+from tests.bench import memory_bench
 
 pytestmark = pytest.mark.slow
 

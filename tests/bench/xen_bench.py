@@ -54,10 +54,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "e2e"))
-
-from xen_testbed import (  # noqa: E402  (the harness lives with the e2e tests)
+from softpage_testbed import (
     XEN_PVH_VERSION,
     Guest,
     GuestSpec,
@@ -67,6 +64,8 @@ from xen_testbed import (  # noqa: E402  (the harness lives with the e2e tests)
     booted_testbed,
     retry_after_triple_faults,
 )
+
+REPO = Path(__file__).resolve().parents[2]
 
 METHODS = ("stock", "no-prune", "prune")
 COMPARED_WITH_STOCK = ("pages_data", "stream_bytes", "wall_s", "downtime_s", "sender_cpu_s", "dom0_cpu_s")

@@ -41,7 +41,7 @@ class BackendUnderTest:
 # -- fake Xen: XenBackend on the FakeXen model of the tool libraries --------------
 class FakeXenGuest:
     def __init__(self, domain: object, soft_guest: object) -> None:
-        from xen_fakes import FakeDomain, FakeSoftPageGuest
+        from tests.xen_fakes import FakeDomain, FakeSoftPageGuest
 
         assert isinstance(domain, FakeDomain) and isinstance(soft_guest, FakeSoftPageGuest)
         self.domain, self.soft_guest = domain, soft_guest
@@ -75,7 +75,7 @@ def make_fake_xen() -> Iterator[BackendUnderTest]:
     from softpage.xen.backend import XenBackend
     from softpage.xen.suspend import SuspendTimeouts
     from softpage.xenstore import MemoryStore
-    from xen_fakes import FakeDomain, FakeSoftPageGuest, SuspendResponder, fake_binding
+    from tests.xen_fakes import FakeDomain, FakeSoftPageGuest, SuspendResponder, fake_binding
 
     domain = FakeDomain(domid=5, nr_pfns=4096)
     binding, lib = fake_binding([domain])

@@ -22,7 +22,8 @@ import contextlib
 from collections.abc import Callable
 
 import pytest
-from backend_makers import BackendUnderTest, make_fake_xen, make_real_xen, make_sim
+
+from tests.contract.backend_makers import BackendUnderTest, make_fake_xen, make_real_xen, make_sim
 
 BACKEND_MAKERS: dict[str, Callable[[], contextlib.AbstractContextManager[BackendUnderTest]]] = {
     "fake-xen": make_fake_xen,

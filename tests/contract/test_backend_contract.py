@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from backend_makers import BackendUnderTest
 
 from softpage import bitmap
 from softpage.backend import PAGE_SIZE, TSC_MODE_NEVER_EMULATE, DropOutcome, GuestType
 from softpage.errors import BackendError
 from softpage.pfnset import PfnSet
+from tests.contract.backend_makers import BackendUnderTest
 
 Factory = Callable[[], contextlib.AbstractContextManager[BackendUnderTest]]
 PFINFO_TYPE_SHIFT = 28

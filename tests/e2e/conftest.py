@@ -24,7 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from xen_testbed import (
+
+from softpage_testbed import (
     REPO_DIR,
     XEN_PV_VERSION,
     XEN_PVH_VERSION,

@@ -10,7 +10,8 @@ migration that lost a dirty page fails the check.
 from __future__ import annotations
 
 import pytest
-from xen_testbed import Guest, GuestSpec, Testbed
+
+from softpage_testbed import Guest, GuestSpec, Testbed
 
 pytestmark = pytest.mark.e2e
 

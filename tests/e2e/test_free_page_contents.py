@@ -22,7 +22,9 @@ import re
 import time
 
 import pytest
-from test_softpage_migrate import (
+
+from softpage_testbed import Guest, Testbed
+from tests.e2e.helpers import (
     LOCALHOST_RECEIVER,
     STATS,
     assert_survived,
@@ -31,7 +33,6 @@ from test_softpage_migrate import (
     softpage,
     start_guest,
 )
-from xen_testbed import Guest, Testbed
 
 pytestmark = pytest.mark.e2e
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_softpage_migrate import LOCALHOST_RECEIVER, assert_survived, domid, start_guest
-from xen_testbed import Testbed
+
+from softpage_testbed import Testbed
+from tests.e2e.helpers import LOCALHOST_RECEIVER, assert_survived, domid, start_guest
 
 pytestmark = pytest.mark.e2e
 

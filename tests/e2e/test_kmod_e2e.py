@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from xen_testbed import REPO_DIR, Guest, GuestSpec, Testbed, TestbedConfig
 
 from softpage import abi
+from softpage_testbed import REPO_DIR, Guest, GuestSpec, Testbed, TestbedConfig
 
 pytestmark = pytest.mark.e2e
 

@@ -13,73 +13,29 @@ five-fold proof (2026-11-30: 5 of each kind passed in one run).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
 import pytest
-from xen_testbed import CommandResult, Guest, GuestSpec, Testbed
+
+from softpage_testbed import Guest, Testbed
+from tests.e2e.helpers import (
+    LOCALHOST_RECEIVER,
+    PRUNE_GUEST,
+    STATS,
+    assert_survived,
+    domid,
+    read_stats,
+    softpage,
+    start_guest,
+    wait_for_module,
+)
 
 pytestmark = pytest.mark.e2e
 
 REPEAT = int(os.environ.get("SOFTPAGE_E2E_REPEAT", "3"))
-# 256 MiB with 48 MiB of anonymous memory and 64 MiB of page cache: about half the guest is
-# free or clean cache, which is what pruning must skip.
-PRUNE_GUEST = {"memory_mb": 256, "anon_mb": 48, "cache_mb": 64, "dirty_rate": 200}
-STATS = "/tmp/softpage-stats.json"
 FAULT_LIE_FREE, FAULT_BAD_COUNT = 1, 2
 """Values of softpage.ko's inject_fault parameter (guest_kmod/softpage.c, enum softpage_fault)."""
-LOCALHOST_RECEIVER = "xl migrate-receive"
-
-
-def softpage(testbed: Testbed, *arguments: str, timeout_s: float = 900) -> CommandResult:
-    return testbed.run(["python3", "-m", "softpage", *arguments], timeout_s=timeout_s)
-
-
-def read_stats(testbed: Testbed) -> tuple[list[dict[str, object]], dict[str, object]]:
-    records = [json.loads(line) for line in testbed.run(["cat", STATS], check=True).stdout.splitlines()]
-    return records[:-1], records[-1]
-
-
-def domid(guest: Guest) -> int:
-    return int(guest.testbed.run(["xl", "domid", guest.name], check=True).stdout)
-
-
-def module_state(guest: Guest) -> str:
-    path = f"/local/domain/{domid(guest)}/data/softpage/state"
-    return guest.testbed.run(["xenstore-read", path]).stdout.strip()
-
-
-def start_guest(testbed: Testbed, name: str, guest_type: str = "pvh", **overrides: object) -> Guest:
-    spec = GuestSpec(name=name, guest_type=guest_type, **{**PRUNE_GUEST, **overrides})  # type: ignore[arg-type]
-    guest = testbed.create_guest(spec)
-    guest.wait_for_workload_ready()
-    if spec.load_kmod:
-        assert re.search(r"GUEST-KMOD loaded", guest.console_log()), guest.console_log()[-2000:]
-        guest_ready = _wait_for_module(guest)
-        assert guest_ready == "ready"
-    before = guest.verify()
-    assert before.ok, before.line
-    return guest
-
-
-def _wait_for_module(guest: Guest) -> str:
-    for _ in range(60):
-        state = module_state(guest)
-        if state:
-            return state
-        guest.testbed.run(["sleep", "1"])
-    return module_state(guest)
-
-
-def assert_survived(guest: Guest, heartbeat_before: int) -> None:
-    guest.wait_for_heartbeat(heartbeat_before + 2, timeout_s=180)
-    assert guest.boot_count() == 1, "the guest rebooted"
-    assert guest.name in guest.testbed.domains()
-    assert not [name for name in guest.testbed.domains() if "--" in name], guest.testbed.domains()
-    after = guest.verify()
-    assert after.ok, after.line
-    assert int(after.fields["anon_pages"]) == PRUNE_GUEST["anon_mb"] * 256
 
 
 def test_softpage_migrate_prunes_and_the_guest_survives_repeatedly(xen_pvh_testbed: Testbed) -> None:
@@ -109,7 +65,7 @@ def test_softpage_migrate_prunes_and_the_guest_survives_repeatedly(xen_pvh_testb
         assert_survived(guest, heartbeat)
         assert domid(guest) != source_domid
         # The module re-published under the new domain, with fresh grants: the next round uses it.
-        assert _wait_for_module(guest) == "ready"
+        assert wait_for_module(guest) == "ready"
 
 
 def test_softpage_migrate_without_pruning_repeatedly(xen_pvh_testbed: Testbed) -> None:
@@ -151,7 +107,7 @@ def save_and_restore_repeatedly(testbed: Testbed, guest: Guest, domain_header: s
         assert restored.ok, f"restore {attempt}: {restored.stderr}"
         testbed.run(["rm", "-f", image])
         assert_survived(guest, heartbeat)
-        assert _wait_for_module(guest) == "ready"
+        assert wait_for_module(guest) == "ready"
 
 
 def test_softpage_save_then_stock_restore_repeatedly(xen_pvh_testbed: Testbed) -> None:
@@ -287,5 +243,5 @@ def test_pv_softpage_migrate_prunes_on_xen_4_17_5(xen_pv_testbed: Testbed) -> No
         else:
             assert totals["pages_xalloc"] == 0, (attempt, totals)
         assert_survived(guest, heartbeat)
-        assert _wait_for_module(guest) == "ready"
+        assert wait_for_module(guest) == "ready"
 

@@ -14,15 +14,16 @@ import json
 import re
 
 import pytest
-from test_softpage_migrate import (
+
+from softpage_testbed import Guest, Testbed
+from tests.e2e.helpers import (
     LOCALHOST_RECEIVER,
-    _wait_for_module,
     assert_survived,
     domid,
     softpage,
     start_guest,
+    wait_for_module,
 )
-from xen_testbed import Guest, Testbed
 
 pytestmark = pytest.mark.e2e
 
@@ -85,7 +86,7 @@ GO, once the receiver reported its copy running (before the sender destroys the 
 def migrate_and_signal(guest: Guest, step: str, signal_name: str) -> dict[str, object]:
     testbed = guest.testbed
     testbed.write_file(KILL_AT, KILL_AT_SCRIPT)
-    assert _wait_for_module(guest) == "ready"
+    assert wait_for_module(guest) == "ready"
     done = testbed.run(["python3", KILL_AT, step, signal_name, guest.name, "/tmp/softpage-kill-at.log"],
                        timeout_s=900, check=True)
     outcome: dict[str, object] = json.loads(done.stdout)

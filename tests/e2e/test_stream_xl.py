@@ -13,7 +13,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from xen_testbed import Guest, GuestSpec, Testbed
+
+from softpage_testbed import Guest, GuestSpec, Testbed
 
 pytestmark = pytest.mark.e2e
 

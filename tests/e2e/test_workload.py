@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from xen_testbed import REPO_DIR, VERIFY_RE
+
+from softpage_testbed import REPO_DIR, VERIFY_RE
 
 pytestmark = pytest.mark.e2e
 

@@ -22,9 +22,9 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from xen_testbed import REPO_DIR, Guest, GuestSpec, Testbed
 
 from softpage.backend import TSC_MODE_NEVER_EMULATE
+from softpage_testbed import REPO_DIR, Guest, GuestSpec, Testbed
 
 pytestmark = pytest.mark.e2e
 

@@ -1,7 +1,7 @@
 """Fuzz ``softpage.bitmap.decode`` with atheris (libFuzzer) and record the run in results/.
 
-    fuzz_bitmap.py [--runs N] [--workers W]      what `make fuzz` runs
-    fuzz_bitmap.py worker CORPUS LIBFUZZER-FLAGS  one fuzzing process (started by the above)
+    python -m tests.fuzz.fuzz_bitmap [--runs N] [--workers W]      what `make fuzz` runs
+    python -m tests.fuzz.fuzz_bitmap worker CORPUS LIBFUZZER-FLAGS  one fuzzing process (from the above)
 
 The run starts W worker processes on one shared corpus directory, seeded at run
 time with bitmap_target.seed_corpus() (libFuzzer reloads what the others found),
@@ -69,7 +69,7 @@ def worker(corpus: str, libfuzzer_flags: list[str]) -> None:
     # oracle is not, so that its own comparisons do not.
     with atheris.instrument_imports(include=["softpage"]):
         import softpage.bitmap  # noqa: F401
-    import bitmap_target
+    from tests.fuzz import bitmap_target
 
     def test_one_input(data: bytes) -> None:
         bitmap_target.one_input(data, measure_memory=True)
@@ -124,8 +124,7 @@ def commit_fuzzed() -> str:
 
 
 def run(runs: int, workers: int, out: Path) -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import bitmap_target
+    from tests.fuzz import bitmap_target
 
     seeds = bitmap_target.seed_corpus()
     per_worker = math.ceil(runs / workers)
@@ -151,8 +150,8 @@ def run(runs: int, workers: int, out: Path) -> int:
                 f"-rss_limit_mb={RSS_LIMIT_MB}", f"-artifact_prefix={artifacts}/worker-{index}-",
                 "-print_final_stats=1", "-reload=1",
             ]
-            command = [sys.executable, __file__, "worker", str(corpus), *flags]
-            processes.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
+            command = [sys.executable, "-m", "tests.fuzz.fuzz_bitmap", "worker", str(corpus), *flags]
+            processes.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO), log))
         returncodes = []
         for process, log in processes:
             returncodes.append(process.wait())

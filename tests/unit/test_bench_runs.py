@@ -6,14 +6,11 @@ import dataclasses
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-import xen_bench  # tests/bench is not a package: found through sys.path above
+from tests.bench import xen_bench
 
 
 def run(method: str, repetition: int, **changes: object) -> xen_bench.Run:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,10 +10,7 @@ import pytest
 from softpage import abi, bitmap
 from softpage.errors import BitmapError
 from softpage.snapshot import SoftSnapshot
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
-
-import bitmap_target  # tests/fuzz is not a package: found through sys.path above
+from tests.fuzz import bitmap_target
 
 SEEDS = bitmap_target.seed_corpus()
 

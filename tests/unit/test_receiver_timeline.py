@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-import receiver_timeline  # tests/bench is not a package: found through sys.path above
+from tests.bench import receiver_timeline
 
 # Lines of a stamped `xl -vvv migrate-receive` log of 2026-12-03 (PVH, Xen 4.17.7), shortened.
 LOG = """\

@@ -9,7 +9,6 @@ import time
 from collections.abc import Sequence
 
 import pytest
-from stream_builders import CONFIG, ByteSink, fake_migrate_receive
 
 from softpage import sender
 from softpage.errors import BackendError, MigrationError
@@ -20,6 +19,7 @@ from softpage.sim.experiment import GuestShape, boot_guest
 from softpage.stream.handshake import RECEIVER_BANNER, FdChannel
 from softpage.stream.receiver import RestoreModel
 from softpage.stream.writer import StreamWriter
+from tests.unit.stream_builders import CONFIG, ByteSink, fake_migrate_receive
 
 SMALL = GuestShape(memory_mib=4, kernel_mib=1, min_free_mib=1)
 

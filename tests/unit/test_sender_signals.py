@@ -14,8 +14,6 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import numpy.typing as npt
 import pytest
-from stream_builders import CONFIG, fake_migrate_receive
-from test_sender import SMALL, SocketReceiver
 
 from softpage.backend import PageBatch
 from softpage.errors import MigrationError
@@ -26,6 +24,8 @@ from softpage.sender import MigrateResult, migrate_domain
 from softpage.sim.backend import SimBackend, SimFaults
 from softpage.sim.experiment import boot_guest
 from softpage.stream.receiver import RestoreModel
+from tests.unit.stream_builders import CONFIG, fake_migrate_receive
+from tests.unit.test_sender import SMALL, SocketReceiver
 
 SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import io
 
 import pytest
-from stream_builders import XALLOC, XTAB, build_stream, page_of
 
 from softpage.errors import StreamError
 from softpage.pfnset import PfnSet
 from softpage.stream.verify import check_stream
+from tests.unit.stream_builders import XALLOC, XTAB, build_stream, page_of
 
 
 def test_report_counts_and_a_complete_stream_is_restorable() -> None:

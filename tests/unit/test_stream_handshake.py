@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from stream_builders import CONFIG, END, STATIC, fake_migrate_receive, page_of
 
 from softpage.backend import GuestType
 from softpage.errors import MigrationError
@@ -33,6 +32,7 @@ from softpage.stream.handshake import (
 )
 from softpage.stream.receiver import RestoreModel
 from softpage.stream.writer import StreamWriter
+from tests.unit.stream_builders import CONFIG, END, STATIC, fake_migrate_receive, page_of
 
 TIMEOUTS = HandshakeTimeouts(banner=2.0, ready=5.0, report=2.0, permission_to_resume=2.0)
 SRC = Path(__file__).resolve().parents[2] / "python" / "src"

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from stream_builders import CONFIG, END, STATIC, XALLOC, XTAB, build_stream, page_of
 
 from softpage.errors import StreamError
 from softpage.stream import reader
@@ -21,6 +20,7 @@ from softpage.stream.reader import (
     parse_stream,
     read_records,
 )
+from tests.unit.stream_builders import CONFIG, END, STATIC, XALLOC, XTAB, build_stream, page_of
 
 RECORD_KINDS = [
     reader.XlHeader,

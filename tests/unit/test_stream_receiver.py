@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from stream_builders import BROKEN, CONFIG, END, STATIC, XALLOC, XTAB, build_stream, page_of
 
 from softpage.backend import GuestType
 from softpage.errors import StreamError
@@ -12,6 +11,7 @@ from softpage.stream import reader
 from softpage.stream.reader import parse_stream
 from softpage.stream.receiver import RestoreModel
 from softpage.stream.writer import StreamWriter
+from tests.unit.stream_builders import BROKEN, CONFIG, END, STATIC, XALLOC, XTAB, build_stream, page_of
 
 ZERO_PAGE = bytes(4096)
 

@@ -7,11 +7,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from stream_builders import BROKEN, CONFIG, END, XALLOC, XTAB, ByteSink, build_stream, page_of
 
 from softpage.backend import EndOfCheckpoint, GuestType, PvStaticInfo, PvVcpuState, StaticInfo
 from softpage.errors import StreamError
 from softpage.stream.writer import StreamWriter
+from tests.unit.stream_builders import BROKEN, CONFIG, END, XALLOC, XTAB, ByteSink, build_stream, page_of
 
 Verify = Callable[..., Any]  # conftest.verify_stream_v2: (bytes, fmt) -> Verdict
 

@@ -7,7 +7,12 @@ import time
 
 import numpy as np
 import pytest
-from stream_builders import (
+
+from softpage.backend import EndOfCheckpoint, GuestType, PvStaticInfo, StaticInfo
+from softpage.errors import StreamError
+from softpage.stream.reader import PageData, parse_stream
+from softpage.stream.writer import IOV_MAX, StreamWriter
+from tests.unit.stream_builders import (
     BROKEN,
     CONFIG,
     END,
@@ -18,11 +23,6 @@ from stream_builders import (
     build_stream,
     page_of,
 )
-
-from softpage.backend import EndOfCheckpoint, GuestType, PvStaticInfo, StaticInfo
-from softpage.errors import StreamError
-from softpage.stream.reader import PageData, parse_stream
-from softpage.stream.writer import IOV_MAX, StreamWriter
 
 PAGE = 4096
 

@@ -10,7 +10,6 @@ import base64
 import json
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
-
-import xen_testbed  # tests/e2e is not a package: found through sys.path above
+import softpage_testbed
+from softpage_testbed import host
 
 PERIOD_S = 0.2
 
@@ -62,27 +60,27 @@ class FakeAgent:
 
 
 @pytest.fixture
-def agent_and_client(tmp_path: Path) -> Iterator[tuple[FakeAgent, xen_testbed.AgentClient]]:
+def agent_and_client(tmp_path: Path) -> Iterator[tuple[FakeAgent, softpage_testbed.AgentClient]]:
     path = tmp_path / "agent.sock"
     agent = FakeAgent(path)
-    client = xen_testbed.AgentClient(path, liveness_period_s=PERIOD_S, reply_margin_s=PERIOD_S)
+    client = softpage_testbed.AgentClient(path, liveness_period_s=PERIOD_S, reply_margin_s=PERIOD_S)
     yield agent, client
     client.close()
     agent.close()
 
 
-def pinger(client: xen_testbed.AgentClient) -> Callable[[], bool]:
+def pinger(client: softpage_testbed.AgentClient) -> Callable[[], bool]:
     def still_alive() -> bool:
         try:
             return client.request({"argv": ["true"]}, timeout_s=PERIOD_S).ok
-        except xen_testbed.TestbedError:
+        except softpage_testbed.TestbedError:
             return False
 
     return still_alive
 
 
 def test_a_long_command_waits_while_dom0_answers(
-    agent_and_client: tuple[FakeAgent, xen_testbed.AgentClient],
+    agent_and_client: tuple[FakeAgent, softpage_testbed.AgentClient],
 ) -> None:
     agent, client = agent_and_client
     result = client.request({"argv": ["sleep", str(8 * PERIOD_S)]}, timeout_s=60, still_alive=pinger(client))
@@ -91,21 +89,21 @@ def test_a_long_command_waits_while_dom0_answers(
 
 
 def test_a_silent_dom0_fails_the_command_within_a_period(
-    agent_and_client: tuple[FakeAgent, xen_testbed.AgentClient],
+    agent_and_client: tuple[FakeAgent, softpage_testbed.AgentClient],
 ) -> None:
     agent, client = agent_and_client
     agent.responsive = False
     started = time.monotonic()
-    with pytest.raises(xen_testbed.Dom0Hung):
+    with pytest.raises(softpage_testbed.Dom0Hung):
         client.request({"argv": ["sleep", "60"]}, timeout_s=60, still_alive=pinger(client))
     assert time.monotonic() - started < 20 * PERIOD_S
 
 
 def test_without_a_probe_a_silent_command_fails_at_its_timeout(
-    agent_and_client: tuple[FakeAgent, xen_testbed.AgentClient],
+    agent_and_client: tuple[FakeAgent, softpage_testbed.AgentClient],
 ) -> None:
     _, client = agent_and_client
-    with pytest.raises(xen_testbed.TestbedError, match="no reply from the dom0 agent"):
+    with pytest.raises(softpage_testbed.TestbedError, match="no reply from the dom0 agent"):
         client.request({"argv": ["sleep", "60"]}, timeout_s=PERIOD_S)
 
 
@@ -131,10 +129,10 @@ def test_a_failure_with_a_triple_fault_runs_once_more_on_a_fresh_guest() -> None
         tries.append(guest)
         if guest == "old":
             testbed.faults += 1
-            raise xen_testbed.TestbedError("guest died")
+            raise softpage_testbed.TestbedError("guest died")
         return f"measured on {guest}"
 
-    result = xen_testbed.retry_after_triple_faults(
+    result = softpage_testbed.retry_after_triple_faults(
         testbed, "old", action, lambda: "fresh"  # type: ignore[arg-type]
     )
     assert result == ("fresh", "measured on fresh")
@@ -145,10 +143,10 @@ def test_a_failure_without_a_triple_fault_stands() -> None:
     testbed = FaultCountingTestbed()
 
     def action(guest: str) -> str:
-        raise xen_testbed.TestbedError("softpage broke it")
+        raise softpage_testbed.TestbedError("softpage broke it")
 
-    with pytest.raises(xen_testbed.TestbedError, match="softpage broke it"):
-        xen_testbed.retry_after_triple_faults(testbed, "old", action, lambda: "fresh")  # type: ignore[arg-type]
+    with pytest.raises(softpage_testbed.TestbedError, match="softpage broke it"):
+        softpage_testbed.retry_after_triple_faults(testbed, "old", action, lambda: "fresh")  # type: ignore[arg-type]
     assert testbed.destroyed == 0
 
 
@@ -158,10 +156,10 @@ def test_retries_stop_at_their_limit_and_the_last_failure_stands() -> None:
 
     def action(guest: str) -> str:
         testbed.faults += 1
-        raise xen_testbed.TestbedError(f"{guest} died")
+        raise softpage_testbed.TestbedError(f"{guest} died")
 
-    with pytest.raises(xen_testbed.TestbedError, match="fresh-2 died"):
-        xen_testbed.retry_after_triple_faults(
+    with pytest.raises(softpage_testbed.TestbedError, match="fresh-2 died"):
+        softpage_testbed.retry_after_triple_faults(
             testbed, "old", action, lambda: next(fresh), retries=2  # type: ignore[arg-type]
         )
     assert testbed.destroyed == 2
@@ -170,12 +168,12 @@ def test_retries_stop_at_their_limit_and_the_last_failure_stands() -> None:
 def test_a_dom0_boot_with_a_silent_console_is_called_stalled(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(xen_testbed, "DOM0_BOOT_STALL_S", 0.3)
-    testbed = xen_testbed.Testbed(xen_testbed.TestbedConfig(), tmp_path / "payload.img", tmp_path)
+    monkeypatch.setattr(host, "DOM0_BOOT_STALL_S", 0.3)
+    testbed = softpage_testbed.Testbed(softpage_testbed.TestbedConfig(), tmp_path / "payload.img", tmp_path)
     testbed.serial_log.write_text("(XEN) booting\n[    4.118727] clocksource: Switched to clocksource xen\n")
     testbed._qemu = subprocess.Popen(["sleep", "30"])  # a QEMU that runs on and says nothing
     try:
-        with pytest.raises(xen_testbed.Dom0BootStalled, match="no serial output for"):
+        with pytest.raises(softpage_testbed.Dom0BootStalled, match="no serial output for"):
             testbed._wait_for_agent(time.monotonic())
     finally:
         testbed._qemu.kill()
@@ -185,14 +183,14 @@ def test_a_dom0_boot_with_a_silent_console_is_called_stalled(
 def test_a_stalled_dom0_boot_is_tried_again_once_and_its_log_kept(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    testbed = xen_testbed.Testbed(xen_testbed.TestbedConfig(), tmp_path / "payload.img", tmp_path)
+    testbed = softpage_testbed.Testbed(softpage_testbed.TestbedConfig(), tmp_path / "payload.img", tmp_path)
     attempts: list[int] = []
 
     def boot_once() -> None:
         attempts.append(len(attempts) + 1)
         testbed.serial_log.write_text(f"boot {len(attempts)}\n")
         if len(attempts) == 1:
-            raise xen_testbed.Dom0BootStalled("dom0 boot stalled: no serial output for 301 s")
+            raise softpage_testbed.Dom0BootStalled("dom0 boot stalled: no serial output for 301 s")
 
     monkeypatch.setattr(testbed, "_boot_once", boot_once)
     testbed.boot()
@@ -202,11 +200,11 @@ def test_a_stalled_dom0_boot_is_tried_again_once_and_its_log_kept(
 
 
 def test_a_dom0_boot_that_stalls_twice_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    testbed = xen_testbed.Testbed(xen_testbed.TestbedConfig(), tmp_path / "payload.img", tmp_path)
+    testbed = softpage_testbed.Testbed(softpage_testbed.TestbedConfig(), tmp_path / "payload.img", tmp_path)
 
     def boot_once() -> None:
-        raise xen_testbed.Dom0BootStalled("dom0 boot stalled: no serial output for 301 s")
+        raise softpage_testbed.Dom0BootStalled("dom0 boot stalled: no serial output for 301 s")
 
     monkeypatch.setattr(testbed, "_boot_once", boot_once)
-    with pytest.raises(xen_testbed.Dom0BootStalled):
+    with pytest.raises(softpage_testbed.Dom0BootStalled):
         testbed.boot()

@@ -19,7 +19,7 @@ from softpage.xen.backend import (
     p2m_size_limit,
 )
 from softpage.xenstore import MemoryStore
-from xen_fakes import FakeDomain, fake_binding
+from tests.xen_fakes import FakeDomain, fake_binding
 
 
 def read(backend: Any, pfns: Any) -> memoryview:

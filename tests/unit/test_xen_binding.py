@@ -9,7 +9,7 @@ import pytest
 from softpage.errors import BackendError
 from softpage.xen import _binding, ctrl
 from softpage.xen._binding import EXPECTED_BINDING_ABI, check_stamp, describe_call, errno_error
-from xen_fakes import FakeDomain, fake_binding
+from tests.xen_fakes import FakeDomain, fake_binding
 
 
 def test_errno_error_names_call_domain_and_pfn() -> None:

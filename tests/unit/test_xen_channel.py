@@ -15,7 +15,7 @@ from softpage.xen.channel import XenSoftPageChannel, check_geometry, parse_u32, 
 from softpage.xen.evtchn import EventChannels
 from softpage.xen.gnttab import GrantTable
 from softpage.xenstore import MemoryStore
-from xen_fakes import PAGE_SIZE, FakeDomain, FakeSoftPageGuest, FakeXen, fake_binding
+from tests.xen_fakes import PAGE_SIZE, FakeDomain, FakeSoftPageGuest, FakeXen, fake_binding
 
 DOMID = 4
 NR_PFNS = 70_000  # three bitmap pages per category

@@ -18,7 +18,7 @@ from softpage.xen.ctrl import (
     pfn_type_batches,
 )
 from softpage.xen.foreignmemory import ForeignMemory
-from xen_fakes import PAGE_SIZE, XTAB, FakeDomain, fake_binding
+from tests.xen_fakes import PAGE_SIZE, XTAB, FakeDomain, fake_binding
 
 
 def open_ctrl(domain: FakeDomain) -> tuple[XenCtrl, object]:

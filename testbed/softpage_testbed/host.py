@@ -1,48 +1,28 @@
-"""Drive the softpage Xen-in-QEMU testbed from the host: boot it, run dom0 commands, make guests.
-
-The testbed (``make testbed``, built by testbed/build.sh into ``SOFTPAGE_TESTBED_CACHE``) is a
-Xen 4.17 hypervisor with a Debian dom0 booted under QEMU TCG. This module is stdlib only, so the
-demo and benchmarks can use it without the test venv.
-
-* dom0 commands go through a virtio-serial port to ``softpage-agent`` (testbed/dom0/), one JSON
-  line per request and reply, so exit codes and output are exact; the serial console (Xen + dom0
-  kernel) is only logged, to ``<work_dir>/serial.log``.
-* the CURRENT checkout reaches dom0 as a payload disk built by ``testbed/build.sh payload``:
-  the softpage package on dom0's ``PYTHONPATH`` (``/opt/softpage/py``), the guest kernel and
-  initramfs (``/opt/softpage/guest``) with the workload and, when it builds, ``softpage.ko``.
-* guests print to their console, which xenconsoled logs to
-  ``/var/log/xen/console/guest-NAME*.log`` (a migration adds ``NAME--incoming``): heartbeats,
-  boot markers and workload verdicts are read from there.
-
-Typical use (the pytest fixtures in conftest.py do the booting)::
-
-    guest = testbed.create_guest(GuestSpec(name="g1", guest_type="pvh", memory_mb=256, anon_mb=64))
-    guest.wait_for_workload_ready()
-    testbed.run(f"xl save {guest.name} /var/lib/xen/g1.img", check=True)
-    ...
-    assert guest.verify().ok
-"""
+"""One boot of the Xen-in-QEMU testbed (``make testbed``, built by testbed/build.sh into
+``SOFTPAGE_TESTBED_CACHE``): QEMU, Xen and a Debian dom0 under TCG, driven through the dom0 agent.
+The serial console (Xen + dom0 kernel) is only logged, to ``<work_dir>/serial.log``. The CURRENT
+checkout reaches dom0 as a payload disk built by ``testbed/build.sh payload``."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
 import dataclasses
-import itertools
-import json
 import os
-import queue
 import re
 import shlex
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
+
+from softpage_testbed.agent import AGENT_PORT_NAME, LIVENESS_TIMEOUT_S, AgentClient, CommandResult
+from softpage_testbed.errors import CommandFailed, Dom0BootStalled, Dom0Hung, TestbedError
+from softpage_testbed.guest import CONSOLE_LOG_DIR, Guest, GuestSpec
 
 T = TypeVar("T")
 
@@ -54,14 +34,11 @@ XEN_PVH_VERSION = "4.17.7"
 XEN_PV_VERSION = "4.17.5"
 """Pinned bookworm point release: still has shadow paging, so PV guests live-migrate too."""
 
-CONSOLE_LOG_DIR = "/var/log/xen/console"
-AGENT_PORT_NAME = "org.softpage.agent"
 PAYLOAD_DISK_SERIAL = "sp-payload"
 DATA_DISK_SERIAL = "sp-data"
 # Serial-console text that means the boot will never complete: fail at once, not at the timeout.
 FATAL_BOOT_PATTERNS = (r"Kernel panic", r"\(XEN\) Panic on CPU", r"\(XEN\) \*\*\*\* Dom0 crashed")
 
-HEARTBEAT_RE = re.compile(r"HEARTBEAT (\d+)")
 DOM0_BOOT_STALL_S = 300.0
 """A dom0 boot whose serial console stays silent this long has hung: seen once under TCG
 (2026-12-01), dom0's kernel stopped after "clocksource: Switched to clocksource xen" and wrote
@@ -73,71 +50,8 @@ BOOT_ATTEMPTS = 4
 in early kernel boot, before anything of softpage runs (2026-11-30, idle host: 4 of about 30
 domain starts, each 10-16 s in). With four tries a run of ~25 guest creations loses one in
 about one run of a hundred, and the test is then rerun once (GuestTripleFault)."""
-VERIFY_RE = re.compile(r"WORKLOAD VERIFY (ok|FAIL) seq=(\d+)(.*)")
-READY_RE = re.compile(r"WORKLOAD READY (.*)")
-BOOT_MARKER = "GUEST-INIT booted"
-STOPPED_CHECK_S = 10.0
-"""How often a wait on a guest's console also asks Xen whether the guest still runs."""
 HOTPLUG_TIMEOUT_MESSAGE = "because of timeout"  # libxl_aoutils.c async_exec_timeout
-
-
-class TestbedError(RuntimeError):
-    """The testbed could not be built, booted or driven."""
-
-    __test__ = False  # not a pytest test class, despite the name
-
-
-class Dom0BootStalled(TestbedError):
-    """dom0's boot wrote nothing to the serial console for ``DOM0_BOOT_STALL_S``."""
-
-    __test__ = False
-
-
-class GuestTripleFault(TestbedError):
-    """A test failed while Xen logged a guest triple fault: nested SVM under TCG does this now
-    and then (in early boot as well as in user space, with or without softpage involved). The e2e
-    run reruns such a test once (pytest-rerunfailures, --only-rerun GuestTripleFault)."""
-
-
 TRIPLE_FAULT_RE = re.compile(rb"\(XEN\) \[[ \d.]+\] d\d+v\d+ Triple fault")
-
-
-class Dom0Hung(TestbedError):
-    """dom0 stopped answering while a command ran. Seen once under TCG (2026-11-30, in CI): dom0's
-    CPU0 soft-locked in smp_call_function_single, waiting for an IPI to CPU1 that never completed,
-    and the whole testbed froze. The test fails at once instead of at its command's timeout, the
-    next test gets a fresh boot, and the run reruns this one once (--only-rerun Dom0Hung)."""
-
-
-LIVENESS_PERIOD_S = 60.0
-"""While a dom0 command runs longer than this, dom0 is asked to run ``true`` once per period."""
-LIVENESS_TIMEOUT_S = 30.0
-"""The agent's limit for that ``true``; with the reply margin, dom0 has a minute to answer."""
-REPLY_MARGIN_S = 30.0
-"""Beyond the agent's own timeout: TCG slowness on the way back."""
-
-
-class CommandFailed(TestbedError):
-    def __init__(self, command: str, result: CommandResult) -> None:
-        super().__init__(
-            f"dom0 command {command!r} exited {result.rc}"
-            f"{' (' + result.error + ')' if result.error else ''}\n"
-            f"stdout: {result.stdout[-2000:]}\nstderr: {result.stderr[-2000:]}"
-        )
-        self.result = result
-
-
-@dataclasses.dataclass(frozen=True)
-class CommandResult:
-    rc: int
-    stdout: str
-    stderr: str
-    wall_s: float
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.rc == 0 and self.error is None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,73 +84,6 @@ class TestbedConfig:
         )
 
 
-@dataclasses.dataclass(frozen=True)
-class GuestSpec:
-    """A test guest: kernel and busybox initramfs from the payload, workload parameters on its
-    kernel command line (read by testbed/guest/init)."""
-
-    name: str = "guest"
-    guest_type: str = "pvh"  # "pvh" or "pv"
-    memory_mb: int = 256
-    vcpus: int = 1
-    anon_mb: int = 64
-    cache_mb: int = 0
-    dirty_rate: int = 100  # pages/s
-    verify_every_s: int = 0  # 0: verify only when asked
-    load_kmod: bool = True  # insmod softpage.ko when the payload has one
-    kmod_args: tuple[str, ...] = ()
-    data_disk: bool = True
-    tsc_mode: str = "native"
-    """xl.cfg tsc_mode. QEMU's CPU has no invariant TSC, so Xen's "default" would intercept every
-    guest RDTSC; under TCG's nested SVM such exits now and then end in a guest triple fault."""
-    extra_config: tuple[str, ...] = ()  # more xl.cfg lines, verbatim
-    kernel_args: tuple[str, ...] = ()
-    """Guest kernel options users set, e.g. ``init_on_free=1``, ``page_poison=1``."""
-
-    def kernel_command_line(self) -> str:
-        words = [
-            "console=hvc0",
-            "loglevel=4",
-            *self.kernel_args,
-            f"sp_anon_mb={self.anon_mb}",
-            f"sp_cache_mb={self.cache_mb}",
-            f"sp_dirty_rate={self.dirty_rate}",
-            f"sp_verify_every={self.verify_every_s}",
-            f"sp_kmod={1 if self.load_kmod else 0}",
-        ]
-        words += [f"sp_kmod_arg={arg}" for arg in self.kmod_args]
-        return " ".join(words)
-
-    def xl_config(self, data_disk_device: str) -> str:
-        disks = f"['phy:{data_disk_device},xvdb,r']" if self.data_disk else "[]"
-        lines = [
-            f'name = "{self.name}"',
-            f'type = "{self.guest_type}"',
-            'kernel = "/opt/softpage/guest/vmlinuz"',
-            'ramdisk = "/opt/softpage/guest/initrd.cpio.gz"',
-            f'extra = "{self.kernel_command_line()}"',
-            f"memory = {self.memory_mb}",
-            f"maxmem = {self.memory_mb}",
-            f"vcpus = {self.vcpus}",
-            f'tsc_mode = "{self.tsc_mode}"',
-            "vif = []",
-            f"disk = {disks}",
-            # a test guest never reboots on purpose: keep a crashed or rebooting guest for the logs
-            # instead of letting xl restart it behind the test's back
-            'on_crash = "preserve"',
-            'on_reboot = "preserve"',
-            *self.extra_config,
-        ]
-        return "\n".join(lines) + "\n"
-
-
-@dataclasses.dataclass(frozen=True)
-class VerifyResult:
-    ok: bool
-    seq: int
-    fields: dict[str, str]
-    line: str
-
 
 def _die_with_parent() -> None:
     """Runs in the QEMU child before exec: a harness killed outright must not leave QEMU behind."""
@@ -264,90 +111,6 @@ def build_payload(output: Path) -> dict[str, str]:
     info = dict(re.findall(r"^payload: (\w+)=(.*)$", completed.stderr, re.MULTILINE))
     return info
 
-
-class AgentClient:
-    """Talks to softpage-agent over QEMU's unix socket for the virtio-serial port. Thread safe:
-    replies are matched to requests by id, so commands may overlap."""
-
-    def __init__(
-        self,
-        socket_path: Path,
-        liveness_period_s: float = LIVENESS_PERIOD_S,
-        reply_margin_s: float = REPLY_MARGIN_S,
-    ) -> None:
-        self.liveness_period_s = liveness_period_s
-        self.reply_margin_s = reply_margin_s
-        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._socket.connect(str(socket_path))
-        self._ids = itertools.count(1)
-        self._waiting: dict[int, queue.Queue[dict[str, object]]] = {}
-        self._lock = threading.Lock()
-        self._closed = False
-        self._reader = threading.Thread(target=self._read_replies, name="agent-reader", daemon=True)
-        self._reader.start()
-
-    def _read_replies(self) -> None:
-        pending = b""
-        while not self._closed:
-            try:
-                chunk = self._socket.recv(1 << 16)
-            except OSError:
-                return
-            if not chunk:
-                return
-            pending += chunk
-            while b"\n" in pending:
-                line, pending = pending.split(b"\n", 1)
-                try:
-                    reply = json.loads(line)
-                except ValueError:
-                    continue  # a partial line from before the agent (re)started
-                with self._lock:
-                    waiter = self._waiting.pop(reply.get("id"), None) if isinstance(reply, dict) else None
-                if waiter is not None:
-                    waiter.put(reply)
-
-    def request(
-        self, request: dict[str, object], timeout_s: float, still_alive: Callable[[], bool] | None = None
-    ) -> CommandResult:
-        """Send one request and wait for its reply. The agent enforces timeout_s itself. While
-        waiting, ``still_alive`` is asked once per liveness period; False raises Dom0Hung."""
-        request_id = next(self._ids)
-        waiter: queue.Queue[dict[str, object]] = queue.Queue(maxsize=1)
-        with self._lock:
-            self._waiting[request_id] = waiter
-        data = (json.dumps({**request, "id": request_id, "timeout": timeout_s}) + "\n").encode()
-        deadline = time.monotonic() + timeout_s + self.reply_margin_s
-        try:
-            self._socket.sendall(data)
-            while True:
-                remaining = deadline - time.monotonic()
-                try:
-                    reply = waiter.get(timeout=max(0.0, min(remaining, self.liveness_period_s)))
-                    break
-                except queue.Empty:
-                    if remaining <= self.liveness_period_s:
-                        raise
-                    if still_alive is not None and not still_alive():
-                        raise Dom0Hung(f"dom0 stopped answering while it ran {request!r}") from None
-        except (OSError, queue.Empty) as error:
-            raise TestbedError(f"no reply from the dom0 agent for {request!r}: {error!r}") from error
-        finally:
-            with self._lock:
-                self._waiting.pop(request_id, None)
-        return CommandResult(
-            rc=int(str(reply.get("rc", -1))),
-            stdout=base64.b64decode(str(reply.get("stdout") or "")).decode("utf-8", "replace"),
-            stderr=base64.b64decode(str(reply.get("stderr") or "")).decode("utf-8", "replace"),
-            wall_s=float(str(reply.get("wall_s") or 0.0)),
-            error=str(reply["error"]) if reply.get("error") else None,
-        )
-
-    def close(self) -> None:
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self._socket.shutdown(socket.SHUT_RDWR)
-        self._socket.close()
 
 
 class Testbed:
@@ -426,7 +189,7 @@ class Testbed:
                 kept = self.serial_log.with_name(f"serial-stalled-{attempt}.log")
                 with contextlib.suppress(OSError):
                     self.serial_log.rename(kept)
-                print(f"xen_testbed: {stalled.args[0].splitlines()[0]}; booting again "
+                print(f"softpage_testbed: {stalled.args[0].splitlines()[0]}; booting again "
                       f"(attempt {attempt + 1} of {DOM0_BOOT_ATTEMPTS}), serial log kept in {kept}",
                       file=sys.stderr, flush=True)
 
@@ -629,7 +392,8 @@ class Testbed:
                 # libxl gives the disk hotplug script a fixed 40 s; a dom0 starved of CPU under TCG
                 # (first disk after boot, busy host) can miss it. That is the testbed, not the guest:
                 # one more try, and the harness says so on stderr.
-                print(f"xen_testbed: xl create {spec.name}: hotplug timeout, retrying once", file=sys.stderr)
+                print(f"softpage_testbed: xl create {spec.name}: hotplug timeout, retrying once",
+                      file=sys.stderr)
                 self.run(["xl", "destroy", spec.name], timeout_s=120)
                 result = self.run(create, timeout_s=timeout_s)
             if not result.ok:
@@ -639,148 +403,13 @@ class Testbed:
                 return guest
             # Only a guest that died before its first heartbeat is booted again: from then on a
             # dead guest fails the test. The console log of the dead boot is kept beside.
-            print(f"xen_testbed: guest {spec.name} shut down during boot (attempt {attempt} of "
+            print(f"softpage_testbed: guest {spec.name} shut down during boot (attempt {attempt} of "
                   f"{BOOT_ATTEMPTS}); console tail:\n{guest.console_log()[-1500:]}", file=sys.stderr)
             self.run(["xl", "destroy", spec.name], timeout_s=120)
             self.run(f"cd {CONSOLE_LOG_DIR} && for f in guest-{spec.name}*.log; do "
                      f"mv \"$f\" \"dead-boot-{attempt}-$f\"; done")
         raise TestbedError(f"guest {spec.name} shut down during boot {BOOT_ATTEMPTS} times")
 
-
-class Guest:
-    """A running test guest, found by name (a migrated guest keeps its name)."""
-
-    def __init__(self, testbed: Testbed, spec: GuestSpec) -> None:
-        self.testbed = testbed
-        self.spec = spec
-        self.name = spec.name
-
-    def console_log(self) -> str:
-        """Every console line this guest printed since it was created, across migrations."""
-        # a migrated guest's lines continue in guest-NAME--incoming.log; ls -tr keeps them in order
-        result = self.testbed.run(
-            f"cd {CONSOLE_LOG_DIR} && ls -tr guest-{self.name}.log guest-{self.name}--*.log 2>/dev/null"
-            " | xargs -r cat", timeout_s=60)
-        return result.stdout.replace("\r", "")
-
-    def heartbeat(self) -> int:
-        """The highest heartbeat counter printed so far (-1 before the first)."""
-        return max((int(n) for n in HEARTBEAT_RE.findall(self.console_log())), default=-1)
-
-    def boot_count(self) -> int:
-        return self.console_log().count(BOOT_MARKER)
-
-    def stopped(self) -> bool:
-        """True when Xen lists the domain as crashed or shut down (a triple fault under TCG turns
-        into a preserved crash); False while it runs, is paused, or is not listed at all."""
-        state = self.testbed.run(f"xl list {shlex.quote(self.name)} | awk 'NR == 2 {{print $5}}'",
-                                 timeout_s=60).stdout.strip()
-        return "s" in state or "c" in state
-
-    def _wait(self, found: Callable[[], T | None], timeout_s: float, what: str,
-              timed_out: Callable[[], str], poll_s: float = 1.0) -> T:
-        """Poll ``found`` until it returns a value. TestbedError after timeout_s (``timed_out()``
-        says what was missing), or as soon as Xen shows the guest crashed or shut down: asked every
-        STOPPED_CHECK_S, so a dead guest fails the wait then, not at its timeout."""
-        last_check = time.monotonic()
-        deadline = last_check + timeout_s
-        while True:
-            value = found()
-            if value is not None:
-                return value
-            if time.monotonic() > deadline:
-                raise TestbedError(f"guest {self.name}: {timed_out()}; "
-                                   f"console tail:\n{self.console_log()[-3000:]}")
-            if time.monotonic() - last_check >= STOPPED_CHECK_S:
-                if self.stopped():
-                    raise TestbedError(f"guest {self.name} crashed or shut down while the harness waited "
-                                       f"for {what}; console tail:\n{self.console_log()[-3000:]}")
-                last_check = time.monotonic()
-            time.sleep(poll_s)
-
-    def wait_for(self, pattern: str, timeout_s: float = 120, poll_s: float = 1.0) -> re.Match[str]:
-        """Wait until a console line matches the regex; returns the LAST match."""
-        compiled = re.compile(pattern)
-
-        def last_match() -> re.Match[str] | None:
-            matches = list(compiled.finditer(self.console_log()))
-            return matches[-1] if matches else None
-
-        return self._wait(last_match, timeout_s, repr(pattern),
-                          lambda: f"no console line matching {pattern!r} within {timeout_s:.0f} s", poll_s)
-
-    def wait_for_first_heartbeat(self, timeout_s: float) -> bool:
-        """True at the first heartbeat; False if the domain shut down (crashed, or a triple fault
-        turned into a preserved reboot) before it. TestbedError on timeout."""
-        deadline = time.monotonic() + timeout_s
-        while self.heartbeat() < 0:
-            if self.stopped():
-                return False
-            if time.monotonic() > deadline:
-                raise TestbedError(f"guest {self.name}: no heartbeat within {timeout_s:.0f} s; "
-                                   f"console tail:\n{self.console_log()[-3000:]}")
-            time.sleep(1)
-        return True
-
-    def wait_for_heartbeat(self, at_least: int, timeout_s: float = 120) -> int:
-        def beat_reached() -> int | None:
-            beat = self.heartbeat()
-            return beat if beat >= at_least else None
-
-        return self._wait(beat_reached, timeout_s, f"heartbeat {at_least}",
-                          lambda: f"heartbeat {self.heartbeat()}, expected >= {at_least} within "
-                                  f"{timeout_s:.0f} s")
-
-    def wait_for_workload_ready(self, timeout_s: float = 300) -> dict[str, str]:
-        match = self.wait_for(r"WORKLOAD (READY|ERROR) (.*)", timeout_s)
-        if match.group(1) == "ERROR":
-            raise TestbedError(f"guest {self.name}: workload failed: {match.group(0)}")
-        return dict(re.findall(r"(\w+)=(\S+)", match.group(2)))
-
-    def console_command(self, command: str) -> None:
-        """Type a command into the guest's shell on its console (the pty xenconsoled serves)."""
-        self.testbed.run(
-            f"domid=$(xl domid {shlex.quote(self.name)}) && "
-            "tty=$(xenstore-read /local/domain/$domid/console/tty) && "
-            f"printf '%s\\n' {shlex.quote(command)} > \"$tty\"", timeout_s=60, check=True)
-
-    def verify(self, timeout_s: float = 300) -> VerifyResult:
-        """Ask the workload to check all its memory and files now; returns its verdict."""
-        previous = max((int(seq) for _, seq, _ in VERIFY_RE.findall(self.console_log())), default=0)
-        self.console_command("kill -USR1 $(cat /run/workload.pid)")
-
-        def new_verdict() -> VerifyResult | None:
-            for match in VERIFY_RE.finditer(self.console_log()):
-                if int(match.group(2)) > previous:
-                    return VerifyResult(ok=match.group(1) == "ok", seq=int(match.group(2)),
-                                        fields=dict(re.findall(r"(\w+)=(\S+)", match.group(3))),
-                                        line=match.group(0))
-            return None
-
-        return self._wait(new_verdict, timeout_s, "WORKLOAD VERIFY",
-                          lambda: f"no WORKLOAD VERIFY after {timeout_s:.0f} s")
-
-    def save_restore(self, timeout_s: float = 900) -> dict[str, float]:
-        """Stock ``xl save`` then ``xl restore``; returns wall times and the image size."""
-        image = f"/var/lib/xen/save-{self.name}.img"
-        saved = self.testbed.run(["xl", "save", self.name, image], timeout_s=timeout_s, check=True)
-        size = int(self.testbed.run(["stat", "-c", "%s", image], check=True).stdout)
-        restored = self.testbed.run(["xl", "restore", image], timeout_s=timeout_s, check=True)
-        self.testbed.run(["rm", "-f", image])
-        return {"save_s": saved.wall_s, "restore_s": restored.wall_s, "image_bytes": float(size)}
-
-    def migrate_localhost(self, timeout_s: float = 900) -> dict[str, float]:
-        """Stock ``xl migrate`` to this same host (no ssh: ``-s ""`` runs the receiver command
-        itself); returns the wall time and the bytes of the migration stream."""
-        counter = f"/tmp/migrate-{self.name}.bytes"
-        receiver = f"python3 /opt/softpage/bin/count-bytes {counter} | xl migrate-receive"
-        result = self.testbed.run(["xl", "migrate", "-s", "", self.name, receiver],
-                                  timeout_s=timeout_s, check=True)
-        sent = self.testbed.run(["cat", counter], check=True).stdout.strip()
-        return {"migrate_s": result.wall_s, "stream_bytes": float(sent or 0)}
-
-    def destroy(self) -> None:
-        self.testbed.run(["xl", "destroy", self.name], timeout_s=120)
 
 
 def retry_after_triple_faults(
@@ -799,7 +428,7 @@ def retry_after_triple_faults(
         except errors as failure:
             if testbed.triple_faults() == faults or attempt == retries:
                 raise
-            print(f"xen_testbed: a guest triple-faulted ({str(failure)[:200]}); again on a fresh guest "
+            print(f"softpage_testbed: a guest triple-faulted ({str(failure)[:200]}); again on a fresh guest "
                   f"({attempt + 1} of {retries})", file=sys.stderr, flush=True)
         testbed.destroy_all_guests()
         guest = start_guest()

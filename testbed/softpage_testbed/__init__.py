@@ -1,0 +1,107 @@
+"""Drive the softpage Xen-in-QEMU testbed from the host: boot it, run dom0 commands, make guests.
+
+The testbed (``make testbed``, built by testbed/build.sh into ``SOFTPAGE_TESTBED_CACHE``) is a
+Xen 4.17 hypervisor with a Debian dom0 booted under QEMU TCG. The package is stdlib only; the
+e2e tests, the benchmarks and the demo import it from the venv ``make setup`` installs it into.
+It is split by what it drives:
+
+* ``agent``: dom0 commands go through a virtio-serial port to ``softpage-agent`` (testbed/dom0/),
+  one JSON line per request and reply, so exit codes and output are exact.
+* ``host``: one boot of QEMU + Xen + dom0 (``Testbed``, ``TestbedConfig``, ``booted_testbed``);
+  the serial console (Xen + dom0 kernel) is only logged, to ``<work_dir>/serial.log``. The
+  CURRENT checkout reaches dom0 as a payload disk built by ``testbed/build.sh payload``: the
+  softpage package on dom0's ``PYTHONPATH`` (``/opt/softpage/py``), the guest kernel and
+  initramfs (``/opt/softpage/guest``) with the workload and, when it builds, ``softpage.ko``.
+* ``guest``: a test guest (``GuestSpec``, ``Guest``), read through its console log.
+* ``errors``: everything the harness raises is a ``TestbedError``.
+
+Typical use (the pytest fixtures in tests/e2e/conftest.py do the booting)::
+
+    guest = testbed.create_guest(GuestSpec(name="g1", guest_type="pvh", memory_mb=256, anon_mb=64))
+    guest.wait_for_workload_ready()
+    testbed.run(f"xl save {guest.name} /var/lib/xen/g1.img", check=True)
+    ...
+    assert guest.verify().ok
+"""
+
+from softpage_testbed.agent import (
+    AGENT_PORT_NAME,
+    LIVENESS_PERIOD_S,
+    LIVENESS_TIMEOUT_S,
+    REPLY_MARGIN_S,
+    AgentClient,
+    CommandResult,
+)
+from softpage_testbed.errors import CommandFailed, Dom0BootStalled, Dom0Hung, GuestTripleFault, TestbedError
+from softpage_testbed.guest import (
+    BOOT_MARKER,
+    CONSOLE_LOG_DIR,
+    HEARTBEAT_RE,
+    READY_RE,
+    STOPPED_CHECK_S,
+    VERIFY_RE,
+    Guest,
+    GuestSpec,
+    VerifyResult,
+)
+from softpage_testbed.host import (
+    BOOT_ATTEMPTS,
+    BUILD_SCRIPT,
+    DATA_DISK_SERIAL,
+    DOM0_BOOT_ATTEMPTS,
+    DOM0_BOOT_STALL_S,
+    FATAL_BOOT_PATTERNS,
+    HOTPLUG_TIMEOUT_MESSAGE,
+    PAYLOAD_DISK_SERIAL,
+    REPO_DIR,
+    TRIPLE_FAULT_RE,
+    XEN_PV_VERSION,
+    XEN_PVH_VERSION,
+    Testbed,
+    TestbedConfig,
+    booted_testbed,
+    build_payload,
+    build_testbed,
+    retry_after_triple_faults,
+)
+
+__all__ = [
+    "AGENT_PORT_NAME",
+    "BOOT_ATTEMPTS",
+    "BOOT_MARKER",
+    "BUILD_SCRIPT",
+    "CONSOLE_LOG_DIR",
+    "DATA_DISK_SERIAL",
+    "DOM0_BOOT_ATTEMPTS",
+    "DOM0_BOOT_STALL_S",
+    "FATAL_BOOT_PATTERNS",
+    "HEARTBEAT_RE",
+    "HOTPLUG_TIMEOUT_MESSAGE",
+    "LIVENESS_PERIOD_S",
+    "LIVENESS_TIMEOUT_S",
+    "PAYLOAD_DISK_SERIAL",
+    "READY_RE",
+    "REPLY_MARGIN_S",
+    "REPO_DIR",
+    "STOPPED_CHECK_S",
+    "TRIPLE_FAULT_RE",
+    "VERIFY_RE",
+    "XEN_PVH_VERSION",
+    "XEN_PV_VERSION",
+    "AgentClient",
+    "CommandFailed",
+    "CommandResult",
+    "Dom0BootStalled",
+    "Dom0Hung",
+    "Guest",
+    "GuestSpec",
+    "GuestTripleFault",
+    "Testbed",
+    "TestbedConfig",
+    "TestbedError",
+    "VerifyResult",
+    "booted_testbed",
+    "build_payload",
+    "build_testbed",
+    "retry_after_triple_faults",
+]

@@ -1,0 +1,233 @@
+"""A test guest: its xl configuration (``GuestSpec``) and, once running, what its console says
+(``Guest``). Guests print to their console, which xenconsoled logs to
+``/var/log/xen/console/guest-NAME*.log`` (a migration adds ``NAME--incoming``): heartbeats, boot
+markers and workload verdicts are read from there."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from softpage_testbed.errors import TestbedError
+
+if TYPE_CHECKING:
+    from softpage_testbed.host import Testbed
+
+T = TypeVar("T")
+
+CONSOLE_LOG_DIR = "/var/log/xen/console"
+HEARTBEAT_RE = re.compile(r"HEARTBEAT (\d+)")
+VERIFY_RE = re.compile(r"WORKLOAD VERIFY (ok|FAIL) seq=(\d+)(.*)")
+READY_RE = re.compile(r"WORKLOAD READY (.*)")
+BOOT_MARKER = "GUEST-INIT booted"
+STOPPED_CHECK_S = 10.0
+"""How often a wait on a guest's console also asks Xen whether the guest still runs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestSpec:
+    """A test guest: kernel and busybox initramfs from the payload, workload parameters on its
+    kernel command line (read by testbed/guest/init)."""
+
+    name: str = "guest"
+    guest_type: str = "pvh"  # "pvh" or "pv"
+    memory_mb: int = 256
+    vcpus: int = 1
+    anon_mb: int = 64
+    cache_mb: int = 0
+    dirty_rate: int = 100  # pages/s
+    verify_every_s: int = 0  # 0: verify only when asked
+    load_kmod: bool = True  # insmod softpage.ko when the payload has one
+    kmod_args: tuple[str, ...] = ()
+    data_disk: bool = True
+    tsc_mode: str = "native"
+    """xl.cfg tsc_mode. QEMU's CPU has no invariant TSC, so Xen's "default" would intercept every
+    guest RDTSC; under TCG's nested SVM such exits now and then end in a guest triple fault."""
+    extra_config: tuple[str, ...] = ()  # more xl.cfg lines, verbatim
+    kernel_args: tuple[str, ...] = ()
+    """Guest kernel options users set, e.g. ``init_on_free=1``, ``page_poison=1``."""
+
+    def kernel_command_line(self) -> str:
+        words = [
+            "console=hvc0",
+            "loglevel=4",
+            *self.kernel_args,
+            f"sp_anon_mb={self.anon_mb}",
+            f"sp_cache_mb={self.cache_mb}",
+            f"sp_dirty_rate={self.dirty_rate}",
+            f"sp_verify_every={self.verify_every_s}",
+            f"sp_kmod={1 if self.load_kmod else 0}",
+        ]
+        words += [f"sp_kmod_arg={arg}" for arg in self.kmod_args]
+        return " ".join(words)
+
+    def xl_config(self, data_disk_device: str) -> str:
+        disks = f"['phy:{data_disk_device},xvdb,r']" if self.data_disk else "[]"
+        lines = [
+            f'name = "{self.name}"',
+            f'type = "{self.guest_type}"',
+            'kernel = "/opt/softpage/guest/vmlinuz"',
+            'ramdisk = "/opt/softpage/guest/initrd.cpio.gz"',
+            f'extra = "{self.kernel_command_line()}"',
+            f"memory = {self.memory_mb}",
+            f"maxmem = {self.memory_mb}",
+            f"vcpus = {self.vcpus}",
+            f'tsc_mode = "{self.tsc_mode}"',
+            "vif = []",
+            f"disk = {disks}",
+            # a test guest never reboots on purpose: keep a crashed or rebooting guest for the logs
+            # instead of letting xl restart it behind the test's back
+            'on_crash = "preserve"',
+            'on_reboot = "preserve"',
+            *self.extra_config,
+        ]
+        return "\n".join(lines) + "\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    seq: int
+    fields: dict[str, str]
+    line: str
+
+
+
+class Guest:
+    """A running test guest, found by name (a migrated guest keeps its name)."""
+
+    def __init__(self, testbed: Testbed, spec: GuestSpec) -> None:
+        self.testbed = testbed
+        self.spec = spec
+        self.name = spec.name
+
+    def console_log(self) -> str:
+        """Every console line this guest printed since it was created, across migrations."""
+        # a migrated guest's lines continue in guest-NAME--incoming.log; ls -tr keeps them in order
+        result = self.testbed.run(
+            f"cd {CONSOLE_LOG_DIR} && ls -tr guest-{self.name}.log guest-{self.name}--*.log 2>/dev/null"
+            " | xargs -r cat", timeout_s=60)
+        return result.stdout.replace("\r", "")
+
+    def heartbeat(self) -> int:
+        """The highest heartbeat counter printed so far (-1 before the first)."""
+        return max((int(n) for n in HEARTBEAT_RE.findall(self.console_log())), default=-1)
+
+    def boot_count(self) -> int:
+        return self.console_log().count(BOOT_MARKER)
+
+    def stopped(self) -> bool:
+        """True when Xen lists the domain as crashed or shut down (a triple fault under TCG turns
+        into a preserved crash); False while it runs, is paused, or is not listed at all."""
+        state = self.testbed.run(f"xl list {shlex.quote(self.name)} | awk 'NR == 2 {{print $5}}'",
+                                 timeout_s=60).stdout.strip()
+        return "s" in state or "c" in state
+
+    def _wait(self, found: Callable[[], T | None], timeout_s: float, what: str,
+              timed_out: Callable[[], str], poll_s: float = 1.0) -> T:
+        """Poll ``found`` until it returns a value. TestbedError after timeout_s (``timed_out()``
+        says what was missing), or as soon as Xen shows the guest crashed or shut down: asked every
+        STOPPED_CHECK_S, so a dead guest fails the wait then, not at its timeout."""
+        last_check = time.monotonic()
+        deadline = last_check + timeout_s
+        while True:
+            value = found()
+            if value is not None:
+                return value
+            if time.monotonic() > deadline:
+                raise TestbedError(f"guest {self.name}: {timed_out()}; "
+                                   f"console tail:\n{self.console_log()[-3000:]}")
+            if time.monotonic() - last_check >= STOPPED_CHECK_S:
+                if self.stopped():
+                    raise TestbedError(f"guest {self.name} crashed or shut down while the harness waited "
+                                       f"for {what}; console tail:\n{self.console_log()[-3000:]}")
+                last_check = time.monotonic()
+            time.sleep(poll_s)
+
+    def wait_for(self, pattern: str, timeout_s: float = 120, poll_s: float = 1.0) -> re.Match[str]:
+        """Wait until a console line matches the regex; returns the LAST match."""
+        compiled = re.compile(pattern)
+
+        def last_match() -> re.Match[str] | None:
+            matches = list(compiled.finditer(self.console_log()))
+            return matches[-1] if matches else None
+
+        return self._wait(last_match, timeout_s, repr(pattern),
+                          lambda: f"no console line matching {pattern!r} within {timeout_s:.0f} s", poll_s)
+
+    def wait_for_first_heartbeat(self, timeout_s: float) -> bool:
+        """True at the first heartbeat; False if the domain shut down (crashed, or a triple fault
+        turned into a preserved reboot) before it. TestbedError on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while self.heartbeat() < 0:
+            if self.stopped():
+                return False
+            if time.monotonic() > deadline:
+                raise TestbedError(f"guest {self.name}: no heartbeat within {timeout_s:.0f} s; "
+                                   f"console tail:\n{self.console_log()[-3000:]}")
+            time.sleep(1)
+        return True
+
+    def wait_for_heartbeat(self, at_least: int, timeout_s: float = 120) -> int:
+        def beat_reached() -> int | None:
+            beat = self.heartbeat()
+            return beat if beat >= at_least else None
+
+        return self._wait(beat_reached, timeout_s, f"heartbeat {at_least}",
+                          lambda: f"heartbeat {self.heartbeat()}, expected >= {at_least} within "
+                                  f"{timeout_s:.0f} s")
+
+    def wait_for_workload_ready(self, timeout_s: float = 300) -> dict[str, str]:
+        match = self.wait_for(r"WORKLOAD (READY|ERROR) (.*)", timeout_s)
+        if match.group(1) == "ERROR":
+            raise TestbedError(f"guest {self.name}: workload failed: {match.group(0)}")
+        return dict(re.findall(r"(\w+)=(\S+)", match.group(2)))
+
+    def console_command(self, command: str) -> None:
+        """Type a command into the guest's shell on its console (the pty xenconsoled serves)."""
+        self.testbed.run(
+            f"domid=$(xl domid {shlex.quote(self.name)}) && "
+            "tty=$(xenstore-read /local/domain/$domid/console/tty) && "
+            f"printf '%s\\n' {shlex.quote(command)} > \"$tty\"", timeout_s=60, check=True)
+
+    def verify(self, timeout_s: float = 300) -> VerifyResult:
+        """Ask the workload to check all its memory and files now; returns its verdict."""
+        previous = max((int(seq) for _, seq, _ in VERIFY_RE.findall(self.console_log())), default=0)
+        self.console_command("kill -USR1 $(cat /run/workload.pid)")
+
+        def new_verdict() -> VerifyResult | None:
+            for match in VERIFY_RE.finditer(self.console_log()):
+                if int(match.group(2)) > previous:
+                    return VerifyResult(ok=match.group(1) == "ok", seq=int(match.group(2)),
+                                        fields=dict(re.findall(r"(\w+)=(\S+)", match.group(3))),
+                                        line=match.group(0))
+            return None
+
+        return self._wait(new_verdict, timeout_s, "WORKLOAD VERIFY",
+                          lambda: f"no WORKLOAD VERIFY after {timeout_s:.0f} s")
+
+    def save_restore(self, timeout_s: float = 900) -> dict[str, float]:
+        """Stock ``xl save`` then ``xl restore``; returns wall times and the image size."""
+        image = f"/var/lib/xen/save-{self.name}.img"
+        saved = self.testbed.run(["xl", "save", self.name, image], timeout_s=timeout_s, check=True)
+        size = int(self.testbed.run(["stat", "-c", "%s", image], check=True).stdout)
+        restored = self.testbed.run(["xl", "restore", image], timeout_s=timeout_s, check=True)
+        self.testbed.run(["rm", "-f", image])
+        return {"save_s": saved.wall_s, "restore_s": restored.wall_s, "image_bytes": float(size)}
+
+    def migrate_localhost(self, timeout_s: float = 900) -> dict[str, float]:
+        """Stock ``xl migrate`` to this same host (no ssh: ``-s ""`` runs the receiver command
+        itself); returns the wall time and the bytes of the migration stream."""
+        counter = f"/tmp/migrate-{self.name}.bytes"
+        receiver = f"python3 /opt/softpage/bin/count-bytes {counter} | xl migrate-receive"
+        result = self.testbed.run(["xl", "migrate", "-s", "", self.name, receiver],
+                                  timeout_s=timeout_s, check=True)
+        sent = self.testbed.run(["cat", counter], check=True).stdout.strip()
+        return {"migrate_s": result.wall_s, "stream_bytes": float(sent or 0)}
+
+    def destroy(self) -> None:
+        self.testbed.run(["xl", "destroy", self.name], timeout_s=120)
