@@ -57,6 +57,17 @@
 #error "the softpage ABI is little-endian (x86 guests only)"
 #endif
 
+/*
+ * The largest buddy order: MAX_PAGE_ORDER since 6.8 (6.12), MAX_ORDER - 1
+ * before 6.4 (6.1).  Kernels 6.4-6.7 meant the largest order by MAX_ORDER; on
+ * them whole blocks of that order count as one page, which reports less.
+ */
+#ifdef MAX_PAGE_ORDER
+#define SOFTPAGE_MAX_PAGE_ORDER	MAX_PAGE_ORDER
+#else
+#define SOFTPAGE_MAX_PAGE_ORDER	(MAX_ORDER - 1)
+#endif
+
 #define SOFTPAGE_XS_DIR		"data/softpage"
 #define SOFTPAGE_XS_ARMED	SOFTPAGE_XS_DIR "/armed"
 #define SOFTPAGE_XS_DROP	SOFTPAGE_XS_DIR "/drop"
@@ -246,21 +257,32 @@ static u32 softpage_guest_flags(void)
 	return flags;
 }
 
+/*
+ * Asked of the folio the page is part of: its flags are the head page's, as
+ * the PageXxx() tests of 6.1 read them (6.12 has only the folio tests).  No
+ * reference is held: a racing free or split makes the answer stale, and dom0
+ * sends every page written after the report anyway.
+ */
 static bool softpage_is_clean_cache(struct page *page, bool skip_hot)
 {
-	if (!PageLRU(page) || PageAnon(page) || PageSwapBacked(page))
+	struct folio *folio = page_folio(page);
+
+	if (!folio_test_lru(folio) || folio_test_anon(folio) ||
+	    folio_test_swapbacked(folio))
 		return false;
 	/* ramfs and mlocked pages cannot be dropped at suspend. */
-	if (PageUnevictable(page))
+	if (folio_test_unevictable(folio))
 		return false;
-	if (PageDirty(page) || PageWriteback(page) || PageLocked(page))
+	if (folio_test_dirty(folio) || folio_test_writeback(folio) ||
+	    folio_test_locked(folio))
 		return false;
-	if (skip_hot && (PageActive(page) || PageReferenced(page)))
+	if (skip_hot &&
+	    (folio_test_active(folio) || folio_test_referenced(folio)))
 		return false;
 	/* drop_caches (invalidate_mapping_pages) keeps mapped pages. */
-	if (page_mapped(page))
+	if (folio_mapped(folio))
 		return false;
-	return page_mapping(page);
+	return folio_mapping(folio);
 }
 
 /*
@@ -282,7 +304,7 @@ static unsigned long softpage_classify(const struct softpage *sp,
 		/* buddy_order_unsafe(): mm/internal.h is not for modules. */
 		order = READ_ONCE(page_private(page));
 		/* A racing allocation may reuse private: trust it no further. */
-		if (order >= MAX_ORDER || !PageBuddy(page))
+		if (order > SOFTPAGE_MAX_PAGE_ORDER || !PageBuddy(page))
 			order = 0;
 		nr = min(1UL << order, end - pfn);
 		if (want_free)
@@ -937,10 +959,55 @@ static void softpage_syscore_resume(void)
 	sp->stats.held_reinit_ns = ktime_get_ns() - start;
 }
 
+/*
+ * Newer kernels (Debian's 6.12.118 among them) pass the callbacks a data
+ * pointer and register a struct syscore; Kbuild tells which from the header.
+ */
+#ifdef SOFTPAGE_SYSCORE_WITH_DATA
+static int softpage_syscore_suspend_data(void *data)
+{
+	return softpage_syscore_suspend();
+}
+
+static void softpage_syscore_resume_data(void *data)
+{
+	softpage_syscore_resume();
+}
+
+static const struct syscore_ops softpage_syscore_ops = {
+	.suspend = softpage_syscore_suspend_data,
+	.resume = softpage_syscore_resume_data,
+};
+
+static struct syscore softpage_syscore = {
+	.ops = &softpage_syscore_ops,
+};
+
+static void softpage_register_syscore(void)
+{
+	register_syscore(&softpage_syscore);
+}
+
+static void softpage_unregister_syscore(void)
+{
+	unregister_syscore(&softpage_syscore);
+}
+#else
 static struct syscore_ops softpage_syscore_ops = {
 	.suspend = softpage_syscore_suspend,
 	.resume = softpage_syscore_resume,
 };
+
+static void softpage_register_syscore(void)
+{
+	register_syscore_ops(&softpage_syscore_ops);
+}
+
+static void softpage_unregister_syscore(void)
+{
+	unregister_syscore_ops(&softpage_syscore_ops);
+}
+#endif
 
 /* After an armed suspend, in either resume callback. */
 static void softpage_end_suspend(struct softpage *sp)
@@ -1239,11 +1306,19 @@ fail:
 	return err;
 }
 
+/* platform_driver.remove returns void since 6.11 (Kbuild tells). */
+#ifdef SOFTPAGE_REMOVE_RETURNS_VOID
+static void softpage_remove(struct platform_device *pdev)
+{
+	softpage_teardown(platform_get_drvdata(pdev));
+}
+#else
 static int softpage_remove(struct platform_device *pdev)
 {
 	softpage_teardown(platform_get_drvdata(pdev));
 	return 0;
 }
+#endif
 
 static struct platform_driver softpage_driver = {
 	.remove = softpage_remove,
@@ -1268,13 +1343,13 @@ static int __init softpage_init(void)
 					       0);
 	if (IS_ERR(softpage_pdev))
 		return PTR_ERR(softpage_pdev);
-	register_syscore_ops(&softpage_syscore_ops);
+	softpage_register_syscore();
 	return 0;
 }
 
 static void __exit softpage_exit(void)
 {
-	unregister_syscore_ops(&softpage_syscore_ops);
+	softpage_unregister_syscore();
 	platform_device_unregister(softpage_pdev);
 	platform_driver_unregister(&softpage_driver);
 }
