@@ -1,7 +1,9 @@
 #!/bin/bash
 # Build the cached Xen-in-QEMU testbed for softpage, from Debian packages and this directory only.
 #
-#   testbed/build.sh all               deps fetch rootfs image data   (what `make testbed` runs)
+#   testbed/build.sh all               deps fetch rootfs image data trixie_rootfs trixie_image
+#                                      (what `make testbed` runs: the Debian 12 host, the guest data
+#                                      disk, and the Debian 13 host)
 #   testbed/build.sh <stage>...        one or more stages, in order
 #   testbed/build.sh payload [OUT]     per-session payload disk from the CURRENT checkout (cheap)
 #   testbed/build.sh env               print the paths the harness uses (KEY=VALUE lines)
@@ -32,6 +34,14 @@ STAMPS=$CACHE/stamps
 DOM0_PACKAGES="xen-utils-4.17 xen-utils-common xenstore-utils python3 python3-numpy python3-cffi
  python3-pyxs python3-dev python3-pip python3-setuptools gcc make libc6-dev libxen-dev
  initramfs-tools systemd-sysv udev kmod iproute2 procps busybox e2fsprogs less file"
+# The Debian 13 ("trixie") host: Xen 4.20 and Linux 6.12 from trixie's own packages, in a rootfs of
+# its own. Its kernel (and headers) also make the testbed's 6.12 guests and build softpage.ko for them.
+ROOTFS_TRIXIE=$CACHE/rootfs-trixie
+DOM0_IMG_TRIXIE=$CACHE/dom0-trixie.img
+TRIXIE_DOM0_PACKAGES="xen-hypervisor-4.20-amd64 xen-utils-4.20 xen-utils-common xenstore-utils python3
+ python3-numpy python3-cffi python3-pyxs python3-dev python3-pip python3-setuptools gcc make libc6-dev
+ libxen-dev initramfs-tools systemd-sysv udev kmod iproute2 procps busybox e2fsprogs less file
+ linux-image-amd64 linux-headers-amd64"
 HOST_PACKAGES="qemu-system-x86 qemu-utils debootstrap busybox-static cpio e2fsprogs gzip xz-utils
  gcc make libc6-dev libxen-dev python3 kmod"
 
@@ -46,6 +56,41 @@ debian_mirror() {
     [ -n "$uri" ] || uri=$(awk '$1=="deb" && $3 ~ /^bookworm$/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null)
     [ -n "$uri" ] || die "no Debian mirror found in /etc/apt; set SOFTPAGE_DEBIAN_MIRROR"
     echo "$uri"
+}
+
+debian_security_mirror() {  # the host's security archive, for trixie-security
+    local uri
+    uri=$(awk '/^URIs:/{print $2}' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep security | head -1)
+    [ -n "$uri" ] || uri=$(awk '$1=="deb" && $3 ~ /-security$/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null)
+    echo "${uri:-}"
+}
+
+# trixie_sources: the one-line sources of the trixie suites, from the host's own mirrors.
+trixie_sources() {
+    local mirror security
+    mirror=$(debian_mirror); security=$(debian_security_mirror)
+    echo "deb $mirror trixie main"
+    echo "deb $mirror trixie-updates main"
+    [ -z "$security" ] || echo "deb $security trixie-security main"
+}
+
+# trixie_apt TOOL ARGS...: apt-get / apt-cache against trixie with a state of its own under
+# $CACHE/apt-trixie (the host's own apt stays on bookworm). Its lists are refreshed once a day.
+trixie_apt() {
+    local tool=$1 dir=$CACHE/apt-trixie; shift
+    local options=(-o "Dir::Etc::SourceList=$dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
+                   -o "Dir::State::Lists=$dir/lists" -o "Dir::Cache=$dir/cache" -o Dir::State::status=/dev/null)
+    if [ -z "$(find "$dir/lists" -maxdepth 1 -name '*Packages*' -mmin -1440 2>/dev/null | head -1)" ]; then
+        mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial"
+        trixie_sources > "$dir/sources.list"
+        apt-get "${options[@]}" update -qq >&2 || die "cannot read the trixie package lists"
+    fi
+    "$tool" "${options[@]}" "$@"
+}
+
+trixie_package_versions() {  # as package_versions, for trixie's packages
+    trixie_apt apt-cache policy "$@" 2>/dev/null |
+        awk '/^[^ ].*:$/{name=substr($1, 1, length($1)-1)} /Candidate:/{print name "=" $2}' | sort
 }
 
 # ABI name of the kernel behind linux-image-amd64 (e.g. 6.1.0-56-amd64): dom0 and guest both run it.
@@ -99,6 +144,15 @@ key_rootfs() {
 }
 key_image() {
     { echo "image $(stamp_of rootfs) $DOM0_IMG_SIZE"; declare -f stage_image; } |
+        hash_inputs dom0/softpage-agent.py dom0/softpage-agent.service dom0/configure.sh
+}
+key_trixie_rootfs() {
+    # shellcheck disable=SC2086
+    { echo "trixie_rootfs $TRIXIE_DOM0_PACKAGES"; trixie_sources; declare -f stage_trixie_rootfs guest_modules
+      trixie_package_versions $TRIXIE_DOM0_PACKAGES; } | hash_inputs rootfs.sh
+}
+key_trixie_image() {
+    { echo "trixie_image $(stamp_of trixie_rootfs) $DOM0_IMG_SIZE"; declare -f stage_trixie_image stage_image; } |
         hash_inputs dom0/softpage-agent.py dom0/softpage-agent.service dom0/configure.sh
 }
 key_data() { { echo "data $DATA_MB"; declare -f stage_data; } | hash_inputs guest/workload.c guest/say.h; }
@@ -169,18 +223,40 @@ stage_rootfs() {
         bash "$TESTBED_DIR/rootfs.sh"
 }
 
+# stage_image [ROOTFS IMAGE]: the dom0 disk image of a rootfs (default: the Debian 12 host's).
 stage_image() {
-    local staging; staging=$(mktemp -d)
+    local rootfs=${1:-$ROOTFS} image=${2:-$DOM0_IMG} staging; staging=$(mktemp -d)
     # The agent and its configuration are small and change more often than the packages: they
     # go into a copy-on-write overlay of the rootfs, so changing them never re-runs debootstrap.
-    mount_overlay "$staging"
+    mount_overlay "$staging" "$rootfs"
     ROOT="$staging/merged" TESTBED_DIR="$TESTBED_DIR" bash "$TESTBED_DIR/dom0/configure.sh"
-    rm -f "$DOM0_IMG.tmp"
-    mkfs.ext4 -q -F -L softpage-dom0 -d "$staging/merged" "$DOM0_IMG.tmp" "$DOM0_IMG_SIZE"
+    rm -f "$image.tmp"
+    mkfs.ext4 -q -F -L softpage-dom0 -d "$staging/merged" "$image.tmp" "$DOM0_IMG_SIZE"
     umount_overlay "$staging"
-    mv "$DOM0_IMG.tmp" "$DOM0_IMG"
-    du -h --apparent-size "$DOM0_IMG"; du -h "$DOM0_IMG"
+    mv "$image.tmp" "$image"
+    du -h --apparent-size "$image"; du -h "$image"
 }
+
+# The Debian 13 host: trixie's dom0 with Xen 4.20 and Linux 6.12, whose kernel, modules and
+# hypervisor go to $CACHE/boot/trixie/ (the 6.12 guests boot the same kernel).
+stage_trixie_rootfs() {
+    local boot=$CACHE/boot/trixie xen kernel abi
+    MIRROR=$(debian_mirror) SUITE=trixie SOURCES="$(trixie_sources)" KERNEL_ABI="" ROOTFS=$ROOTFS_TRIXIE \
+        DOM0_PACKAGES=$TRIXIE_DOM0_PACKAGES bash "$TESTBED_DIR/rootfs.sh"
+    rm -rf "$boot"; mkdir -p "$boot"
+    kernel=$(ls "$ROOTFS_TRIXIE"/boot/vmlinuz-* | sort -V | tail -1)
+    abi=${kernel##*/vmlinuz-}
+    cp "$kernel" "$boot/vmlinuz"
+    echo "$abi" > "$boot/kernel-abi"
+    xen=$(ls "$ROOTFS_TRIXIE"/boot/xen-4.20*-amd64.gz | head -1)
+    zcat "$xen" > "$boot/xen"
+    cp "${xen%.gz}.config" "$boot/xen.config"
+    dpkg-query --admindir="$ROOTFS_TRIXIE/var/lib/dpkg" -W -f='${Version}\n' xen-hypervisor-4.20-amd64 > "$boot/xen-version"
+    guest_modules "$ROOTFS_TRIXIE" "$abi" "$boot/guest-modules"
+    ls -l "$boot"
+}
+
+stage_trixie_image() { stage_image "$ROOTFS_TRIXIE" "$DOM0_IMG_TRIXIE"; }
 
 stage_data() {
     local build; build=$(mktemp -d)
@@ -196,10 +272,11 @@ stage_data() {
     du -h "$CACHE/data.img"
 }
 
-# mount_overlay DIR: DIR/merged = copy-on-write view of the cached rootfs (nothing written to it).
+# mount_overlay DIR [ROOTFS]: DIR/merged = copy-on-write view of a cached rootfs (default the
+# Debian 12 host's; nothing is written to it).
 mount_overlay() {
     mkdir -p "$1/upper" "$1/work" "$1/merged"
-    mount -t overlay overlay -o "lowerdir=$ROOTFS,upperdir=$1/upper,workdir=$1/work" "$1/merged"
+    mount -t overlay overlay -o "lowerdir=${2:-$ROOTFS},upperdir=$1/upper,workdir=$1/work" "$1/merged"
 }
 umount_overlay() {
     local m
@@ -211,7 +288,8 @@ umount_overlay() {
 }
 
 stage_payload() {
-    OUT=${1:-$CACHE/payload.img} CACHE=$CACHE ROOTFS=$ROOTFS REPO_DIR=$REPO_DIR TESTBED_DIR=$TESTBED_DIR \
+    OUT=${1:-$CACHE/payload.img} CACHE=$CACHE ROOTFS=$ROOTFS ROOTFS_TRIXIE=$ROOTFS_TRIXIE REPO_DIR=$REPO_DIR \
+        TESTBED_DIR=$TESTBED_DIR \
         bash "$TESTBED_DIR/payload.sh"
 }
 
@@ -224,6 +302,10 @@ XEN_4_17_7=$CACHE/boot/xen-4.17.7
 XEN_4_17_5=$CACHE/boot/xen-4.17.5
 VMLINUZ=$CACHE/boot/vmlinuz
 DOM0_INITRD=$(ls "$ROOTFS"/boot/initrd.img-* 2>/dev/null | head -1)
+TRIXIE_DOM0_IMG=$DOM0_IMG_TRIXIE
+TRIXIE_XEN=$CACHE/boot/trixie/xen
+TRIXIE_VMLINUZ=$CACHE/boot/trixie/vmlinuz
+TRIXIE_DOM0_INITRD=$(ls "$ROOTFS_TRIXIE"/boot/initrd.img-* 2>/dev/null | head -1)
 EOF
 }
 
@@ -235,7 +317,7 @@ main() {
         env) print_env; return ;;
         payload) shift; local t0; t0=$(date +%s.%N); stage_payload "$@"
             log "payload: took $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s"; return ;;
-        all) set -- deps fetch rootfs image data ;;
+        all) set -- deps fetch rootfs image data trixie_rootfs trixie_image ;;
     esac
     # One build at a time per cache: two engineers running `make testbed` must not race.
     exec 9>"$CACHE/.build.lock"
@@ -244,7 +326,7 @@ main() {
     local stage
     for stage in "$@"; do
         case "$stage" in
-            deps|fetch|rootfs|image|data)
+            deps|fetch|rootfs|image|data|trixie_rootfs|trixie_image)
                 [ "$stage" = deps ] || [ -n "$KERNEL_ABI_RESOLVED" ] || KERNEL_ABI_RESOLVED=$(kernel_abi)
                 run_stage "$stage" "$("key_$stage")" ;;
             *) die "unknown stage '$stage'" ;;

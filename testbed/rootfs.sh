@@ -1,11 +1,16 @@
 #!/bin/bash
-# Debian bookworm dom0 root filesystem: debootstrap minbase + the Xen toolstack, the Debian kernel
-# (its postinst builds dom0's initramfs) and what building and running softpage inside dom0 needs.
-# Called by build.sh with MIRROR, KERNEL_ABI, ROOTFS and DOM0_PACKAGES set. Host-specific
+# A Debian dom0 root filesystem (bookworm, or trixie for the Debian 13 host): debootstrap minbase +
+# the Xen toolstack, the Debian kernel (its postinst builds dom0's initramfs) and what building and
+# running softpage inside dom0 needs.
+# Called by build.sh with MIRROR, KERNEL_ABI, ROOTFS and DOM0_PACKAGES set, and for a suite other
+# than the host's own SUITE and SOURCES (its one-line apt sources; KERNEL_ABI empty: the kernel is
+# among DOM0_PACKAGES). Host-specific
 # configuration (agent, xen defaults) is NOT done here but in dom0/configure.sh, so that changing
 # it does not redo these minutes.
 set -euo pipefail
-: "${MIRROR:?}" "${KERNEL_ABI:?}" "${ROOTFS:?}" "${DOM0_PACKAGES:?}"
+: "${MIRROR:?}" "${ROOTFS:?}" "${DOM0_PACKAGES:?}"
+SUITE=${SUITE:-bookworm}
+[ "$SUITE" != bookworm ] || : "${KERNEL_ABI:?}"
 
 unmount_chroot() {
     local m
@@ -15,12 +20,17 @@ unmount_chroot() {
 }
 
 rm -rf "$ROOTFS"
-debootstrap --variant=minbase bookworm "$ROOTFS" "$MIRROR"
-# Same package sources as the host (bookworm, -updates, -security): the host's apt configuration
-# is what the versions in the stage key were resolved against.
+debootstrap --variant=minbase "$SUITE" "$ROOTFS" "$MIRROR"
 rm -f "$ROOTFS/etc/apt/sources.list"
-cp /etc/apt/sources.list.d/*.sources "$ROOTFS/etc/apt/sources.list.d/" 2>/dev/null || true
-[ -f /etc/apt/sources.list ] && cp /etc/apt/sources.list "$ROOTFS/etc/apt/sources.list"
+if [ -n "${SOURCES:-}" ]; then
+    # Another suite: the sources its stage key was resolved against (build.sh trixie_sources).
+    echo "$SOURCES" > "$ROOTFS/etc/apt/sources.list"
+else
+    # Same package sources as the host (bookworm, -updates, -security): the host's apt
+    # configuration is what the versions in the stage key were resolved against.
+    cp /etc/apt/sources.list.d/*.sources "$ROOTFS/etc/apt/sources.list.d/" 2>/dev/null || true
+    if [ -f /etc/apt/sources.list ]; then cp /etc/apt/sources.list "$ROOTFS/etc/apt/sources.list"; fi
+fi
 find "$ROOTFS/etc/apt/sources.list.d" -name '*disabled*' -delete
 
 # No daemons may start inside the chroot during package installation.
@@ -34,10 +44,10 @@ mount -t sysfs sys "$ROOTFS/sys"
 # shellcheck disable=SC2086
 chroot "$ROOTFS" /bin/sh -c "export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq &&
-    apt-get install -y -qq --no-install-recommends $(echo $DOM0_PACKAGES) linux-image-$KERNEL_ABI >/dev/null &&
+    apt-get install -y -qq --no-install-recommends $(echo $DOM0_PACKAGES) ${KERNEL_ABI:+linux-image-$KERNEL_ABI} >/dev/null &&
     apt-get clean"
 unmount_chroot
 trap - EXIT
 rm -f "$ROOTFS/usr/sbin/policy-rc.d"
-[ -f "$ROOTFS/boot/initrd.img-$KERNEL_ABI" ] || { echo "dom0 initramfs was not built" >&2; exit 1; }
+ls "$ROOTFS"/boot/initrd.img-"${KERNEL_ABI:-}"* >/dev/null 2>&1 || { echo "dom0 initramfs was not built" >&2; exit 1; }
 du -sh "$ROOTFS"
