@@ -3,33 +3,36 @@
 # that dom0 mounts read-only at /opt/softpage (see dom0/softpage-agent.service). Cheap by design:
 # nothing here is compiled under TCG and the cached rootfs is only used through an overlay.
 #
-#   /opt/softpage/py/          the softpage package (pip --target), cffi modules built against
-#                              dom0's own Python and libxen-dev, inside a chroot of the rootfs
-#   /opt/softpage/guest/       vmlinuz + initrd.cpio.gz (busybox, guest/init, workload, the block
-#                              and ext4 modules, and guest_kmod's softpage.ko when there is one)
-#   /opt/softpage/guest_kmod/  softpage.ko as built (or absent)
+#   /opt/softpage/py-bookworm/ the softpage package (pip --target), cffi modules built against
+#   /opt/softpage/py-trixie/   each dom0's own Python and libxen-dev, inside a chroot of its rootfs;
+#   /opt/softpage/py/          empty: the dom0 binds its own build there at boot
+#   /opt/softpage/guest/SERIES/  vmlinuz + initrd.cpio.gz per guest kernel (6.1: Debian 12's,
+#                              6.12: Debian 13's): busybox, guest/init, workload, freemem, the block
+#                              and ext4 modules, and that kernel's softpage.ko when it built
+#   /opt/softpage/guest_kmod/SERIES/  softpage.ko as built (or absent)
 #   /opt/softpage/PAYLOAD-INFO key=value lines: checkout revision, what was built, what failed
 #
-# Called by build.sh with OUT, CACHE, ROOTFS, REPO_DIR, TESTBED_DIR set.
+# Called by build.sh with OUT, CACHE, ROOTFS, ROOTFS_TRIXIE, REPO_DIR, TESTBED_DIR set.
 set -euo pipefail
-: "${OUT:?}" "${CACHE:?}" "${ROOTFS:?}" "${REPO_DIR:?}" "${TESTBED_DIR:?}"
+: "${OUT:?}" "${CACHE:?}" "${ROOTFS:?}" "${ROOTFS_TRIXIE:?}" "${REPO_DIR:?}" "${TESTBED_DIR:?}"
 KERNEL_ABI=$(cat "$CACHE/boot/kernel-abi")
 [ -d "$CACHE/boot/guest-modules" ] || { echo "testbed cache incomplete: run 'make testbed'" >&2; exit 1; }
 
 WORK=$(mktemp -d)
 STAGING=$WORK/payload
 OVERLAY=$WORK/overlay
-mkdir -p "$STAGING/py" "$STAGING/guest" "$STAGING/guest_kmod" "$STAGING/bin"
+mkdir -p "$STAGING/guest" "$STAGING/guest_kmod" "$STAGING/bin"
 INFO=$STAGING/PAYLOAD-INFO
 
-cleanup() {
+cleanup_overlay() {
     local m
     for m in dev/pts dev proc sys; do
         if mountpoint -q "$OVERLAY/merged/$m"; then umount "$OVERLAY/merged/$m"; fi
     done
     if mountpoint -q "$OVERLAY/merged"; then umount "$OVERLAY/merged"; fi
-    rm -rf "$WORK"
+    rm -rf "$OVERLAY"
 }
+cleanup() { cleanup_overlay; rm -rf "$WORK"; }
 trap cleanup EXIT
 note() { echo "$1=$2" >> "$INFO"; echo "payload: $1=$2" >&2; }
 
@@ -46,73 +49,120 @@ else
     tar -C "$REPO_DIR" --exclude=.venv --exclude=.git -cf - . | tar -xf - -C "$WORK/src"
 fi
 
-# 2. The Python package, built natively inside the dom0 rootfs (its Python 3.11, numpy 1.24,
-#    libxen-dev headers), through an overlay so the cached rootfs is never written.
-mkdir -p "$OVERLAY/upper" "$OVERLAY/work" "$OVERLAY/merged"
-mount -t overlay overlay -o "lowerdir=$ROOTFS,upperdir=$OVERLAY/upper,workdir=$OVERLAY/work" "$OVERLAY/merged"
-mount -t proc proc "$OVERLAY/merged/proc"
-mount --bind /dev "$OVERLAY/merged/dev"
-mkdir -p "$OVERLAY/merged/tmp/softpage-src" "$OVERLAY/merged/tmp/softpage-py"
-cp -a "$WORK/src/." "$OVERLAY/merged/tmp/softpage-src/"
-# setuptools refuses a readme outside the project directory (pyproject's "../README.md") when
-# building from a path; the readme is only package metadata, so this copy goes without it.
-sed -i '/^readme *=/d' "$OVERLAY/merged/tmp/softpage-src/python/pyproject.toml"
-if chroot "$OVERLAY/merged" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
-    python3 -m pip install --quiet --no-deps --no-build-isolation --no-index --break-system-packages \
-    --target /tmp/softpage-py /tmp/softpage-src/python > "$WORK/pip.log" 2>&1; then
-    cp -a "$OVERLAY/merged/tmp/softpage-py/." "$STAGING/py/"
-    note python_package built
-    note python_extensions "$(cd "$STAGING/py" && find . -name '*.so' -printf '%f ' )"
-else
-    note python_package FAILED
-    sed 's/^/payload: pip: /' "$WORK/pip.log" | tail -30 >&2
-fi
+# 2. The Python package, built natively inside each dom0's rootfs (bookworm: Python 3.11, numpy
+#    1.24, libxen 4.17; trixie: Python 3.13, numpy 2.2, libxen 4.20), through an overlay so the
+#    cached rootfs is never written. Each dom0 binds its own build on /opt/softpage/py at boot
+#    (dom0/softpage-agent.service).
+mkdir -p "$STAGING/py"
+# chroot_overlay ROOTFS: mount a fresh overlay of ROOTFS on $OVERLAY/merged with /proc and /dev.
+chroot_overlay() {
+    cleanup_overlay
+    mkdir -p "$OVERLAY/upper" "$OVERLAY/work" "$OVERLAY/merged"
+    mount -t overlay overlay -o "lowerdir=$1,upperdir=$OVERLAY/upper,workdir=$OVERLAY/work" "$OVERLAY/merged"
+    mount -t proc proc "$OVERLAY/merged/proc"
+    mount --bind /dev "$OVERLAY/merged/dev"
+}
+in_chroot() { chroot "$OVERLAY/merged" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root "$@"; }
 
-# 3. The guest module: built on the host against the guest kernel's headers (same ABI).
-kmod_src=$WORK/src/guest_kmod
-if [ -f "$kmod_src/Kbuild" ] || [ -f "$kmod_src/Makefile" ]; then
-    # Build from source only: objects copied along from the checkout may be for another kernel.
-    find "$kmod_src" -maxdepth 1 \( -name '*.o' -o -name '*.ko' -o -name '*.mod' -o -name '*.mod.c' \
-        -o -name '.*.cmd' -o -name 'Module.symvers' -o -name 'modules.order' \) -delete
-    if make -C "$kmod_src" KVER="$KERNEL_ABI" KDIR="/usr/src/linux-headers-$KERNEL_ABI" modules \
-        > "$WORK/kmod.log" 2>&1 &&
-        [ -f "$kmod_src/softpage.ko" ]; then
-        cp "$kmod_src/softpage.ko" "$STAGING/guest_kmod/softpage.ko"
-        note guest_kmod built
+build_python() {  # CODENAME ROOTFS
+    local codename=$1
+    chroot_overlay "$2"
+    mkdir -p "$OVERLAY/merged/tmp/softpage-src" "$OVERLAY/merged/tmp/softpage-py"
+    cp -a "$WORK/src/." "$OVERLAY/merged/tmp/softpage-src/"
+    # setuptools refuses a readme outside the project directory (pyproject's "../README.md") when
+    # building from a path; the readme is only package metadata, so this copy goes without it.
+    sed -i '/^readme *=/d' "$OVERLAY/merged/tmp/softpage-src/python/pyproject.toml"
+    if in_chroot python3 -m pip install --quiet --no-deps --no-build-isolation --no-index --break-system-packages \
+        --target /tmp/softpage-py /tmp/softpage-src/python > "$WORK/pip.log" 2>&1; then
+        mkdir -p "$STAGING/py-$codename"
+        cp -a "$OVERLAY/merged/tmp/softpage-py/." "$STAGING/py-$codename/"
+        note "python_package_$codename" built
+        note "python_extensions_$codename" "$(cd "$STAGING/py-$codename" && find . -name '*.so' -printf '%f ' )"
     else
-        note guest_kmod FAILED
-        tail -30 "$WORK/kmod.log" | sed 's/^/payload: kmod: /' >&2
+        note "python_package_$codename" FAILED
+        sed "s/^/payload: pip ($codename): /" "$WORK/pip.log" | tail -30 >&2
     fi
-elif [ -f "$kmod_src/softpage.ko" ]; then
-    cp "$kmod_src/softpage.ko" "$STAGING/guest_kmod/softpage.ko"
-    note guest_kmod prebuilt
-else
-    note guest_kmod absent
-fi
-if [ -f "$STAGING/guest_kmod/softpage.ko" ]; then
-    vermagic=$(modinfo -F vermagic "$STAGING/guest_kmod/softpage.ko" 2>/dev/null | cut -d' ' -f1)
-    note guest_kmod_vermagic "$vermagic"
-    if [ "$vermagic" != "$KERNEL_ABI" ]; then
-        note guest_kmod "FAILED(vermagic $vermagic, guest runs $KERNEL_ABI)"
-        rm -f "$STAGING/guest_kmod/softpage.ko"
-    fi
-fi
+}
+build_python bookworm "$ROOTFS"
+# The bookworm build keeps its old name in PAYLOAD-INFO too: that is what the e2e suite checks.
+grep -q '^python_package_bookworm=built$' "$INFO" && note python_package built || note python_package FAILED
+if [ -d "$ROOTFS_TRIXIE/usr/bin" ]; then build_python trixie "$ROOTFS_TRIXIE"; else note python_package_trixie absent; fi
 
-# 4. The guest: busybox initramfs with the workload and freemem (static, built here) and the
-#    modules.
-initrd=$WORK/initrd
-mkdir -p "$initrd/bin" "$initrd/dev" "$initrd/proc" "$initrd/sys" "$initrd/data" "$initrd/run" "$initrd/tmp"
-cp /bin/busybox "$initrd/bin/busybox"
-install -m 755 "$TESTBED_DIR/guest/init" "$initrd/init"
-gcc -O2 -static -Wall -Wextra -o "$initrd/bin/workload" "$TESTBED_DIR/guest/workload.c"
-gcc -O2 -static -Wall -Wextra -o "$initrd/bin/freemem" "$TESTBED_DIR/guest/freemem.c"
-cp -a "$CACHE/boot/guest-modules/lib" "$initrd/lib"
-if [ -f "$STAGING/guest_kmod/softpage.ko" ]; then cp "$STAGING/guest_kmod/softpage.ko" "$initrd/softpage.ko"; fi
-# Without /dev/console in the archive, init starts with no stdout.
-mknod -m 600 "$initrd/dev/console" c 5 1
-(cd "$initrd" && find . | cpio -o -H newc --quiet | gzip -6) > "$STAGING/guest/initrd.cpio.gz"
-cp "$CACHE/boot/vmlinuz" "$STAGING/guest/vmlinuz"
-note guest_initrd_bytes "$(stat -c %s "$STAGING/guest/initrd.cpio.gz")"
+# 3. The guest module for each guest kernel: 6.1 built on the host against its headers (same ABI),
+#    6.12 inside the trixie rootfs (its gcc 14 and linux-headers), from source only: objects copied
+#    along from the checkout may be for another kernel.
+clean_kmod() {
+    find "$1" -maxdepth 1 \( -name '*.o' -o -name '*.ko' -o -name '*.mod' -o -name '*.mod.c' \
+        -o -name '.*.cmd' -o -name 'Module.symvers' -o -name 'modules.order' \) -delete
+}
+# build_kmod SERIES ABI BUILT_KO: note what built; the module goes to guest_kmod/SERIES/.
+keep_kmod() {
+    local series=$1 abi=$2 built=$3 vermagic
+    mkdir -p "$STAGING/guest_kmod/$series"
+    cp "$built" "$STAGING/guest_kmod/$series/softpage.ko"
+    vermagic=$(modinfo -F vermagic "$built" 2>/dev/null | cut -d' ' -f1)
+    note "guest_kmod_vermagic_$series" "$vermagic"
+    if [ "$vermagic" != "$abi" ]; then
+        note "guest_kmod_$series" "FAILED(vermagic $vermagic, guest runs $abi)"
+        rm -f "$STAGING/guest_kmod/$series/softpage.ko"
+    else
+        note "guest_kmod_$series" built
+    fi
+}
+kmod_src=$WORK/src/guest_kmod
+clean_kmod "$kmod_src"
+if make -C "$kmod_src" KVER="$KERNEL_ABI" KDIR="/usr/src/linux-headers-$KERNEL_ABI" modules > "$WORK/kmod.log" 2>&1 &&
+    [ -f "$kmod_src/softpage.ko" ]; then
+    keep_kmod 6.1 "$KERNEL_ABI" "$kmod_src/softpage.ko"
+else
+    note guest_kmod_6.1 FAILED
+    tail -30 "$WORK/kmod.log" | sed 's/^/payload: kmod 6.1: /' >&2
+fi
+TRIXIE_ABI=$(cat "$CACHE/boot/trixie/kernel-abi" 2>/dev/null || true)
+if [ -n "$TRIXIE_ABI" ]; then
+    chroot_overlay "$ROOTFS_TRIXIE"
+    mkdir -p "$OVERLAY/merged/tmp/guest_kmod"
+    cp -a "$WORK/src/guest_kmod/." "$OVERLAY/merged/tmp/guest_kmod/"
+    clean_kmod "$OVERLAY/merged/tmp/guest_kmod"
+    if in_chroot make -C /tmp/guest_kmod KVER="$TRIXIE_ABI" KDIR="/usr/src/linux-headers-$TRIXIE_ABI" modules \
+        > "$WORK/kmod612.log" 2>&1 && [ -f "$OVERLAY/merged/tmp/guest_kmod/softpage.ko" ]; then
+        keep_kmod 6.12 "$TRIXIE_ABI" "$OVERLAY/merged/tmp/guest_kmod/softpage.ko"
+    else
+        note guest_kmod_6.12 FAILED
+        grep -E 'error|warning' "$WORK/kmod612.log" | head -30 | sed 's/^/payload: kmod 6.12: /' >&2
+    fi
+    cleanup_overlay
+fi
+# The 6.1 result keeps its old name too: the e2e suite checks it.
+note guest_kmod "$(sed -n 's/^guest_kmod_6.1=//p' "$INFO" | tail -1)"
+
+# 4. The guests: a busybox initramfs per guest kernel, with the workload and freemem (static, built
+#    here once), that kernel's block and ext4 modules and its softpage.ko when it built.
+mkdir -p "$WORK/bin"
+gcc -O2 -static -Wall -Wextra -o "$WORK/bin/workload" "$TESTBED_DIR/guest/workload.c"
+gcc -O2 -static -Wall -Wextra -o "$WORK/bin/freemem" "$TESTBED_DIR/guest/freemem.c"
+build_guest() {  # SERIES VMLINUZ MODULES_TREE
+    local series=$1 initrd=$WORK/initrd-$1
+    mkdir -p "$initrd/bin" "$initrd/dev" "$initrd/proc" "$initrd/sys" "$initrd/data" "$initrd/run" "$initrd/tmp"
+    cp /bin/busybox "$initrd/bin/busybox"
+    install -m 755 "$TESTBED_DIR/guest/init" "$initrd/init"
+    cp "$WORK/bin/workload" "$WORK/bin/freemem" "$initrd/bin/"
+    cp -a "$3/lib" "$initrd/lib"
+    if [ -f "$STAGING/guest_kmod/$series/softpage.ko" ]; then
+        cp "$STAGING/guest_kmod/$series/softpage.ko" "$initrd/softpage.ko"
+    fi
+    # Without /dev/console in the archive, init starts with no stdout.
+    mknod -m 600 "$initrd/dev/console" c 5 1
+    mkdir -p "$STAGING/guest/$series"
+    (cd "$initrd" && find . | cpio -o -H newc --quiet | gzip -6) > "$STAGING/guest/$series/initrd.cpio.gz"
+    cp "$2" "$STAGING/guest/$series/vmlinuz"
+    note "guest_initrd_bytes_$series" "$(stat -c %s "$STAGING/guest/$series/initrd.cpio.gz")"
+}
+build_guest 6.1 "$CACHE/boot/vmlinuz" "$CACHE/boot/guest-modules"
+if [ -n "$TRIXIE_ABI" ]; then
+    build_guest 6.12 "$CACHE/boot/trixie/vmlinuz" "$CACHE/boot/trixie/guest-modules"
+    note guest_kernel_6.12 "$TRIXIE_ABI"
+fi
 
 install -m 755 "$TESTBED_DIR/dom0/count-bytes" "$STAGING/bin/count-bytes"
 
