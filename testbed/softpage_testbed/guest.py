@@ -25,6 +25,9 @@ VERIFY_RE = re.compile(r"WORKLOAD VERIFY (ok|FAIL) seq=(\d+)(.*)")
 READY_RE = re.compile(r"WORKLOAD READY (.*)")
 BOOT_MARKER = "GUEST-INIT booted"
 STOPPED_CHECK_S = 10.0
+GUEST_KERNELS = ("6.1", "6.12")
+"""The guest kernels of the payload (testbed/payload.sh): Debian 12's and Debian 13's."""
+DEFAULT_GUEST_KERNEL = "6.1"
 """How often a wait on a guest's console also asks Xen whether the guest still runs."""
 
 
@@ -50,6 +53,8 @@ class GuestSpec:
     extra_config: tuple[str, ...] = ()  # more xl.cfg lines, verbatim
     kernel_args: tuple[str, ...] = ()
     """Guest kernel options users set, e.g. ``init_on_free=1``, ``page_poison=1``."""
+    kernel: str = DEFAULT_GUEST_KERNEL
+    """The guest's Linux series, one of ``GUEST_KERNELS``: its kernel, modules and softpage.ko."""
 
     def kernel_command_line(self) -> str:
         words = [
@@ -70,8 +75,8 @@ class GuestSpec:
         lines = [
             f'name = "{self.name}"',
             f'type = "{self.guest_type}"',
-            'kernel = "/opt/softpage/guest/vmlinuz"',
-            'ramdisk = "/opt/softpage/guest/initrd.cpio.gz"',
+            f'kernel = "/opt/softpage/guest/{self.kernel}/vmlinuz"',
+            f'ramdisk = "/opt/softpage/guest/{self.kernel}/initrd.cpio.gz"',
             f'extra = "{self.kernel_command_line()}"',
             f"memory = {self.memory_mb}",
             f"maxmem = {self.memory_mb}",

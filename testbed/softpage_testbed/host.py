@@ -33,6 +33,34 @@ XEN_PVH_VERSION = "4.17.7"
 """Current bookworm-security hypervisor: PVH/HVM live migration (HAP log-dirty)."""
 XEN_PV_VERSION = "4.17.5"
 """Pinned bookworm point release: still has shadow paging, so PV guests live-migrate too."""
+XEN_TRIXIE_VERSION = "4.20.4"
+"""Debian 13's hypervisor (trixie-security, 4.20.4+63): built without shadow paging as well, so
+PVH/HVM guests live-migrate and PV guests can only be saved and restored."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HostPlatform:
+    """One dom0 release of the testbed, as testbed/build.sh lays it out in the cache."""
+
+    release: str
+    """Debian's code name: ``bookworm`` (Debian 12) or ``trixie`` (Debian 13)."""
+    dom0_image: str
+    rootfs: str
+    """The cached rootfs whose /boot holds dom0's initramfs."""
+    dom0_kernel: str
+    xen: str
+    """Paths relative to the cache."""
+
+
+HOST_PLATFORMS = {
+    XEN_PVH_VERSION: HostPlatform(
+        "bookworm", "dom0.img", "rootfs", "boot/vmlinuz", f"boot/xen-{XEN_PVH_VERSION}"),
+    XEN_PV_VERSION: HostPlatform(
+        "bookworm", "dom0.img", "rootfs", "boot/vmlinuz", f"boot/xen-{XEN_PV_VERSION}"),
+    XEN_TRIXIE_VERSION: HostPlatform(
+        "trixie", "dom0-trixie.img", "rootfs-trixie", "boot/trixie/vmlinuz", "boot/trixie/xen"),
+}
+"""Each hypervisor the testbed boots, with the dom0 it boots: Xen's version picks the host."""
 
 PAYLOAD_DISK_SERIAL = "sp-payload"
 DATA_DISK_SERIAL = "sp-data"
@@ -74,6 +102,13 @@ class TestbedConfig:
             or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "softpage" / "testbed"
         )
     )
+
+    @property
+    def platform(self) -> HostPlatform:
+        if self.xen_version not in HOST_PLATFORMS:
+            known = ", ".join(HOST_PLATFORMS)
+            raise TestbedError(f"no testbed host boots Xen {self.xen_version}; known: {known}")
+        return HOST_PLATFORMS[self.xen_version]
 
     @classmethod
     def from_env(cls, xen_version: str) -> TestbedConfig:
@@ -134,9 +169,10 @@ class Testbed:
 
     def qemu_command(self) -> list[str]:
         cache = self.config.cache_dir
-        dom0_initrd = sorted((cache / "rootfs" / "boot").glob("initrd.img-*"))
+        platform = self.config.platform
+        dom0_initrd = sorted((cache / platform.rootfs / "boot").glob("initrd.img-*"))
         if not dom0_initrd:
-            raise TestbedError(f"no dom0 initramfs under {cache}/rootfs/boot: run 'make testbed'")
+            raise TestbedError(f"no dom0 initramfs under {cache}/{platform.rootfs}/boot: run 'make testbed'")
         xen_args = (
             # bootscrub=false: scrubbing all RAM costs minutes of TCG time and makes every QEMU
             # resident at its full -m on a machine that several testbeds share
@@ -165,14 +201,14 @@ class Testbed:
             "-chardev", f"socket,id=agent,path={work}/agent.sock,server=on,wait=off",
             "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
             # -snapshot semantics per disk: dom0 writes never reach the cached image.
-            "-drive", f"file={cache}/dom0.img,format=raw,if=virtio,cache=unsafe,snapshot=on",
+            "-drive", f"file={cache}/{platform.dom0_image},format=raw,if=virtio,cache=unsafe,snapshot=on",
             "-drive", f"file={self.payload},format=raw,if=none,id=payload,readonly=on",
             "-device", f"virtio-blk-pci,drive=payload,serial={PAYLOAD_DISK_SERIAL}",
             "-drive", f"file={cache}/data.img,format=raw,if=none,id=data,readonly=on",
             "-device", f"virtio-blk-pci,drive=data,serial={DATA_DISK_SERIAL}",
-            "-kernel", str(cache / "boot" / f"xen-{self.config.xen_version}"),
+            "-kernel", str(cache / platform.xen),
             "-append", xen_args,
-            "-initrd", f"{cache}/boot/vmlinuz {dom0_args},{dom0_initrd[-1]}",
+            "-initrd", f"{cache}/{platform.dom0_kernel} {dom0_args},{dom0_initrd[-1]}",
         ]  # fmt: skip
 
     def boot(self) -> None:

@@ -1,9 +1,12 @@
 """Fixtures for the real-Xen e2e tests (``@pytest.mark.e2e``). See tests/e2e/README.md.
 
 Fixtures:
-  ``xen_pvh_testbed``  a booted testbed on Xen 4.17.7 (PVH/HVM guests live-migrate; PV guests can
-                       only be saved/restored: this hypervisor has no shadow paging).
-  ``xen_pv_testbed``   a booted testbed on Xen 4.17.5 (PV guests live-migrate as well).
+  ``xen_pvh_testbed``  a booted testbed, once per PVH host: Xen 4.17.7 on Debian 12 and Xen 4.20.4
+                       on Debian 13 (PVH/HVM guests live-migrate; PV guests can only be
+                       saved/restored: neither hypervisor has shadow paging).
+  ``xen_pv_testbed``   a booted testbed on Xen 4.17.5 (Debian 12; PV guests live-migrate as well).
+  ``guest_kernel``     a test that takes it runs once per guest kernel (``GUEST_KERNELS``: Debian
+                       12's 6.1, Debian 13's 6.12) and starts its guests with it.
   ``testbed_pool``     the session object behind both: it boots one hypervisor at a time (TCG
                        on 2 cores cannot afford two) and reuses a boot across tests.
 
@@ -11,6 +14,11 @@ Each test starts with no guests; the fixtures destroy what a test created. When 
 the serial log, ``xl dmesg``, dom0 dmesg and /var/log/xen are kept under
 ``$SOFTPAGE_E2E_LOG_DIR`` (default results/e2e-logs/) in a directory named after the test.
 e2e tests using these fixtures skip only when a testbed cannot exist here (not root, no QEMU).
+
+The matrix: ``SOFTPAGE_E2E_MATRIX=full`` (``make test-matrix``) runs every test on every host and
+guest kernel it takes. Otherwise (``make test``, which must fit CI) a test runs on Xen 4.20.4 only
+when marked ``every_host`` and with the 6.12 guest only when marked ``every_kernel``; everything
+runs on Xen 4.17.7 with the 6.1 guest.
 """
 
 from __future__ import annotations
@@ -26,9 +34,12 @@ from pathlib import Path
 import pytest
 
 from softpage_testbed import (
+    DEFAULT_GUEST_KERNEL,
+    GUEST_KERNELS,
     REPO_DIR,
     XEN_PV_VERSION,
     XEN_PVH_VERSION,
+    XEN_TRIXIE_VERSION,
     Dom0Hung,
     GuestTripleFault,
     Testbed,
@@ -82,9 +93,38 @@ def testbed_unavailable_reason() -> str | None:
     return None
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Tests on the 4.17.5 hypervisor run last, together: each hypervisor switch is a reboot.
-    items.sort(key=lambda item: PV_TESTBED_FIXTURE in getattr(item, "fixturenames", ()))
+PVH_HOSTS = (XEN_PVH_VERSION, XEN_TRIXIE_VERSION)
+FULL_MATRIX = "full"
+
+
+def _host_of(item: pytest.Item) -> str:
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "xen_pvh_testbed" in callspec.params:
+        return str(callspec.params["xen_pvh_testbed"])
+    if PV_TESTBED_FIXTURE in getattr(item, "fixturenames", ()):
+        return XEN_PV_VERSION
+    return XEN_PVH_VERSION
+
+
+def _in_ci_selection(item: pytest.Item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    params = callspec.params if callspec is not None else {}
+    on_default_host = params.get("xen_pvh_testbed", XEN_PVH_VERSION) == XEN_PVH_VERSION
+    if not on_default_host and not item.get_closest_marker("every_host"):
+        return False
+    return params.get("guest_kernel", DEFAULT_GUEST_KERNEL) == DEFAULT_GUEST_KERNEL or bool(
+        item.get_closest_marker("every_kernel"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("SOFTPAGE_E2E_MATRIX", "") != FULL_MATRIX:
+        deselected = [item for item in items if not _in_ci_selection(item)]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = [item for item in items if _in_ci_selection(item)]
+    # One hypervisor after the other (4.17.7, then 4.17.5, then 4.20.4): each switch is a reboot.
+    order = (XEN_PVH_VERSION, XEN_PV_VERSION, XEN_TRIXIE_VERSION)
+    items.sort(key=lambda item: order.index(_host_of(item)) if _host_of(item) in order else len(order))
 
 
 @pytest.hookimpl(wrapper=True)
@@ -160,9 +200,14 @@ def _testbed_for_test(
         pool.close()  # the next test gets a fresh boot
 
 
-@pytest.fixture
+@pytest.fixture(params=PVH_HOSTS, ids=lambda version: f"xen-{version}")
 def xen_pvh_testbed(request: pytest.FixtureRequest, testbed_pool: TestbedPool) -> Iterator[Testbed]:
-    yield from _testbed_for_test(request, testbed_pool, XEN_PVH_VERSION)
+    yield from _testbed_for_test(request, testbed_pool, request.param)
+
+
+@pytest.fixture(params=GUEST_KERNELS, ids=lambda kernel: f"linux-{kernel}")
+def guest_kernel(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture

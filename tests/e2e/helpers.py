@@ -20,6 +20,15 @@ def softpage(testbed: Testbed, *arguments: str, timeout_s: float = 900) -> Comma
     return testbed.run(["python3", "-m", "softpage", *arguments], timeout_s=timeout_s)
 
 
+def verify_stream_v2(testbed: Testbed, image: str, *options: str) -> CommandResult:
+    """Xen's own stream verifier, from the host's xen-utils (4.17 or 4.20), on an ``xl`` image."""
+    return testbed.run(
+        "tools=$(ls -d /usr/lib/xen-4.* | tail -1); "
+        f"PYTHONPATH=$tools/lib/python $tools/bin/verify-stream-v2 {' '.join(options)} -f xl -i {image}",
+        timeout_s=900,
+    )
+
+
 def read_stats(testbed: Testbed) -> tuple[list[dict[str, object]], dict[str, object]]:
     records = [json.loads(line) for line in testbed.run(["cat", STATS], check=True).stdout.splitlines()]
     return records[:-1], records[-1]

@@ -28,6 +28,7 @@ from tests.e2e.helpers import (
     read_stats,
     softpage,
     start_guest,
+    verify_stream_v2,
     wait_for_module,
 )
 
@@ -38,8 +39,11 @@ FAULT_LIE_FREE, FAULT_BAD_COUNT = 1, 2
 """Values of softpage.ko's inject_fault parameter (guest_kmod/softpage.c, enum softpage_fault)."""
 
 
-def test_softpage_migrate_prunes_and_the_guest_survives_repeatedly(xen_pvh_testbed: Testbed) -> None:
-    guest = start_guest(xen_pvh_testbed, "sp-mig")
+@pytest.mark.every_host
+@pytest.mark.every_kernel
+def test_softpage_migrate_prunes_and_the_guest_survives_repeatedly(xen_pvh_testbed: Testbed,
+                                                                   guest_kernel: str) -> None:
+    guest = start_guest(xen_pvh_testbed, "sp-mig", kernel=guest_kernel)
     assert_inspect_sees_free_memory(guest)
     for attempt in range(REPEAT):
         source_domid = domid(guest)
@@ -68,6 +72,7 @@ def test_softpage_migrate_prunes_and_the_guest_survives_repeatedly(xen_pvh_testb
         assert wait_for_module(guest) == "ready"
 
 
+@pytest.mark.every_host
 def test_softpage_migrate_without_pruning_repeatedly(xen_pvh_testbed: Testbed) -> None:
     guest = start_guest(xen_pvh_testbed, "sp-plain")
     for attempt in range(REPEAT):
@@ -96,11 +101,7 @@ def save_and_restore_repeatedly(testbed: Testbed, guest: Guest, domain_header: s
         size = int(testbed.run(["stat", "-c", "%s", image], check=True).stdout)
         assert size < PRUNE_GUEST["memory_mb"] << 20
         if attempt == 0:
-            verified = testbed.run(
-                "PYTHONPATH=/usr/lib/xen-4.17/lib/python /usr/lib/xen-4.17/bin/verify-stream-v2 "
-                f"-v -f xl -i {image}",
-                timeout_s=900,
-            )
+            verified = verify_stream_v2(testbed, image, "-v")
             assert verified.ok, verified.stdout[-2000:] + verified.stderr[-2000:]
             assert f"Domain Header: {domain_header}" in verified.stdout, verified.stdout[:2000]
         restored = testbed.run(["xl", "restore", image], timeout_s=900)
@@ -110,11 +111,13 @@ def save_and_restore_repeatedly(testbed: Testbed, guest: Guest, domain_header: s
         assert wait_for_module(guest) == "ready"
 
 
+@pytest.mark.every_host
 def test_softpage_save_then_stock_restore_repeatedly(xen_pvh_testbed: Testbed) -> None:
     guest = start_guest(xen_pvh_testbed, "sp-save")
     save_and_restore_repeatedly(xen_pvh_testbed, guest, "x86 HVM")
 
 
+@pytest.mark.every_host
 def test_failed_migrations_leave_the_guest_running_on_the_source(xen_pvh_testbed: Testbed) -> None:
     guest = start_guest(xen_pvh_testbed, "sp-fault")
     source_domid = domid(guest)

@@ -15,6 +15,7 @@ import re
 import pytest
 
 from softpage_testbed import Guest, GuestSpec, Testbed
+from tests.e2e.helpers import verify_stream_v2
 
 pytestmark = pytest.mark.e2e
 
@@ -114,9 +115,7 @@ def test_rewritten_save_image_verifies_and_restores_with_stock_xl(xen_pvh_testbe
     stats = rewrite_stats(result.stdout)
     print(f"\nrewritten save image: {stats}")
     assert stats["xalloc"] > 0, "no zero page was found to send as XALLOC"
-    verify = testbed.run(
-        "PYTHONPATH=/usr/lib/xen-4.17/lib/python /usr/lib/xen-4.17/bin/verify-stream-v2 -f xl -i "
-        + rewritten, timeout_s=900)
+    verify = verify_stream_v2(testbed, rewritten)
     assert verify.ok, verify.stdout + verify.stderr
     testbed.run(["rm", "-f", image])
     testbed.run(["xl", "restore", rewritten], timeout_s=900, check=True)

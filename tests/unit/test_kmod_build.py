@@ -134,7 +134,8 @@ def test_kbuild_is_the_object_and_header_probes_and_dkms_cleans() -> None:
     lines = [line for line in (KMOD_SRC / "Kbuild").read_text().splitlines() if not line.startswith("#")]
     assert lines[0] == "obj-m := softpage.o"
     # The rest only tells, from the kernel's headers, which interface a kernel has (6.1 or 6.12).
-    assert lines[1:] and all(line.startswith("ccflags-y += $(if $(shell grep -s") for line in lines[1:]), lines
+    probes = lines[1:]
+    assert probes and all(line.startswith("ccflags-y += $(if $(shell grep -s") for line in probes), lines
     dkms = (KMOD_SRC / "dkms.conf").read_text().splitlines()
     assert "CLEAN=true" in dkms
     assert 'BUILT_MODULE_NAME[0]="softpage"' in dkms
