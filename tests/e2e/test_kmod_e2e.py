@@ -273,8 +273,11 @@ def assert_healthy(guest: Guest, heartbeat_before: int) -> None:
     assert verdict.ok, verdict.line
 
 
-def test_publishes_answers_requests_and_agrees_with_kpageflags(xen_pvh_testbed: Testbed) -> None:
-    guest = start_guest(xen_pvh_testbed)
+@pytest.mark.every_host
+@pytest.mark.every_kernel
+def test_publishes_answers_requests_and_agrees_with_kpageflags(xen_pvh_testbed: Testbed,
+                                                              guest_kernel: str) -> None:
+    guest = start_guest(xen_pvh_testbed, dataclasses.replace(GUEST, kernel=guest_kernel))
     loaded = probe(xen_pvh_testbed, guest, "read")
     assert_publishing(loaded)
     assert loaded["keys"]["request"] == "0"
@@ -334,8 +337,9 @@ def arm_for_final(testbed: Testbed, guest: Guest, final_request: int) -> None:
     testbed.run(f"xenstore-write {base}/armed 1 {base}/request {final_request}", check=True)
 
 
-def test_armed_suspend_publishes_final_and_thaw_releases(xen_pvh_testbed: Testbed) -> None:
-    guest = start_guest(xen_pvh_testbed)
+@pytest.mark.every_kernel
+def test_armed_suspend_publishes_final_and_thaw_releases(xen_pvh_testbed: Testbed, guest_kernel: str) -> None:
+    guest = start_guest(xen_pvh_testbed, dataclasses.replace(GUEST, kernel=guest_kernel))
     before = probe(xen_pvh_testbed, guest, "request", "10")["snapshot"]
     heartbeat = guest.heartbeat()
     arm_for_final(xen_pvh_testbed, guest, 11)
