@@ -3,6 +3,8 @@
 #   make setup      host packages (as root) + .venv with the package and test tools
 #   make test       everything: lint, unit, property (CI profile), contract, e2e on the testbed
 #   make test-fast  unit + property (dev profile), no Xen
+#   make test-matrix  the e2e suite on every host (Xen 4.17.7, 4.17.5, 4.20.4) and guest kernel
+#                   (6.1, 6.12), its table to results/matrix-DATE/ (hours; not in make test)
 #   make lint       ruff, mypy --strict, checkpatch for the guest module
 #   make testbed    build the cached Xen-in-QEMU testbed (testbed/)
 #   make demo       build the testbed and migrate a guest, stock xl vs softpage
@@ -19,7 +21,7 @@ PYTEST := $(PY) -m pytest
 SETUP_INPUTS := python/pyproject.toml python/setup.py guest_kmod/uapi/softpage_abi.h \
 	$(wildcard python/src/softpage/_cffi_build/*) scripts/host-setup.sh testbed/pyproject.toml
 
-.PHONY: setup test test-fast test-unit test-property test-e2e lint bench fuzz demo clean
+.PHONY: setup test test-fast test-unit test-property test-e2e test-matrix lint bench fuzz demo clean
 
 setup: $(SETUP_STAMP)
 
@@ -45,6 +47,18 @@ test-property: setup
 # answering runs once more, on a fresh boot when dom0 hung.
 test-e2e: setup testbed
 	$(PYTEST) -v -m e2e --reruns 1 --only-rerun GuestTripleFault --only-rerun Dom0Hung tests
+
+# make test runs a test on Xen 4.20.4 (Debian 13) or with a 6.12 guest only where it is marked
+# every_host / every_kernel (tests/e2e/conftest.py); the matrix runs the whole product.
+MATRIX_DIR := results/matrix-$(shell date -u +%Y%m%d-%H%M%S)
+test-matrix: setup testbed
+	mkdir -p $(MATRIX_DIR)
+	status=0; SOFTPAGE_E2E_MATRIX=full $(PYTEST) -v -m e2e --reruns 1 --only-rerun GuestTripleFault \
+		--only-rerun Dom0Hung --junitxml=$(MATRIX_DIR)/junit.xml tests > $(MATRIX_DIR)/pytest.log 2>&1 || status=$$?; \
+	{ echo "# make test-matrix, $$(date -u '+%Y-%m-%d %H:%M') UTC, at $$(git rev-parse --short HEAD)"; echo; \
+	  echo "Xen in QEMU TCG on this machine ($$(nproc) cores); PVH guests unless the test says PV."; echo; \
+	  $(PY) -m tests.tools.matrix_table $(MATRIX_DIR)/junit.xml; } > $(MATRIX_DIR)/README.md; \
+	tail -3 $(MATRIX_DIR)/pytest.log; exit $$status
 
 # Collecting the whole tree first catches what only the e2e run would otherwise meet
 # (a test module that does not import), before the testbed is built.

@@ -122,6 +122,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if deselected:
             config.hook.pytest_deselected(items=deselected)
             items[:] = [item for item in items if _in_ci_selection(item)]
+    for item in items:
+        # For `make test-matrix`'s table (tests/tools/matrix_table.py), through the JUnit XML.
+        fixtures = getattr(item, "fixturenames", ())
+        uses_xen = "xen_pvh_testbed" in fixtures or PV_TESTBED_FIXTURE in fixtures
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        kernel = params.get("guest_kernel", DEFAULT_GUEST_KERNEL)
+        item.user_properties.append(("xen_host", _host_of(item) if uses_xen else "none"))
+        item.user_properties.append(("guest_kernel", str(kernel) if uses_xen else "none"))
     # One hypervisor after the other (4.17.7, then 4.17.5, then 4.20.4): each switch is a reboot.
     order = (XEN_PVH_VERSION, XEN_PV_VERSION, XEN_TRIXIE_VERSION)
     items.sort(key=lambda item: order.index(_host_of(item)) if _host_of(item) in order else len(order))

@@ -78,7 +78,8 @@ def test_free_memory_after_a_pruned_migration_is_what_the_guest_kernel_trusts(
 ) -> None:
     flag, logged = KERNEL_OPTIONS[kernel_option]
     name = "sp-" + kernel_option.split("=")[0].replace("_", "")
-    guest = start_guest(xen_pvh_testbed, name, memory_mb=512, kernel_args=(kernel_option,), kernel=guest_kernel)
+    guest = start_guest(xen_pvh_testbed, name, memory_mb=512, kernel_args=(kernel_option,),
+                        kernel=guest_kernel)
     assert re.search(logged, guest_output(guest, "AUTO-INIT", "dmesg | grep 'mem auto-init'")), kernel_option
     info = softpage(xen_pvh_testbed, "inspect", "info", "--domain", guest.name, timeout_s=300)
     assert info.ok, info.stderr
