@@ -64,6 +64,8 @@ HOST_PLATFORMS = {
 
 PAYLOAD_DISK_SERIAL = "sp-payload"
 DATA_DISK_SERIAL = "sp-data"
+SCRATCH_DISK_SERIAL = "sp-scratch"
+SCRATCH_MOUNT = "/mnt/scratch"
 # Serial-console text that means the boot will never complete: fail at once, not at the timeout.
 FATAL_BOOT_PATTERNS = (r"Kernel panic", r"\(XEN\) Panic on CPU", r"\(XEN\) \*\*\*\* Dom0 crashed")
 
@@ -96,6 +98,9 @@ class TestbedConfig:
     # or corrupt dom0 userspace heaps (see testbed/README.md).
     cpu_model: str = "qemu64,+svm,+npt"
     boot_timeout_s: float = 900.0
+    scratch_image: Path | None = None
+    """A writable ext4 image dom0 mounts at ``SCRATCH_MOUNT``: what one boot leaves for the next
+    (a save image carried from a Debian 12 host to a Debian 13 one)."""
     cache_dir: Path = dataclasses.field(
         default_factory=lambda: Path(
             os.environ.get("SOFTPAGE_TESTBED_CACHE")
@@ -206,10 +211,17 @@ class Testbed:
             "-device", f"virtio-blk-pci,drive=payload,serial={PAYLOAD_DISK_SERIAL}",
             "-drive", f"file={cache}/data.img,format=raw,if=none,id=data,readonly=on",
             "-device", f"virtio-blk-pci,drive=data,serial={DATA_DISK_SERIAL}",
+            *self._scratch_drive(),
             "-kernel", str(cache / platform.xen),
             "-append", xen_args,
             "-initrd", f"{cache}/{platform.dom0_kernel} {dom0_args},{dom0_initrd[-1]}",
         ]  # fmt: skip
+
+    def _scratch_drive(self) -> list[str]:
+        if self.config.scratch_image is None:
+            return []
+        return ["-drive", f"file={self.config.scratch_image},format=raw,if=none,id=scratch",
+                "-device", f"virtio-blk-pci,drive=scratch,serial={SCRATCH_DISK_SERIAL}"]
 
     def boot(self) -> None:
         """Boot QEMU, Xen and dom0 up to a ready ``xl``; a boot that stalls is tried again once
@@ -251,6 +263,9 @@ class Testbed:
             self.data_disk_device = self.run(
                 f"readlink -f /dev/disk/by-id/virtio-{DATA_DISK_SERIAL}", check=True
             ).stdout.strip()
+            if self.config.scratch_image is not None:
+                self.run(f"mkdir -p {SCRATCH_MOUNT} && mount /dev/disk/by-id/virtio-{SCRATCH_DISK_SERIAL} "
+                         f"{SCRATCH_MOUNT}", check=True)
         except BaseException:
             self.shutdown()
             raise

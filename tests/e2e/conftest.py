@@ -69,15 +69,19 @@ class TestbedPool:
                 return self.current
             self.current.shutdown()
             self.current = None
+        boot_dir = self.work_dir / f"xen-{xen_version}-{time.strftime('%H%M%S')}"
+        testbed = Testbed(TestbedConfig.from_env(xen_version), self.payload(), boot_dir)
+        testbed.boot()
+        self.current = testbed
+        return testbed
+
+    def payload(self) -> Path:
+        """The session's payload disk (the current checkout), built on first use."""
         if self._payload is None:
             build_testbed()
             self._payload = self.work_dir / "payload.img"
             self.payload_info = build_payload(self._payload)
-        boot_dir = self.work_dir / f"xen-{xen_version}-{time.strftime('%H%M%S')}"
-        testbed = Testbed(TestbedConfig.from_env(xen_version), self._payload, boot_dir)
-        testbed.boot()
-        self.current = testbed
-        return testbed
+        return self._payload
 
     def close(self) -> None:
         if self.current is not None:
