@@ -29,6 +29,9 @@ boot count and a re-read of the cached files, so that every migration starts wit
 cache): the check takes about 1.5 minutes of a 5-minute run at 800 MB under TCG. A run on a guest
 that triple-faults later in the step is then not covered by a full check.
 
+SOFTPAGE_BENCH_XEN=4.20.4 runs it all on the Debian 13 host (Xen 4.20.4, trixie dom0) instead of
+the Debian 12 one (4.17.7); SOFTPAGE_BENCH_GUEST_KERNEL=6.12 boots the guests on Debian 13's kernel.
+
 SOFTPAGE_BENCH_KERNEL_ARGS="init_on_free=1" (or page_poison=1) boots the guests with those
 options: runs.csv then says what softpage.ko's rewrite of its HELD pages at resume costs
 (guest_reinit_ms, interrupts off in the guest after the destination copy was unpaused, so not in
@@ -55,6 +58,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from softpage_testbed import (
+    DEFAULT_GUEST_KERNEL,
+    GUEST_KERNELS,
     XEN_PVH_VERSION,
     Guest,
     GuestSpec,
@@ -228,7 +233,16 @@ def bench_guest(name: str, guest_mb: int, anon_mb: int) -> GuestSpec:
     data_mb = int(os.environ.get("SOFTPAGE_DATA_MB", str(guest_mb)))
     cache_mb = max(0, min(data_mb, guest_mb - KERNEL_AND_WORKLOAD_MB - anon_mb))
     return GuestSpec(name=name, guest_type="pvh", memory_mb=guest_mb, anon_mb=anon_mb,
-                     cache_mb=cache_mb, dirty_rate=100, kernel_args=bench_kernel_args())
+                     cache_mb=cache_mb, dirty_rate=100, kernel_args=bench_kernel_args(),
+                     kernel=bench_guest_kernel())
+
+
+def bench_guest_kernel() -> str:
+    """The guests' Linux (SOFTPAGE_BENCH_GUEST_KERNEL, one of GUEST_KERNELS; default Debian 12's)."""
+    kernel = os.environ.get("SOFTPAGE_BENCH_GUEST_KERNEL", DEFAULT_GUEST_KERNEL)
+    if kernel not in GUEST_KERNELS:
+        raise SystemExit(f"SOFTPAGE_BENCH_GUEST_KERNEL={kernel}: expected one of {', '.join(GUEST_KERNELS)}")
+    return kernel
 
 
 def bench_kernel_args() -> tuple[str, ...]:
@@ -450,14 +464,17 @@ def main() -> int:
         print(f"bench: continuing {out}: {len(runs)} runs already measured", flush=True)
     started = time.monotonic()
     table = ""
-    with booted_testbed(TestbedConfig.from_env(XEN_PVH_VERSION),
+    xen_version = os.environ.get("SOFTPAGE_BENCH_XEN", XEN_PVH_VERSION)
+    with booted_testbed(TestbedConfig.from_env(xen_version),
                         Path(tempfile.mkdtemp(prefix="softpage-bench-"))) as testbed:
         install_dom0_tools(testbed)
         xen_info = testbed.run("xl info | grep -E '^(xen_version|host|nr_cpus)'").stdout
         kernel_args = " ".join(bench_kernel_args())
+        platform = TestbedConfig.from_env(xen_version).platform.release
         header = (f"softpage vs stock `xl migrate`, {time.strftime('%Y-%m-%d')}, PVH guest {guest_mb} MiB"
-                  f"{f' booted with {kernel_args}' if kernel_args else ''}, "
-                  f"medians of up to {repetitions}; Xen {XEN_PVH_VERSION} under QEMU TCG on this machine "
+                  f" on Linux {bench_guest_kernel()}{f' booted with {kernel_args}' if kernel_args else ''}, "
+                  f"medians of up to {repetitions}; Xen {xen_version} ({platform} dom0) under QEMU TCG on "
+                  "this machine "
                   f"({os.cpu_count()} cores). {xen_info.strip()}".replace("\n", "; "))
         for anon_mb in steps:
             todo = [(repetition, method) for repetition in range(repetitions) for method in METHODS

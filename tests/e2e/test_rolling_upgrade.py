@@ -5,8 +5,9 @@ The other way (a guest saved on 4.20.4 restored on 4.17.7) is what a roll-back n
 
 Two boots of the testbed, one after the other (two at once would not fit 2 cores of TCG), with a
 scratch disk carried from the first to the second. The image is first checked by the
-destination's own ``verify-stream-v2``; the guest is restored with a config written on the new host (its data disk
-may have another device name there), then its workload must pass its full check.
+destination's own ``verify-stream-v2``; the guest is restored with a config written on the new
+host (its data disk may have another device name there), then its workload must pass its full
+check.
 """
 
 from __future__ import annotations
