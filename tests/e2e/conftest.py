@@ -17,7 +17,8 @@ e2e tests using these fixtures skip only when a testbed cannot exist here (not r
 
 The matrix: ``SOFTPAGE_E2E_MATRIX=full`` (``make test-matrix``) runs every test on every host and
 guest kernel it takes. Otherwise (``make test``, which must fit CI) a test runs on Xen 4.20.4 only
-when marked ``every_host`` and with the 6.12 guest only when marked ``every_kernel``; everything
+when marked ``every_host``, with the 6.12 guest only when marked ``every_kernel`` (a test marked
+both: 4.20.4 with 6.12, and 4.17.7 with 6.1), never when marked ``matrix_only``; everything else
 runs on Xen 4.17.7 with the 6.1 guest.
 """
 
@@ -113,11 +114,17 @@ def _host_of(item: pytest.Item) -> str:
 def _in_ci_selection(item: pytest.Item) -> bool:
     callspec = getattr(item, "callspec", None)
     params = callspec.params if callspec is not None else {}
-    on_default_host = params.get("xen_pvh_testbed", XEN_PVH_VERSION) == XEN_PVH_VERSION
-    if not on_default_host and not item.get_closest_marker("every_host"):
+    new_host = params.get("xen_pvh_testbed", XEN_PVH_VERSION) != XEN_PVH_VERSION
+    new_kernel = params.get("guest_kernel", DEFAULT_GUEST_KERNEL) != DEFAULT_GUEST_KERNEL
+    every_host = item.get_closest_marker("every_host") is not None
+    every_kernel = item.get_closest_marker("every_kernel") is not None
+    if item.get_closest_marker("matrix_only") or (new_host and not every_host):
         return False
-    return params.get("guest_kernel", DEFAULT_GUEST_KERNEL) == DEFAULT_GUEST_KERNEL or bool(
-        item.get_closest_marker("every_kernel"))
+    if new_kernel and not every_kernel:
+        return False
+    # A test marked for both runs with both new (Debian 13's Xen and kernel) beside both old; the
+    # two mixed cells are the matrix's.
+    return not (every_host and every_kernel and new_host != new_kernel)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -131,9 +138,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         fixtures = getattr(item, "fixturenames", ())
         uses_xen = "xen_pvh_testbed" in fixtures or PV_TESTBED_FIXTURE in fixtures
         params = item.callspec.params if hasattr(item, "callspec") else {}
-        kernel = params.get("guest_kernel", DEFAULT_GUEST_KERNEL)
-        item.user_properties.append(("xen_host", _host_of(item) if uses_xen else "none"))
-        item.user_properties.append(("guest_kernel", str(kernel) if uses_xen else "none"))
+        kernel = str(params.get("guest_kernel", DEFAULT_GUEST_KERNEL))
+        if uses_xen:
+            host = _host_of(item)
+        else:
+            # A test that boots its hosts itself from the pool (the rolling upgrade) spans them.
+            host, kernel = ("several", kernel) if "testbed_pool" in fixtures else ("none", "none")
+        item.user_properties.append(("xen_host", host))
+        item.user_properties.append(("guest_kernel", kernel))
     # One hypervisor after the other (4.17.7, then 4.17.5, then 4.20.4): each switch is a reboot.
     order = (XEN_PVH_VERSION, XEN_PV_VERSION, XEN_TRIXIE_VERSION)
     items.sort(key=lambda item: order.index(_host_of(item)) if _host_of(item) in order else len(order))

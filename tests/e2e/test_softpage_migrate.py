@@ -72,7 +72,6 @@ def test_softpage_migrate_prunes_and_the_guest_survives_repeatedly(xen_pvh_testb
         assert wait_for_module(guest) == "ready"
 
 
-@pytest.mark.every_host
 def test_softpage_migrate_without_pruning_repeatedly(xen_pvh_testbed: Testbed) -> None:
     guest = start_guest(xen_pvh_testbed, "sp-plain")
     for attempt in range(REPEAT):

@@ -5,7 +5,8 @@ a column per host and guest kernel.
 
 Each test case carries the host it ran on and its guest kernel as JUnit properties (``xen_host``,
 ``guest_kernel``; tests/e2e/conftest.py records them): Xen 4.17.5 and 4.17.7 on Debian 12, 4.20.4
-on Debian 13, ``none`` for a test that boots no Xen. The ``xen-*`` and ``linux-*`` parts of a
+on Debian 13, ``none`` for a test that boots no Xen, ``several`` for one that boots hosts in
+turn. The ``xen-*`` and ``linux-*`` parts of a
 parametrized test's id are dropped from its name, the rest stays. Cells: ``pass``, ``FAIL``,
 ``skip`` or ``error``, with the seconds taken.
 """
@@ -70,6 +71,8 @@ def _column_order(column: tuple[str, str]) -> tuple[tuple[int, ...], tuple[int, 
 def _column_title(host: str, kernel: str) -> str:
     if host == "none":
         return "no Xen"
+    if host == "several":
+        return f"several hosts in turn, Linux {kernel} guest"
     return f"Xen {host} ({PLATFORM_OF_HOST.get(host, 'unknown host')}), Linux {kernel} guest"
 
 
