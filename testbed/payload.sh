@@ -24,12 +24,22 @@ OVERLAY=$WORK/overlay
 mkdir -p "$STAGING/guest" "$STAGING/guest_kmod" "$STAGING/bin"
 INFO=$STAGING/PAYLOAD-INFO
 
+# umount_settled DIR: a process of the chroot (dkms's progress indicator) may still be exiting
+# right after the command returned; give it a few seconds before unmounting lazily.
+umount_settled() {
+    local try
+    for try in 1 2 3 4 5 6 7 8 9 10; do
+        umount "$1" 2>/dev/null && return
+        sleep 0.5
+    done
+    umount -l "$1"
+}
 cleanup_overlay() {
     local m
     for m in dev/pts dev proc sys; do
-        if mountpoint -q "$OVERLAY/merged/$m"; then umount "$OVERLAY/merged/$m"; fi
+        if mountpoint -q "$OVERLAY/merged/$m"; then umount_settled "$OVERLAY/merged/$m"; fi
     done
-    if mountpoint -q "$OVERLAY/merged"; then umount "$OVERLAY/merged"; fi
+    if mountpoint -q "$OVERLAY/merged"; then umount_settled "$OVERLAY/merged"; fi
     rm -rf "$OVERLAY"
 }
 cleanup() { cleanup_overlay; rm -rf "$WORK"; }
@@ -89,8 +99,8 @@ grep -q '^python_package_bookworm=built$' "$INFO" && note python_package built |
 if [ -d "$ROOTFS_TRIXIE/usr/bin" ]; then build_python trixie "$ROOTFS_TRIXIE"; else note python_package_trixie absent; fi
 
 # 3. The guest module for each guest kernel: 6.1 built on the host against its headers (same ABI),
-#    6.12 inside the trixie rootfs (its gcc 14 and linux-headers), from source only: objects copied
-#    along from the checkout may be for another kernel.
+#    6.12 through DKMS inside the trixie rootfs (its gcc 14, linux-headers and dkms), from source
+#    only: objects copied along from the checkout may be for another kernel.
 clean_kmod() {
     find "$1" -maxdepth 1 \( -name '*.o' -o -name '*.ko' -o -name '*.mod' -o -name '*.mod.c' \
         -o -name '.*.cmd' -o -name 'Module.symvers' -o -name 'modules.order' \) -delete
@@ -120,16 +130,28 @@ else
 fi
 TRIXIE_ABI=$(cat "$CACHE/boot/trixie/kernel-abi" 2>/dev/null || true)
 if [ -n "$TRIXIE_ABI" ]; then
+    # Through DKMS, as softpage-guest-install builds it in a Debian 13 guest (dkms build, private
+    # trees; its MAKE[0] is guest_kmod's Makefile).
+    version=$(sed -n 's/^PACKAGE_VERSION="\(.*\)"$/\1/p' "$kmod_src/dkms.conf")
     chroot_overlay "$ROOTFS_TRIXIE"
-    mkdir -p "$OVERLAY/merged/tmp/guest_kmod"
-    cp -a "$WORK/src/guest_kmod/." "$OVERLAY/merged/tmp/guest_kmod/"
-    clean_kmod "$OVERLAY/merged/tmp/guest_kmod"
-    if in_chroot make -C /tmp/guest_kmod KVER="$TRIXIE_ABI" KDIR="/usr/src/linux-headers-$TRIXIE_ABI" modules \
-        > "$WORK/kmod612.log" 2>&1 && [ -f "$OVERLAY/merged/tmp/guest_kmod/softpage.ko" ]; then
-        keep_kmod 6.12 "$TRIXIE_ABI" "$OVERLAY/merged/tmp/guest_kmod/softpage.ko"
-    else
-        note guest_kmod_6.12 FAILED
-        grep -E 'error|warning' "$WORK/kmod612.log" | head -30 | sed 's/^/payload: kmod 6.12: /' >&2
+    mkdir -p "$OVERLAY/merged/tmp/dkms/src/softpage-$version" "$OVERLAY/merged/tmp/dkms/tree"
+    cp -a "$kmod_src/." "$OVERLAY/merged/tmp/dkms/src/softpage-$version/"
+    clean_kmod "$OVERLAY/merged/tmp/dkms/src/softpage-$version"
+    built=""
+    if in_chroot LC_ALL=C dkms build --dkmstree /tmp/dkms/tree --sourcetree /tmp/dkms/src -m softpage \
+        -v "$version" -k "$TRIXIE_ABI" > "$WORK/kmod612.log" 2>&1; then
+        built=$(find "$OVERLAY/merged/tmp/dkms/tree/softpage/$version/$TRIXIE_ABI" -name 'softpage.ko*' | head -1)
+    fi
+    case "$built" in
+        *.xz) xz -dc "$built" > "$WORK/softpage-6.12.ko"; keep_kmod 6.12 "$TRIXIE_ABI" "$WORK/softpage-6.12.ko" ;;
+        *.zst) zstd -qdc "$built" > "$WORK/softpage-6.12.ko"; keep_kmod 6.12 "$TRIXIE_ABI" "$WORK/softpage-6.12.ko" ;;
+        ?*) keep_kmod 6.12 "$TRIXIE_ABI" "$built" ;;
+        *) note guest_kmod_6.12 FAILED
+           cat "$OVERLAY/merged/tmp/dkms/tree/softpage/$version/build/make.log" >> "$WORK/kmod612.log" 2>/dev/null || true
+           grep -E 'rror|warning' "$WORK/kmod612.log" | head -30 | sed 's/^/payload: kmod 6.12: /' >&2 ;;
+    esac
+    if grep -q 'warning:' "$OVERLAY/merged/tmp/dkms/tree/softpage/$version/build/make.log" 2>/dev/null; then
+        note guest_kmod_6.12_warnings "$(grep -c 'warning:' "$OVERLAY/merged/tmp/dkms/tree/softpage/$version/build/make.log")"
     fi
     cleanup_overlay
 fi
