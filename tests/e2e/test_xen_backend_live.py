@@ -118,7 +118,9 @@ def test_backend_on_live_pvh_guest(xen_pvh_testbed: Testbed) -> None:
 
     described = report["describe"]
     assert described["type"] == "pvh" and described["name"] == "sp-backend"
-    assert described["xen"] == [4, 17] and described["nr_vcpus"] == 1
+    # The hypervisor this host boots (4.17 on Debian 12, 4.20 on Debian 13), as libxenctrl says.
+    running = [int(part) for part in testbed.config.xen_version.split(".")[:2]]
+    assert described["xen"] == running and described["nr_vcpus"] == 1
     assert described["max_memkb"] >= 256 * 1024
     assert described["p2m_size"] >= 256 * 256  # at least the guest's RAM
     assert report["static"]["cpuid_bytes"] > 0 and report["static"]["cpuid_bytes"] % 24 == 0
