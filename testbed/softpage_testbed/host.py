@@ -266,6 +266,9 @@ class Testbed:
             if self.config.scratch_image is not None:
                 self.run(f"mkdir -p {SCRATCH_MOUNT} && mount /dev/disk/by-id/virtio-{SCRATCH_DISK_SERIAL} "
                          f"{SCRATCH_MOUNT}", check=True)
+            print(f"softpage_testbed: Xen {self.config.xen_version} ({self.config.platform.release} dom0) "
+                  f"booted: agent after {self.boot_timings['agent_s']} s, xl after "
+                  f"{self.boot_timings['xl_ready_s']} s", file=sys.stderr, flush=True)
         except BaseException:
             self.shutdown()
             raise
