@@ -105,7 +105,7 @@ clean_kmod() {
     find "$1" -maxdepth 1 \( -name '*.o' -o -name '*.ko' -o -name '*.mod' -o -name '*.mod.c' \
         -o -name '.*.cmd' -o -name 'Module.symvers' -o -name 'modules.order' \) -delete
 }
-# build_kmod SERIES ABI BUILT_KO: note what built; the module goes to guest_kmod/SERIES/.
+# keep_kmod SERIES ABI BUILT_KO: the module goes to guest_kmod/SERIES/ if its vermagic is ABI; notes what built.
 keep_kmod() {
     local series=$1 abi=$2 built=$3 vermagic
     mkdir -p "$STAGING/guest_kmod/$series"
