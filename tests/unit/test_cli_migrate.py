@@ -12,9 +12,9 @@ from softpage.backend import DropOutcome
 from softpage.cli.main import _modules_needed, build_parser
 from softpage.cli.migrate import (
     Timeline,
-    _driver_options,
     _summary,
     _totals,
+    driver_options,
 )
 from softpage.driver import MigrationStats
 from softpage.options import DriverOptions
@@ -24,12 +24,12 @@ from softpage.options import DriverOptions
     ("argv", "live"),
     [(["migrate", "guest", "host"], True), (["save", "guest", "guest.save"], False)],
 )
-def test_drop_timeout_reaches_the_driver_options(argv: list[str], live: bool) -> None:
+def test_drop_timeout_reaches_thedriver_options(argv: list[str], live: bool) -> None:
     parser = build_parser(argv)
-    default = _driver_options(parser.parse_args(argv), live)
+    default = driver_options(parser.parse_args(argv), live)
     assert default.drop_timeout == DriverOptions().drop_timeout == 30.0
     command, *rest = argv
-    off = _driver_options(parser.parse_args([command, "--drop-timeout", "0", *rest]), live)
+    off = driver_options(parser.parse_args([command, "--drop-timeout", "0", *rest]), live)
     assert off.drop_timeout == 0.0 and off.live is live
 
 

@@ -37,11 +37,12 @@ if TYPE_CHECKING:
 
 
 class XlStreamSink:
-    """The driver's ``PageSink`` over a ``StreamWriter`` writing an xl stream, through
-    ``background`` if its writes go out from a thread (None: they are written when made)."""
+    """The driver's ``PageSink`` over a ``StreamWriter`` writing an xl stream (``config_json``
+    None: the bare libxc stream of a save helper), through ``background`` if its writes go out
+    from a thread (None: they are written when made)."""
 
     def __init__(
-        self, writer: StreamWriter, config_json: bytes, background: BackgroundWritev | None = None
+        self, writer: StreamWriter, config_json: bytes | None, background: BackgroundWritev | None = None
     ) -> None:
         self.writer = writer
         self.background = background
@@ -72,7 +73,7 @@ already handed it, before the caller would close the connection."""
 def _send(
     backend: MigrationBackend,
     writev: WritevFn,
-    config_json: bytes,
+    config_json: bytes | None,
     options: DriverOptions,
     log: Log,
     progress: Progress | None,
@@ -127,6 +128,22 @@ def save_domain(
     keep it running (``xl save -c``).
     """
     return _send(backend, lambda buffers: os.writev(fd, buffers), config_json, options, log, progress)
+
+
+def save_libxc_stream(
+    backend: MigrationBackend,
+    fd: int,
+    options: DriverOptions,
+    log: Log,
+    progress: Progress | None = None,
+) -> SendResult:
+    """Write the backend's domain to ``fd`` as a bare libxc stream: what ``xc_domain_save`` writes
+    for libxl's save helper, between libxl's LIBXC_CONTEXT and its next record.
+
+    Returns with the domain suspended. On failure the backend's ``resume()`` was called, as in
+    ``save_domain``; under libxl that is the toolstack's to do (``softpage.savehelper``).
+    """
+    return _send(backend, lambda buffers: os.writev(fd, buffers), None, options, log, progress)
 
 
 Rename = Callable[[str, str], None]

@@ -73,7 +73,8 @@ def register(subparsers: Any) -> None:
                          help="preserve the domain id")
     migrate.add_argument("domain", metavar="DOMAIN", help="domain name or id")
     migrate.add_argument("host", metavar="HOST")
-    _add_common(migrate)
+    add_driver_options(migrate)
+    _add_suspend_timeout(migrate)
     migrate.set_defaults(func=run_migrate)
 
     save = subparsers.add_parser(
@@ -87,11 +88,13 @@ def register(subparsers: Any) -> None:
                       help="leave the domain paused after the save")
     save.add_argument("domain", metavar="DOMAIN", help="domain name or id")
     save.add_argument("file", metavar="FILE")
-    _add_common(save)
+    add_driver_options(save)
+    _add_suspend_timeout(save)
     save.set_defaults(func=run_save)
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def add_driver_options(parser: argparse.ArgumentParser) -> None:
+    """What the driver is asked to do, for ``softpage migrate``/``save`` and the save helper."""
     pruning = parser.add_mutually_exclusive_group()
     pruning.add_argument("--no-prune", action="store_true", help="send every page (plain precopy)")
     pruning.add_argument("--prune", type=_categories, default=PRUNABLE, metavar="LIST",
@@ -109,10 +112,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="how long the guest may take to drop its caches while it still runs, right "
                         f"before the suspend (default {DriverOptions.drop_timeout:g}; 0: no early drop, "
                         "the guest drops them at suspend, in the downtime)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no per-round progress")
+
+
+def _add_suspend_timeout(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suspend-timeout", type=float, default=60.0, metavar="SECONDS",
                         help="how long the guest may take to acknowledge and to suspend (default 60, "
                         "as libxl)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no per-round progress")
 
 
 def _categories(text: str) -> tuple[Category, ...]:
@@ -129,7 +135,7 @@ def _categories(text: str) -> tuple[Category, ...]:
     return tuple(dict.fromkeys(chosen))
 
 
-def _driver_options(args: argparse.Namespace, live: bool) -> DriverOptions:
+def driver_options(args: argparse.Namespace, live: bool) -> DriverOptions:
     return DriverOptions(
         prune=() if args.no_prune else args.prune,
         policy=PrecopyPolicy(max_iterations=args.max_iters, target_dirty_count=args.dirty_target),
@@ -174,7 +180,7 @@ def run_migrate(args: argparse.Namespace) -> int:
             result = migrate_domain(
                 backend, _Receiver(receiver), domain.config_json(preserve_domid=args.preserve_domid),
                 domain.name, functools.partial(toolstack.rename, store, domain.domid, domain.uuid),
-                _driver_options(args, live=True), log, None if args.quiet else _progress(sys.stderr),
+                driver_options(args, live=True), log, None if args.quiet else _progress(sys.stderr),
                 destroy_source=destroy_source,
             )
     finally:
@@ -183,7 +189,7 @@ def run_migrate(args: argparse.Namespace) -> int:
     timeline = Timeline(startup_s=startup, destroy_s=destroy_times[0])
     stats = result.send.stats
     elapsed = time.monotonic() - started
-    _write_stats(args.stats, stats, result.send.stream_bytes, elapsed, result.downtime_s, timeline)
+    write_stats(args.stats, stats, result.send.stream_bytes, elapsed, result.downtime_s, timeline)
     log(_summary(stats, result.send.stream_bytes, elapsed, result.downtime_s))
     if result.held_signals:
         log(f"migration sender: {signal_names(list(result.held_signals))} arrived during the handover, "
@@ -206,7 +212,7 @@ def run_save(args: argparse.Namespace) -> int:
         fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         leave_open = False
         try:
-            result = save_domain(backend, fd, config, _driver_options(args, live=False), log,
+            result = save_domain(backend, fd, config, driver_options(args, live=False), log,
                                  None if args.quiet else _progress(sys.stderr))
             os.fsync(fd)
         except StreamLeftOpen:
@@ -239,7 +245,7 @@ def run_save(args: argparse.Namespace) -> int:
     finally:
         _cleanup(backend, log)
     elapsed = time.monotonic() - started
-    _write_stats(args.stats, result.stats, result.stream_bytes, elapsed, None, timeline)
+    write_stats(args.stats, result.stats, result.stream_bytes, elapsed, None, timeline)
     print(_summary(result.stats, result.stream_bytes, elapsed, None), file=sys.stderr)
     return 0
 
@@ -339,8 +345,8 @@ def _totals(
     }
 
 
-def _write_stats(path: str | None, stats: MigrationStats, stream_bytes: int, elapsed: float,
-                 downtime: float | None, timeline: Timeline) -> None:
+def write_stats(path: str | None, stats: MigrationStats, stream_bytes: int, elapsed: float,
+                downtime: float | None, timeline: Timeline | None) -> None:
     if path is None:
         return
     with open(path, "w", encoding="utf-8") as out:

@@ -108,15 +108,17 @@ class StreamWriter:
     # -- convenience ------------------------------------------------------
     def begin(
         self,
-        config_json: bytes,
+        config_json: bytes | None,
         guest_type: GuestType,
         xen_version: tuple[int, int],
         static: StaticInfo,
     ) -> None:
-        """Everything before the first page, for an ``xl`` stream."""
-        self.xl_header(config_json)
-        self.libxl_header()
-        self.libxl_libxc_context()
+        """Everything before the first page: of an ``xl`` stream, or with ``config_json`` None of
+        a bare libxc stream, the part libxl's save helper writes inside libxl's own records."""
+        if config_json is not None:
+            self.xl_header(config_json)
+            self.libxl_header()
+            self.libxl_libxc_context()
         self.libxc_headers(guest_type, xen_version)
         self.static_data(static)
 

@@ -1,0 +1,159 @@
+"""``softpage-save-helper``: libxl's save helper with soft-page pruning.
+
+    LIBXL_SAVE_HELPER=/usr/lib/softpage/softpage-save-helper xl migrate GUEST HOST
+
+libxl runs it as it runs ``libxl-save-helper``. ``--save-domain IO_FD BACK_FD DOMID XCFLAGS
+CBFLAGS STREAM_TYPE`` of a plain stream is softpage's (``softpage.savehelper.helper``); every
+other command line (``--restore-domain``, Remus and COLO streams, ``xl migrate --debug``) runs the
+stock helper of the same Xen in its place, unchanged.
+
+Options: ``SOFTPAGE_SAVE_HELPER_OPTIONS``, the driver options of ``softpage migrate`` in one
+string (``--no-prune``, ``--prune free,cache``, ``--stats FILE``, ``--drop-timeout SECONDS``, ...).
+``SOFTPAGE_STOCK_SAVE_HELPER`` names the stock helper if the toolstack's libxenlight does not.
+
+The helper's stdout is libxl's message pipe: it is moved off fd 1 first, and fd 1 becomes a copy
+of stderr, so nothing printed can corrupt it. Messages and errors go to libxl's log, which xl
+prints on its stderr (at INFO and above by default; per-round lines at DETAIL, ``xl -v``).
+Exit status, as the stock helper's: 0 once ``complete`` was acknowledged, whatever the save's
+result (libxl has it from ``complete``); 1 if libxl could not be told.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shlex
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NoReturn
+
+from softpage.cli.migrate import MIB, add_driver_options, driver_options, write_stats
+from softpage.errors import SoftpageError
+from softpage.interrupts import raise_on_signals
+from softpage.options import DriverOptions
+from softpage.savehelper import protocol
+from softpage.savehelper.protocol import LogLevel
+
+if TYPE_CHECKING:
+    from softpage.driver import Progress, RoundStats
+    from softpage.savehelper.helper import ToolstackChannel
+
+OPTIONS_VARIABLE = "SOFTPAGE_SAVE_HELPER_OPTIONS"
+STOCK_VARIABLE = "SOFTPAGE_STOCK_SAVE_HELPER"
+PROGRAM = "softpage-save-helper"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if not _is_softpages(arguments):
+        _run_stock(arguments)
+    # From here on libxl reads fd 1 as messages.
+    messages_fd = os.dup(1)
+    os.dup2(2, 1)
+    from softpage.savehelper.helper import ToolstackChannel
+
+    toolstack = ToolstackChannel(0, messages_fd)
+    raise_on_signals()
+    error: BaseException | None = None
+    try:
+        _save(protocol.parse_save_arguments(arguments[1:]), toolstack)
+    except (KeyboardInterrupt, SoftpageError, OSError) as failure:
+        error = failure
+        toolstack.log(LogLevel.ERROR, f"save failed: {failure or 'interrupted'}",
+                      failure.errno or 0 if isinstance(failure, OSError) else 0)
+    except Exception as bug:
+        error = bug
+        traceback.print_exc()
+        toolstack.log(LogLevel.CRITICAL, f"save failed: {bug!r}; this is a bug in softpage, please report it")
+    from softpage.savehelper.helper import complete, completion_for
+
+    try:
+        complete(toolstack, completion_for(error))
+    except (SoftpageError, OSError) as lost:
+        print(f"{PROGRAM}: could not report the save's end to libxl: {lost}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _is_softpages(arguments: list[str]) -> bool:
+    """A live or plain save of a plain stream without libxc's debug verify pass."""
+    if len(arguments) != 7 or arguments[0] != protocol.SAVE_MODE:
+        return False
+    try:
+        request = protocol.parse_save_arguments(arguments[1:])
+    except protocol.HelperProtocolError:
+        return False  # the stock helper asserts on what it cannot read, as before
+    return request.stream_type == protocol.XC_STREAM_PLAIN and not request.xcflags & protocol.XCFLAGS_DEBUG
+
+
+def _run_stock(arguments: list[str]) -> NoReturn:
+    """Become the stock helper, with the same arguments and file descriptors."""
+    from softpage.savehelper.helper import stock_helper_path
+
+    path = os.environ.get(STOCK_VARIABLE)
+    try:
+        if not path:
+            path = stock_helper_path(_parent_maps(), sorted(glob.glob(
+                "/usr/lib/xen-*/bin/libxl-save-helper")))
+        os.execv(path, [path, *arguments])
+    except (SoftpageError, OSError) as error:
+        print(f"{PROGRAM}: cannot run the stock save helper: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _parent_maps() -> str:
+    try:
+        with open(f"/proc/{os.getppid()}/maps", encoding="utf-8", errors="replace") as maps:
+            return maps.read()
+    except OSError:
+        return ""
+
+
+def _options(live: bool) -> tuple[argparse.Namespace, DriverOptions]:
+    parser = argparse.ArgumentParser(prog=f"{OPTIONS_VARIABLE}=", add_help=False, exit_on_error=False)
+    add_driver_options(parser)
+    text = os.environ.get(OPTIONS_VARIABLE, "")
+    try:
+        args = parser.parse_args(shlex.split(text))
+    except (argparse.ArgumentError, ValueError) as error:
+        raise SoftpageError(f"{OPTIONS_VARIABLE}={text!r}: {error}") from None
+    return args, driver_options(args, live)
+
+
+def _save(request: protocol.SaveRequest, toolstack: ToolstackChannel) -> None:
+    from softpage.savehelper.helper import save_for_libxl
+    from softpage.xen.backend import XenBackend
+
+    args, options = _options(request.live)
+    started = time.monotonic()
+    backend = XenBackend(request.domid)
+    progress = None if args.quiet else _progress(toolstack)
+    result = save_for_libxl(request, toolstack, backend, options, progress)
+    elapsed = time.monotonic() - started
+    stats = result.stats
+    write_stats(args.stats, stats, result.stream_bytes, elapsed, None, None)
+    toolstack.log(LogLevel.INFO,
+                  f"softpage: {len(stats.rounds)} rounds, {stats.pages_data} pages with data, "
+                  f"{stats.pages_xalloc} as XALLOC, {stats.pages_skipped} skipped soft; "
+                  f"{result.stream_bytes / MIB:.1f} MiB in {elapsed:.1f} s, "
+                  f"helper CPU {stats.sender_cpu_s:.1f} s")
+
+
+def _progress(toolstack: ToolstackChannel) -> Progress:
+    """A line per round in libxl's log, at DETAIL: ``xl -v`` shows them."""
+
+    def report(round_stats: RoundStats) -> None:
+        toolstack.log(LogLevel.DETAIL,
+                      f"softpage: round {round_stats.round} ({round_stats.kind}): "
+                      f"{round_stats.pages_data} pages with data, {round_stats.pages_xalloc} as XALLOC, "
+                      f"{round_stats.pages_skipped} skipped soft, {round_stats.bytes / MIB:.1f} MiB "
+                      f"in {round_stats.duration_s:.1f} s")
+
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(main())
