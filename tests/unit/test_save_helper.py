@@ -220,6 +220,8 @@ def test_a_pruned_live_save_through_libxl_restores_the_guests_hard_pages() -> No
     stats = result.stats  # type: ignore[attr-defined]
     assert stats.pages_xalloc >= guest.count(PageKind.CACHE)
     assert backend.suspended and "resume" not in backend.calls
+    # libxl suspended the guest (the fake's backend.suspend()); the helper checked and took it over.
+    assert backend.calls.index("suspend") < backend.calls.index("adopt_suspend")
     # The device model's log-dirty mode around the rounds, libxl's suspend between, then complete.
     names = libxl.names()
     calls = [name for name in names if name != "log"]

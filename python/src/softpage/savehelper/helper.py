@@ -25,6 +25,7 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -93,12 +94,19 @@ class ToolstackChannel:
         return value
 
 
+class AdoptingBackend(MigrationBackend, Protocol):
+    """A backend that can take over a domain the toolstack suspended (``XenBackend``, ``SimBackend``)."""
+
+    def adopt_suspend(self) -> None:
+        """Check that the domain is suspended, and treat it as such from here on."""
+
+
 class LibxlBackend:
     """A ``MigrationBackend`` whose domain's lifecycle is libxl's: the suspend goes through the
     toolstack, the device model's log-dirty mode too, and ``resume()`` is left to libxl. Every
     other operation is ``inner``'s."""
 
-    def __init__(self, inner: MigrationBackend, toolstack: ToolstackChannel, request: SaveRequest) -> None:
+    def __init__(self, inner: AdoptingBackend, toolstack: ToolstackChannel, request: SaveRequest) -> None:
         self.inner = inner
         self.toolstack = toolstack
         self.request = request
@@ -135,6 +143,7 @@ class LibxlBackend:
         if self.toolstack.call("suspend") == 0:
             raise BackendError(f"libxl could not suspend domain {self.request.domid} "
                                "(its log above says why)")
+        self.inner.adopt_suspend()
 
     def end_of_checkpoint(self) -> EndOfCheckpoint:
         return self.inner.end_of_checkpoint()
@@ -218,7 +227,7 @@ def log_level_for(message: str) -> int:
 def save_for_libxl(
     request: SaveRequest,
     toolstack: ToolstackChannel,
-    inner: MigrationBackend,
+    inner: AdoptingBackend,
     options: DriverOptions,
     progress: Progress | None = None,
 ) -> SendResult:

@@ -203,6 +203,12 @@ class SimBackend:
         self.suspended_tokens = self.guest.tokens.copy()
         self.suspended_held = pfnset_from_mask(self.guest.kind == PageKind.HELD)
 
+    def adopt_suspend(self) -> None:
+        """As ``XenBackend.adopt_suspend``: the test's toolstack suspended the guest."""
+        self.calls.append("adopt_suspend")
+        if not self.suspended:
+            raise BackendError(f"domain {self.domid}: the toolstack reported it suspended, but it is not")
+
     def end_of_checkpoint(self) -> EndOfCheckpoint:
         self.calls.append("end_of_checkpoint")
         if not self.suspended:

@@ -224,6 +224,14 @@ class XenBackend:
         suspend_guest(self._xenstore(), self.domid, self.domain_state, self._suspend_timeouts)
         self._suspended = True
 
+    def adopt_suspend(self) -> None:
+        """The domain was suspended by the toolstack (libxl, for the save helper): check that Xen
+        agrees, as ``xc_domain_save`` does after its suspend callback, and treat it as suspended."""
+        state = self.domain_state()
+        if not state.suspended:
+            raise BackendError(f"dom {self.domid}: the toolstack reported it suspended, but it is not")
+        self._suspended = True
+
     def end_of_checkpoint(self) -> EndOfCheckpoint:
         state = self.domain_state()
         if not state.suspended:

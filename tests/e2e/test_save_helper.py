@@ -1,0 +1,155 @@
+"""Stock `xl` with softpage's save helper on the real testbed: `LIBXL_SAVE_HELPER=softpage-save-helper
+xl migrate` and `xl save` prune a PVH guest with the module, a guest without it goes plain, the
+images pass Xen's verify-stream-v2, and the faults leave the guest running on the source.
+
+xl and libxl are Debian's, unchanged: only the helper they run is softpage's. Each kind runs
+SOFTPAGE_E2E_HELPER_REPEAT times on one guest: once in `make test` (which has the time for no
+more), 3 times for the proof recorded in results/; "survived" as in test_softpage_migrate.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+import pytest
+
+from softpage_testbed import CommandResult, Guest, Testbed
+from tests.e2e.helpers import (
+    PRUNE_GUEST,
+    STATS,
+    assert_survived,
+    domid,
+    read_stats,
+    start_guest,
+    verify_stream_v2,
+    wait_for_module,
+)
+
+pytestmark = pytest.mark.e2e
+
+REPEAT = int(os.environ.get("SOFTPAGE_E2E_HELPER_REPEAT", "1"))
+HELPER = "/opt/softpage/py/bin/softpage-save-helper"
+"""The console script of the testbed's build of the package (pip --target)."""
+STREAM_COUNTER = "/tmp/helper-stream.bytes"
+RECEIVER = f"python3 /opt/softpage/bin/count-bytes {STREAM_COUNTER} | xl migrate-receive"
+
+
+def xl_with_helper(testbed: Testbed, *arguments: str, options: str = "",
+                   timeout_s: float = 900) -> CommandResult:
+    """``xl ARGUMENTS`` with softpage's save helper and ``--stats STATS OPTIONS`` for it."""
+    environment = {"LIBXL_SAVE_HELPER": HELPER, "SOFTPAGE_SAVE_HELPER_OPTIONS": f"--stats {STATS} {options}"}
+    command = " ".join(f"{key}={shlex.quote(value)}" for key, value in environment.items())
+    return testbed.run(f"rm -f {STATS}; {command} xl {shlex.join(arguments)}", timeout_s=timeout_s)
+
+
+def stream_bytes(testbed: Testbed) -> int:
+    return int(testbed.run(["cat", STREAM_COUNTER], check=True).stdout.strip() or 0)
+
+
+@pytest.mark.every_host
+def test_xl_migrate_with_the_helper_prunes_and_the_guest_survives(xen_pvh_testbed: Testbed) -> None:
+    guest = start_guest(xen_pvh_testbed, "helper-mig")
+    for attempt in range(REPEAT):
+        source_domid = domid(guest)
+        heartbeat = guest.heartbeat()
+        result = xl_with_helper(xen_pvh_testbed, "migrate", "-s", "", guest.name, RECEIVER)
+        assert result.ok, f"migration {attempt}: {result.stderr[-3000:]}"
+        assert "Migration successful." in result.stderr
+        # libxl prints the helper's summary from its log (INFO is shown by default).
+        assert "softpage-save-helper: softpage:" in result.stderr, result.stderr[-3000:]
+        rounds, totals = read_stats(xen_pvh_testbed)
+        assert int(totals["pages_xalloc"]) > 2048, (attempt, totals)  # type: ignore[call-overload]
+        assert rounds[0]["snapshot_used"] and rounds[-1]["kind"] == "final", rounds
+        assert totals["guest_drop_outcome"] == "done", (attempt, totals)
+        # The whole xl stream (xl's and libxl's records around the helper's) is smaller than the
+        # guest's memory: the soft pages went without data.
+        assert stream_bytes(xen_pvh_testbed) < PRUNE_GUEST["memory_mb"] << 20
+        assert_survived(guest, heartbeat)
+        assert domid(guest) != source_domid
+        assert wait_for_module(guest) == "ready"
+
+
+def test_xl_migrate_with_the_helper_sends_a_guest_without_the_module_plain(xen_pvh_testbed: Testbed) -> None:
+    guest = start_guest(xen_pvh_testbed, "helper-plain", load_kmod=False)
+    heartbeat = guest.heartbeat()
+    result = xl_with_helper(xen_pvh_testbed, "migrate", "-s", "", guest.name, RECEIVER)
+    assert result.ok, result.stderr[-3000:]
+    assert "publishes no soft pages" in result.stderr, result.stderr[-3000:]
+    _, totals = read_stats(xen_pvh_testbed)
+    assert totals["pages_xalloc"] == 0 and totals["pages_skipped"] == 0, totals
+    assert_survived(guest, heartbeat)
+
+
+def test_xl_save_with_the_helper_then_stock_xl_restore(xen_pvh_testbed: Testbed) -> None:
+    guest = start_guest(xen_pvh_testbed, "helper-save")
+    image = f"/var/lib/xen/helper-{guest.name}.img"
+    for attempt in range(REPEAT):
+        heartbeat = guest.heartbeat()
+        result = xl_with_helper(xen_pvh_testbed, "save", guest.name, image)
+        assert result.ok, f"save {attempt}: {result.stderr[-3000:]}"
+        assert guest.name not in xen_pvh_testbed.domains()
+        rounds, totals = read_stats(xen_pvh_testbed)
+        # xl save is not live: one round, with the guest suspended by libxl.
+        assert [r["kind"] for r in rounds] == ["final"], rounds
+        assert int(totals["pages_xalloc"]) > 2048, (attempt, totals)  # type: ignore[call-overload]
+        size = int(xen_pvh_testbed.run(["stat", "-c", "%s", image], check=True).stdout)
+        assert size < PRUNE_GUEST["memory_mb"] << 20
+        if attempt == 0:
+            verified = verify_stream_v2(xen_pvh_testbed, image, "-v")
+            assert verified.ok, verified.stdout[-2000:] + verified.stderr[-2000:]
+            assert "Domain Header: x86 HVM" in verified.stdout, verified.stdout[:2000]
+        # With the variable still set: the helper hands --restore-domain to the stock one.
+        restored = xl_with_helper(xen_pvh_testbed, "restore", image)
+        assert restored.ok, f"restore {attempt}: {restored.stderr[-3000:]}"
+        xen_pvh_testbed.run(["rm", "-f", image])
+        assert_survived(guest, heartbeat)
+        assert wait_for_module(guest) == "ready"
+
+
+def cut_receiver(after_bytes: int) -> str:
+    """A receiver that reads the xl stream's first bytes and goes away, as a cut link does."""
+    return f"head -c {after_bytes} > /dev/null"
+
+
+def migrate_and_kill(testbed: Testbed, guest: Guest, signal_name: str, target: str) -> CommandResult:
+    """``xl migrate`` with the helper, and ``kill -SIGNAL`` of ``target`` (a ``pkill -f`` pattern)
+    once the receiver has created its copy and the stream's pages flow."""
+    incoming = f"{guest.name}--incoming"
+    killer = (f"until xl domid {incoming} >/dev/null 2>&1; do sleep 0.2; done; sleep 1; "
+              f"pkill -{signal_name} -f {shlex.quote(target)}")
+    return testbed.run(
+        f"({killer}) & LIBXL_SAVE_HELPER={HELPER} xl migrate -s '' {guest.name} {shlex.quote(RECEIVER)}; "
+        "echo rc=$?; wait", timeout_s=900)
+
+
+def test_faults_through_the_helper_leave_the_guest_running_on_the_source(xen_pvh_testbed: Testbed) -> None:
+    guest = start_guest(xen_pvh_testbed, "helper-fault")
+    # The receiver gone in the first round: the helper's write fails, libxl never suspended the
+    # guest, xl reports the failure, and the module is disarmed again.
+    heartbeat = guest.heartbeat()
+    result = xl_with_helper(xen_pvh_testbed, "migrate", "-s", "", guest.name, cut_receiver(16 << 20))
+    assert not result.ok
+    assert "Migration failed" in result.stderr, result.stderr[-3000:]
+    assert_alone_and_running(guest, heartbeat)
+    # The helper told to stop, as libxl does when its operation is aborted (SIGTERM).
+    heartbeat = guest.heartbeat()
+    stopped = migrate_and_kill(xen_pvh_testbed, guest, "TERM", "[s]oftpage-save-helper --save-domain")
+    assert "rc=0" not in stopped.stdout, stopped.stdout + stopped.stderr[-3000:]
+    assert_alone_and_running(guest, heartbeat)
+    # xl itself killed in the middle of the stream: the helper loses its toolstack, and finds out
+    # at the suspend callback at the latest; nothing suspended the guest.
+    heartbeat = guest.heartbeat()
+    killed = migrate_and_kill(xen_pvh_testbed, guest, "KILL", f"[x]l migrate -s  {guest.name}")
+    assert "rc=0" not in killed.stdout, killed.stdout + killed.stderr[-3000:]
+    xen_pvh_testbed.run(f"for i in $(seq 60); do xl domid {guest.name}--incoming >/dev/null 2>&1 || break; "
+                        "sleep 1; done")
+    assert_alone_and_running(guest, heartbeat)
+
+
+def assert_alone_and_running(guest: Guest, heartbeat: int) -> None:
+    """One copy, running under its own name, nothing half-restored beside it."""
+    domains = guest.testbed.domains()
+    assert [name for name in domains if name.startswith(guest.name)] == [guest.name], domains
+    assert_survived(guest, heartbeat)
+    assert wait_for_module(guest) == "ready"
