@@ -9,6 +9,10 @@ migrated to localhost SOFTPAGE_BENCH_REPS times (default 3) by each method, inte
     stock      xl migrate -s "" GUEST "<receiver>"
     no-prune   softpage migrate --no-prune -s "" GUEST "<receiver>"
     prune      softpage migrate -s "" GUEST "<receiver>"
+    helper     LIBXL_SAVE_HELPER=softpage-save-helper xl migrate -s "" GUEST "<receiver>" (pruning)
+
+SOFTPAGE_BENCH_METHODS picks some of them (comma-separated; stock always runs: it is what the
+others are measured against).
 
 Every method is measured the same way (tests/bench/dom0/): the receiver command is the stock `xl
 migrate-receive` behind a tap that counts the stream's bytes and pages; a watcher polls Xen for
@@ -16,12 +20,12 @@ the downtime (suspend request -> incoming copy unpaused, and from the source's s
 shows it); dom0 CPU is the busy time of all of dom0's vCPUs while the sender ran (sender,
 receiver, tap and watchers together: the same measure for every method); sender CPU is the rusage
 of the sender's process tree less the receiver's (softpage's senders only: stock xl does not reap
-its receiver, so its own CPU is not measured). After every migration the guest must pass the
-workload's full integrity check, or the run stops; a run during which Xen logged a guest triple
-fault (nested SVM under TCG, testbed/README.md) is measured again on a fresh guest instead (up to
-TRIPLE_FAULT_RETRIES times). Medians per step and method go to results/bench-DATE/ (CSV of every
-run, summary CSV, Markdown table, PNG plots) and the ratios to stock are printed; softpage's own
-per-round records go to stats/.
+its receiver, so its own CPU is not measured, nor that of xl running softpage's helper). After
+every migration the guest must pass the workload's full integrity check, or the run stops; a run
+during which Xen logged a guest triple fault (nested SVM under TCG, testbed/README.md) is
+measured again on a fresh guest instead (up to TRIPLE_FAULT_RETRIES times). Medians per step and
+method go to results/bench-DATE/ (CSV of every run, summary CSV, Markdown table, PNG plots) and
+the ratios to stock are printed; softpage's own per-round records go to stats/.
 
 SOFTPAGE_BENCH_CHECK=step checks the guest's memory and files once per step, after its last
 migration, instead of after every migration (each migration is still followed by heartbeats, a
@@ -72,11 +76,16 @@ from softpage_testbed import (
 
 REPO = Path(__file__).resolve().parents[2]
 
-METHODS = ("stock", "no-prune", "prune")
+METHODS = ("stock", "no-prune", "prune", "helper")
+PRUNING_METHODS = ("prune", "helper")
+SAVE_HELPER = "/opt/softpage/py/bin/softpage-save-helper"
+"""softpage's save helper in the testbed's build of the package."""
 COMPARED_WITH_STOCK = ("pages_data", "stream_bytes", "wall_s", "downtime_s", "sender_cpu_s", "dom0_cpu_s")
 KERNEL_AND_WORKLOAD_MB = 160
 """Guest memory the page cache cannot have: kernel, initramfs, workload slack."""
 DOM0_TOOLS = "/tmp/softpage-bench"
+BENCH_STATS = "/tmp/bench-stats.json"
+"""softpage's per-round records of the last migration (``--stats``)."""
 TRIPLE_FAULT_RETRIES = 3
 """1 GiB guests triple-fault under TCG far more often than the e2e suite's 256 MiB ones: twice in
 one run of a step on 2026-11-30 (the retried run was hit too)."""
@@ -140,11 +149,13 @@ def receiver_command(receive: str = "xl migrate-receive") -> str:
 def measured_sender_command(method: str, guest: Guest, receiver: str) -> list[str]:
     """``method``'s migration of ``guest`` to the ``receiver`` command, under measure.py."""
     source = guest.testbed.run(["xl", "domid", guest.name], check=True).stdout.strip()
-    softpage = ["python3", "-m", "softpage", "migrate", "-q", "--stats", "/tmp/bench-stats.json"]
+    softpage = ["python3", "-m", "softpage", "migrate", "-q", "--stats", BENCH_STATS]
     senders = {
         "stock": ["xl", "migrate"],
         "no-prune": [*softpage, "--no-prune"],
         "prune": softpage,
+        "helper": ["env", f"LIBXL_SAVE_HELPER={SAVE_HELPER}",
+                   f"SOFTPAGE_SAVE_HELPER_OPTIONS=-q --stats {BENCH_STATS}", "xl", "migrate"],
     }
     return ["python3", f"{DOM0_TOOLS}/measure.py", source, "/tmp/bench-send.json", "--",
             *senders[method], "-s", "", guest.name, receiver]
@@ -154,7 +165,7 @@ def migrate(guest: Guest, method: str, receive: str = "xl migrate-receive") -> d
     """One measured migration of ``guest`` by ``method`` to ``receive`` (see ``receiver_command``)."""
     testbed = guest.testbed
     command = measured_sender_command(method, guest, receiver_command(receive))
-    testbed.run(["rm", "-f", "/tmp/bench-recv.json", "/tmp/bench-tap.json", "/tmp/bench-stats.json"])
+    testbed.run(["rm", "-f", "/tmp/bench-recv.json", "/tmp/bench-tap.json", BENCH_STATS])
     result = testbed.run(command, timeout_s=3600)
     if not result.ok:
         raise RuntimeError(f"{method} migration failed (rc {result.rc}): {result.stderr[-3000:]}")
@@ -162,7 +173,7 @@ def migrate(guest: Guest, method: str, receive: str = "xl migrate-receive") -> d
     for name in ("send", "recv", "tap"):
         measured[name] = json.loads(testbed.run(["cat", f"/tmp/bench-{name}.json"], check=True).stdout)
     if method != "stock":
-        lines = testbed.run(["cat", "/tmp/bench-stats.json"], check=True).stdout.splitlines()
+        lines = testbed.run(["cat", BENCH_STATS], check=True).stdout.splitlines()
         measured["stats"] = [json.loads(line) for line in lines]
     return measured
 
@@ -199,9 +210,10 @@ def to_run(anon_mb: int, cache_mb: int, method: str, repetition: int, measured: 
 def sender_cpu_s(method: str, send: dict[str, object], recv: dict[str, object]) -> float | None:
     """The sender's CPU time without the receiver's: softpage reaps the receiver it started, so
     its rusage holds the receiver's share, which the receiver's own wrapper measured. Stock xl
-    does not wait for its receiver child: on 2026-11-30 its rusage came out 108 s *below* the
-    receiver's. What xl itself used is not measured, so there is no figure for it."""
-    if method == "stock":
+    does not wait for its receiver child (with softpage's helper either): on 2026-11-30 its rusage
+    came out 108 s *below* the receiver's. What xl itself used is not measured, so there is no
+    figure for it."""
+    if method in ("stock", "helper"):
         return None
     return float(str(send["cpu_s"])) - float(str(recv["cpu_s"]))
 
@@ -271,7 +283,7 @@ def migrate_and_check(guest: Guest, method: str, token: str, full_check: bool = 
         check_guest(guest, f"after {method}")
     else:
         warm_cache(guest, token)
-    if method == "prune":
+    if method in PRUNING_METHODS:
         measured["guest_counters"] = guest_suspend_counters(guest, token)
     return measured
 
@@ -325,6 +337,8 @@ def summarise(runs: list[Run]) -> list[dict[str, object]]:
         stock = [run for run in runs if run.anon_mb == anon_mb and run.method == "stock"]
         for method in METHODS:
             chosen = [run for run in runs if run.anon_mb == anon_mb and run.method == method]
+            if not chosen:
+                continue
             row: dict[str, object] = {"anon_mb": anon_mb, "method": method, "runs": len(chosen)}
             for field in ("pages_data", "stream_bytes", "wall_s", "downtime_s", "suspended_s", "sender_cpu_s",
                           "dom0_cpu_s", "rounds", "guest_scan_ms", "early_drop_s", "guest_drop_ms",
@@ -374,6 +388,8 @@ def plot(rows: list[dict[str, object]], out: Path) -> None:
     figure, (pages_axis, time_axis) = plt.subplots(1, 2, figsize=(11, 4))
     for method in METHODS:
         chosen = [row for row in rows if row["method"] == method]
+        if not chosen:
+            continue
         xs = [row["anon_mb"] for row in chosen]
         pages_axis.plot(xs, [row["pages_data"] for row in chosen], marker="o", label=method)
         time_axis.plot(xs, [row["wall_s"] for row in chosen], marker="o", label=method)
@@ -450,9 +466,20 @@ def output_dir(guest_mb: int) -> Path:
     return out
 
 
+def chosen_methods(text: str) -> tuple[str, ...]:
+    """SOFTPAGE_BENCH_METHODS, in METHODS' order, with stock always in."""
+    named = {name.strip() for name in text.split(",") if name.strip()}
+    unknown = named - set(METHODS)
+    if unknown:
+        raise SystemExit(f"SOFTPAGE_BENCH_METHODS: unknown {', '.join(sorted(unknown))}; "
+                         f"expected some of {', '.join(METHODS)}")
+    return tuple(method for method in METHODS if method in named | {"stock"})
+
+
 def main() -> int:
     guest_mb = int(os.environ.get("SOFTPAGE_BENCH_GUEST_MB", "1024"))
     steps = environment_list("SOFTPAGE_BENCH_ANON_MB", "0,200,400,600,800")
+    methods = chosen_methods(os.environ.get("SOFTPAGE_BENCH_METHODS", ",".join(METHODS)))
     repetitions = int(os.environ.get("SOFTPAGE_BENCH_REPS", "3"))
     check_each = os.environ.get("SOFTPAGE_BENCH_CHECK", "each") != "step"
     size_testbed_for(guest_mb)
@@ -477,7 +504,7 @@ def main() -> int:
                   "this machine "
                   f"({os.cpu_count()} cores). {xen_info.strip()}".replace("\n", "; "))
         for anon_mb in steps:
-            todo = [(repetition, method) for repetition in range(repetitions) for method in METHODS
+            todo = [(repetition, method) for repetition in range(repetitions) for method in methods
                     if (anon_mb, method, repetition) not in done]
             if not todo:
                 continue
