@@ -58,8 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     toolstack = ToolstackChannel(0, messages_fd)
     raise_on_signals()
     error: BaseException | None = None
+    request = protocol.parse_save_arguments(arguments[1:])
     try:
-        _save(protocol.parse_save_arguments(arguments[1:]), toolstack)
+        _save(request, toolstack)
     except (KeyboardInterrupt, SoftpageError, OSError) as failure:
         error = failure
         toolstack.log(LogLevel.ERROR, f"save failed: {failure or 'interrupted'}",
@@ -74,8 +75,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         complete(toolstack, completion_for(error))
     except (SoftpageError, OSError) as lost:
         print(f"{PROGRAM}: could not report the save's end to libxl: {lost}", file=sys.stderr)
+        _name_the_way_back(request.domid)
         return 1
     return 0
+
+
+def _name_the_way_back(domid: int) -> None:
+    """libxl is gone (xl killed): nobody will resume a guest it suspended. xl never sent its
+    receiver GO (that needs our ``complete``), so the source is the guest's only copy."""
+    try:
+        from softpage.xen.ctrl import XenCtrl
+
+        with XenCtrl.open() as ctrl:
+            suspended = ctrl.domain_state(domid).suspended
+    except (SoftpageError, OSError) as error:
+        print(f"{PROGRAM}: cannot tell whether domain {domid} is left suspended: {error}", file=sys.stderr)
+        return
+    if suspended:
+        print(f"{PROGRAM}: domain {domid} is left suspended; once its receiver has exited, "
+              f"`softpage resume {domid}` brings it back", file=sys.stderr)
 
 
 def _is_softpages(arguments: list[str]) -> bool:
