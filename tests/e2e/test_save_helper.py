@@ -56,8 +56,8 @@ def test_xl_migrate_with_the_helper_prunes_and_the_guest_survives(xen_pvh_testbe
         result = xl_with_helper(xen_pvh_testbed, "migrate", "-s", "", guest.name, RECEIVER)
         assert result.ok, f"migration {attempt}: {result.stderr[-3000:]}"
         assert "Migration successful." in result.stderr
-        # libxl prints the helper's summary from its log (INFO is shown by default).
-        assert "softpage-save-helper: softpage:" in result.stderr, result.stderr[-3000:]
+        # xl prints the helper's summary from libxl's log (INFO is shown by default).
+        assert "softpage-save-helper: info: softpage:" in result.stderr, result.stderr[-3000:]
         rounds, totals = read_stats(xen_pvh_testbed)
         assert int(totals["pages_xalloc"]) > 2048, (attempt, totals)  # type: ignore[call-overload]
         assert rounds[0]["snapshot_used"] and rounds[-1]["kind"] == "final", rounds

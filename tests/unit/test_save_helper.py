@@ -342,6 +342,7 @@ def test_a_save_that_cannot_start_is_reported_to_libxl_with_complete() -> None:
     names = [name for name, _ in received]
     assert names == ["log", "complete"]
     assert received[0][1]["level"] == LogLevel.ERROR and "bogus" in str(received[0][1]["formatted"])
+    assert received[0][1]["errnoval"] == 0xFFFF_FFFF  # -1: no ": strerror" after the line
     assert received[1][1] == {"retval": -1, "errnoval": errno.EIO}
 
 

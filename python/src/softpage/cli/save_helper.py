@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # From here on libxl reads fd 1 as messages.
     messages_fd = os.dup(1)
     os.dup2(2, 1)
-    from softpage.savehelper.helper import ToolstackChannel
+    from softpage.savehelper.helper import NO_ERRNO, ToolstackChannel
 
     toolstack = ToolstackChannel(0, messages_fd)
     raise_on_signals()
@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, SoftpageError, OSError) as failure:
         error = failure
         toolstack.log(LogLevel.ERROR, f"save failed: {failure or 'interrupted'}",
-                      failure.errno or 0 if isinstance(failure, OSError) else 0)
+                      failure.errno or NO_ERRNO if isinstance(failure, OSError) else NO_ERRNO)
     except Exception as bug:
         error = bug
         traceback.print_exc()

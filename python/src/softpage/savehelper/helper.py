@@ -47,6 +47,9 @@ from softpage.savehelper import protocol
 from softpage.savehelper.protocol import HelperProtocolError, LogLevel, SaveRequest
 from softpage.sender import SendResult, save_libxc_stream
 
+NO_ERRNO = -1
+"""``errnoval`` of a log line that reports no system error: xentoollog prints ``: strerror`` after
+every other value, ``: Success`` for 0."""
 HELPER_CONTEXT = "softpage-save-helper"
 """The context of the helper's log messages: libxl prints it before each (xl: "CONTEXT: ...")."""
 
@@ -61,11 +64,12 @@ class ToolstackChannel:
         self._out_fd = out_fd
         self._lock = threading.RLock()
 
-    def log(self, level: int, message: str, errnoval: int = 0) -> None:
+    def log(self, level: int, message: str, errnoval: int = NO_ERRNO) -> None:
         """A line in libxl's log. A toolstack gone away is noticed at the next callback."""
         room = protocol.MAX_BODY - 64 - len(HELPER_CONTEXT)
         with contextlib.suppress(OSError):
-            self._send(protocol.encode("log", level, errnoval, HELPER_CONTEXT,
+            # The wire's errnoval is a uint32_t carrying a C int (helper_stub_log), -1 included.
+            self._send(protocol.encode("log", level, errnoval & 0xFFFF_FFFF, HELPER_CONTEXT,
                                        protocol.fit_string(message, room)))
 
     def call(self, name: str, *values: int) -> int:
