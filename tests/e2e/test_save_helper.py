@@ -108,8 +108,8 @@ def test_xl_save_with_the_helper_then_stock_xl_restore(xen_pvh_testbed: Testbed)
 
 
 def cut_receiver(after_bytes: int) -> str:
-    """A receiver that reads the xl stream's first bytes and goes away, as a cut link does."""
-    return f"head -c {after_bytes} > /dev/null"
+    """A stock receiver whose stream stops after its first bytes, as over a cut link."""
+    return f"head -c {after_bytes} | xl migrate-receive"
 
 
 def migrate_and_kill(testbed: Testbed, guest: Guest, signal_name: str, target: str) -> CommandResult:
@@ -132,6 +132,20 @@ def test_faults_through_the_helper_leave_the_guest_running_on_the_source(xen_pvh
     assert not result.ok
     assert "Migration failed" in result.stderr, result.stderr[-3000:]
     assert_alone_and_running(guest, heartbeat)
+    # A guest that cannot answer (paused): no reports (plain rounds), no early drop, and no ack
+    # of libxl's suspend request, which libxl gives up on after its own timeout. xl then says
+    # the guest was not suspended, and leaves it as it is.
+    xen_pvh_testbed.run(["xl", "pause", guest.name], check=True)
+    unanswered = xl_with_helper(xen_pvh_testbed, "migrate", "-s", "", guest.name, RECEIVER,
+                                options="--snapshot-timeout 1 --drop-timeout 2")
+    assert not unanswered.ok
+    assert "failed to suspend at sender" in unanswered.stderr, unanswered.stderr[-3000:]
+    # libxl answers its suspend callback with success all the same: Xen's word decides, as in
+    # xc_domain_save.
+    assert "guest didn't acknowledge suspend" in unanswered.stderr, unanswered.stderr[-3000:]
+    assert "but Xen shows it not suspended" in unanswered.stderr, unanswered.stderr[-3000:]
+    xen_pvh_testbed.run(["xl", "unpause", guest.name], check=True)
+    assert_alone_and_running(guest, guest.heartbeat())
     # The helper told to stop, as libxl does when its operation is aborted (SIGTERM).
     heartbeat = guest.heartbeat()
     stopped = migrate_and_kill(xen_pvh_testbed, guest, "TERM", "[s]oftpage-save-helper --save-domain")

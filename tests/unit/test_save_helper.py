@@ -25,6 +25,7 @@ from softpage.savehelper.helper import (
     ToolstackChannel,
     complete,
     completion_for,
+    log_level_for,
     save_for_libxl,
     stock_helper_path,
 )
@@ -139,6 +140,9 @@ class FakeLibxl:
 
     backend: SimBackend
     suspend_answer: int = 1
+    suspends: bool = True
+    """False: answer ``suspend_answer`` without suspending, as libxl 4.17-4.20 answers 1 when the
+    guest did not acknowledge its request in time."""
     logdirty_answer: int = 0
     received: list[tuple[str, dict[str, int | str]]] = field(default_factory=list)
     close_before: str | None = None
@@ -164,7 +168,7 @@ class FakeLibxl:
                 answer = 0
                 if name == "suspend":
                     answer = self.suspend_answer
-                    if answer:
+                    if answer and self.suspends:
                         self.backend.suspend()
                 elif name == "switch_qemu_logdirty":
                     answer = self.logdirty_answer
@@ -260,6 +264,22 @@ def test_a_suspend_libxl_could_not_make_fails_the_save_and_leaves_the_resume_to_
     assert not guest.armed
     switches = [values["enable"] for name, values in libxl.received if name == "switch_qemu_logdirty"]
     assert switches == [1, 0]
+
+
+def test_a_suspend_libxl_reports_but_xen_does_not_show_fails_the_save() -> None:
+    guest = boot_guest(SMALL, 1, seed=10)
+    backend = SimBackend(guest)
+    libxl = FakeLibxl(backend, suspends=False)
+    result, _model = run_save(libxl)
+    libxl.finish()
+    assert isinstance(result, MigrationError) and "it is not suspended" in str(result)
+    assert guest.running and "resume" not in backend.calls and not guest.armed
+
+
+def test_driver_lines_reach_libxl_with_their_level_and_without_its_prefix() -> None:
+    assert log_level_for("warning: domain 1: no report") == (LogLevel.WARN, "domain 1: no report")
+    assert log_level_for("error: could not resume") == (LogLevel.ERROR, "could not resume")
+    assert log_level_for("round 1: soft pages not used") == (LogLevel.INFO, "round 1: soft pages not used")
 
 
 def test_a_device_model_that_cannot_track_writes_stops_the_save_before_any_page() -> None:

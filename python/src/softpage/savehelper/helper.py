@@ -219,13 +219,16 @@ def checked_request(request: SaveRequest, describe: Callable[[], DomainInfo]) ->
                                   "callback for an HVM-type guest")
 
 
-def log_level_for(message: str) -> int:
-    """The driver's log lines start with ``warning:`` or ``error:`` where they are such."""
-    if message.startswith("error:"):
-        return LogLevel.ERROR
-    if message.startswith("warning:"):
-        return LogLevel.WARN
-    return LogLevel.INFO
+LEVEL_PREFIXES = (("error: ", LogLevel.ERROR), ("warning: ", LogLevel.WARN))
+"""How the driver's log lines say what they are; libxl's logger prints the level itself."""
+
+
+def log_level_for(message: str) -> tuple[int, str]:
+    """A driver log line's level, and the line without the prefix that said so."""
+    for prefix, level in LEVEL_PREFIXES:
+        if message.startswith(prefix):
+            return level, message.removeprefix(prefix)
+    return LogLevel.INFO, message
 
 
 def save_for_libxl(
@@ -242,7 +245,7 @@ def save_for_libxl(
     backend = LibxlBackend(inner, toolstack, request)
 
     def log(message: str) -> None:
-        toolstack.log(log_level_for(message), message)
+        toolstack.log(*log_level_for(message))
 
     try:
         checked_request(request, backend.describe)
@@ -251,7 +254,7 @@ def save_for_libxl(
         try:
             backend.cleanup()
         except (SoftpageError, OSError) as error:
-            toolstack.log(LogLevel.WARN, f"warning: cleanup: {error}")
+            toolstack.log(LogLevel.WARN, f"cleanup: {error}")
 
 
 LIBXENLIGHT = "libxenlight.so."

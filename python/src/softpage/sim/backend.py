@@ -207,7 +207,8 @@ class SimBackend:
         """As ``XenBackend.adopt_suspend``: the test's toolstack suspended the guest."""
         self.calls.append("adopt_suspend")
         if not self.suspended:
-            raise BackendError(f"domain {self.domid}: the toolstack reported it suspended, but it is not")
+            raise BackendError(f"domain {self.domid}: the toolstack reported it suspended, but it is not "
+                               "suspended")
 
     def end_of_checkpoint(self) -> EndOfCheckpoint:
         self.calls.append("end_of_checkpoint")

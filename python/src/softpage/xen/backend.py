@@ -227,9 +227,11 @@ class XenBackend:
     def adopt_suspend(self) -> None:
         """The domain was suspended by the toolstack (libxl, for the save helper): check that Xen
         agrees, as ``xc_domain_save`` does after its suspend callback, and treat it as suspended."""
-        state = self.domain_state()
-        if not state.suspended:
-            raise BackendError(f"dom {self.domid}: the toolstack reported it suspended, but it is not")
+        if not self.domain_state().suspended:
+            # libxl 4.17-4.20 answers its suspend callback with success when the guest did not
+            # acknowledge the request in time (domain_suspend_common_pvcontrol_suspending).
+            raise BackendError(f"dom {self.domid}: the toolstack reported it suspended, but Xen shows it "
+                               "not suspended (libxl does so when the guest did not acknowledge the request)")
         self._suspended = True
 
     def end_of_checkpoint(self) -> EndOfCheckpoint:
