@@ -10,6 +10,8 @@
 #   make demo       build the testbed and migrate a guest, stock xl vs softpage
 #   make bench      benchmarks: the planner, and softpage vs stock xl migrate on the testbed
 #   make fuzz       fuzz the bitmap decoder (atheris), SOFTPAGE_FUZZ_RUNS executions (1,000,000), to results/
+#   make deb        Debian packages softpage (dom0) and softpage-dkms (guests) for this machine's
+#                   Debian, lintian-clean, to build/deb/ (installs the build dependencies as root)
 
 PYTHON ?= python3
 VENV := .venv
@@ -21,7 +23,7 @@ PYTEST := $(PY) -m pytest
 SETUP_INPUTS := python/pyproject.toml python/setup.py guest_kmod/uapi/softpage_abi.h \
 	$(wildcard python/src/softpage/_cffi_build/*) scripts/host-setup.sh testbed/pyproject.toml
 
-.PHONY: setup test test-fast test-unit test-property test-e2e test-matrix lint bench fuzz demo clean
+.PHONY: setup test test-fast test-unit test-property test-e2e test-matrix lint bench fuzz deb demo clean
 
 setup: $(SETUP_STAMP)
 
@@ -82,6 +84,12 @@ $(FUZZ_STAMP): $(SETUP_STAMP)
 
 fuzz: $(FUZZ_STAMP)
 	SOFTPAGE_FUZZ_RUNS=$(SOFTPAGE_FUZZ_RUNS) $(PY) -m tests.fuzz.fuzz_bitmap --workers 2
+
+# dpkg-buildpackage runs in a copy of the tree under build/deb/ (git-ignored), never in the checkout.
+DEB_DIR := build/deb
+
+deb:
+	scripts/build-deb.sh $(DEB_DIR)
 
 clean:
 	rm -rf $(VENV) python/build python/src/*.egg-info testbed/build testbed/*.egg-info
