@@ -15,21 +15,8 @@ top=$(git rev-parse --show-toplevel)
 build_depends="debhelper dh-python dh-dkms pybuild-plugin-pyproject python3-all-dev
                python3-setuptools python3-cffi python3-numpy libxen-dev lintian"
 
-missing=""
-for package in $build_depends; do
-    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' ||
-        missing="$missing $package"
-done
-if [ -n "$missing" ]; then
-    if [ "$(id -u)" != 0 ]; then
-        echo "build-deb: these Debian packages are missing:$missing" >&2
-        echo "build-deb: run 'make deb' as root (or install them) first" >&2
-        exit 1
-    fi
-    echo "build-deb: installing$missing"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
-fi
+# shellcheck disable=SC2086  # one word per package
+"$top/scripts/install-debs.sh" build-deb $build_depends
 
 version=$(dpkg-parsechangelog -l "$top/debian/changelog" -S Version)
 tree=$out/softpage-$version

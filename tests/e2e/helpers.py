@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 
 from softpage_testbed import CommandResult, Guest, GuestSpec, Testbed
 
@@ -73,3 +74,35 @@ def assert_survived(guest: Guest, heartbeat_before: int) -> None:
     after = guest.verify()
     assert after.ok, after.line
     assert int(after.fields["anon_pages"]) == PRUNE_GUEST["anon_mb"] * 256
+
+
+Save = Callable[[Testbed, Guest, str], CommandResult]
+"""``save(testbed, guest, image)``: the guest saved to ``image``, with its --stats in STATS."""
+Restore = Callable[[Testbed, str], CommandResult]
+
+
+def save_and_restore_repeatedly(testbed: Testbed, guest: Guest, domain_header: str, save: Save,
+                                restore: Restore, repeat: int) -> None:
+    """``save`` then ``restore``, ``repeat`` times; the first image must pass verify-stream-v2
+    with the given domain header. Held pages travel as XALLOC in the one, final round (a save
+    is not live): the image is smaller than the guest's memory."""
+    image = f"/var/lib/xen/softpage-{guest.name}.img"
+    for attempt in range(repeat):
+        heartbeat = guest.heartbeat()
+        result = save(testbed, guest, image)
+        assert result.ok, f"save {attempt}: {result.stderr[-3000:]}"
+        assert guest.name not in testbed.domains()
+        rounds, totals = read_stats(testbed)
+        assert [r["kind"] for r in rounds] == ["final"], rounds
+        assert int(totals["pages_xalloc"]) > 2048, (attempt, totals)  # type: ignore[call-overload]
+        size = int(testbed.run(["stat", "-c", "%s", image], check=True).stdout)
+        assert size < PRUNE_GUEST["memory_mb"] << 20
+        if attempt == 0:
+            verified = verify_stream_v2(testbed, image, "-v")
+            assert verified.ok, verified.stdout[-2000:] + verified.stderr[-2000:]
+            assert f"Domain Header: {domain_header}" in verified.stdout, verified.stdout[:2000]
+        restored = restore(testbed, image)
+        assert restored.ok, f"restore {attempt}: {restored.stderr[-3000:]}"
+        testbed.run(["rm", "-f", image])
+        assert_survived(guest, heartbeat)
+        assert wait_for_module(guest) == "ready"

@@ -23,8 +23,8 @@ from tests.e2e.helpers import (
     assert_survived,
     domid,
     read_stats,
+    save_and_restore_repeatedly,
     start_guest,
-    verify_stream_v2,
     wait_for_module,
 )
 
@@ -84,29 +84,13 @@ def test_xl_migrate_with_the_helper_sends_a_guest_without_the_module_plain(xen_p
 
 
 def test_xl_save_with_the_helper_then_stock_xl_restore(xen_pvh_testbed: Testbed) -> None:
+    """`xl save` is not live: one round, with the guest suspended by libxl. The restore runs with
+    the variable still set: the helper hands --restore-domain to the stock one."""
     guest = start_guest(xen_pvh_testbed, "helper-save")
-    image = f"/var/lib/xen/helper-{guest.name}.img"
-    for attempt in range(REPEAT):
-        heartbeat = guest.heartbeat()
-        result = xl_with_helper(xen_pvh_testbed, "save", guest.name, image)
-        assert result.ok, f"save {attempt}: {result.stderr[-3000:]}"
-        assert guest.name not in xen_pvh_testbed.domains()
-        rounds, totals = read_stats(xen_pvh_testbed)
-        # xl save is not live: one round, with the guest suspended by libxl.
-        assert [r["kind"] for r in rounds] == ["final"], rounds
-        assert int(totals["pages_xalloc"]) > 2048, (attempt, totals)  # type: ignore[call-overload]
-        size = int(xen_pvh_testbed.run(["stat", "-c", "%s", image], check=True).stdout)
-        assert size < PRUNE_GUEST["memory_mb"] << 20
-        if attempt == 0:
-            verified = verify_stream_v2(xen_pvh_testbed, image, "-v")
-            assert verified.ok, verified.stdout[-2000:] + verified.stderr[-2000:]
-            assert "Domain Header: x86 HVM" in verified.stdout, verified.stdout[:2000]
-        # With the variable still set: the helper hands --restore-domain to the stock one.
-        restored = xl_with_helper(xen_pvh_testbed, "restore", image)
-        assert restored.ok, f"restore {attempt}: {restored.stderr[-3000:]}"
-        xen_pvh_testbed.run(["rm", "-f", image])
-        assert_survived(guest, heartbeat)
-        assert wait_for_module(guest) == "ready"
+    save_and_restore_repeatedly(
+        xen_pvh_testbed, guest, "x86 HVM",
+        lambda testbed, guest, image: xl_with_helper(testbed, "save", guest.name, image),
+        lambda testbed, image: xl_with_helper(testbed, "restore", image), REPEAT)
 
 
 def cut_receiver(after_bytes: int) -> str:

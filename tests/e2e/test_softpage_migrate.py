@@ -18,7 +18,7 @@ import re
 
 import pytest
 
-from softpage_testbed import Guest, Testbed
+from softpage_testbed import CommandResult, Guest, Testbed
 from tests.e2e.helpers import (
     LOCALHOST_RECEIVER,
     PRUNE_GUEST,
@@ -26,9 +26,9 @@ from tests.e2e.helpers import (
     assert_survived,
     domid,
     read_stats,
+    save_and_restore_repeatedly,
     softpage,
     start_guest,
-    verify_stream_v2,
     wait_for_module,
 )
 
@@ -84,36 +84,18 @@ def test_softpage_migrate_without_pruning_repeatedly(xen_pvh_testbed: Testbed) -
         assert_survived(guest, heartbeat)
 
 
-def save_and_restore_repeatedly(testbed: Testbed, guest: Guest, domain_header: str) -> None:
-    """``softpage save`` then stock ``xl restore``, REPEAT times; the first image must pass
-    verify-stream-v2 with the given domain header. Held pages travel as XALLOC in the one,
-    final round (a save is not live): the image is smaller than the guest's memory."""
-    image = f"/var/lib/xen/softpage-{guest.name}.img"
-    for attempt in range(REPEAT):
-        heartbeat = guest.heartbeat()
-        result = softpage(testbed, "save", "--stats", STATS, guest.name, image)
-        assert result.ok, f"save {attempt}: {result.stderr}"
-        assert guest.name not in testbed.domains()
-        rounds, totals = read_stats(testbed)
-        assert [r["kind"] for r in rounds] == ["final"], rounds
-        assert int(totals["pages_xalloc"]) > 2048, (attempt, totals)  # type: ignore[call-overload]
-        size = int(testbed.run(["stat", "-c", "%s", image], check=True).stdout)
-        assert size < PRUNE_GUEST["memory_mb"] << 20
-        if attempt == 0:
-            verified = verify_stream_v2(testbed, image, "-v")
-            assert verified.ok, verified.stdout[-2000:] + verified.stderr[-2000:]
-            assert f"Domain Header: {domain_header}" in verified.stdout, verified.stdout[:2000]
-        restored = testbed.run(["xl", "restore", image], timeout_s=900)
-        assert restored.ok, f"restore {attempt}: {restored.stderr}"
-        testbed.run(["rm", "-f", image])
-        assert_survived(guest, heartbeat)
-        assert wait_for_module(guest) == "ready"
+def softpage_save(testbed: Testbed, guest: Guest, image: str) -> CommandResult:
+    return softpage(testbed, "save", "--stats", STATS, guest.name, image)
+
+
+def stock_restore(testbed: Testbed, image: str) -> CommandResult:
+    return testbed.run(["xl", "restore", image], timeout_s=900)
 
 
 @pytest.mark.every_host
 def test_softpage_save_then_stock_restore_repeatedly(xen_pvh_testbed: Testbed) -> None:
     guest = start_guest(xen_pvh_testbed, "sp-save")
-    save_and_restore_repeatedly(xen_pvh_testbed, guest, "x86 HVM")
+    save_and_restore_repeatedly(xen_pvh_testbed, guest, "x86 HVM", softpage_save, stock_restore, REPEAT)
 
 
 @pytest.mark.every_host
@@ -214,7 +196,7 @@ def test_pv_softpage_save_then_stock_restore(xen_pvh_testbed: Testbed) -> None:
     SHARED_INFO and vCPU records. Not live (Xen 4.17.7 has no PV log-dirty), so the guest is
     suspended first and its held pages go out as XALLOC."""
     guest = start_guest(xen_pvh_testbed, "sp-pv-save", guest_type="pv")
-    save_and_restore_repeatedly(xen_pvh_testbed, guest, "x86 PV")
+    save_and_restore_repeatedly(xen_pvh_testbed, guest, "x86 PV", softpage_save, stock_restore, REPEAT)
 
 
 def test_pv_live_migration_without_shadow_paging_fails_cleanly(xen_pvh_testbed: Testbed) -> None:
