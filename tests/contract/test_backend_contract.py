@@ -133,6 +133,17 @@ def test_suspend_final_round_and_resume(under_test: BackendUnderTest) -> None:
     backend.resume()
 
 
+def test_a_suspend_is_adopted_only_when_the_domain_is_suspended(under_test: BackendUnderTest) -> None:
+    """``adopt_suspend`` (the save helper's check after libxl's suspend callback) refuses a domain
+    that runs, and takes over one that is suspended."""
+    backend = under_test.backend
+    with pytest.raises(BackendError, match="reported it suspended"):
+        backend.adopt_suspend()
+    backend.suspend()  # here the backend's own suspend stands in for the toolstack's
+    backend.adopt_suspend()
+    backend.resume()
+
+
 def test_cleanup_twice_is_harmless(under_test: BackendUnderTest) -> None:
     backend = under_test.backend
     backend.enable_logdirty()
