@@ -48,7 +48,8 @@ PROGRAM = "softpage-save-helper"
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
-    if not _is_softpages(arguments):
+    request = _softpages_request(arguments)
+    if request is None:
         _run_stock(arguments)
     # From here on libxl reads fd 1 as messages.
     messages_fd = os.dup(1)
@@ -58,7 +59,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     toolstack = ToolstackChannel(0, messages_fd)
     raise_on_signals()
     error: BaseException | None = None
-    request = protocol.parse_save_arguments(arguments[1:])
     try:
         _save(request, toolstack)
     except (KeyboardInterrupt, SoftpageError, OSError) as failure:
@@ -96,15 +96,18 @@ def _name_the_way_back(domid: int) -> None:
               f"`softpage resume {domid}` brings it back", file=sys.stderr)
 
 
-def _is_softpages(arguments: list[str]) -> bool:
-    """A live or plain save of a plain stream without libxc's debug verify pass."""
-    if len(arguments) != 7 or arguments[0] != protocol.SAVE_MODE:
-        return False
+def _softpages_request(arguments: list[str]) -> protocol.SaveRequest | None:
+    """The save softpage takes: live or not, of a plain stream, without libxc's debug verify
+    pass; None for every other command line."""
+    if not arguments or arguments[0] != protocol.SAVE_MODE:
+        return None
     try:
         request = protocol.parse_save_arguments(arguments[1:])
     except protocol.HelperProtocolError:
-        return False  # the stock helper asserts on what it cannot read, as before
-    return request.stream_type == protocol.XC_STREAM_PLAIN and not request.xcflags & protocol.XCFLAGS_DEBUG
+        return None  # the stock helper asserts on what it cannot read, as before
+    if request.stream_type != protocol.XC_STREAM_PLAIN or request.xcflags & protocol.XCFLAGS_DEBUG:
+        return None
+    return request
 
 
 def _run_stock(arguments: list[str]) -> NoReturn:

@@ -140,10 +140,8 @@ class LibxlBackend:
         return self.inner.read_pages(pfns, types)
 
     def suspend(self) -> None:
-        """libxl's ``suspend`` callback: 1 once the guest (and its device model) is suspended,
-        0 if it could not be (libxl logged why)."""
-        if not self.request.offers("suspend"):
-            raise BackendError("libxl offers no suspend callback for this save (a checkpointed stream?)")
+        """libxl's ``suspend`` callback (``checked_request`` made sure libxl offers it): 1 once the
+        guest (and its device model) is suspended, 0 if it could not be (libxl logged why)."""
         if self.toolstack.call("suspend") == 0:
             raise BackendError(f"libxl could not suspend domain {self.request.domid} "
                                "(its log above says why)")
@@ -175,8 +173,6 @@ class LibxlBackend:
             raise errors[0]
 
     def _switch_qemu_logdirty(self, enable: bool) -> None:
-        if not self.request.offers("switch_qemu_logdirty"):
-            raise BackendError("libxl offers no switch_qemu_logdirty callback, which an HVM-type save needs")
         if self.toolstack.call("switch_qemu_logdirty", self.request.domid, int(enable)) != 0:
             raise BackendError(f"libxl could not switch the device model's log-dirty mode "
                                f"{'on' if enable else 'off'} for domain {self.request.domid}")
