@@ -21,7 +21,7 @@ PYTEST := $(PY) -m pytest
 # Inputs of the editable install (the cffi modules are compiled from these).
 # The testbed harness (testbed/softpage_testbed) is a second editable install.
 SETUP_INPUTS := python/pyproject.toml python/setup.py guest_kmod/uapi/softpage_abi.h \
-	$(wildcard python/src/softpage/_cffi_build/*) scripts/host-setup.sh scripts/install-debs.sh testbed/pyproject.toml
+	$(wildcard python/src/softpage/_cffi_build/*) scripts/host-setup.sh scripts/install-debs.sh scripts/build-deb.sh debian/control testbed/pyproject.toml
 
 .PHONY: setup test test-fast test-unit test-property test-e2e test-matrix lint bench fuzz deb demo clean
 

@@ -3,6 +3,7 @@
 # machine's Debian with dpkg-buildpackage, then check them with lintian.
 #
 #   scripts/build-deb.sh OUTDIR
+#   scripts/build-deb.sh --deps     only install what the build needs (make setup does)
 #
 # The build runs in a copy of the checkout (its tracked files and new files git does not ignore),
 # so no build product lands in the checkout. OUTDIR receives the .debs, the .buildinfo and the
@@ -10,13 +11,37 @@
 # Missing build dependencies are installed with apt-get (as root).
 set -eu
 
-out=${1:?usage: $0 OUTDIR}
-top=$(git rev-parse --show-toplevel)
-build_depends="debhelper dh-python dh-dkms pybuild-plugin-pyproject python3-all-dev
-               python3-setuptools python3-cffi python3-numpy libxen-dev lintian"
+top=$(cd "$(dirname "$0")/.." && pwd)
 
-# shellcheck disable=SC2086  # one word per package
-"$top/scripts/install-debs.sh" build-deb $build_depends
+# install_build_deps: debian/control's Build-Depends as the field says them (apt-get satisfy
+# reads the relations, virtual packages included), and lintian.
+install_build_deps() {
+    if ! dpkg-checkbuilddeps "$top/debian/control" >/dev/null 2>&1; then
+        if [ "$(id -u)" != 0 ]; then
+            echo "build-deb: unmet build dependencies (dpkg-checkbuilddeps debian/control): run it as root" >&2
+            exit 1
+        fi
+        echo "build-deb: installing the build dependencies of debian/control"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get satisfy -y -qq --no-install-recommends \
+            "$(build_depends)" >/dev/null
+    fi
+    "$top/scripts/install-debs.sh" build-deb lintian
+}
+
+# build_depends: the Build-Depends field of debian/control's source paragraph, on one line.
+build_depends() {
+    awk '/^Build-Depends:/ { field = 1; sub(/^Build-Depends:/, ""); print; next }
+         field && /^[ \t]/ { print; next }
+         { field = 0 }' "$top/debian/control" | tr -s ' \n' ' '
+}
+
+"$top/scripts/install-debs.sh" build-deb dpkg-dev
+install_build_deps
+if [ "${1:-}" = --deps ]; then
+    exit 0
+fi
+out=${1:?usage: $0 OUTDIR | --deps}
 
 version=$(dpkg-parsechangelog -l "$top/debian/changelog" -S Version)
 tree=$out/softpage-$version

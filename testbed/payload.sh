@@ -6,6 +6,9 @@
 #   /opt/softpage/py-bookworm/ the softpage package (pip --target), cffi modules built against
 #   /opt/softpage/py-trixie/   each dom0's own Python and libxen-dev, inside a chroot of its rootfs;
 #   /opt/softpage/py/          empty: the dom0 binds its own build there at boot
+#   /opt/softpage/debs/bookworm/ the Debian packages softpage and softpage-dkms as `make deb`
+#                              builds them on this (Debian 12) host, for the Debian 12 dom0 to
+#                              install as an admin would (tests/e2e/test_debian_packages.py)
 #   /opt/softpage/guest/SERIES/  vmlinuz + initrd.cpio.gz per guest kernel (6.1: Debian 12's,
 #                              6.12: Debian 13's): busybox, guest/init, workload, freemem, the block
 #                              and ext4 modules, and that kernel's softpage.ko when it built
@@ -97,6 +100,19 @@ build_python bookworm "$ROOTFS"
 # The bookworm build keeps its old name in PAYLOAD-INFO too: that is what the e2e suite checks.
 grep -q '^python_package_bookworm=built$' "$INFO" && note python_package built || note python_package FAILED
 if [ -d "$ROOTFS_TRIXIE/usr/bin" ]; then build_python trixie "$ROOTFS_TRIXIE"; else note python_package_trixie absent; fi
+
+# 2b. The Debian packages, as `make deb` builds them (lintian included), from the same snapshot of
+#     the checkout. The host is Debian 12, so they are the Debian 12 dom0's; Debian 13's would be
+#     built in its rootfs (not yet).
+if (cd "$WORK/src" && git init -q && git add -A >/dev/null 2>&1 &&
+    scripts/build-deb.sh "$WORK/deb") > "$WORK/deb.log" 2>&1; then
+    mkdir -p "$STAGING/debs/bookworm"
+    cp "$WORK"/deb/*.deb "$STAGING/debs/bookworm/"
+    note debs_bookworm "$(cd "$STAGING/debs/bookworm" && ls | tr '\n' ' ')"
+else
+    note debs_bookworm FAILED
+    tail -30 "$WORK/deb.log" | sed 's/^/payload: make deb: /' >&2
+fi
 
 # 3. The guest module for each guest kernel: 6.1 built on the host against its headers (same ABI),
 #    6.12 through DKMS inside the trixie rootfs (its gcc 14, linux-headers and dkms), from source
