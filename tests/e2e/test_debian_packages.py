@@ -28,8 +28,10 @@ def as_admin(testbed: Testbed, command: str, timeout_s: float = 900) -> CommandR
 
 def test_the_installed_package_prunes_through_xl_once_enabled(xen_pvh_testbed: Testbed) -> None:
     testbed = xen_pvh_testbed
+    if testbed.config.platform.release != "bookworm":
+        pytest.skip("the payload carries Debian 12's packages only: Debian 13's are not built yet")
     assert testbed.payload_info().get("debs_bookworm", "FAILED") != "FAILED", testbed.payload_info()
-    installed = testbed.run(f"apt-get install -y --no-download {DEBS}/softpage_*_amd64.deb", timeout_s=600)
+    installed = testbed.run(f"apt-get install -y {DEBS}/softpage_*_amd64.deb", timeout_s=600)
     assert installed.ok, installed.stdout[-2000:] + installed.stderr[-2000:]
     try:
         enable_and_migrate(testbed)
