@@ -11,6 +11,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -373,3 +374,40 @@ def test_a_helper_whose_libxl_is_gone_exits_with_an_error() -> None:
                              env={**os.environ, "SOFTPAGE_SAVE_HELPER_OPTIONS": "--prune bogus"})
     assert process.returncode == 1
     assert b"could not report the save's end to libxl" in process.stderr
+
+
+# -- exchanges recorded between Debian's libxl and its stock helper ----------------------------------
+RECORDED = Path(__file__).resolve().parents[1] / "data" / "save-helper"
+"""tests/tools/record_helper_exchange.py wrote these on the testbed (Xen 4.17.7 and 4.20.4)."""
+
+
+def recorded(mode: str) -> list[Path]:
+    return sorted(RECORDED.glob(f"*-{mode}.out"))
+
+
+@pytest.mark.parametrize("out", recorded("save-domain") + recorded("restore-domain"),
+                         ids=lambda path: path.stem)
+def test_a_recorded_stock_helper_speaks_exactly_this_protocol(out: Path) -> None:
+    """Every message the stock helper sent decodes, and encodes back to the same bytes; libxl's
+    replies on its stdin are one int per message that needs one."""
+    data = out.read_bytes()
+    bodies, rest = protocol.split_messages(data)
+    assert rest == b"" and bodies
+    decoded = [protocol.decode(body) for body in bodies]
+    encoded = b"".join(protocol.encode(d.message.name, *d.values.values()) for d in decoded)
+    assert encoded == data
+    names = [d.message.name for d in decoded]
+    # After complete the stock helper still logs (xc_interface_close's debug lines), which libxl no
+    # longer reads: it stops at complete.
+    last = names.index("complete")
+    assert decoded[last].values["retval"] == 0 and set(names[last + 1:]) <= {"log"}
+    # A log line without an errno carries -1, as softpage's helper sends it (NO_ERRNO).
+    assert any(d.values.get("errnoval") == 0xFFFF_FFFF for d in decoded)
+    replies = out.with_suffix(".in").read_bytes()
+    assert len(replies) == protocol.REPLY.size * sum(d.message.needs_reply for d in decoded)
+    if out.stem.endswith("save-domain"):
+        assert "suspend" in names and "restore_results" not in names
+        switches = [d.values["enable"] for d in decoded if d.message.name == "switch_qemu_logdirty"]
+        assert switches == [1, 0]  # a PVH guest: libxl answers at once, but is asked all the same
+    else:
+        assert "restore_results" in names and "suspend" not in names
