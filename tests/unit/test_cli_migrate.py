@@ -12,9 +12,9 @@ from softpage.backend import DropOutcome
 from softpage.cli.main import _modules_needed, build_parser
 from softpage.cli.migrate import (
     Timeline,
-    _summary,
     _totals,
     driver_options,
+    summary,
 )
 from softpage.driver import MigrationStats
 from softpage.options import DriverOptions
@@ -33,12 +33,12 @@ def test_drop_timeout_reaches_thedriver_options(argv: list[str], live: bool) -> 
     assert off.drop_timeout == 0.0 and off.live is live
 
 
-def test_totals_and_summary_report_the_early_drop() -> None:
+def test_totals_andsummary_report_the_early_drop() -> None:
     stats = MigrationStats(domid=3, guest_drop_s=4.2512, guest_drop_outcome=DropOutcome.TIMED_OUT)
     totals = json.loads(json.dumps(_totals(stats, 0, 10.0, 0.5)))
     assert (totals["guest_drop_s"], totals["guest_drop_outcome"]) == (4.251, "timed-out")
     assert totals["downtime_s"] == 0.5
-    assert "downtime 0.50 s, early cache drop 4.25 s" in _summary(stats, 0, 10.0, 0.5)
+    assert "downtime 0.50 s, early cache drop 4.25 s" in summary(stats, 0, 10.0, 0.5)
 
 
 def test_totals_say_where_the_time_outside_the_migration_went() -> None:
@@ -51,11 +51,11 @@ def test_totals_say_where_the_time_outside_the_migration_went() -> None:
     assert 0.3 <= age < 30
 
 
-def test_totals_and_summary_without_an_early_drop() -> None:
+def test_totals_andsummary_without_an_early_drop() -> None:
     stats = MigrationStats(domid=3)
     totals = _totals(stats, 0, 10.0, None)
     assert totals["guest_drop_s"] is None and totals["guest_drop_outcome"] is None
-    assert "early cache drop" not in _summary(stats, 0, 10.0, None)
+    assert "early cache drop" not in summary(stats, 0, 10.0, None)
 
 
 def test_a_named_subcommand_loads_only_its_own_module() -> None:

@@ -190,7 +190,7 @@ def run_migrate(args: argparse.Namespace) -> int:
     stats = result.send.stats
     elapsed = time.monotonic() - started
     write_stats(args.stats, stats, result.send.stream_bytes, elapsed, result.downtime_s, timeline)
-    log(_summary(stats, result.send.stream_bytes, elapsed, result.downtime_s))
+    log(summary(stats, result.send.stream_bytes, elapsed, result.downtime_s))
     if result.held_signals:
         log(f"migration sender: {signal_names(list(result.held_signals))} arrived during the handover, "
             "which was finished first: the guest runs on the target")
@@ -246,7 +246,7 @@ def run_save(args: argparse.Namespace) -> int:
         _cleanup(backend, log)
     elapsed = time.monotonic() - started
     write_stats(args.stats, result.stats, result.stream_bytes, elapsed, None, timeline)
-    print(_summary(result.stats, result.stream_bytes, elapsed, None), file=sys.stderr)
+    print(summary(result.stats, result.stream_bytes, elapsed, None), file=sys.stderr)
     return 0
 
 
@@ -304,15 +304,17 @@ def _logger(stream: TextIO) -> Any:
 
 def _progress(stream: TextIO) -> Any:
     def report(round_stats: RoundStats) -> None:
-        _print_quietly(
-            f"softpage: round {round_stats.round} ({round_stats.kind}): "
-            f"{round_stats.pages_data} pages with data, {round_stats.pages_xalloc} as XALLOC, "
-            f"{round_stats.pages_skipped} skipped soft, {round_stats.bytes / MIB:.1f} MiB "
-            f"in {round_stats.duration_s:.1f} s",
-            stream,
-        )
+        _print_quietly(round_line(round_stats), stream)
 
     return report
+
+
+def round_line(round_stats: RoundStats) -> str:
+    """One round, as ``softpage migrate`` and the save helper report it."""
+    return (f"softpage: round {round_stats.round} ({round_stats.kind}): "
+            f"{round_stats.pages_data} pages with data, {round_stats.pages_xalloc} as XALLOC, "
+            f"{round_stats.pages_skipped} skipped soft, {round_stats.bytes / MIB:.1f} MiB "
+            f"in {round_stats.duration_s:.1f} s")
 
 
 def _print_quietly(message: str, stream: TextIO) -> None:
@@ -355,7 +357,7 @@ def write_stats(path: str | None, stats: MigrationStats, stream_bytes: int, elap
         out.write(json.dumps(_totals(stats, stream_bytes, elapsed, downtime, timeline)) + "\n")
 
 
-def _summary(stats: MigrationStats, stream_bytes: int, elapsed: float, downtime: float | None) -> str:
+def summary(stats: MigrationStats, stream_bytes: int, elapsed: float, downtime: float | None) -> str:
     downtime_text = "" if downtime is None else f", downtime {downtime:.2f} s"
     drop_text = "" if stats.guest_drop_s is None else f", early cache drop {stats.guest_drop_s:.2f} s"
     return (

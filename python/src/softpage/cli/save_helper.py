@@ -30,7 +30,7 @@ import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
 
-from softpage.cli.migrate import MIB, add_driver_options, driver_options, write_stats
+from softpage.cli.migrate import add_driver_options, driver_options, round_line, summary, write_stats
 from softpage.errors import SoftpageError
 from softpage.interrupts import raise_on_signals
 from softpage.options import DriverOptions
@@ -156,22 +156,14 @@ def _save(request: protocol.SaveRequest, toolstack: ToolstackChannel) -> None:
     elapsed = time.monotonic() - started
     stats = result.stats
     write_stats(args.stats, stats, result.stream_bytes, elapsed, None, None)
-    toolstack.log(LogLevel.INFO,
-                  f"softpage: {len(stats.rounds)} rounds, {stats.pages_data} pages with data, "
-                  f"{stats.pages_xalloc} as XALLOC, {stats.pages_skipped} skipped soft; "
-                  f"{result.stream_bytes / MIB:.1f} MiB in {elapsed:.1f} s, "
-                  f"helper CPU {stats.sender_cpu_s:.1f} s")
+    toolstack.log(LogLevel.INFO, summary(stats, result.stream_bytes, elapsed, None))
 
 
 def _progress(toolstack: ToolstackChannel) -> Progress:
     """A line per round in libxl's log, at DETAIL: ``xl -v`` shows them."""
 
     def report(round_stats: RoundStats) -> None:
-        toolstack.log(LogLevel.DETAIL,
-                      f"softpage: round {round_stats.round} ({round_stats.kind}): "
-                      f"{round_stats.pages_data} pages with data, {round_stats.pages_xalloc} as XALLOC, "
-                      f"{round_stats.pages_skipped} skipped soft, {round_stats.bytes / MIB:.1f} MiB "
-                      f"in {round_stats.duration_s:.1f} s")
+        toolstack.log(LogLevel.DETAIL, round_line(round_stats))
 
     return report
 
