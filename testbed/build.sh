@@ -31,17 +31,25 @@ DOM0_IMG=$CACHE/dom0.img
 DOM0_IMG_SIZE=4G
 STAMPS=$CACHE/stamps
 
+# What an admin's dom0 runs beside xl, for the tests that use it: QEMU as HVM guests' device model,
+# libvirt's libxl driver with virsh, ssh between the two hosts of a two-host testbed, wrk as a
+# load generator for guests' applications.
+DOM0_TOOLSTACK_PACKAGES="qemu-system-xen libvirt-daemon libvirt-daemon-driver-xen libvirt-clients
+ openssh-server openssh-client wrk"
 DOM0_PACKAGES="xen-utils-4.17 xen-utils-common xenstore-utils python3 python3-numpy python3-cffi
  python3-pyxs python3-dev python3-pip python3-setuptools gcc make libc6-dev libxen-dev
- initramfs-tools systemd-sysv udev kmod iproute2 procps busybox e2fsprogs less file"
+ initramfs-tools systemd-sysv udev kmod iproute2 procps busybox e2fsprogs less file
+ $DOM0_TOOLSTACK_PACKAGES"
 # The Debian 13 ("trixie") host: Xen 4.20 and Linux 6.12 from trixie's own packages, in a rootfs of
 # its own. Its kernel (and headers) also make the testbed's 6.12 guests and build softpage.ko for them.
+# Its dpkg-dev, debhelper ... lintian build the Debian 13 packages of softpage (testbed/payload.sh).
 ROOTFS_TRIXIE=$CACHE/rootfs-trixie
 DOM0_IMG_TRIXIE=$CACHE/dom0-trixie.img
 TRIXIE_DOM0_PACKAGES="xen-hypervisor-4.20-amd64 xen-utils-4.20 xen-utils-common xenstore-utils python3
  python3-numpy python3-cffi python3-pyxs python3-dev python3-pip python3-setuptools gcc make libc6-dev
  libxen-dev initramfs-tools systemd-sysv udev kmod iproute2 procps busybox e2fsprogs less file
- linux-image-amd64 linux-headers-amd64 dkms"
+ linux-image-amd64 linux-headers-amd64 dkms $DOM0_TOOLSTACK_PACKAGES
+ dpkg-dev debhelper dh-dkms dh-python pybuild-plugin-pyproject python3-all-dev lintian"
 HOST_PACKAGES="qemu-system-x86 qemu-utils debootstrap busybox-static cpio e2fsprogs gzip xz-utils
  gcc make libc6-dev libxen-dev python3 kmod"
 
