@@ -5,8 +5,9 @@
 #   scripts/build-deb.sh OUTDIR
 #   scripts/build-deb.sh --deps     only install what the build needs (make setup does)
 #
-# The build runs in a copy of the checkout (its tracked files and new files git does not ignore),
-# so no build product lands in the checkout. OUTDIR receives the .debs, the .buildinfo and the
+# The build runs in a copy of the checkout (its tracked files and new files git does not ignore;
+# outside a git checkout, as in an unpacked source tree, every file), so no build product lands
+# in the checkout. OUTDIR receives the .debs, the .buildinfo and the
 # .changes; the copy is removed after a successful build. Any lintian error or warning fails.
 # Missing build dependencies are installed with apt-get (as root).
 set -eu
@@ -36,7 +37,7 @@ build_depends() {
          { field = 0 }' "$top/debian/control" | tr -s ' \n' ' '
 }
 
-"$top/scripts/install-debs.sh" build-deb dpkg-dev
+"$top/scripts/install-debs.sh" build-deb build-essential dpkg-dev
 install_build_deps
 if [ "${1:-}" = --deps ]; then
     exit 0
@@ -47,9 +48,13 @@ version=$(dpkg-parsechangelog -l "$top/debian/changelog" -S Version)
 tree=$out/softpage-$version
 rm -rf "$out"
 mkdir -p "$tree"
-(cd "$top" && git ls-files -z --cached --others --exclude-standard) |
-    tar -C "$top" --null --verbatim-files-from --files-from=- --ignore-failed-read -cf - |
-    tar -C "$tree" -xf -
+if command -v git >/dev/null && git -C "$top" rev-parse --git-dir >/dev/null 2>&1; then
+    (cd "$top" && git ls-files -z --cached --others --exclude-standard) |
+        tar -C "$top" --null --verbatim-files-from --files-from=- --ignore-failed-read -cf - |
+        tar -C "$tree" -xf -
+else
+    tar -C "$top" --exclude=./.git --exclude=./.venv -cf - . | tar -C "$tree" -xf -
+fi
 
 # Debian's python3 builds Debian's package: a python3.11 earlier in PATH (pyenv, a venv) would
 # be the one pybuild runs.

@@ -49,7 +49,7 @@ TRIXIE_DOM0_PACKAGES="xen-hypervisor-4.20-amd64 xen-utils-4.20 xen-utils-common 
  python3-numpy python3-cffi python3-pyxs python3-dev python3-pip python3-setuptools gcc make libc6-dev
  libxen-dev initramfs-tools systemd-sysv udev kmod iproute2 procps busybox e2fsprogs less file
  linux-image-amd64 linux-headers-amd64 dkms $DOM0_TOOLSTACK_PACKAGES
- dpkg-dev debhelper dh-dkms dh-python pybuild-plugin-pyproject python3-all-dev lintian"
+ build-essential dpkg-dev debhelper dh-dkms dh-python pybuild-plugin-pyproject python3-all-dev lintian"
 HOST_PACKAGES="qemu-system-x86 qemu-utils debootstrap busybox-static cpio e2fsprogs gzip xz-utils
  gcc make libc6-dev libxen-dev python3 kmod"
 

@@ -7,8 +7,9 @@
 #   /opt/softpage/py-trixie/   each dom0's own Python and libxen-dev, inside a chroot of its rootfs;
 #   /opt/softpage/py/          empty: the dom0 binds its own build there at boot
 #   /opt/softpage/debs/bookworm/ the Debian packages softpage and softpage-dkms as `make deb`
-#                              builds them on this (Debian 12) host, for the Debian 12 dom0 to
-#                              install as an admin would (tests/e2e/test_debian_packages.py)
+#   /opt/softpage/debs/trixie/   builds them, on this (Debian 12) host and inside the trixie rootfs,
+#                              for each dom0 to install as an admin would (tests/e2e/helpers.py
+#                              installed_package)
 #   /opt/softpage/guest/SERIES/  vmlinuz + initrd.cpio.gz per guest kernel (6.1: Debian 12's,
 #                              6.12: Debian 13's): busybox, guest/init, workload, freemem, the block
 #                              and ext4 modules, and that kernel's softpage.ko when it built
@@ -102,16 +103,30 @@ grep -q '^python_package_bookworm=built$' "$INFO" && note python_package built |
 if [ -d "$ROOTFS_TRIXIE/usr/bin" ]; then build_python trixie "$ROOTFS_TRIXIE"; else note python_package_trixie absent; fi
 
 # 2b. The Debian packages, as `make deb` builds them (lintian included), from the same snapshot of
-#     the checkout. The host is Debian 12, so they are the Debian 12 dom0's; Debian 13's would be
-#     built in its rootfs (not yet).
-if (cd "$WORK/src" && git init -q && git add -A >/dev/null 2>&1 &&
-    scripts/build-deb.sh "$WORK/deb") > "$WORK/deb.log" 2>&1; then
-    mkdir -p "$STAGING/debs/bookworm"
-    cp "$WORK"/deb/*.deb "$STAGING/debs/bookworm/"
-    note debs_bookworm "$(cd "$STAGING/debs/bookworm" && ls | tr '\n' ' ')"
+#     the checkout: the Debian 12 dom0's on this (Debian 12) host, the Debian 13 dom0's inside the
+#     trixie rootfs (which has their build dependencies and lintian: build.sh).
+# keep_debs CODENAME DIR: the .debs of DIR go to debs/CODENAME/, noted in PAYLOAD-INFO.
+keep_debs() {
+    mkdir -p "$STAGING/debs/$1"
+    cp "$2"/*.deb "$STAGING/debs/$1/"
+    note "debs_$1" "$(cd "$STAGING/debs/$1" && ls | tr '\n' ' ')"
+}
+if (cd "$WORK/src" && scripts/build-deb.sh "$WORK/deb") > "$WORK/deb.log" 2>&1; then
+    keep_debs bookworm "$WORK/deb"
 else
     note debs_bookworm FAILED
     tail -30 "$WORK/deb.log" | sed 's/^/payload: make deb: /' >&2
+fi
+if [ -d "$ROOTFS_TRIXIE/usr/bin" ]; then
+    chroot_overlay "$ROOTFS_TRIXIE"
+    mkdir -p "$OVERLAY/merged/tmp/softpage-src"
+    cp -a "$WORK/src/." "$OVERLAY/merged/tmp/softpage-src/"
+    if in_chroot /tmp/softpage-src/scripts/build-deb.sh /tmp/softpage-deb > "$WORK/deb-trixie.log" 2>&1; then
+        keep_debs trixie "$OVERLAY/merged/tmp/softpage-deb"
+    else
+        note debs_trixie FAILED
+        tail -30 "$WORK/deb-trixie.log" | sed 's/^/payload: make deb (trixie): /' >&2
+    fi
 fi
 
 # 3. The guest module for each guest kernel: 6.1 built on the host against its headers (same ABI),

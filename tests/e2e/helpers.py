@@ -4,9 +4,10 @@ survived (heartbeat moves on, no reboot, the workload's full check passes)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from softpage_testbed import CommandResult, Guest, GuestSpec, Testbed
 
@@ -21,11 +22,13 @@ def softpage(testbed: Testbed, *arguments: str, timeout_s: float = 900) -> Comma
     return testbed.run(["python3", "-m", "softpage", *arguments], timeout_s=timeout_s)
 
 
-def verify_stream_v2(testbed: Testbed, image: str, *options: str) -> CommandResult:
-    """Xen's own stream verifier, from the host's xen-utils (4.17 or 4.20), on an ``xl`` image."""
+def verify_stream_v2(testbed: Testbed, image: str, *options: str, image_format: str = "xl") -> CommandResult:
+    """Xen's own stream verifier, from the host's xen-utils (4.17 or 4.20), on an ``xl`` image
+    (or, with ``image_format="libxl"``, a bare libxl stream)."""
     return testbed.run(
         "tools=$(ls -d /usr/lib/xen-4.* | tail -1); "
-        f"PYTHONPATH=$tools/lib/python $tools/bin/verify-stream-v2 {' '.join(options)} -f xl -i {image}",
+        f"PYTHONPATH=$tools/lib/python $tools/bin/verify-stream-v2 {' '.join(options)} "
+        f"-f {image_format} -i {image}",
         timeout_s=900,
     )
 
@@ -44,9 +47,10 @@ def module_state(guest: Guest) -> str:
     return guest.testbed.run(["xenstore-read", path]).stdout.strip()
 
 
-def start_guest(testbed: Testbed, name: str, guest_type: str = "pvh", **overrides: object) -> Guest:
+def start_guest(testbed: Testbed, name: str, guest_type: str = "pvh", toolstack: str = "xl",
+                **overrides: object) -> Guest:
     spec = GuestSpec(name=name, guest_type=guest_type, **{**PRUNE_GUEST, **overrides})  # type: ignore[arg-type]
-    guest = testbed.create_guest(spec)
+    guest = testbed.create_guest(spec, toolstack=toolstack)
     guest.wait_for_workload_ready()
     if spec.load_kmod:
         assert re.search(r"GUEST-KMOD loaded", guest.console_log()), guest.console_log()[-2000:]
@@ -79,10 +83,16 @@ def assert_survived(guest: Guest, heartbeat_before: int) -> None:
 Save = Callable[[Testbed, Guest, str], CommandResult]
 """``save(testbed, guest, image)``: the guest saved to ``image``, with its --stats in STATS."""
 Restore = Callable[[Testbed, str], CommandResult]
+Verify = Callable[[Testbed, str], CommandResult]
+"""``verify(testbed, image)``: Xen's verify-stream-v2 on the image, verbose (``-v``)."""
+
+
+def verify_xl_image(testbed: Testbed, image: str) -> CommandResult:
+    return verify_stream_v2(testbed, image, "-v")
 
 
 def save_and_restore_repeatedly(testbed: Testbed, guest: Guest, domain_header: str, save: Save,
-                                restore: Restore, repeat: int) -> None:
+                                restore: Restore, repeat: int, verify: Verify = verify_xl_image) -> None:
     """``save`` then ``restore``, ``repeat`` times; the first image must pass verify-stream-v2
     with the given domain header. Held pages travel as XALLOC in the one, final round (a save
     is not live): the image is smaller than the guest's memory."""
@@ -98,7 +108,7 @@ def save_and_restore_repeatedly(testbed: Testbed, guest: Guest, domain_header: s
         size = int(testbed.run(["stat", "-c", "%s", image], check=True).stdout)
         assert size < PRUNE_GUEST["memory_mb"] << 20
         if attempt == 0:
-            verified = verify_stream_v2(testbed, image, "-v")
+            verified = verify(testbed, image)
             assert verified.ok, verified.stdout[-2000:] + verified.stderr[-2000:]
             assert f"Domain Header: {domain_header}" in verified.stdout, verified.stdout[:2000]
         restored = restore(testbed, image)
@@ -106,3 +116,39 @@ def save_and_restore_repeatedly(testbed: Testbed, guest: Guest, domain_header: s
         testbed.run(["rm", "-f", image])
         assert_survived(guest, heartbeat)
         assert wait_for_module(guest) == "ready"
+
+
+DEBS = "/opt/softpage/debs"
+"""The payload's Debian packages, one directory per dom0 release (testbed/payload.sh)."""
+INSTALLED_HELPER = "/usr/lib/softpage/softpage-save-helper"
+INSTALLED_PACKAGE = "/usr/lib/python3/dist-packages/softpage/__init__.py"
+DEFAULTS = "/etc/default/softpage"
+ADMIN_ENVIRONMENT = f"set -a; . {DEFAULTS}; set +a; unset PYTHONPATH"
+"""What softpage-save-helper(8) tells an admin to do for xl, and no trace of the checkout."""
+
+
+def as_admin(testbed: Testbed, command: str, timeout_s: float = 900) -> CommandResult:
+    return testbed.run(f"{ADMIN_ENVIRONMENT}; {command}", timeout_s=timeout_s)
+
+
+@contextlib.contextmanager
+def installed_package(testbed: Testbed) -> Iterator[None]:
+    """softpage's Debian package installed with apt from the payload, as an admin installs it,
+    and the save helper enabled (with ``--stats STATS``) by uncommenting its lines in
+    /etc/default/softpage; purged afterwards, for the tests that share the dom0."""
+    release = testbed.config.platform.release
+    assert testbed.payload_info().get(f"debs_{release}", "FAILED") != "FAILED", testbed.payload_info()
+    installed = testbed.run(f"apt-get install -y {DEBS}/{release}/softpage_*_amd64.deb", timeout_s=600)
+    assert installed.ok, installed.stdout[-2000:] + installed.stderr[-2000:]
+    try:
+        # Off until enabled: the package's default leaves libxl's own helper in place.
+        assert as_admin(testbed, 'test -z "${LIBXL_SAVE_HELPER:-}"').ok
+        enable = ("s/^#LIBXL_SAVE_HELPER=/LIBXL_SAVE_HELPER=/; "
+                  f"s|^#SOFTPAGE_SAVE_HELPER_OPTIONS=.*|SOFTPAGE_SAVE_HELPER_OPTIONS='--stats {STATS}'|")
+        testbed.run(["sed", "-i", enable, DEFAULTS], check=True)
+        where = as_admin(testbed, 'echo "$LIBXL_SAVE_HELPER"; '
+                                  'python3 -c "import softpage; print(softpage.__file__)"')
+        assert where.stdout.split() == [INSTALLED_HELPER, INSTALLED_PACKAGE], where
+        yield
+    finally:
+        testbed.run(["apt-get", "purge", "-y", "softpage"], timeout_s=600)
