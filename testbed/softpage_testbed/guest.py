@@ -31,13 +31,26 @@ DEFAULT_GUEST_KERNEL = "6.1"
 """How often a wait on a guest's console also asks Xen whether the guest still runs."""
 
 
+HVM_CONFIG = (
+    'device_model_version = "qemu-xen"',
+    # no display: QEMU's VGA and VNC server cost TCG time and nothing reads them
+    'vga = "none"',
+    "vnc = 0",
+    'serial = "none"',
+)
+"""What an HVM test guest adds to its configuration."""
+
+
 @dataclasses.dataclass(frozen=True)
 class GuestSpec:
     """A test guest: kernel and busybox initramfs from the payload, workload parameters on its
     kernel command line (read by testbed/guest/init)."""
 
     name: str = "guest"
-    guest_type: str = "pvh"  # "pvh" or "pv"
+    guest_type: str = "pvh"  # "pvh", "pv" or "hvm"
+    """An HVM guest boots the same kernel and initramfs through QEMU (qemu-system-xen in dom0,
+    libxl's direct kernel boot: hvmloader, SeaBIOS, then Linux), with no VGA, no emulated disk and
+    the PV console as hvc0, so its console log is xenconsoled's as for the other types."""
     memory_mb: int = 256
     vcpus: int = 1
     anon_mb: int = 64
@@ -56,6 +69,12 @@ class GuestSpec:
     kernel: str = DEFAULT_GUEST_KERNEL
     """The guest's Linux series, one of ``GUEST_KERNELS``: its kernel, modules and softpage.ko."""
 
+    @property
+    def data_disk_vdev(self) -> str:
+        """The data disk's virtual device. An HVM guest's QEMU would emulate xvda-xvdd as IDE
+        disks too, and refuses a read-only one (libxl_dm.c): from xvde on a disk is PV only."""
+        return "xvde" if self.guest_type == "hvm" else "xvdb"
+
     def kernel_command_line(self) -> str:
         words = [
             "console=hvc0",
@@ -66,12 +85,13 @@ class GuestSpec:
             f"sp_dirty_rate={self.dirty_rate}",
             f"sp_verify_every={self.verify_every_s}",
             f"sp_kmod={1 if self.load_kmod else 0}",
+            f"sp_data_disk={self.data_disk_vdev}",
         ]
         words += [f"sp_kmod_arg={arg}" for arg in self.kmod_args]
         return " ".join(words)
 
     def xl_config(self, data_disk_device: str) -> str:
-        disks = f"['phy:{data_disk_device},xvdb,r']" if self.data_disk else "[]"
+        disks = f"['phy:{data_disk_device},{self.data_disk_vdev},r']" if self.data_disk else "[]"
         lines = [
             f'name = "{self.name}"',
             f'type = "{self.guest_type}"',
@@ -88,6 +108,7 @@ class GuestSpec:
             # instead of letting xl restart it behind the test's back
             'on_crash = "preserve"',
             'on_reboot = "preserve"',
+            *(HVM_CONFIG if self.guest_type == "hvm" else ()),
             *self.extra_config,
         ]
         return "\n".join(lines) + "\n"

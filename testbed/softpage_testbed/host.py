@@ -80,6 +80,8 @@ BOOT_ATTEMPTS = 4
 in early kernel boot, before anything of softpage runs (2026-11-30, idle host: 4 of about 30
 domain starts, each 10-16 s in). With four tries a run of ~25 guest creations loses one in
 about one run of a hundred, and the test is then rerun once (GuestTripleFault)."""
+VIRSH = "virsh -q -c xen:///system"
+"""libvirt's client, connected to the libxl driver of dom0's libvirtd."""
 HOTPLUG_TIMEOUT_MESSAGE = "because of timeout"  # libxl_aoutils.c async_exec_timeout
 TRIPLE_FAULT_RE = re.compile(rb"\(XEN\) \[[ \d.]+\] d\d+v\d+ Triple fault")
 
@@ -433,13 +435,21 @@ class Testbed:
 
     # -- guests -----------------------------------------------------------------------------
 
-    def create_guest(self, spec: GuestSpec, timeout_s: float = 300) -> Guest:
+    def create_guest(self, spec: GuestSpec, timeout_s: float = 300, toolstack: str = "xl") -> Guest:
         """``xl create`` the guest (console logs of an older guest of that name are removed first)
-        and wait for its first heartbeat."""
+        and wait for its first heartbeat. With ``toolstack="virsh"`` libvirt's libxl driver
+        creates it instead, from the same configuration (``virsh domxml-from-native xen-xl``)."""
         config_path = f"/root/guests/{spec.name}.cfg"
         self.write_file(config_path, spec.xl_config(self.data_disk_device))
         self.run(f"rm -f {CONSOLE_LOG_DIR}/guest-{spec.name}*.log", check=True)
-        create = ["xl", "create", config_path]
+        if toolstack == "xl":
+            create = ["xl", "create", config_path]
+        elif toolstack == "virsh":
+            xml_path = f"/root/guests/{spec.name}.xml"
+            self.run(f"{VIRSH} domxml-from-native xen-xl {config_path} > {xml_path}", check=True)
+            create = [*VIRSH.split(), "create", xml_path]
+        else:
+            raise TestbedError(f"no toolstack {toolstack!r}: xl or virsh")
         for attempt in range(1, BOOT_ATTEMPTS + 1):
             result = self.run(create, timeout_s=timeout_s)
             if not result.ok and HOTPLUG_TIMEOUT_MESSAGE in result.stderr:
