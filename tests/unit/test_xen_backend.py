@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from softpage.backend import GuestType
 from softpage.errors import BackendError
 from softpage.xen.backend import (
     BELOW_4GIB_PFNS,
@@ -35,7 +36,8 @@ def make(domain: FakeDomain) -> tuple[XenBackend, object]:
 
 @pytest.mark.parametrize(
     ("hvm", "emulation", "width", "refusal"),
-    [(True, 0x7FF, 8, "HVM guests need the QEMU"), (False, 0, 4, "32-bit PV guests are not supported")],
+    [(True, 0x7FF, 8, "device model .* is saved by libxl: use xl migrate or xl save with LIBXL_SAVE_HELPER"),
+     (False, 0, 4, "32-bit PV guests are not supported")],
 )
 def test_unsupported_guest_types_are_refused_with_what_is_missing(
     hvm: bool, emulation: int, width: int, refusal: str
@@ -44,6 +46,14 @@ def test_unsupported_guest_types_are_refused_with_what_is_missing(
     backend, _lib = make(domain)
     with pytest.raises(BackendError, match=refusal):
         backend.describe()
+    backend.cleanup()
+
+
+def test_an_hvm_guest_is_accepted_when_libxl_saves_its_device_model() -> None:
+    domain = FakeDomain(domid=3, nr_pfns=16, hvm=True, emulation_flags=0x7FF)
+    binding, _lib = fake_binding([domain])
+    backend = XenBackend(domain.domid, store=MemoryStore(), binding=binding, device_model_by_libxl=True)
+    assert backend.describe().guest_type is GuestType.HVM
     backend.cleanup()
 
 

@@ -25,6 +25,7 @@ import glob
 import os
 import shlex
 import sys
+import sysconfig
 import time
 import traceback
 from collections.abc import Sequence
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
 OPTIONS_VARIABLE = "SOFTPAGE_SAVE_HELPER_OPTIONS"
 STOCK_VARIABLE = "SOFTPAGE_STOCK_SAVE_HELPER"
 PROGRAM = "softpage-save-helper"
+DEBIAN_LIBDIR = "/usr/lib/softpage"
+"""Where Debian's package installs the helper (debian/softpage.install)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,6 +97,22 @@ def _name_the_way_back(domid: int) -> None:
     if suspended:
         print(f"{PROGRAM}: domain {domid} is left suspended; once its receiver has exited, "
               f"`softpage resume {domid}` brings it back", file=sys.stderr)
+
+
+def executable() -> str:
+    """Where this helper is installed: Debian's package puts it off PATH, in /usr/lib/softpage;
+    pip puts it beside the interpreter's scripts, or in ``bin/`` of a ``--target`` directory."""
+    import softpage
+
+    candidates = [
+        os.path.join(DEBIAN_LIBDIR, PROGRAM),
+        os.path.join(sysconfig.get_path("scripts"), PROGRAM),
+        os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(softpage.__file__))), "bin", PROGRAM),
+    ]
+    for candidate in candidates:
+        if os.access(candidate, os.X_OK):
+            return candidate
+    raise SoftpageError(f"{PROGRAM} is not installed (looked for {', '.join(candidates)})")
 
 
 def _softpages_request(arguments: list[str]) -> protocol.SaveRequest | None:
@@ -150,7 +169,7 @@ def _save(request: protocol.SaveRequest, toolstack: ToolstackChannel) -> None:
 
     args, options = _options(request.live)
     started = time.monotonic()
-    backend = XenBackend(request.domid)
+    backend = XenBackend(request.domid, device_model_by_libxl=True)
     progress = None if args.quiet else _progress(toolstack)
     result = save_for_libxl(request, toolstack, backend, options, progress)
     elapsed = time.monotonic() - started

@@ -200,6 +200,8 @@ def split_messages(data: bytes) -> tuple[list[bytes], bytes]:
 
 
 # -- the command line ------------------------------------------------------------------------------
+HELPER_VARIABLE = "LIBXL_SAVE_HELPER"
+"""The variable libxl reads for its save helper's path (libxl_save_callout.c)."""
 SAVE_MODE = "--save-domain"
 RESTORE_MODE = "--restore-domain"
 XCFLAGS_LIVE = 1 << 0

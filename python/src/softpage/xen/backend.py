@@ -5,10 +5,12 @@ type the testbed can live-migrate (HAP log-dirty), and 64-bit PV guests
 (``softpage.xen.pvdomain``: the guest's p2m for types and mappings, page
 tables rewritten in pfns, X86_PV_INFO, P2M_FRAMES, SHARED_INFO and the vCPU
 records). PV live migration needs shadow paging, which Debian's 4.17.7
-hypervisor is built without; a non-live save works there. Refused in
-``describe()``: HVM guests, which need QEMU's side (``switch_qemu_logdirty``,
-the device-model save file as EMULATOR_CONTEXT and its xenstore data); the
-memory and HVM_CONTEXT paths below would otherwise serve as they are.
+hypervisor is built without; a non-live save works there. HVM guests with a
+device model need QEMU's side (``switch_qemu_logdirty``, the device-model save
+file as EMULATOR_CONTEXT and its xenstore data), which libxl has: they are
+accepted only when libxl runs the save (``device_model_by_libxl``: the save
+helper), and refused in ``describe()`` otherwise. Their memory and
+HVM_CONTEXT/HVM_PARAMS paths are PVH's.
 
 The libxl ordering is kept: log-dirty on before any page is read, pages read
 read-only through one foreign mapping per ``read_pages`` call (written to the
@@ -52,7 +54,8 @@ RAM section; none of them can take more than max_pages beyond the RAM."""
 
 SUPPORTED_TYPES = (GuestType.PVH, GuestType.PV)
 UNSUPPORTED_REASONS = {
-    GuestType.HVM: "HVM guests need the QEMU device-model state and log-dirty switch (not implemented)",
+    GuestType.HVM: "an HVM guest's device model (QEMU's state and log-dirty mode) is saved by libxl: "
+                   "use xl migrate or xl save with LIBXL_SAVE_HELPER=softpage-save-helper",
 }
 
 
@@ -106,11 +109,15 @@ class XenBackend:
         store: XenStore | None = None,
         suspend_timeouts: SuspendTimeouts | None = None,
         binding: XenBinding | None = None,
+        device_model_by_libxl: bool = False,
     ) -> None:
+        """``device_model_by_libxl``: libxl saves the device model's state and switches its
+        log-dirty mode around this sender (the save helper), so HVM guests are accepted."""
         if domid <= 0 or domid >= 0x7FF0:
             raise BackendError(f"expected a guest domain id in 1..{0x7FEF}, got {domid}")
         self.domid = domid
         self._binding = binding or load_binding()
+        self._supported_types = SUPPORTED_TYPES + ((GuestType.HVM,) if device_model_by_libxl else ())
         self._suspend_timeouts = suspend_timeouts or SuspendTimeouts()
         self._ctrl = XenCtrl.open(self._binding)
         self._foreign: ForeignMemory | None = None
@@ -142,7 +149,7 @@ class XenBackend:
         if state.dying:
             raise BackendError(f"dom {self.domid} is dying")
         guest_type = state.guest_type
-        if guest_type not in SUPPORTED_TYPES:
+        if guest_type not in self._supported_types:
             raise BackendError(f"dom {self.domid}: {UNSUPPORTED_REASONS[guest_type]}")
         name = self._xenstore().read(f"/local/domain/{self.domid}/name") or f"domain-{self.domid}"
         if guest_type is GuestType.PV:
