@@ -1,23 +1,33 @@
-"""``softpage migrate`` / ``save`` options and statistics that need no Xen: ``--drop-timeout``."""
+"""``softpage migrate`` / ``save`` options and statistics that need no Xen: ``--drop-timeout``, and
+what an HVM guest is handed to (``xl`` with the save helper)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 
+import softpage
+from softpage import toolstack
 from softpage.backend import DropOutcome
+from softpage.cli import save_helper
 from softpage.cli.main import _modules_needed, build_parser
 from softpage.cli.migrate import (
     Timeline,
     _totals,
     driver_options,
+    helper_options,
     summary,
 )
 from softpage.driver import MigrationStats
+from softpage.errors import SoftpageError
 from softpage.options import DriverOptions
+from softpage.toolstack import ListedDomain
 
 
 @pytest.mark.parametrize(
@@ -82,3 +92,64 @@ def test_the_sender_loads_in_the_background() -> None:
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["True", "True"]
 
+
+
+@pytest.mark.parametrize(
+    "options",
+    [[], ["--no-prune"], ["--prune", "cache,free", "--stats", "/tmp/a b.json", "-q"],
+     ["--drop-timeout", "0", "--max-iters", "3", "--dirty-target", "17", "--snapshot-timeout", "2.5"]],
+)
+def test_an_hvm_guests_options_reach_the_save_helper_unchanged(
+    options: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What ``softpage migrate`` hands to ``xl`` + the helper for an HVM guest is what the helper
+    parses back into the same driver options."""
+    argv = ["migrate", *options, "guest", "host"]
+    args = build_parser(argv).parse_args(argv)
+    monkeypatch.setenv(save_helper.OPTIONS_VARIABLE, helper_options(args))
+    helper_args, helper_driver_options = save_helper._options(live=True)
+    assert helper_driver_options == driver_options(args, live=True)
+    assert (helper_args.stats, helper_args.quiet) == (args.stats, args.quiet)
+
+
+@pytest.mark.parametrize(
+    ("argv", "xl_arguments"),
+    [(["migrate", "-s", "", "hvm1", "xl migrate-receive"],
+      ["migrate", "-s", "", "hvm1", "xl migrate-receive"]),
+     (["migrate", "-D", "hvm1", "host-b"], ["migrate", "-s", "ssh", "-D", "hvm1", "host-b"]),
+     (["save", "-c", "hvm1", "/tmp/img"], ["save", "-c", "hvm1", "/tmp/img"])],
+)
+def test_an_hvm_guest_goes_to_xl_with_softpages_save_helper(
+    argv: list[str], xl_arguments: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    helper = tmp_path / save_helper.PROGRAM
+    helper.write_text("#!/bin/sh\n")
+    helper.chmod(0o755)
+    monkeypatch.setattr(save_helper, "DEBIAN_LIBDIR", str(tmp_path))
+    listed = ListedDomain(domid=5, name="hvm1", uuid="0" * 8 + "-0000-0000-0000-" + "0" * 12,
+                          config={"c_info": {"type": "hvm", "name": "hvm1"}})
+    monkeypatch.setattr(toolstack, "list_domain", lambda spec: listed)
+    exec_calls: list[tuple[str, list[str], dict[str, str]]] = []
+
+    def fake_exec(file: str, command: list[str], environment: dict[str, str]) -> None:
+        exec_calls.append((file, command, environment))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(os, "execvpe", fake_exec)
+    args = build_parser(argv).parse_args(argv)
+    with pytest.raises(SystemExit):
+        args.func(args)
+    [(file, command, environment)] = exec_calls
+    assert (file, command) == ("xl", ["xl", *xl_arguments])
+    assert environment["LIBXL_SAVE_HELPER"] == str(helper)
+    assert environment[save_helper.OPTIONS_VARIABLE].startswith("--prune free,cache,slab")
+    assert "hvm1 is an HVM guest" in capsys.readouterr().err
+
+
+def test_no_installed_save_helper_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(save_helper, "DEBIAN_LIBDIR", str(tmp_path))
+    monkeypatch.setattr(sysconfig, "get_path", lambda name: str(tmp_path))
+    monkeypatch.setattr(softpage, "__file__", str(tmp_path / "a" / "softpage" / "__init__.py"))
+    with pytest.raises(SoftpageError, match="softpage-save-helper is not installed"):
+        save_helper.executable()

@@ -66,6 +66,12 @@ class ListedDomain:
     uuid: str
     config: dict[str, Any]
 
+    @property
+    def has_device_model(self) -> bool:
+        """An HVM guest (``c_info.type``): QEMU emulates its devices, and libxl saves QEMU's state."""
+        create_info = self.config.get("c_info")
+        return isinstance(create_info, dict) and create_info.get("type") == "hvm"
+
     def config_json(self, preserve_domid: bool = False) -> bytes:
         """The configuration as ``save_domain_core_begin`` writes it into the stream. Unless
         ``preserve_domid`` (``xl migrate -D``), without the domid, so the receiver picks a free one."""

@@ -18,11 +18,12 @@ import functools
 import importlib
 import json
 import os
+import shlex
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from softpage import toolstack
 from softpage.categories import PRUNABLE, Category
@@ -154,9 +155,47 @@ def _backend(args: argparse.Namespace, domid: int) -> Any:
     return XenBackend(domid, suspend_timeouts=timeouts)
 
 
+def helper_options(args: argparse.Namespace) -> str:
+    """The driver options of ``args`` as SOFTPAGE_SAVE_HELPER_OPTIONS says them to the helper."""
+    categories = ",".join(category.name.lower() for category in args.prune)
+    words = ["--no-prune"] if args.no_prune else ["--prune", categories]
+    if args.stats:
+        words += ["--stats", args.stats]
+    words += ["--max-iters", str(args.max_iters), "--dirty-target", str(args.dirty_target),
+              "--snapshot-timeout", f"{args.snapshot_timeout:g}", "--drop-timeout", f"{args.drop_timeout:g}"]
+    if args.quiet:
+        words.append("-q")
+    return shlex.join(words)
+
+
+def run_through_libxl(args: argparse.Namespace, domain: toolstack.ListedDomain,
+                      xl_arguments: list[str]) -> NoReturn:
+    """An HVM guest: libxl saves QEMU's state and switches its log-dirty mode, so ``xl`` runs
+    the migration or save with softpage's save helper, which prunes as this command would (one
+    sender). ``xl``'s exit status is this command's; libxl's own suspend timeout applies."""
+    from softpage.cli import save_helper
+    from softpage.savehelper.protocol import HELPER_VARIABLE
+
+    helper = save_helper.executable()
+    environment = {**os.environ, HELPER_VARIABLE: helper,
+                   save_helper.OPTIONS_VARIABLE: helper_options(args)}
+    command = [toolstack.XL, *xl_arguments]
+    _print_quietly(f"softpage: {domain.name} is an HVM guest, whose device model libxl saves: running "
+                   f"{HELPER_VARIABLE}={helper} {shlex.join(command)}", sys.stderr)
+    sys.stderr.flush()
+    try:
+        os.execvpe(toolstack.XL, command, environment)
+    except OSError as error:
+        raise SoftpageError(f"cannot run {toolstack.XL}: {error}") from error
+
+
 def run_migrate(args: argparse.Namespace) -> int:
     _load_sender_meanwhile()
     domain = toolstack.list_domain(args.domain)
+    if domain.has_device_model:
+        preserve_domid = ["-D"] if args.preserve_domid else []
+        return run_through_libxl(args, domain, ["migrate", "-s", args.ssh_command, *preserve_domid,
+                                                args.domain, args.host])
     rune = args.host if not args.ssh_command else f"exec {args.ssh_command} {args.host} xl migrate-receive"
     log = _logger(sys.stderr)
     backend = None
@@ -201,6 +240,10 @@ def run_migrate(args: argparse.Namespace) -> int:
 def run_save(args: argparse.Namespace) -> int:
     _load_sender_meanwhile()
     domain = toolstack.list_domain(args.domain)
+    if domain.has_device_model:
+        return run_through_libxl(args, domain, [
+            "save", *(["-c"] if args.checkpoint else []), *(["-p"] if args.leave_paused else []),
+            args.domain, args.file])
     config = domain.config_json()
     log = _logger(sys.stderr)
     from softpage.sender import StreamLeftOpen, save_domain
