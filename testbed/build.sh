@@ -34,7 +34,7 @@ STAMPS=$CACHE/stamps
 # What an admin's dom0 runs beside xl, for the tests that use it: QEMU as HVM guests' device model,
 # libvirt's libxl driver with virsh, ssh between the two hosts of a two-host testbed, wrk as a
 # load generator for guests' applications.
-DOM0_TOOLSTACK_PACKAGES="qemu-system-xen libvirt-daemon libvirt-daemon-driver-xen libvirt-clients
+DOM0_TOOLSTACK_PACKAGES="qemu-system-xen libvirt-daemon-system libvirt-daemon-driver-xen libvirt-clients
  openssh-server openssh-client wrk"
 DOM0_PACKAGES="xen-utils-4.17 xen-utils-common xenstore-utils python3 python3-numpy python3-cffi
  python3-pyxs python3-dev python3-pip python3-setuptools gcc make libc6-dev libxen-dev

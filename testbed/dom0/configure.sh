@@ -25,6 +25,10 @@ echo 'XENCONSOLED_ARGS="--log=guest --log-dir=/var/log/xen/console"' >> "$ROOT/e
 # dom0 shutdown must not try to save guests to disk.
 sed -i 's|^XENDOMAINS_SAVE=.*|XENDOMAINS_SAVE=""|' "$ROOT/etc/default/xendomains"
 mkdir -p "$ROOT/var/log/xen/console" "$ROOT/opt/softpage"
+# libvirt's daemon is off at boot: its libxl driver would start on every boot (TCG time) and
+# libvirt-guests would save guests at shutdown. The tests that use libvirt start it.
+systemctl --root="$ROOT" disable --quiet libvirtd.service libvirtd.socket libvirtd-ro.socket \
+    libvirtd-admin.socket libvirt-guests.service
 
 install -m 755 "$TESTBED_DIR/dom0/softpage-agent.py" "$ROOT/usr/local/sbin/softpage-agent"
 install -m 644 "$TESTBED_DIR/dom0/softpage-agent.service" "$ROOT/etc/systemd/system/softpage-agent.service"

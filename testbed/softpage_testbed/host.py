@@ -435,10 +435,13 @@ class Testbed:
 
     # -- guests -----------------------------------------------------------------------------
 
-    def create_guest(self, spec: GuestSpec, timeout_s: float = 300, toolstack: str = "xl") -> Guest:
+    def create_guest(self, spec: GuestSpec, timeout_s: float | None = None, toolstack: str = "xl") -> Guest:
         """``xl create`` the guest (console logs of an older guest of that name are removed first)
-        and wait for its first heartbeat. With ``toolstack="virsh"`` libvirt's libxl driver
-        creates it instead, from the same configuration (``virsh domxml-from-native xen-xl``)."""
+        and wait for its first heartbeat (``spec.boot_timeout_s`` unless given). With
+        ``toolstack="virsh"`` libvirt's libxl driver creates it instead, from the same
+        configuration (``virsh domxml-from-native xen-xl``)."""
+        if timeout_s is None:
+            timeout_s = spec.boot_timeout_s
         config_path = f"/root/guests/{spec.name}.cfg"
         self.write_file(config_path, spec.xl_config(self.data_disk_device))
         self.run(f"rm -f {CONSOLE_LOG_DIR}/guest-{spec.name}*.log", check=True)
