@@ -25,6 +25,7 @@ from tests.e2e.helpers import (
     read_stats,
     save_and_restore_repeatedly,
     start_guest,
+    verify_stream_v2,
     wait_for_module,
 )
 
@@ -91,6 +92,44 @@ def test_xl_save_with_the_helper_then_stock_xl_restore(xen_pvh_testbed: Testbed)
         xen_pvh_testbed, guest, "x86 HVM",
         lambda testbed, guest, image: xl_with_helper(testbed, "save", guest.name, image),
         lambda testbed, image: xl_with_helper(testbed, "restore", image), REPEAT)
+
+
+def test_an_hvm_guest_migrates_and_saves_through_the_helper(xen_pvh_testbed: Testbed) -> None:
+    """An HVM guest with QEMU as its device model (qemu-system-xen in dom0): libxl switches QEMU's
+    log-dirty mode at the helper's request and writes QEMU's state after the helper's stream, as
+    EMULATOR_CONTEXT. The guest's kernel, initramfs and workload are the PVH guests'."""
+    guest = start_guest(xen_pvh_testbed, "helper-hvm", guest_type="hvm")
+    assert device_model_runs(guest), "no device model runs for the HVM guest"
+    for attempt in range(REPEAT):
+        heartbeat = guest.heartbeat()
+        result = xl_with_helper(xen_pvh_testbed, "migrate", "-s", "", guest.name, RECEIVER)
+        assert result.ok, f"migration {attempt}: {result.stderr[-3000:]}"
+        assert "softpage-save-helper: info: softpage:" in result.stderr, result.stderr[-3000:]
+        rounds, totals = read_stats(xen_pvh_testbed)
+        assert int(totals["pages_xalloc"]) > 2048, (attempt, totals)  # type: ignore[call-overload]
+        assert rounds[-1]["kind"] == "final" and totals["guest_drop_outcome"] == "done", (rounds, totals)
+        assert stream_bytes(xen_pvh_testbed) < PRUNE_GUEST["memory_mb"] << 20
+        assert_survived(guest, heartbeat)
+        assert wait_for_module(guest) == "ready"
+        assert device_model_runs(guest), "the migrated HVM guest has no device model"
+    save_and_restore_repeatedly(
+        xen_pvh_testbed, guest, "x86 HVM",
+        lambda testbed, guest, image: xl_with_helper(testbed, "save", guest.name, image),
+        lambda testbed, image: xl_with_helper(testbed, "restore", image), REPEAT,
+        verify=verify_hvm_image)
+
+
+def device_model_runs(guest: Guest) -> bool:
+    """QEMU runs in dom0 for the guest's current domain (libxl passes ``-xen-domid DOMID``)."""
+    return guest.testbed.run(f"pgrep -f -- '-xen-domid {domid(guest)} '").ok
+
+
+def verify_hvm_image(testbed: Testbed, image: str) -> CommandResult:
+    """verify-stream-v2 on an HVM guest's image, which must carry QEMU's state."""
+    verified = verify_stream_v2(testbed, image, "-v")
+    if verified.ok and "Libxl Record: Emulator context" not in verified.stdout:
+        raise AssertionError(f"no device model state in the image:\n{verified.stdout[-2000:]}")
+    return verified
 
 
 def cut_receiver(after_bytes: int) -> str:

@@ -1,0 +1,71 @@
+"""libvirt's libxl driver with softpage's save helper, as an admin enables it: the Debian package
+installed and /etc/default/softpage uncommented, libvirtd restarted (the package's drop-in gives it
+that file as its environment), then `virsh save` of a PVH guest with the module prunes and `virsh
+restore` brings it back intact.
+
+libvirt and libxl are Debian's, unchanged. libvirt writes its own header (its magic, a version,
+the domain's XML) before libxl's stream: Xen's verify-stream-v2 reads the stream after it.
+`virsh migrate --live` needs a second host (issue 19). Runs SOFTPAGE_E2E_HELPER_REPEAT times.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+import pytest
+
+from softpage_testbed import VIRSH, CommandResult, Testbed
+from tests.e2e.helpers import (
+    INSTALLED_HELPER,
+    installed_package,
+    save_and_restore_repeatedly,
+    start_guest,
+    verify_stream_v2,
+)
+
+pytestmark = pytest.mark.e2e
+
+REPEAT = int(os.environ.get("SOFTPAGE_E2E_HELPER_REPEAT", "1"))
+LIBVIRT_HEADER_BYTES = 64
+"""libvirt's ``libxlSavefileHeader`` (src/libxl/libxl_domain.h): a 16-byte magic, the version,
+the XML's length (native u32s) and padding to 64 bytes; the XML follows, then libxl's stream."""
+STRIP_LIBVIRT_HEADER = (
+    f"import struct, sys; image = open(sys.argv[1], 'rb'); header = image.read({LIBVIRT_HEADER_BYTES}); "
+    "assert header.startswith(b'libvirt-xml\\n'), header[:16]; "
+    f"image.seek({LIBVIRT_HEADER_BYTES} + struct.unpack_from('=II', header, 16)[1]); "
+    "open(sys.argv[2], 'wb').write(image.read())"
+)
+"""``python3 -c`` in dom0: libxl's stream of libvirt's save image ``argv[1]``, into ``argv[2]``."""
+
+
+def virsh(testbed: Testbed, *arguments: str) -> CommandResult:
+    return testbed.run(f"{VIRSH} {shlex.join(arguments)}", timeout_s=900)
+
+
+def verify_libvirt_image(testbed: Testbed, image: str) -> CommandResult:
+    stream = f"{image}.libxl"
+    testbed.run(["python3", "-c", STRIP_LIBVIRT_HEADER, image, stream], check=True)
+    try:
+        return verify_stream_v2(testbed, stream, "-v", image_format="libxl")
+    finally:
+        testbed.run(["rm", "-f", stream])
+
+
+def test_virsh_save_and_restore_prune_through_the_installed_helper(xen_pvh_testbed: Testbed) -> None:
+    testbed = xen_pvh_testbed
+    with installed_package(testbed):
+        restarted = testbed.run("systemctl restart libvirtd && sleep 1 && "
+                                "tr '\\0' '\\n' < /proc/$(pidof libvirtd)/environ", timeout_s=300)
+        assert restarted.ok, restarted.stderr[-2000:]
+        assert f"LIBXL_SAVE_HELPER={INSTALLED_HELPER}" in restarted.stdout.splitlines(), restarted.stdout
+        guest = start_guest(testbed, "virsh-guest", toolstack="virsh")
+        try:
+            save_and_restore_repeatedly(
+                testbed, guest, "x86 HVM",
+                lambda testbed, guest, image: virsh(testbed, "save", guest.name, image),
+                lambda testbed, image: virsh(testbed, "restore", image), REPEAT,
+                verify=verify_libvirt_image)
+        finally:
+            testbed.run(["xl", "destroy", guest.name], timeout_s=120)
+            testbed.run("systemctl stop libvirtd", timeout_s=120)
