@@ -6,7 +6,8 @@ xl and libxl are Debian's, unchanged: only the helper they run is softpage's. Ea
 SOFTPAGE_E2E_HELPER_REPEAT times on one guest: once in `make test` (which has the time for no
 more), 3 times for the proof recorded in results/; "survived" as in test_softpage_migrate.
 `make test` runs them on Xen 4.17.7 only, and leaves the guest without the module (the driver's
-plain fallback, which test_softpage_migrate covers there) to `make test-matrix`.
+plain fallback, which test_softpage_migrate covers there) and the HVM guest (whose boot alone
+takes minutes) to `make test-matrix`.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def test_xl_save_with_the_helper_then_stock_xl_restore(xen_pvh_testbed: Testbed)
         lambda testbed, image: xl_with_helper(testbed, "restore", image), REPEAT)
 
 
+@pytest.mark.matrix_only  # its boot alone takes 5-15 minutes under TCG (GuestSpec.boot_timeout_s)
 def test_an_hvm_guest_migrates_and_saves_through_the_helper(xen_pvh_testbed: Testbed) -> None:
     """An HVM guest with QEMU as its device model (qemu-system-xen in dom0): libxl switches QEMU's
     log-dirty mode at the helper's request and writes QEMU's state after the helper's stream, as
