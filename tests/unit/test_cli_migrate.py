@@ -1,4 +1,5 @@
-"""``softpage migrate`` / ``save`` options and statistics that need no Xen: ``--drop-timeout``."""
+"""``softpage migrate`` / ``save`` options and statistics that need no Xen: ``--drop-timeout``,
+``--prune`` and its cache mode."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import sys
 import pytest
 
 from softpage.backend import DropOutcome
+from softpage.categories import CacheMode, Category
 from softpage.cli.main import _modules_needed, build_parser
 from softpage.cli.migrate import (
+    DEFAULT_PRUNE,
     Timeline,
     _totals,
     driver_options,
@@ -82,3 +85,55 @@ def test_the_sender_loads_in_the_background() -> None:
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["True", "True"]
 
+
+
+# -- --prune cache=cold|all ----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("prune", "categories", "cache"),
+    [
+        (None, (Category.FREE, Category.CACHE, Category.SLAB), CacheMode.COLD),
+        ("free,cache,slab", (Category.FREE, Category.CACHE, Category.SLAB), CacheMode.COLD),
+        ("cache=cold", (Category.CACHE,), CacheMode.COLD),
+        ("cache=all", (Category.CACHE,), CacheMode.ALL),
+        ("free, cache=all ,slab", (Category.FREE, Category.CACHE, Category.SLAB), CacheMode.ALL),
+        ("cache=all,cache", (Category.CACHE,), CacheMode.ALL),
+        ("free", (Category.FREE,), CacheMode.COLD),
+    ],
+)
+def test_prune_names_the_categories_and_the_cache_mode(
+    prune: str | None, categories: tuple[Category, ...], cache: CacheMode
+) -> None:
+    argv = ["migrate", "guest", "host"] if prune is None else ["migrate", "--prune", prune, "guest", "host"]
+    options = driver_options(build_parser(argv).parse_args(argv), True)
+    assert (options.prune, options.cache) == (categories, cache)
+
+
+def test_the_default_is_cache_cold() -> None:
+    assert DriverOptions().cache is CacheMode.COLD
+    assert DEFAULT_PRUNE.cache is CacheMode.COLD
+
+
+@pytest.mark.parametrize(
+    ("prune", "message"),
+    [
+        ("cache=warm", "expected cache=cold or cache=all, got mode 'warm'"),
+        ("free=cold", "only cache takes a mode"),
+        ("cache=cold,cache=all", "cache=cold and cache=all both given"),
+        ("hot", "unknown category 'hot'"),
+        (",", "expected at least one category"),
+    ],
+)
+def test_a_bad_prune_list_is_a_usage_error(
+    prune: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["migrate", "--prune", prune, "guest", "host"]
+    with pytest.raises(SystemExit) as exited:
+        build_parser(argv).parse_args(argv)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_totals_report_the_cache_mode() -> None:
+    assert _totals(MigrationStats(domid=3), 0, 1.0, None)["cache_mode"] is None
+    stats = MigrationStats(domid=3, cache_mode=CacheMode.COLD)
+    assert json.loads(json.dumps(_totals(stats, 0, 1.0, None)))["cache_mode"] == "cold"
