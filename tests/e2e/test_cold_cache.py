@@ -106,14 +106,15 @@ def test_cache_cold_keeps_the_hot_files_cached_and_drops_the_cold_ones(
     assert totals["cache_mode"] == cache and totals["warnings"] == [], totals
     after_hot, after_cold = files(guest, *HOT, "resident"), files(guest, *COLD, "resident")
     dropped = module_stats(guest, "cache_cold", "evict_candidates", "evicted_cache_pages",
-                           "dropped_cache_pages", "age_passes", "last_age_ns", "early_drops")
+                           "dropped_cache_pages", "age_passes", "last_age_ns", "early_drops",
+                           "early_drop_ns", "drop_ns", "freeze_drops_skipped")
     hot_read, cold_read = files(guest, *HOT, "check"), files(guest, *COLD, "check")
     assert hot_read["bad"] == 0 and cold_read["bad"] == 0, (hot_read, cold_read)
     gib = nr_pfns / PAGES_PER_GIB
     print(f"cache={cache}: {totals['pages_data']} pages with data, {totals['pages_xalloc']} XALLOC, "
           f"{totals['pages_skipped']} skipped, {int(totals['stream_bytes']) / 2**20:.1f} MiB, "  # type: ignore[call-overload]
           f"{totals['migration_s']} s, downtime {totals['downtime_s']} s, "
-          f"early drop {totals['guest_drop_s']} s; "
+          f"early drop {totals['guest_drop_s']} s, downtime steps {totals['downtime_steps']}; "
           f"hot set resident {after_hot['resident']:.0f}/{after_hot['pages']:.0f} pages, cold set "
           f"{after_cold['resident']:.0f}/{after_cold['pages']:.0f}; re-read hot {hot_read['read_s']} s, "
           f"cold {cold_read['read_s']} s (cold set first read {read_cold['read_s']} s); module {dropped}; "
