@@ -68,9 +68,9 @@
 #define SOFTPAGE_MAX_PAGE_ORDER	(MAX_ORDER - 1)
 #endif
 
-#define SOFTPAGE_XS_DIR		"data/softpage"
-#define SOFTPAGE_XS_ARMED	SOFTPAGE_XS_DIR "/armed"
-#define SOFTPAGE_XS_DROP	SOFTPAGE_XS_DIR "/drop"
+/* Watched paths, relative: the watch follows the guest into a new domain. */
+#define SOFTPAGE_XS_ARMED_PATH	SOFTPAGE_XS_DIR "/" SOFTPAGE_XS_ARMED
+#define SOFTPAGE_XS_DROP_PATH	SOFTPAGE_XS_DIR "/" SOFTPAGE_XS_DROP
 #define SOFTPAGE_DOM0		0
 /* The scan yields the CPU this often; a 1 GiB guest has 262144 PFNs. */
 #define SOFTPAGE_SCAN_BATCH	4096
@@ -85,10 +85,10 @@ module_param(report_cache, bool, 0644);
 MODULE_PARM_DESC(report_cache,
 		 "Report clean, unmapped, unlocked page cache in the CACHE bitmap");
 
-static bool skip_hot_cache;
-module_param(skip_hot_cache, bool, 0644);
-MODULE_PARM_DESC(skip_hot_cache,
-		 "Leave active or referenced (hot) page cache out of the CACHE bitmap");
+static uint cold_age_ms = 30000;
+module_param(cold_age_ms, uint, 0644);
+MODULE_PARM_DESC(cold_age_ms,
+		 "With prune-cache=cold, a referenced page cache page is cold once not accessed for this long; also the period of the aging pass that tells (0: no aging pass, only never-referenced pages are cold)");
 
 static uint drop_caches_at_freeze = 3;
 module_param(drop_caches_at_freeze, uint, 0644);
@@ -141,6 +141,11 @@ struct softpage_stats {
 	u64 final_scan_ns;		/* its scan, interrupts off */
 	u64 held_reinit_pages;		/* HELD pages rewritten at the last resume */
 	u64 held_reinit_ns;		/* that resume's check of HELD, interrupts off */
+	u64 age_passes;			/* aging passes (cold_age_ms) */
+	u64 last_age_ns;		/* the last one's walk */
+	u64 cache_cold;			/* the last scan applied prune-cache=cold */
+	u64 evict_candidates;		/* reported cache still cold at the last drop */
+	u64 evicted_cache_pages;	/* of them evicted by that targeted drop */
 	u64 freezes;			/* armed suspends */
 	u64 thaws;
 	u64 restores;
@@ -169,6 +174,7 @@ struct softpage {
 	struct work_struct request_work;
 	struct delayed_work periodic_work;
 	struct work_struct drop_work;
+	struct delayed_work age_work;
 	/* node is set while registered */
 	struct xenbus_watch armed_watch;
 	struct xenbus_watch drop_watch;
@@ -192,6 +198,18 @@ struct softpage {
 	u64 final_request_id;
 	/* FINAL was published: the syscore resume callback checks HELD. */
 	bool held_published;
+
+	/*
+	 * prune-cache=cold (docs/design.md, "Keep the hot cache").  aged[i]:
+	 * the clean, inactive, referenced page cache of an aging pass that
+	 * ended at aged_at[i] (0: none yet); aged_newest is the later of the
+	 * two.  reported_cache: every CACHE PFN reported since dom0 armed us,
+	 * which is all that a cold drop may evict.
+	 */
+	unsigned long *aged[2];
+	u64 aged_at[2];
+	unsigned int aged_newest;
+	unsigned long *reported_cache;
 
 	struct softpage_stats stats;
 };
@@ -263,10 +281,8 @@ static u32 softpage_guest_flags(void)
  * reference is held: a racing free or split makes the answer stale, and dom0
  * sends every page written after the report anyway.
  */
-static bool softpage_is_clean_cache(struct page *page, bool skip_hot)
+static bool softpage_is_clean_cache(struct folio *folio)
 {
-	struct folio *folio = page_folio(page);
-
 	if (!folio_test_lru(folio) || folio_test_anon(folio) ||
 	    folio_test_swapbacked(folio))
 		return false;
@@ -276,9 +292,6 @@ static bool softpage_is_clean_cache(struct page *page, bool skip_hot)
 	if (folio_test_dirty(folio) || folio_test_writeback(folio) ||
 	    folio_test_locked(folio))
 		return false;
-	if (skip_hot &&
-	    (folio_test_active(folio) || folio_test_referenced(folio)))
-		return false;
 	/* drop_caches (invalidate_mapping_pages) keeps mapped pages. */
 	if (folio_mapped(folio))
 		return false;
@@ -286,16 +299,49 @@ static bool softpage_is_clean_cache(struct page *page, bool skip_hot)
 }
 
 /*
+ * prune-cache=cold: has this clean cache folio gone unused for cold_age_ms?
+ * An access through read(), write() or readahead marks it
+ * (folio_mark_accessed()): the first sets PG_referenced, the next one
+ * activates it (PG_active; with MGLRU, PG_workingset), reclaim sets
+ * PG_workingset when it deactivates an active folio, and a refault sets it on
+ * a folio that was active before its eviction.  So an inactive, unreferenced
+ * folio, not in the workingset, has not been used since it came in or since
+ * reclaim aged it; a referenced one that was already inactive and referenced
+ * at an aging pass at least cold_age_ms ago (@aged) has not been used since
+ * that pass, or it would be active now.  Mapped folios are never soft
+ * (softpage_is_clean_cache()), so the young bits of page tables, which this
+ * cannot see, do not matter.
+ */
+static bool softpage_is_cold(struct folio *folio, unsigned long pfn,
+			     const unsigned long *aged)
+{
+	if (folio_test_active(folio) || folio_test_workingset(folio))
+		return false;
+	if (!folio_test_referenced(folio))
+		return true;
+	return aged && test_bit(pfn, aged);
+}
+
+/* What one walk of the memory map looks for. */
+struct softpage_walk_spec {
+	bool free;
+	bool cache;
+	bool cold;			/* prune-cache=cold: hot cache left out */
+	const unsigned long *aged;	/* for softpage_is_cold(), or NULL */
+	unsigned long *age_into;	/* an aging pass: fill this instead */
+};
+
+/*
  * Classify the page at @pfn and return how many PFNs it accounts for: a whole
  * free buddy block at once, a whole subsection for a hole.
  */
 static unsigned long softpage_classify(const struct softpage *sp,
 				       unsigned long pfn, unsigned long end,
-				       bool want_free, bool want_cache,
-				       bool skip_hot)
+				       const struct softpage_walk_spec *spec)
 {
 	struct page *page = pfn_to_online_page(pfn);
 	unsigned long order, nr;
+	struct folio *folio;
 
 	if (!page)
 		return min(SUBSECTION_ALIGN_UP(pfn + 1), end) - pfn;
@@ -307,13 +353,25 @@ static unsigned long softpage_classify(const struct softpage *sp,
 		if (order > SOFTPAGE_MAX_PAGE_ORDER || !PageBuddy(page))
 			order = 0;
 		nr = min(1UL << order, end - pfn);
-		if (want_free)
+		if (spec->free)
 			bitmap_set(softpage_category(sp, sp->scan_bitmaps,
 						     SOFTPAGE_CAT_FREE), pfn, nr);
 		return nr;
 	}
 
-	if (want_cache && softpage_is_clean_cache(page, skip_hot))
+	if (!spec->cache && !spec->age_into)
+		return 1;
+	folio = page_folio(page);
+	if (!softpage_is_clean_cache(folio))
+		return 1;
+	if (spec->age_into) {
+		if (!folio_test_active(folio) &&
+		    !folio_test_workingset(folio) &&
+		    folio_test_referenced(folio))
+			__set_bit(pfn, spec->age_into);
+		return 1;
+	}
+	if (!spec->cold || softpage_is_cold(folio, pfn, spec->aged))
 		__set_bit(pfn, softpage_category(sp, sp->scan_bitmaps,
 						 SOFTPAGE_CAT_CACHE));
 	return 1;
@@ -374,16 +432,18 @@ static void softpage_mark_pcp_free(struct softpage *sp, struct zone *zone)
  * armed suspend, after which those pages are free and end up HELD.
  * @may_sleep is false in the syscore callback, where nothing may sleep.
  */
-static u64 softpage_walk(struct softpage *sp, bool want_free, bool want_cache,
-			 bool may_sleep)
+static u64 softpage_walk(struct softpage *sp,
+			 const struct softpage_walk_spec *spec, bool may_sleep)
 {
-	bool skip_hot = READ_ONCE(skip_hot_cache);
 	unsigned long since_resched = 0;
 	u64 start = ktime_get_ns();
 	int nid, zid;
 
-	memset(sp->scan_bitmaps, 0,
-	       (size_t)softpage_bitmap_frames(sp) * PAGE_SIZE);
+	if (spec->age_into)
+		bitmap_zero(spec->age_into, sp->nr_pfns);
+	else
+		memset(sp->scan_bitmaps, 0,
+		       (size_t)softpage_bitmap_frames(sp) * PAGE_SIZE);
 	for_each_online_node(nid) {
 		for (zid = 0; zid < MAX_NR_ZONES; zid++) {
 			struct zone *zone = &NODE_DATA(nid)->node_zones[zid];
@@ -396,8 +456,7 @@ static u64 softpage_walk(struct softpage *sp, bool want_free, bool want_cache,
 			while (pfn < end) {
 				unsigned long nr;
 
-				nr = softpage_classify(sp, pfn, end, want_free,
-						       want_cache, skip_hot);
+				nr = softpage_classify(sp, pfn, end, spec);
 				pfn += nr;
 				since_resched += nr;
 				if (may_sleep &&
@@ -406,18 +465,62 @@ static u64 softpage_walk(struct softpage *sp, bool want_free, bool want_cache,
 					cond_resched();
 				}
 			}
-			if (want_free)
+			if (spec->free)
 				softpage_mark_pcp_free(sp, zone);
 		}
 	}
 	return ktime_get_ns() - start;
 }
 
+/*
+ * Whether dom0 asked for prune-cache=cold; anything else, the key absent
+ * included (a dom0 from before it), means all clean cache, as before.
+ */
+static bool softpage_cache_cold_wanted(void)
+{
+	char *mode = xenbus_read(XBT_NIL, SOFTPAGE_XS_DIR,
+				 SOFTPAGE_XS_PRUNE_CACHE, NULL);
+	bool cold;
+
+	if (IS_ERR(mode))
+		return false;
+	cold = !strcmp(mode, SOFTPAGE_XS_PRUNE_CACHE_COLD);
+	kfree(mode);
+	return cold;
+}
+
+/*
+ * The newer aging pass that ended at least cold_age_ms before @now, or NULL
+ * if there is none yet (then only unreferenced cache is cold).
+ */
+static const unsigned long *softpage_aged_before(const struct softpage *sp,
+						 u64 now)
+{
+	u64 age = (u64)READ_ONCE(cold_age_ms) * NSEC_PER_MSEC;
+	unsigned int i = sp->aged_newest;
+
+	if (sp->aged_at[i] && now - sp->aged_at[i] >= age)
+		return sp->aged[i];
+	i ^= 1;
+	if (sp->aged_at[i] && now - sp->aged_at[i] >= age)
+		return sp->aged[i];
+	return NULL;
+}
+
 /* A precopy snapshot, from process context. */
 static u64 softpage_scan(struct softpage *sp)
 {
-	return softpage_walk(sp, READ_ONCE(report_free),
-			     READ_ONCE(report_cache), true);
+	struct softpage_walk_spec spec = {
+		.free = READ_ONCE(report_free),
+		.cache = READ_ONCE(report_cache),
+	};
+
+	if (spec.cache && softpage_cache_cold_wanted()) {
+		spec.cold = true;
+		spec.aged = softpage_aged_before(sp, ktime_get_ns());
+	}
+	sp->stats.cache_cold = spec.cold;
+	return softpage_walk(sp, &spec, true);
 }
 
 /*
@@ -490,7 +593,7 @@ static void softpage_answer_request(struct softpage *sp)
 	lockdep_assert_held(&sp->lock);
 	if (sp->frozen || sp->stopping)
 		return;
-	err = softpage_read_u64("request", &request_id);
+	err = softpage_read_u64(SOFTPAGE_XS_REQUEST, &request_id);
 	if (err) {
 		dev_warn_ratelimited(sp->dev, "cannot read request: %d\n",
 				     err);
@@ -503,6 +606,13 @@ static void softpage_answer_request(struct softpage *sp)
 		bitmap_set(softpage_category(sp, sp->scan_bitmaps,
 					     SOFTPAGE_CAT_FREE), 0, sp->nr_pfns);
 	}
+	/*
+	 * Whatever dom0 may have skipped: not only while armed, because the
+	 * armed watch can fire after the first request of a migration.
+	 */
+	bitmap_or(sp->reported_cache, sp->reported_cache,
+		  softpage_category(sp, sp->scan_bitmaps, SOFTPAGE_CAT_CACHE),
+		  sp->nr_pfns);
 	softpage_publish(sp, SOFTPAGE_STATE_SNAPSHOT, request_id, scan_ns,
 			 0);
 }
@@ -540,6 +650,46 @@ static void softpage_periodic_work(struct work_struct *work)
 	mutex_unlock(&sp->lock);
 }
 
+static void softpage_queue_aging(struct softpage *sp)
+{
+	uint interval = READ_ONCE(cold_age_ms);
+
+	lockdep_assert_held(&sp->lock);
+	if (interval && !sp->frozen && !sp->stopping)
+		mod_delayed_work(system_wq, &sp->age_work,
+				 msecs_to_jiffies(interval));
+	else
+		cancel_delayed_work(&sp->age_work);
+}
+
+/*
+ * Every cold_age_ms, armed or not: note the cache that is inactive and
+ * referenced now, so that a scan cold_age_ms or more later can tell which of
+ * it went unused since (softpage_is_cold()).  The pass replaces the older of
+ * the two it keeps and is stamped when it ends, the later bound of when it
+ * looked at each page.
+ */
+static void softpage_age_work(struct work_struct *work)
+{
+	struct softpage *sp = container_of(to_delayed_work(work),
+					   struct softpage, age_work);
+
+	mutex_lock(&sp->lock);
+	if (!sp->frozen && !sp->stopping) {
+		unsigned int older = sp->aged_newest ^ 1;
+		struct softpage_walk_spec spec = {
+			.age_into = sp->aged[older],
+		};
+
+		sp->stats.last_age_ns = softpage_walk(sp, &spec, true);
+		sp->aged_at[older] = ktime_get_ns();
+		sp->aged_newest = older;
+		sp->stats.age_passes++;
+	}
+	softpage_queue_aging(sp);
+	mutex_unlock(&sp->lock);
+}
+
 static irqreturn_t softpage_interrupt(int irq, void *dev_id)
 {
 	struct softpage *sp = dev_id;
@@ -557,9 +707,13 @@ static void softpage_armed_changed(struct xenbus_watch *watch,
 	u64 armed;
 
 	mutex_lock(&sp->lock);
-	sp->armed = !softpage_read_u64("armed", &armed) && armed == 1;
-	if (!sp->armed)
+	sp->armed = !softpage_read_u64(SOFTPAGE_XS_ARMED, &armed) && armed == 1;
+	if (!sp->armed) {
 		sp->early_dropped = false;
+		/* Disarmed: that migration's reports are history. */
+		if (!sp->frozen)
+			bitmap_zero(sp->reported_cache, sp->nr_pfns);
+	}
 	softpage_queue_periodic(sp);
 	mutex_unlock(&sp->lock);
 }
@@ -664,30 +818,42 @@ static int softpage_advertise(struct softpage *sp)
 		err = xenbus_transaction_start(&xbt);
 		if (err)
 			return err;
-		err = xenbus_printf(xbt, SOFTPAGE_XS_DIR, "version", "%u",
+		err = xenbus_printf(xbt, SOFTPAGE_XS_DIR, SOFTPAGE_XS_VERSION, "%u",
 				    SOFTPAGE_VERSION);
 		if (!err)
 			err = xenbus_printf(xbt, SOFTPAGE_XS_DIR,
-					    "header-gref", "%u", sp->grefs[0]);
+					    SOFTPAGE_XS_HEADER_GREF, "%u",
+					    sp->grefs[0]);
 		if (!err)
 			err = xenbus_printf(xbt, SOFTPAGE_XS_DIR,
-					    "event-channel", "%u", sp->port);
-		if (!err)
-			err = xenbus_printf(xbt, SOFTPAGE_XS_DIR, "request",
-					    "0");
-		if (!err)
-			err = xenbus_printf(xbt, SOFTPAGE_XS_DIR, "armed", "0");
-		if (!err)
-			err = xenbus_printf(xbt, SOFTPAGE_XS_DIR, "drop", "0");
-		if (!err)
-			err = xenbus_printf(xbt, SOFTPAGE_XS_DIR, "dropped",
-					    "0");
+					    SOFTPAGE_XS_EVENT_CHANNEL, "%u",
+					    sp->port);
 		if (!err)
 			err = xenbus_printf(xbt, SOFTPAGE_XS_DIR,
-					    "feature-drop", "1");
+					    SOFTPAGE_XS_REQUEST, "0");
 		if (!err)
-			err = xenbus_printf(xbt, SOFTPAGE_XS_DIR, "state",
-					    "ready");
+			err = xenbus_printf(xbt, SOFTPAGE_XS_DIR,
+					    SOFTPAGE_XS_ARMED, "0");
+		if (!err)
+			err = xenbus_printf(xbt, SOFTPAGE_XS_DIR,
+					    SOFTPAGE_XS_DROP, "0");
+		if (!err)
+			err = xenbus_printf(xbt, SOFTPAGE_XS_DIR,
+					    SOFTPAGE_XS_DROPPED, "0");
+		if (!err)
+			err = xenbus_printf(xbt, SOFTPAGE_XS_DIR,
+					    SOFTPAGE_XS_FEATURE_DROP, "1");
+		if (!err)
+			err = xenbus_printf(xbt, SOFTPAGE_XS_DIR,
+					    SOFTPAGE_XS_PRUNE_CACHE, "%s",
+					    SOFTPAGE_XS_PRUNE_CACHE_ALL);
+		if (!err)
+			err = xenbus_printf(xbt, SOFTPAGE_XS_DIR,
+					    SOFTPAGE_XS_FEATURE_CACHE_COLD, "1");
+		if (!err)
+			err = xenbus_printf(xbt, SOFTPAGE_XS_DIR,
+					    SOFTPAGE_XS_STATE, "%s",
+					    SOFTPAGE_XS_STATE_READY);
 		if (err) {
 			xenbus_transaction_end(xbt, 1);
 			return err;
@@ -725,17 +891,124 @@ static unsigned long softpage_droppable_pages(void)
 	       global_node_page_state_pages(NR_SLAB_RECLAIMABLE_B);
 }
 
-/* Returns how long the drop took, in ns. */
+/*
+ * Evict the folios of @mapping in [@first, @last], which the caller found
+ * cold, and let go of the inode that kept @mapping alive meanwhile.
+ * invalidate_mapping_pages() takes each folio's lock with a trylock and leaves
+ * alone one that is dirty, under writeback or mapped (its reference count
+ * says so), as drop_caches does.
+ */
+static unsigned long softpage_evict_range(struct address_space *mapping,
+					  struct inode *inode, pgoff_t first,
+					  pgoff_t last)
+{
+	unsigned long evicted;
+
+	if (!inode)
+		return 0;
+	evicted = invalidate_mapping_pages(mapping, first, last);
+	iput(inode);
+	return evicted;
+}
+
+/*
+ * prune-cache=cold: evict the page cache reported soft since dom0 armed us
+ * that is still clean, unmapped and cold, and nothing else.  Each folio is
+ * checked with a reference and its lock held: while it is locked and in
+ * @mapping, the inode cannot be evicted (truncation waits for the lock), so
+ * igrab() pins it for the invalidation after the folio is let go.  Folios
+ * that follow each other in the file are evicted with one call.
+ */
+static unsigned long softpage_evict_reported_cache(struct softpage *sp)
+{
+	const unsigned long *aged = softpage_aged_before(sp, ktime_get_ns());
+	struct address_space *run_mapping = NULL;
+	struct inode *run_inode = NULL;
+	pgoff_t run_first = 0, run_last = 0;
+	unsigned long pfn, evicted = 0, candidates = 0, since_resched = 0;
+
+	for_each_set_bit(pfn, sp->reported_cache, sp->nr_pfns) {
+		struct page *page = pfn_to_online_page(pfn);
+		struct address_space *mapping;
+		struct inode *inode;
+		struct folio *folio;
+		pgoff_t first, last;
+
+		if (++since_resched >= SOFTPAGE_SCAN_BATCH) {
+			since_resched = 0;
+			cond_resched();
+		}
+		if (!page)
+			continue;
+		folio = page_folio(page);
+		if (!softpage_is_clean_cache(folio) ||
+		    !softpage_is_cold(folio, pfn, aged))
+			continue;
+		if (!folio_try_get(folio))
+			continue;
+		if (page_folio(page) != folio || !folio_trylock(folio)) {
+			folio_put(folio);
+			continue;
+		}
+		candidates++;
+		mapping = folio_mapping(folio);
+		first = folio->index;
+		last = first + folio_nr_pages(folio) - 1;
+		if (mapping && mapping == run_mapping &&
+		    first >= run_first && first <= run_last + 1) {
+			/* The next folio of the run, or a tail page of one. */
+			run_last = max(run_last, last);
+			folio_unlock(folio);
+			folio_put(folio);
+			continue;
+		}
+		inode = mapping ? igrab(mapping->host) : NULL;
+		folio_unlock(folio);
+		folio_put(folio);
+		if (!inode)
+			continue;
+		evicted += softpage_evict_range(run_mapping, run_inode,
+						run_first, run_last);
+		run_mapping = mapping;
+		run_inode = inode;
+		run_first = first;
+		run_last = last;
+	}
+	evicted += softpage_evict_range(run_mapping, run_inode, run_first,
+					run_last);
+	sp->stats.evict_candidates = candidates;
+	sp->stats.evicted_cache_pages = evicted;
+	return evicted;
+}
+
+/*
+ * Drop what an armed suspend drops: with prune-cache=all, page cache and
+ * reclaimable slab through drop_caches (drop_caches_at_freeze); with
+ * prune-cache=cold only the page cache softpage_evict_reported_cache() picks,
+ * and no slab: shrinking the inode cache evicts every unused inode with all
+ * of its page cache, hot or not (inode_lru_isolate()), and the dentry cache
+ * holds the last reference of many of them.  Returns the time it took, in ns.
+ */
 static u64 softpage_drop_and_account(struct softpage *sp)
 {
+	uint mode = READ_ONCE(drop_caches_at_freeze);
 	u64 start = ktime_get_ns();
 	unsigned long file_before = global_node_page_state(NR_FILE_PAGES);
 	unsigned long slab_before =
 		global_node_page_state_pages(NR_SLAB_RECLAIMABLE_B);
 	unsigned long file_after, slab_after;
-	int err;
+	int err = 0;
 
-	err = softpage_drop_caches(READ_ONCE(drop_caches_at_freeze));
+	if (softpage_cache_cold_wanted()) {
+		sp->stats.cache_cold = 1;
+		if (mode & 1)
+			softpage_evict_reported_cache(sp);
+	} else {
+		sp->stats.cache_cold = 0;
+		sp->stats.evict_candidates = 0;
+		sp->stats.evicted_cache_pages = 0;
+		err = softpage_drop_caches(mode);
+	}
 	sp->stats.drop_error = err;
 	if (err)
 		dev_warn(sp->dev, "drop_caches at suspend failed: %d\n", err);
@@ -779,7 +1052,7 @@ static void softpage_drop_work(struct work_struct *work)
 
 	mutex_lock(&sp->lock);
 	if (sp->frozen || sp->stopping ||
-	    softpage_read_u64("drop", &drop_id) || drop_id <= sp->last_drop_id)
+	    softpage_read_u64(SOFTPAGE_XS_DROP, &drop_id) || drop_id <= sp->last_drop_id)
 		goto out;
 	sp->last_drop_id = drop_id;
 	if (sp->armed) {
@@ -788,8 +1061,8 @@ static void softpage_drop_work(struct work_struct *work)
 		sp->early_dropped = !sp->stats.drop_error;
 		sp->early_drop_left = softpage_droppable_pages();
 	}
-	err = xenbus_printf(XBT_NIL, SOFTPAGE_XS_DIR, "dropped", "%llu",
-			    drop_id);
+	err = xenbus_printf(XBT_NIL, SOFTPAGE_XS_DIR, SOFTPAGE_XS_DROPPED,
+			    "%llu", drop_id);
 	if (err)
 		dev_warn(sp->dev, "cannot answer drop %llu: %d\n", drop_id, err);
 out:
@@ -809,6 +1082,7 @@ static void softpage_drop_requested(struct xenbus_watch *watch,
 static void softpage_quiesce(struct softpage *sp)
 {
 	cancel_delayed_work_sync(&sp->periodic_work);
+	cancel_delayed_work_sync(&sp->age_work);
 	cancel_work_sync(&sp->request_work);
 	cancel_work_sync(&sp->drop_work);
 }
@@ -828,7 +1102,7 @@ static int softpage_pm_freeze(struct device *dev)
 	int err;
 
 	mutex_lock(&sp->lock);
-	if (softpage_read_u64("armed", &armed) || armed != 1) {
+	if (softpage_read_u64(SOFTPAGE_XS_ARMED, &armed) || armed != 1) {
 		/* Stock xl save/migrate: stay out of the way. */
 		mutex_unlock(&sp->lock);
 		return 0;
@@ -839,7 +1113,7 @@ static int softpage_pm_freeze(struct device *dev)
 
 	mutex_lock(&sp->lock);
 	sp->stats.freezes++;
-	err = softpage_read_u64("request", &request_id);
+	err = softpage_read_u64(SOFTPAGE_XS_REQUEST, &request_id);
 	if (err) {
 		/* Without Rf dom0 would not use FINAL anyway. */
 		dev_warn(dev, "armed suspend without a request: %d\n", err);
@@ -876,6 +1150,7 @@ static int softpage_pm_freeze(struct device *dev)
  */
 static int softpage_syscore_suspend(void)
 {
+	static const struct softpage_walk_spec final_spec = { .free = true };
 	struct softpage *sp = READ_ONCE(softpage_suspending);
 	u64 scan_ns;
 
@@ -883,7 +1158,7 @@ static int softpage_syscore_suspend(void)
 		return 0;
 	sp->final_pending = false;
 	/* The walk clears the bitmaps first. */
-	scan_ns = softpage_walk(sp, true, false, false);
+	scan_ns = softpage_walk(sp, &final_spec, false);
 	bitmap_copy(softpage_category(sp, sp->scan_bitmaps, SOFTPAGE_CAT_HELD),
 		    softpage_category(sp, sp->scan_bitmaps, SOFTPAGE_CAT_FREE),
 		    sp->nr_pfns);
@@ -1019,6 +1294,7 @@ static void softpage_end_suspend(struct softpage *sp)
 	sp->armed = false;
 	sp->early_dropped = false;
 	sp->frozen = false;
+	bitmap_zero(sp->reported_cache, sp->nr_pfns);
 }
 
 /* The suspend was cancelled: same domain, same grants and port. */
@@ -1036,7 +1312,8 @@ static int softpage_pm_thaw(struct device *dev)
 	softpage_publish_empty(sp);
 	softpage_end_suspend(sp);
 	softpage_queue_periodic(sp);
-	err = xenbus_printf(XBT_NIL, SOFTPAGE_XS_DIR, "armed", "0");
+	softpage_queue_aging(sp);
+	err = xenbus_printf(XBT_NIL, SOFTPAGE_XS_DIR, SOFTPAGE_XS_ARMED, "0");
 	if (err)
 		dev_warn(dev, "cannot clear armed: %d\n", err);
 	mutex_unlock(&sp->lock);
@@ -1066,6 +1343,8 @@ static int softpage_pm_restore(struct device *dev)
 	/* A new domain: dom0 numbers its requests afresh from request = 0. */
 	sp->last_drop_id = 0;
 	softpage_queue_periodic(sp);
+	/* Same memory, same pages: the aging passes still hold. */
+	softpage_queue_aging(sp);
 	err = softpage_advertise(sp);
 	if (err)
 		dev_err(dev, "cannot advertise after resume: %d\n", err);
@@ -1091,6 +1370,9 @@ static void softpage_free_shared(struct softpage *sp)
 	if (sp->shared_bitmaps)
 		vunmap(sp->shared_bitmaps);
 	vfree(sp->scan_bitmaps);
+	vfree(sp->aged[0]);
+	vfree(sp->aged[1]);
+	vfree(sp->reported_cache);
 	if (!sp->shared)
 		return;
 	/* A page dom0 still maps is freed once dom0 lets go of it. */
@@ -1131,7 +1413,12 @@ static int softpage_alloc_shared(struct softpage *sp)
 	sp->shared_bitmaps = vmap(&sp->shared[1 + sp->nr_list_frames],
 				  nr_bitmap, VM_MAP, PAGE_KERNEL);
 	sp->scan_bitmaps = vzalloc((size_t)nr_bitmap * PAGE_SIZE);
-	if (!sp->shared_bitmaps || !sp->scan_bitmaps)
+	sp->aged[0] = vzalloc(BITS_TO_LONGS(sp->nr_pfns) * sizeof(long));
+	sp->aged[1] = vzalloc(BITS_TO_LONGS(sp->nr_pfns) * sizeof(long));
+	sp->reported_cache = vzalloc(BITS_TO_LONGS(sp->nr_pfns) *
+				     sizeof(long));
+	if (!sp->shared_bitmaps || !sp->scan_bitmaps || !sp->aged[0] ||
+	    !sp->aged[1] || !sp->reported_cache)
 		return -ENOMEM;
 	return softpage_grant_all(sp);
 }
@@ -1211,6 +1498,11 @@ SOFTPAGE_STAT_ATTR(held_pages, held_pages);
 SOFTPAGE_STAT_ATTR(final_scan_ns, final_scan_ns);
 SOFTPAGE_STAT_ATTR(held_reinit_pages, held_reinit_pages);
 SOFTPAGE_STAT_ATTR(held_reinit_ns, held_reinit_ns);
+SOFTPAGE_STAT_ATTR(age_passes, age_passes);
+SOFTPAGE_STAT_ATTR(last_age_ns, last_age_ns);
+SOFTPAGE_STAT_ATTR(cache_cold, cache_cold);
+SOFTPAGE_STAT_ATTR(evict_candidates, evict_candidates);
+SOFTPAGE_STAT_ATTR(evicted_cache_pages, evicted_cache_pages);
 SOFTPAGE_STAT_ATTR(freezes, freezes);
 SOFTPAGE_STAT_ATTR(thaws, thaws);
 SOFTPAGE_STAT_ATTR(restores, restores);
@@ -1244,6 +1536,11 @@ static struct attribute *softpage_stats_attrs[] = {
 	&dev_attr_final_scan_ns.attr,
 	&dev_attr_held_reinit_pages.attr,
 	&dev_attr_held_reinit_ns.attr,
+	&dev_attr_age_passes.attr,
+	&dev_attr_last_age_ns.attr,
+	&dev_attr_cache_cold.attr,
+	&dev_attr_evict_candidates.attr,
+	&dev_attr_evicted_cache_pages.attr,
 	&dev_attr_freezes.attr,
 	&dev_attr_thaws.attr,
 	&dev_attr_restores.attr,
@@ -1274,6 +1571,7 @@ static int softpage_probe(struct platform_device *pdev)
 	INIT_WORK(&sp->request_work, softpage_request_work);
 	INIT_DELAYED_WORK(&sp->periodic_work, softpage_periodic_work);
 	INIT_WORK(&sp->drop_work, softpage_drop_work);
+	INIT_DELAYED_WORK(&sp->age_work, softpage_age_work);
 	platform_set_drvdata(pdev, sp);
 
 	err = softpage_alloc_shared(sp);
@@ -1287,10 +1585,10 @@ static int softpage_probe(struct platform_device *pdev)
 	err = softpage_advertise(sp);
 	if (err)
 		goto fail;
-	err = softpage_watch(&sp->armed_watch, SOFTPAGE_XS_ARMED,
+	err = softpage_watch(&sp->armed_watch, SOFTPAGE_XS_ARMED_PATH,
 			     softpage_armed_changed);
 	if (!err)
-		err = softpage_watch(&sp->drop_watch, SOFTPAGE_XS_DROP,
+		err = softpage_watch(&sp->drop_watch, SOFTPAGE_XS_DROP_PATH,
 				     softpage_drop_requested);
 	if (err)
 		goto fail;
@@ -1298,6 +1596,9 @@ static int softpage_probe(struct platform_device *pdev)
 		 "publishing %lu PFNs in %u+%u pages: header-gref %u, event-channel %u, flags %#x\n",
 		 sp->nr_pfns, sp->nr_list_frames, softpage_bitmap_frames(sp),
 		 sp->grefs[0], sp->port, softpage_guest_flags());
+	mutex_lock(&sp->lock);
+	softpage_queue_aging(sp);
+	mutex_unlock(&sp->lock);
 	return 0;
 
 fail:

@@ -85,6 +85,33 @@ struct softpage_header {
 };                                    /* 512 */
 /* cffi-cdef-end */
 
+/*
+ * Xenstore keys under the guest's data/softpage/ and the values with a fixed
+ * meaning (docs/spec/guest-protocol.md, "Xenstore keys").  Strings only, so
+ * outside the cffi cdef above; the build script of softpage._abi stamps each
+ * into the compiled module and tests/unit/test_abi.py checks dom0's mirror
+ * (softpage.abi.XS_*) against it.
+ */
+/* xenstore-keys-begin */
+#define SOFTPAGE_XS_DIR                "data/softpage"
+#define SOFTPAGE_XS_VERSION            "version"
+#define SOFTPAGE_XS_HEADER_GREF        "header-gref"
+#define SOFTPAGE_XS_EVENT_CHANNEL      "event-channel"
+#define SOFTPAGE_XS_STATE              "state"
+#define SOFTPAGE_XS_REQUEST            "request"
+#define SOFTPAGE_XS_ARMED              "armed"
+#define SOFTPAGE_XS_FEATURE_DROP       "feature-drop"
+#define SOFTPAGE_XS_DROP               "drop"
+#define SOFTPAGE_XS_DROPPED            "dropped"
+/* "1": the guest knows SOFTPAGE_XS_PRUNE_CACHE (absent: it reports all cache) */
+#define SOFTPAGE_XS_FEATURE_CACHE_COLD "feature-cache-cold"
+/* dom0 writes which page cache to report soft and drop; the guest creates it "all" */
+#define SOFTPAGE_XS_PRUNE_CACHE        "prune-cache"
+#define SOFTPAGE_XS_STATE_READY        "ready"
+#define SOFTPAGE_XS_PRUNE_CACHE_COLD   "cold"
+#define SOFTPAGE_XS_PRUNE_CACHE_ALL    "all"
+/* xenstore-keys-end */
+
 #ifdef __KERNEL__
 static_assert(sizeof(struct softpage_header) == 512,
 	      "softpage ABI: header size");

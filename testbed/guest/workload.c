@@ -11,11 +11,16 @@
  *       (guest side) fills N MiB of anonymous memory, reads M MiB of the data files into the page
  *       cache, then keeps rewriting pages at the given rate. SIGUSR1, or every SECONDS if set,
  *       checks every anonymous byte and re-reads the cached files against the manifest.
+ *   workload files DIR FIRST COUNT resident|check
+ *       (guest side) for the manifest's files FIRST..FIRST+COUNT-1: how many of their pages are
+ *       in the page cache (mincore, which reads nothing), and with "check" then reads each file
+ *       and compares it with the manifest, timing the reads.
  *
  * Output lines (machine-readable, one per event, on stdout = the guest console):
  *   WORKLOAD READY anon_pages=N files=M cache_bytes=B dirty_rate=R
  *   WORKLOAD VERIFY ok seq=K anon_pages=N files=M cache_bytes=B resident_file_pages=P dirtied=D
  *   WORKLOAD VERIFY FAIL seq=K bad_anon_pages=X first_bad_page=I bad_files=Y first_bad_file=NAME
+ *   WORKLOAD FILES first=F count=C pages=P resident=R [bad=B read_s=S]
  *   WORKLOAD ERROR <what failed>
  * Each anonymous page holds a pattern derived from (page index, generation); the generation of
  * every page is kept in a separate array, so a page that reverts to an older content (a lost
@@ -402,12 +407,72 @@ static int run(int argc, char **argv)
 	}
 }
 
+static int files(const char *dir, unsigned long first, unsigned long count, int check)
+{
+	static struct workload w;
+	unsigned long pages = 0, resident = 0, bad = 0, index = 0;
+	char path[1200], name[64];
+	unsigned long bytes;
+	double started;
+	uint64_t sum;
+	FILE *manifest;
+
+	snprintf(w.data_dir, sizeof(w.data_dir), "%s", dir);
+	snprintf(path, sizeof(path), "%s/MANIFEST", dir);
+	manifest = fopen(path, "r");
+	if (!manifest) {
+		say("WORKLOAD ERROR cannot open %s: %s", path, strerror(errno));
+		return 1;
+	}
+	while (w.cached_files < MAX_FILES && index < first + count &&
+	       fscanf(manifest, "%63s %lu %" SCNx64, name, &bytes, &sum) == 3) {
+		struct data_file *file = &w.files[w.cached_files];
+
+		if (index++ < first)
+			continue;
+		snprintf(file->name, sizeof(file->name), "%s", name);
+		file->bytes = bytes;
+		file->checksum = sum;
+		w.cached_files++;
+	}
+	fclose(manifest);
+	if (w.cached_files != count) {
+		say("WORKLOAD ERROR the manifest has no files %lu..%lu", first, first + count - 1);
+		return 1;
+	}
+	/* residency first: reading the files brings them back into the cache */
+	for (unsigned int f = 0; f < w.cached_files; f++) {
+		pages += (w.files[f].bytes + PAGE_BYTES - 1) / PAGE_BYTES;
+		resident += resident_pages(&w, &w.files[f]);
+	}
+	if (!check) {
+		say("WORKLOAD FILES first=%lu count=%lu pages=%lu resident=%lu", first, count, pages,
+		    resident);
+		return 0;
+	}
+	started = now_s();
+	for (unsigned int f = 0; f < w.cached_files; f++) {
+		int failed = 0;
+
+		if (file_checksum(&w, &w.files[f], &failed) != w.files[f].checksum || failed)
+			bad++;
+	}
+	say("WORKLOAD FILES first=%lu count=%lu pages=%lu resident=%lu bad=%lu read_s=%.3f", first,
+	    count, pages, resident, bad, now_s() - started);
+	return bad ? 1 : 0;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc == 4 && !strcmp(argv[1], "gendata"))
 		return gendata(argv[2], strtoul(argv[3], NULL, 0));
 	if (argc >= 2 && !strcmp(argv[1], "run"))
 		return run(argc - 2, argv + 2);
-	fprintf(stderr, "usage: workload gendata DIR TOTAL_MB | workload run [options]\n");
+	if (argc == 6 && !strcmp(argv[1], "files") &&
+	    (!strcmp(argv[5], "resident") || !strcmp(argv[5], "check")))
+		return files(argv[2], strtoul(argv[3], NULL, 0), strtoul(argv[4], NULL, 0),
+			     !strcmp(argv[5], "check"));
+	fprintf(stderr, "usage: workload gendata DIR TOTAL_MB | workload run [options] | "
+		"workload files DIR FIRST COUNT resident|check\n");
 	return 2;
 }

@@ -181,6 +181,9 @@ class BenchBackend:
     def request_final(self, request_id: int) -> None:
         self.request_ids["final"] = request_id
 
+    def prune_cache(self, mode: Any) -> bool:
+        return True
+
     def drop_caches(self, drop_id: int, timeout: float) -> Any:
         from softpage.backend import DropOutcome
 

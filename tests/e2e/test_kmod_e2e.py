@@ -51,7 +51,7 @@ SOFTPAGE_MAGIC = 0x47505353
 # struct softpage_header (guest_kmod/uapi/softpage_abi.h), 512 bytes
 SOFTPAGE_HEADER = "<IHHIIQQQII4QQ21Q64I"
 SOFTPAGE_KEYS = ("version", "header-gref", "event-channel", "state", "request", "armed",
-                 "feature-drop", "drop", "dropped")
+                 "feature-drop", "drop", "dropped", "feature-cache-cold", "prune-cache")
 
 
 def _dom0_xenstore_read(path: str) -> str | None:
@@ -270,6 +270,8 @@ def assert_publishing(found: dict[str, Any]) -> None:
     assert re.fullmatch(r"\d+", keys["event-channel"] or "")
     assert keys["feature-drop"] == "1"
     assert re.fullmatch(r"\d+", keys["dropped"] or "")
+    # Created as "all": a dom0 that never writes it gets the module's behaviour before cache=cold.
+    assert (keys["feature-cache-cold"], keys["prune-cache"]) == ("1", "all")
 
 
 def assert_well_formed(snapshot: dict[str, Any]) -> None:

@@ -4,7 +4,9 @@ Hypothesis drives arbitrary interleavings of guest activity (allocations,
 frees, cache fills, cache that becomes dirty or mapped, slab growth, writes
 while pages are being read or while a report is being built), soft-page
 reports (prompt, silent, lagging, answering an old request, lying, malformed,
-torn), the early drop before the suspend (answered, never answered, not
+torn), either cache mode (``prune-cache`` cold or all, a module that does not
+know it, cold cache used again after it was reported, hot cache going cold),
+the early drop before the suspend (answered, never answered, not
 offered, not asked for, with guest work right after it), dirty-log harvests
 and live rounds through the real ``MigrationSession`` and ``RoundPlanner`` on
 the simulator, into the real stream writer, reader and ``RestoreModel``. After
@@ -44,7 +46,7 @@ from hypothesis.stateful import (
 )
 
 from softpage import abi
-from softpage.categories import Category
+from softpage.categories import CacheMode, Category
 from softpage.driver import MigrationSession
 from softpage.options import DriverOptions
 from softpage.pfnset import PfnArray, PfnSet
@@ -96,6 +98,9 @@ class SafetyModel(RuleBasedStateMachine):
         pinned=st.integers(0, 20),
         module_loaded=st.booleans(),
         skip_early_drop=st.booleans(),
+        cache_mode=st.sampled_from(CacheMode),
+        knows_prune_cache=st.booleans(),
+        hot=st.integers(0, 60),
         snapshot_min_candidates=st.sampled_from([0, 0, 8, 40]),
         data=st.data(),
     )
@@ -111,6 +116,9 @@ class SafetyModel(RuleBasedStateMachine):
         pinned: int,
         module_loaded: bool,
         skip_early_drop: bool,
+        cache_mode: CacheMode,
+        knows_prune_cache: bool,
+        hot: int,
         snapshot_min_candidates: int,
         data: st.DataObject,
     ) -> None:
@@ -125,13 +133,15 @@ class SafetyModel(RuleBasedStateMachine):
         guest.fill_cache(cache)
         guest.grow_slab(slab)
         guest.pin_cache(pinned)
+        guest.use_cache(hot)
+        guest.knows_prune_cache = knows_prune_cache
         guest.module_loaded = module_loaded or seed % 8 != 0
         self.guest = guest
         self.backend = SimBackend(guest, read_hook=self._while_reading)
         self.sink = RestoreSink(fresh_fill=data.draw(self.fresh_fill))
         options = DriverOptions(
             snapshot_timeout=0.0, final_snapshot_timeout=0.0, drop_timeout=0.0 if skip_early_drop else 1.0,
-            snapshot_min_candidates=snapshot_min_candidates,
+            snapshot_min_candidates=snapshot_min_candidates, cache=cache_mode,
         )
         self.session = MigrationSession(self.backend, self.sink, options, self.messages.append)
         self.session.planner = self.planner_class(p2m_size, options.prune, honour_held=False)
@@ -175,6 +185,15 @@ class SafetyModel(RuleBasedStateMachine):
     @rule(count=pages)
     def map_cache(self, count: int) -> None:
         self.guest.pin_cache(count)
+
+    @rule(count=pages)
+    def use_cache(self, count: int) -> None:
+        """Cached files read again: cold cache, reported soft or not, becomes hot."""
+        self.guest.use_cache(count)
+
+    @rule(count=pages)
+    def cool_cache(self, count: int) -> None:
+        self.guest.cool_cache(count)
 
     @rule(count=pages)
     def drop_cache(self, count: int) -> None:
@@ -265,6 +284,7 @@ class SafetyModel(RuleBasedStateMachine):
         event(f"XALLOC used: {stats.pages_xalloc > 0}; soft pages skipped: {stats.pages_skipped > 0}")
         event(f"final report used: {stats.rounds[-1].snapshot_used}")
         event(f"early drop: {stats.guest_drop_outcome}")
+        event(f"cache mode: {stats.cache_mode}")
         guest, backend = self.guest, self.backend
         source = backend.suspended_tokens
         assert source is not None and backend.suspended_held is not None

@@ -47,6 +47,24 @@ CONSTANTS = {
     "SOFTPAGE_FLAGS_KNOWN": abi.FLAGS_KNOWN,
 }
 
+XENSTORE_KEYS = {
+    "SOFTPAGE_XS_DIR": abi.XS_DIR,
+    "SOFTPAGE_XS_VERSION": abi.XS_VERSION,
+    "SOFTPAGE_XS_HEADER_GREF": abi.XS_HEADER_GREF,
+    "SOFTPAGE_XS_EVENT_CHANNEL": abi.XS_EVENT_CHANNEL,
+    "SOFTPAGE_XS_STATE": abi.XS_STATE,
+    "SOFTPAGE_XS_REQUEST": abi.XS_REQUEST,
+    "SOFTPAGE_XS_ARMED": abi.XS_ARMED,
+    "SOFTPAGE_XS_FEATURE_DROP": abi.XS_FEATURE_DROP,
+    "SOFTPAGE_XS_DROP": abi.XS_DROP,
+    "SOFTPAGE_XS_DROPPED": abi.XS_DROPPED,
+    "SOFTPAGE_XS_FEATURE_CACHE_COLD": abi.XS_FEATURE_CACHE_COLD,
+    "SOFTPAGE_XS_PRUNE_CACHE": abi.XS_PRUNE_CACHE,
+    "SOFTPAGE_XS_STATE_READY": abi.XS_STATE_READY,
+    "SOFTPAGE_XS_PRUNE_CACHE_COLD": abi.XS_PRUNE_CACHE_COLD,
+    "SOFTPAGE_XS_PRUNE_CACHE_ALL": abi.XS_PRUNE_CACHE_ALL,
+}
+
 
 @pytest.fixture(scope="module")
 def compiled() -> ModuleType:
@@ -83,7 +101,18 @@ def test_constant_matches_the_compiler(compiled: ModuleType, c_name: str) -> Non
 def test_every_c_constant_has_a_python_twin(compiled: ModuleType) -> None:
     c_constants = {name for name in dir(compiled.lib) if name.startswith("SOFTPAGE_")}
     stamps = {"SOFTPAGE_PACKAGE_VERSION", "SOFTPAGE_ABI_CDEF_SHA256"}
-    assert c_constants - stamps == set(CONSTANTS)
+    assert c_constants - stamps == set(CONSTANTS) | set(XENSTORE_KEYS)
+
+
+@pytest.mark.parametrize("c_name", sorted(XENSTORE_KEYS))
+def test_xenstore_key_matches_the_header(compiled: ModuleType, c_name: str) -> None:
+    assert compiled.ffi.string(getattr(compiled.lib, c_name)).decode("ascii") == XENSTORE_KEYS[c_name]
+
+
+def test_every_xenstore_key_of_the_header_is_stamped() -> None:
+    # The build script's own parse, against a plain reading of the header.
+    defined = set(re.findall(r'^#define (SOFTPAGE_XS_\w+)\s+"', HEADER_PATH.read_text(), re.MULTILINE))
+    assert set(_load_build_script()._xenstore_key_names(HEADER_PATH)) == defined == set(XENSTORE_KEYS)
 
 
 def test_header_size_matches_the_compiler(compiled: ModuleType) -> None:

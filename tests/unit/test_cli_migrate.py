@@ -1,5 +1,5 @@
-"""``softpage migrate`` / ``save`` options and statistics that need no Xen: ``--drop-timeout``, and
-what an HVM guest is handed to (``xl`` with the save helper)."""
+"""``softpage migrate`` / ``save`` options and statistics that need no Xen: ``--drop-timeout``,
+``--prune`` and its cache mode, and what an HVM guest is handed to (``xl`` with the save helper)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ import pytest
 import softpage
 from softpage import toolstack
 from softpage.backend import DropOutcome
+from softpage.categories import CacheMode, Category
 from softpage.cli import save_helper
 from softpage.cli.main import _modules_needed, build_parser
 from softpage.cli.migrate import (
+    DEFAULT_PRUNE,
     Timeline,
     _totals,
     driver_options,
@@ -97,6 +99,7 @@ def test_the_sender_loads_in_the_background() -> None:
 @pytest.mark.parametrize(
     "options",
     [[], ["--no-prune"], ["--prune", "cache,free", "--stats", "/tmp/a b.json", "-q"],
+     ["--prune", "cache=all,slab"],
      ["--drop-timeout", "0", "--max-iters", "3", "--dirty-target", "17", "--snapshot-timeout", "2.5"]],
 )
 def test_an_hvm_guests_options_reach_the_save_helper_unchanged(
@@ -143,7 +146,7 @@ def test_an_hvm_guest_goes_to_xl_with_softpages_save_helper(
     [(file, command, environment)] = exec_calls
     assert (file, command) == ("xl", ["xl", *xl_arguments])
     assert environment["LIBXL_SAVE_HELPER"] == str(helper)
-    assert environment[save_helper.OPTIONS_VARIABLE].startswith("--prune free,cache,slab")
+    assert environment[save_helper.OPTIONS_VARIABLE].startswith("--prune free,cache=cold,slab")
     assert "hvm1 is an HVM guest" in capsys.readouterr().err
 
 
@@ -153,3 +156,53 @@ def test_no_installed_save_helper_is_a_clear_error(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(softpage, "__file__", str(tmp_path / "a" / "softpage" / "__init__.py"))
     with pytest.raises(SoftpageError, match="softpage-save-helper is not installed"):
         save_helper.executable()
+# -- --prune cache=cold|all ----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("prune", "categories", "cache"),
+    [
+        (None, (Category.FREE, Category.CACHE, Category.SLAB), CacheMode.COLD),
+        ("free,cache,slab", (Category.FREE, Category.CACHE, Category.SLAB), CacheMode.COLD),
+        ("cache=cold", (Category.CACHE,), CacheMode.COLD),
+        ("cache=all", (Category.CACHE,), CacheMode.ALL),
+        ("free, cache=all ,slab", (Category.FREE, Category.CACHE, Category.SLAB), CacheMode.ALL),
+        ("cache=all,cache", (Category.CACHE,), CacheMode.ALL),
+        ("free", (Category.FREE,), CacheMode.COLD),
+    ],
+)
+def test_prune_names_the_categories_and_the_cache_mode(
+    prune: str | None, categories: tuple[Category, ...], cache: CacheMode
+) -> None:
+    argv = ["migrate", "guest", "host"] if prune is None else ["migrate", "--prune", prune, "guest", "host"]
+    options = driver_options(build_parser(argv).parse_args(argv), True)
+    assert (options.prune, options.cache) == (categories, cache)
+
+
+def test_the_default_is_cache_cold() -> None:
+    assert DriverOptions().cache is CacheMode.COLD
+    assert DEFAULT_PRUNE.cache is CacheMode.COLD
+
+
+@pytest.mark.parametrize(
+    ("prune", "message"),
+    [
+        ("cache=warm", "expected cache=cold or cache=all, got mode 'warm'"),
+        ("free=cold", "only cache takes a mode"),
+        ("cache=cold,cache=all", "cache=cold and cache=all both given"),
+        ("hot", "unknown category 'hot'"),
+        (",", "expected at least one category"),
+    ],
+)
+def test_a_bad_prune_list_is_a_usage_error(
+    prune: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["migrate", "--prune", prune, "guest", "host"]
+    with pytest.raises(SystemExit) as exited:
+        build_parser(argv).parse_args(argv)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_totals_report_the_cache_mode() -> None:
+    assert _totals(MigrationStats(domid=3), 0, 1.0, None)["cache_mode"] is None
+    stats = MigrationStats(domid=3, cache_mode=CacheMode.COLD)
+    assert json.loads(json.dumps(_totals(stats, 0, 1.0, None)))["cache_mode"] == "cold"

@@ -10,6 +10,7 @@ import pytest
 
 from softpage import bitmap
 from softpage.backend import DomainInfo, DropOutcome, EndOfCheckpoint, PageBatch, StaticInfo
+from softpage.categories import CacheMode
 from softpage.driver import FEW_CANDIDATES_NOTE, MigrationSession, send_domain
 from softpage.errors import MigrationError
 from softpage.options import DriverOptions
@@ -19,6 +20,7 @@ from softpage.sim.destination import DirectSink
 from softpage.sim.experiment import GuestShape, boot_guest
 from softpage.sim.guest import DropBehaviour, FinalBehaviour, PageKind, ReportBehaviour, SimGuest
 from softpage.snapshot import SnapshotState
+from softpage.stream.records import PFINFO_SHIFT
 
 SMALL = GuestShape(memory_mib=4, kernel_mib=1, min_free_mib=1)
 
@@ -494,3 +496,102 @@ def test_a_save_that_is_not_live_needs_no_log_dirty() -> None:
     check_destination(backend, sink)
     assert "enable_logdirty" not in backend.calls and "harvest_dirty(final)" not in backend.calls
     assert [r.kind for r in stats.rounds] == ["final"]
+
+
+# -- prune-cache: cold (the default) and all ---------------------------------------------------------
+def guest_with_hot_cache() -> tuple[SimGuest, npt.NDArray[np.bool_]]:
+    """A small guest whose page cache is a quarter hot (used again), and the hot pages."""
+    guest = small_guest()
+    guest.use_cache(guest.count(PageKind.CACHE) // 4)
+    hot = (guest.kind == PageKind.CACHE) & guest.hot
+    assert hot.any()
+    return guest, hot
+
+
+class XallocRecordingSink(DirectSink):
+    """Also keeps every PFN named as XALLOC."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.xalloc: set[int] = set()
+
+    def write_pages(self, pfns: PfnArray, types: npt.NDArray[np.uint32], data: memoryview) -> int:
+        stream_types = types >> np.uint32(PFINFO_SHIFT)
+        self.xalloc.update(int(pfn) for pfn in pfns[stream_types == 0xE])
+        return super().write_pages(pfns, types, data)
+
+
+def test_cache_cold_sends_the_hot_cache_and_keeps_it_in_the_guest() -> None:
+    guest, hot = guest_with_hot_cache()
+    cold = (guest.kind == PageKind.CACHE) & ~guest.hot & ~guest.pinned
+    backend, sink = SimBackend(guest), XallocRecordingSink()
+    stats = send_domain(backend, sink, DriverOptions(), Messages())
+    check_destination(backend, sink)
+    assert stats.cache_mode is CacheMode.COLD and guest.prune_cache is CacheMode.COLD
+    assert stats.warnings == []
+    # Hot cache went out with data and is still cache; the cold cache was dropped and held.
+    assert (guest.kind[hot] == PageKind.CACHE).all()
+    assert (guest.kind[cold] == PageKind.HELD).all()
+    # No hot page was ever reported soft, so none travelled as XALLOC; the cold ones did.
+    assert sink.xalloc.isdisjoint(np.flatnonzero(hot).tolist())
+    assert set(np.flatnonzero(cold).tolist()) <= sink.xalloc
+
+
+def test_cache_all_drops_hot_and_cold_cache_alike() -> None:
+    guest, hot = guest_with_hot_cache()
+    backend, sink = SimBackend(guest), DirectSink()
+    stats = send_domain(backend, sink, DriverOptions(cache=CacheMode.ALL), Messages())
+    check_destination(backend, sink)
+    assert stats.cache_mode is CacheMode.ALL and guest.prune_cache is CacheMode.ALL
+    assert (guest.kind[hot & ~guest.pinned] == PageKind.HELD).all()
+
+
+def test_cache_cold_sends_fewer_pages_with_data_only_by_the_hot_cache() -> None:
+    cold_guest, hot = guest_with_hot_cache()
+    all_guest, _ = guest_with_hot_cache()
+    cold_stats = send_domain(SimBackend(cold_guest), DirectSink(), DriverOptions(), Messages())
+    all_options = DriverOptions(cache=CacheMode.ALL)
+    all_stats = send_domain(SimBackend(all_guest), DirectSink(), all_options, Messages())
+    extra = cold_stats.pages_data - all_stats.pages_data
+    assert int(np.count_nonzero(hot)) <= extra <= int(np.count_nonzero(hot)) + 64
+
+
+def test_a_module_without_prune_cache_gets_cache_all_and_a_warning() -> None:
+    guest, hot = guest_with_hot_cache()
+    guest.knows_prune_cache = False
+    backend, sink = SimBackend(guest), DirectSink()
+    stats = send_domain(backend, sink, DriverOptions(), Messages())
+    check_destination(backend, sink)
+    assert stats.cache_mode is CacheMode.ALL and guest.prune_cache is CacheMode.ALL
+    assert stats.warnings == [
+        f"domain {backend.domid}: the guest's softpage module predates prune-cache=cold: it reports "
+        "and drops all of its clean page cache (cache=all)"
+    ]
+    assert (guest.kind[hot & ~guest.pinned] == PageKind.HELD).all()
+
+
+def test_a_module_without_prune_cache_asked_for_cache_all_gets_no_warning() -> None:
+    guest, _hot = guest_with_hot_cache()
+    guest.knows_prune_cache = False
+    stats = send_domain(SimBackend(guest), DirectSink(), DriverOptions(cache=CacheMode.ALL), Messages())
+    assert stats.cache_mode is CacheMode.ALL and stats.warnings == []
+
+
+def test_cold_cache_used_again_after_its_report_is_kept_and_sent() -> None:
+    guest = small_guest()
+    reported: list[npt.NDArray[np.bool_]] = []
+
+    def use_what_was_reported(guest: SimGuest) -> None:
+        reported.append(guest.reported_cache.copy())
+        guest.hot[guest.reported_cache & (guest.kind == PageKind.CACHE)] = True
+
+    backend, sink = SimBackend(guest), DirectSink()
+    session = MigrationSession(backend, sink, DriverOptions(drop_timeout=0.0), Messages())
+    session.start()
+    session.live_round()
+    use_what_was_reported(guest)
+    final = session.stop_and_copy()
+    check_destination(backend, sink)
+    used = reported[0] & (guest.kind == PageKind.CACHE)
+    assert used.any() and not (guest.kind[reported[0]] == PageKind.HELD).any()
+    assert final.pages_data >= int(np.count_nonzero(used))

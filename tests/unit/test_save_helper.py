@@ -18,6 +18,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from softpage.categories import CacheMode
+from softpage.cli import save_helper as save_helper_cli
 from softpage.errors import BackendError, MigrationError, SoftpageError
 from softpage.options import DriverOptions
 from softpage.savehelper import protocol
@@ -411,3 +413,21 @@ def test_a_recorded_stock_helper_speaks_exactly_this_protocol(out: Path) -> None
         assert switches == [1, 0]  # a PVH guest: libxl answers at once, but is asked all the same
     else:
         assert "restore_results" in names and "suspend" not in names
+
+
+@pytest.mark.parametrize(
+    ("text", "cache"),
+    [("", CacheMode.COLD), ("--prune cache=all", CacheMode.ALL), ("--prune free,cache=cold", CacheMode.COLD)],
+)
+def test_the_options_variable_chooses_the_cache_mode(
+    monkeypatch: pytest.MonkeyPatch, text: str, cache: CacheMode
+) -> None:
+    monkeypatch.setenv(save_helper_cli.OPTIONS_VARIABLE, text)
+    _args, options = save_helper_cli._options(live=True)
+    assert options.cache is cache
+
+
+def test_a_bad_cache_mode_in_the_options_variable_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(save_helper_cli.OPTIONS_VARIABLE, "--prune cache=warm")
+    with pytest.raises(SoftpageError, match="cache=warm"):
+        save_helper_cli._options(live=True)

@@ -8,6 +8,7 @@ import pytest
 
 from softpage import abi, bitmap
 from softpage.backend import DropOutcome
+from softpage.categories import CacheMode
 from softpage.errors import BackendError
 from softpage.pfnset import PfnSet
 from softpage.snapshot import SnapshotState, SoftSnapshot
@@ -352,3 +353,26 @@ def test_check_geometry_accepts_what_the_guest_model_publishes() -> None:
     geometry = check_geometry(encoded[: abi.HEADER.size], P2M_SIZE)
     assert (geometry.nr_pfns, geometry.frames_per_category, geometry.list_grefs) == (NR_PFNS, 3, (9,))
     assert geometry.nr_bitmap_frames == 12
+
+
+@pytest.mark.parametrize("mode", list(CacheMode))
+def test_prune_cache_is_written_to_a_guest_that_knows_it(world: tuple, mode: CacheMode) -> None:
+    lib, binding, store, _guest = world
+    channel, _ = connect(lib, binding, store)
+    assert channel is not None
+    store.write(f"{HOME}/feature-cache-cold", "1")
+    store.write(f"{HOME}/prune-cache", "all")
+    assert channel.prune_cache(mode) is True
+    assert store.read(f"{HOME}/prune-cache") == mode.value
+
+
+@pytest.mark.parametrize("feature", [None, "0", "yes", "1 "])
+def test_prune_cache_without_the_feature_writes_nothing(world: tuple, feature: str | None) -> None:
+    lib, binding, store, _guest = world
+    channel, _ = connect(lib, binding, store)
+    assert channel is not None
+    if feature is not None:
+        store.write(f"{HOME}/feature-cache-cold", feature)
+    before = store.snapshot()
+    assert channel.prune_cache(CacheMode.COLD) is False
+    assert store.snapshot() == before

@@ -57,6 +57,26 @@ FLAG_NAMES: Final = (
 FREE_CONTENTS_FLAGS: Final = FLAG_INIT_ON_FREE | FLAG_PAGE_POISON
 """The guest's allocator trusts what a free page holds (zero, or the poison pattern)."""
 
+# -- xenstore keys (docs/spec/guest-protocol.md, "Xenstore keys"; SOFTPAGE_XS_* of the header) --
+XS_DIR: Final = "data/softpage"
+"""The guest's directory, under its own home ``/local/domain/<domid>``."""
+XS_VERSION: Final = "version"
+XS_HEADER_GREF: Final = "header-gref"
+XS_EVENT_CHANNEL: Final = "event-channel"
+XS_STATE: Final = "state"
+XS_REQUEST: Final = "request"
+XS_ARMED: Final = "armed"
+XS_FEATURE_DROP: Final = "feature-drop"
+XS_DROP: Final = "drop"
+XS_DROPPED: Final = "dropped"
+XS_FEATURE_CACHE_COLD: Final = "feature-cache-cold"
+"""``1``: the guest knows ``prune-cache``; absent: it reports and drops all clean cache."""
+XS_PRUNE_CACHE: Final = "prune-cache"
+"""Written by dom0: which page cache the guest reports soft and drops (``cold`` or ``all``)."""
+XS_STATE_READY: Final = "ready"
+XS_PRUNE_CACHE_COLD: Final = "cold"
+XS_PRUNE_CACHE_ALL: Final = "all"
+
 # -- limits (spec section 12, "Limits") -------------------------------------------
 MAX_BITMAP_FRAMES: Final = MAX_LIST_FRAMES * REFS_PER_LIST_FRAME
 """Bitmap pages the list pages can name at most (all categories)."""

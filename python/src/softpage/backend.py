@@ -19,8 +19,8 @@ Call order, as the driver makes it::
 
 The guest's soft-page channel is a separate protocol, ``SoftPageChannel``:
 a backend for a guest without the module simply returns ``None`` from
-``soft_channel()``. The driver uses it between the calls above: ``arm`` after
-``enable_logdirty``, ``request``/``read`` in each precopy round, and, right
+``soft_channel()``. The driver uses it between the calls above: ``prune_cache``
+then ``arm`` after ``enable_logdirty``, ``request``/``read`` in each precopy round, and, right
 before ``suspend()``, ``drop_caches`` then ``request_final``; ``read`` of the
 final request once suspended.
 """
@@ -35,6 +35,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from softpage.categories import CacheMode
 from softpage.pfnset import PfnArray, PfnSet
 
 PAGE_SIZE = 4096
@@ -244,6 +245,13 @@ class SoftPageChannel(Protocol):
     def request_final(self, request_id: int) -> None:
         """Write ``request = request_id`` for the suspend-time report, without
         notifying: the guest answers it from its freeze callback."""
+        ...
+
+    def prune_cache(self, mode: CacheMode) -> bool:
+        """Write ``prune-cache = mode.value``, before ``arm(True)``: the page cache the guest
+        reports soft from its next scan on and drops at suspend. False, without writing
+        anything, if the guest does not advertise ``feature-cache-cold``: its module reports
+        and drops all of its clean cache (``CacheMode.ALL``) whatever dom0 asks."""
         ...
 
     def drop_caches(self, drop_id: int, timeout: float) -> DropOutcome:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import enum
 
+from softpage import abi
+
 
 class Category(enum.IntEnum):
     """Bitmap categories; values are SOFTPAGE_CAT_* of guest_kmod/uapi/softpage_abi.h."""
@@ -18,3 +20,14 @@ class Category(enum.IntEnum):
 
 PRUNABLE = (Category.FREE, Category.CACHE, Category.SLAB)
 """The categories a user may choose to prune in precopy rounds (``--prune``)."""
+
+
+class CacheMode(enum.Enum):
+    """Which page cache the guest reports soft and drops at suspend (``--prune cache=MODE``);
+    the values are what dom0 writes to the guest's ``prune-cache`` key."""
+
+    COLD = abi.XS_PRUNE_CACHE_COLD
+    """Only the cache the guest has not used recently (docs/design.md, "Keep the hot cache"):
+    the hot part is sent and stays cached on the destination."""
+    ALL = abi.XS_PRUNE_CACHE_ALL
+    """All clean, unmapped page cache, and reclaimable slab dropped at suspend (before issue 21)."""

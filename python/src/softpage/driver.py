@@ -35,6 +35,7 @@ from softpage.backend import (
     SoftPageChannel,
     StaticInfo,
 )
+from softpage.categories import CacheMode
 from softpage.errors import BitmapError, MigrationError, SoftpageError
 from softpage.interrupts import held_signals
 from softpage.options import DriverOptions
@@ -128,6 +129,9 @@ class MigrationStats:
     None if it was not asked for (no soft-page channel, or ``drop_timeout`` 0)."""
     guest_drop_outcome: DropOutcome | None = None
     """The guest's answer to the early drop; None if it was not asked for."""
+    cache_mode: CacheMode | None = None
+    """The page cache the guest reports soft and drops: what was asked for, or ``ALL`` when its
+    module predates ``prune-cache``; None without a soft-page channel."""
     sender_cpu_s: float = 0.0
     drain_s: float = 0.0
     """Seconds waited before the suspend request for the receiver to take what the live rounds
@@ -252,6 +256,7 @@ class MigrationSession:
         if self.options.live:
             self.backend.enable_logdirty()
         if self.channel is not None:
+            self.stats.cache_mode = self._choose_cache(self.channel)
             self.channel.arm(True)
 
     def harvest(self) -> PfnSet:
@@ -358,6 +363,17 @@ class MigrationSession:
                 self.channel.arm(False)
             except (SoftpageError, OSError) as error:
                 self.log(f"warning: could not disarm the guest: {error}")
+
+    def _choose_cache(self, channel: SoftPageChannel) -> CacheMode:
+        """Tell the guest which page cache to report and drop, before it is armed."""
+        wanted = self.options.cache
+        if channel.prune_cache(wanted):
+            return wanted
+        if wanted is not CacheMode.ALL:
+            self._warn(f"domain {self.domain.domid}: the guest's softpage module predates "
+                       f"prune-cache={wanted.value}: it reports and drops all of its clean page "
+                       f"cache (cache={CacheMode.ALL.value})")
+        return CacheMode.ALL
 
     # -- the guest's early drop ------------------------------------------
     def _early_drop(self, channel: SoftPageChannel, drop_id: int) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from softpage.categories import PRUNABLE, Category
+from softpage.categories import PRUNABLE, CacheMode, Category
 from softpage.policy import PrecopyPolicy
 
 
@@ -13,6 +13,8 @@ from softpage.policy import PrecopyPolicy
 class DriverOptions:
     prune: tuple[Category, ...] = PRUNABLE
     """Categories skipped in precopy rounds; empty means plain precopy (``--no-prune``)."""
+    cache: CacheMode = CacheMode.COLD
+    """Which page cache the guest reports soft and drops at suspend (``--prune cache=MODE``)."""
     policy: PrecopyPolicy = field(default_factory=PrecopyPolicy)
     snapshot_timeout: float = 5.0
     """Seconds to wait for each precopy snapshot before sending that round in full."""

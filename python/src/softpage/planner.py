@@ -18,6 +18,10 @@ Its rules (docs/design.md, "The safety invariant"):
    with data, unless it is in the guest's final *held* set and its latest entry in
    the stream is not a page table (``tables``: a PV receiver pins page tables by
    the type they last had in the stream, and a stale one fails or, worse, pins).
+   The held set is the guest's free pages at its last instant before the suspend, so a
+   page reported soft that is still in use then (cache used again, mapped or dirtied,
+   which ``prune-cache = cold`` leaves in place, or cache the drop did not free for any
+   other reason) is not held and goes out with data here.
    A held page is not sent, so on the destination it holds whatever the stream
    last left there; the held set is honoured only if that cannot matter to the
    guest (``SoftSnapshot.held_contents_kept``): its allocator trusts nothing

@@ -8,7 +8,12 @@ generated C includes that same header, so the real compiler checks every
 constant's value and every struct field's offset against the cdef when the
 module is built and loaded.
 
-Two strings are stamped into the module:
+The xenstore key names between ``xenstore-keys-begin`` and ``xenstore-keys-end``
+(string macros, which a cdef cannot hold) become ``static const char *const``
+constants of the same names, whose values the compiler takes from the header's
+macros: tests/unit/test_abi.py checks ``softpage.abi.XS_*`` against them.
+
+Two more strings are stamped into the module:
 
 * ``SOFTPAGE_PACKAGE_VERSION``: ``softpage.__version__`` at build time.
   ``softpage.abi.compiled_abi()`` refuses a module built for another version
@@ -27,12 +32,16 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import re
 from pathlib import Path
 
 from cffi import FFI
 
 CDEF_BEGIN_MARKER = "cffi-cdef-begin"
 CDEF_END_MARKER = "cffi-cdef-end"
+KEYS_BEGIN_MARKER = "xenstore-keys-begin"
+KEYS_END_MARKER = "xenstore-keys-end"
+STRING_DEFINE = re.compile(r'^#define\s+(SOFTPAGE_XS_[A-Z0-9_]+)\s+"[^"\\]*"\s*$')
 
 
 def _checkout_paths() -> tuple[Path, Path]:
@@ -44,17 +53,37 @@ def _checkout_paths() -> tuple[Path, Path]:
     return repo_root / "guest_kmod" / "uapi", package_dir
 
 
-def _cdef_text(header_path: Path) -> str:
-    """The marked region of the header, without the marker lines themselves."""
+def _marked_lines(header_path: Path, begin_marker: str, end_marker: str) -> list[str]:
+    """The lines of the header between the two marker lines, without them."""
     lines = header_path.read_text(encoding="ascii").splitlines()
-    begin = [number for number, line in enumerate(lines) if CDEF_BEGIN_MARKER in line]
-    end = [number for number, line in enumerate(lines) if CDEF_END_MARKER in line]
+    begin = [number for number, line in enumerate(lines) if begin_marker in line]
+    end = [number for number, line in enumerate(lines) if end_marker in line]
     if len(begin) != 1 or len(end) != 1 or end[0] <= begin[0]:
         raise RuntimeError(
-            f"{header_path}: expected one '{CDEF_BEGIN_MARKER}' line before one "
-            f"'{CDEF_END_MARKER}' line, got {len(begin)} and {len(end)}"
+            f"{header_path}: expected one '{begin_marker}' line before one "
+            f"'{end_marker}' line, got {len(begin)} and {len(end)}"
         )
-    return "\n".join(lines[begin[0] + 1 : end[0]]) + "\n"
+    return lines[begin[0] + 1 : end[0]]
+
+
+def _cdef_text(header_path: Path) -> str:
+    """The marked region of the header, without the marker lines themselves."""
+    return "\n".join(_marked_lines(header_path, CDEF_BEGIN_MARKER, CDEF_END_MARKER)) + "\n"
+
+
+def _xenstore_key_names(header_path: Path) -> list[str]:
+    """The ``SOFTPAGE_XS_*`` string macros of the marked region; anything else there but
+    comments and blank lines is an error."""
+    names = []
+    for line in _marked_lines(header_path, KEYS_BEGIN_MARKER, KEYS_END_MARKER):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("/*"):
+            continue
+        match = STRING_DEFINE.match(stripped)
+        if match is None:
+            raise RuntimeError(f"{header_path}: expected '#define SOFTPAGE_XS_NAME \"value\"', got {line!r}")
+        names.append(match.group(1))
+    return names
 
 
 def _package_version(package_dir: Path) -> str:
@@ -88,6 +117,7 @@ def build_ffi() -> FFI:
     ffi.cdef(
         "static const char *const SOFTPAGE_PACKAGE_VERSION;\n"
         "static const char *const SOFTPAGE_ABI_CDEF_SHA256;\n"
+        + "".join(f"static const char *const {name};\n" for name in _xenstore_key_names(header_path))
     )
     ffi.set_source(
         "softpage._abi",

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from softpage import toolstack
-from softpage.categories import PRUNABLE, Category
+from softpage.categories import PRUNABLE, CacheMode, Category
 from softpage.errors import SoftpageError
 from softpage.interrupts import held_signals, signal_names
 from softpage.options import DriverOptions
@@ -98,9 +98,11 @@ def add_driver_options(parser: argparse.ArgumentParser) -> None:
     """What the driver is asked to do, for ``softpage migrate``/``save`` and the save helper."""
     pruning = parser.add_mutually_exclusive_group()
     pruning.add_argument("--no-prune", action="store_true", help="send every page (plain precopy)")
-    pruning.add_argument("--prune", type=_categories, default=PRUNABLE, metavar="LIST",
-                         help="soft categories to skip, comma-separated from free,cache,slab "
-                         "(default: all three)")
+    pruning.add_argument("--prune", type=_prune_list, default=DEFAULT_PRUNE, metavar="LIST",
+                         help="soft categories to skip, comma-separated from free,cache,slab; "
+                         "cache=cold (the same as cache) skips and drops only the page cache the "
+                         "guest has not used recently, cache=all all of it as before "
+                         "(default: free,cache=cold,slab)")
     parser.add_argument("--stats", metavar="FILE",
                         help="write one JSON record per round and a totals record (JSON lines)")
     parser.add_argument("--max-iters", type=int, default=SPP_MAX_ITERATIONS, metavar="N",
@@ -122,23 +124,52 @@ def _add_suspend_timeout(parser: argparse.ArgumentParser) -> None:
                         "as libxl)")
 
 
-def _categories(text: str) -> tuple[Category, ...]:
-    names = [name.strip().upper() for name in text.split(",") if name.strip()]
+@dataclass(frozen=True)
+class PruneChoice:
+    """What ``--prune LIST`` asks for."""
+
+    categories: tuple[Category, ...]
+    cache: CacheMode
+
+
+DEFAULT_PRUNE = PruneChoice(PRUNABLE, DriverOptions.cache)
+
+
+def _prune_list(text: str) -> PruneChoice:
     chosen = []
-    for name in names:
+    cache_modes = []
+    for item in (item.strip() for item in text.split(",")):
+        if not item:
+            continue
+        name, equals, mode = item.partition("=")
+        name = name.strip().upper()
         if name not in {category.name for category in PRUNABLE}:
             raise argparse.ArgumentTypeError(
                 f"unknown category {name.lower()!r}: choose from free,cache,slab"
             )
+        if equals:
+            if name != Category.CACHE.name:
+                raise argparse.ArgumentTypeError(
+                    f"{item!r}: only cache takes a mode (cache=cold or cache=all)"
+                )
+            try:
+                cache_modes.append(CacheMode(mode.strip()))
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"{item!r}: expected cache=cold or cache=all, got mode {mode.strip()!r}"
+                ) from None
         chosen.append(Category[name])
     if not chosen:
         raise argparse.ArgumentTypeError("expected at least one category")
-    return tuple(dict.fromkeys(chosen))
+    if len(set(cache_modes)) > 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: cache=cold and cache=all both given")
+    return PruneChoice(tuple(dict.fromkeys(chosen)), cache_modes[0] if cache_modes else DriverOptions.cache)
 
 
 def driver_options(args: argparse.Namespace, live: bool) -> DriverOptions:
     return DriverOptions(
-        prune=() if args.no_prune else args.prune,
+        prune=() if args.no_prune else args.prune.categories,
+        cache=args.prune.cache,
         policy=PrecopyPolicy(max_iterations=args.max_iters, target_dirty_count=args.dirty_target),
         snapshot_timeout=args.snapshot_timeout,
         drop_timeout=args.drop_timeout,
@@ -157,7 +188,8 @@ def _backend(args: argparse.Namespace, domid: int) -> Any:
 
 def helper_options(args: argparse.Namespace) -> str:
     """The driver options of ``args`` as SOFTPAGE_SAVE_HELPER_OPTIONS says them to the helper."""
-    categories = ",".join(category.name.lower() for category in args.prune)
+    categories = ",".join(f"{category.name.lower()}={args.prune.cache.value}" if category is Category.CACHE
+                          else category.name.lower() for category in args.prune.categories)
     words = ["--no-prune"] if args.no_prune else ["--prune", categories]
     if args.stats:
         words += ["--stats", args.stats]
@@ -381,6 +413,7 @@ def _totals(
         "downtime_s": None if downtime is None else round(downtime, 3),
         "guest_drop_s": None if stats.guest_drop_s is None else round(stats.guest_drop_s, 3),
         "guest_drop_outcome": None if stats.guest_drop_outcome is None else stats.guest_drop_outcome.value,
+        "cache_mode": None if stats.cache_mode is None else stats.cache_mode.value,
         "sender_cpu_s": round(stats.sender_cpu_s, 3),
         "drain_s": round(stats.drain_s, 3),
         "startup_s": None if timeline is None or timeline.startup_s is None else round(timeline.startup_s, 3),

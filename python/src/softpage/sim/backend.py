@@ -26,6 +26,7 @@ from softpage.backend import (
     StaticInfo,
     TscInfo,
 )
+from softpage.categories import CacheMode
 from softpage.errors import BackendError, GuestProtocolError
 from softpage.pfnset import PfnArray, PfnSet
 from softpage.sim.guest import PageKind, SimGuest, pfnset_from_mask
@@ -70,6 +71,12 @@ class SimSoftChannel:
     def request_final(self, request_id: int) -> None:
         self.requests.append(request_id)
         self.guest.request_value = request_id
+
+    def prune_cache(self, mode: CacheMode) -> bool:
+        if not (self.guest.module_loaded and self.guest.knows_prune_cache):
+            return False
+        self.guest.prune_cache = mode
+        return True
 
     def drop_caches(self, drop_id: int, timeout: float) -> DropOutcome:
         if not self.guest.feature_drop:

@@ -10,6 +10,9 @@ The module side follows docs/spec/guest-protocol.md: a request is answered by
 a scan published in the real binary format (``bitmap.encode``). Right before
 the suspend request dom0 may ask for an early drop: an armed module drops
 clean cache and reclaimable slab while the guest still runs, and answers.
+With ``prune-cache = cold`` it reports only the clean cache the guest does not
+use (``hot`` marks the rest) and drops only what it reported and is still
+cold, and no slab.
 At an armed suspend the module drops them (again) in ``.freeze``; its
 syscore suspend callback, the guest's last step before the suspend hypercall,
 then publishes FINAL with every page free at that instant as HELD. Nothing can
@@ -34,6 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from softpage import abi, bitmap
+from softpage.categories import CacheMode
 from softpage.errors import BackendError
 from softpage.pfnset import PfnArray, PfnSet
 from softpage.snapshot import SnapshotState, SoftSnapshot
@@ -171,6 +175,8 @@ class SimGuest:
             self.kind[holes.astype(np.intp)] = PageKind.HOLE
         self.pinned = np.zeros(p2m_size, dtype=bool)
         """Clean cache that is mapped or locked and cannot be dropped."""
+        self.hot = np.zeros(p2m_size, dtype=bool)
+        """Clean cache the guest used recently: not cold (``prune-cache = cold`` keeps it)."""
         # Distinct non-zero boot contents: a fresh destination page (zero)
         # never equals a source page by accident.
         self.tokens = np.arange(1, p2m_size + 1, dtype=np.uint64)
@@ -195,6 +201,13 @@ class SimGuest:
         self.published: bytes | None = None
         self.dropped = 0
         """The newest early drop id the module answered (its ``dropped`` key)."""
+        self.knows_prune_cache = True
+        """The module advertises ``feature-cache-cold``; False is a module from before it, which
+        reports and drops all clean cache whatever dom0 asks."""
+        self.prune_cache = CacheMode.ALL
+        """The ``prune-cache`` key, as the module creates it."""
+        self.reported_cache = np.zeros(p2m_size, dtype=bool)
+        """Every CACHE PFN reported since the module was last disarmed: all a cold drop may drop."""
         self.report_behaviour = ReportBehaviour.PROMPT
         self.drop_behaviour = DropBehaviour.PROMPT
         self.final_behaviour = FinalBehaviour.PROMPT
@@ -280,6 +293,11 @@ class SimGuest:
 
         return wanted
 
+    @property
+    def cold_wanted(self) -> bool:
+        """The module applies ``prune-cache = cold``."""
+        return self.knows_prune_cache and self.prune_cache is CacheMode.COLD
+
     def _droppable(self, pfns: Indexes) -> Mask:
         """Clean cache that is not mapped or locked."""
         droppable: Mask = (self.kind[pfns] == PageKind.CACHE) & ~self.pinned[pfns]
@@ -333,6 +351,27 @@ class SimGuest:
         self.pinned[pages] = True
         return int(pages.size)
 
+    def use_cache(self, count: int) -> int:
+        """Read cached files again: clean cache becomes hot (read, not written)."""
+        if not self.running or count <= 0:
+            return 0
+        pages = self._pick(self._of_kind(PageKind.CACHE), count)
+        self.hot[pages] = True
+        return int(pages.size)
+
+    def cool_cache(self, count: int) -> int:
+        """Hot cache goes unused long enough to be cold again."""
+        if not self.running or count <= 0:
+            return 0
+
+        def hot(pfns: Indexes) -> Mask:
+            found: Mask = (self.kind[pfns] == PageKind.CACHE) & self.hot[pfns]
+            return found
+
+        pages = self._pick(hot, count)
+        self.hot[pages] = False
+        return int(pages.size)
+
     def drop_cache(self, count: int) -> int:
         """Reclaim clean, unpinned cache (written only by a kernel that zeroes or poisons what it frees)."""
         if not self.running or count <= 0:
@@ -363,6 +402,7 @@ class SimGuest:
             return int(pages.size)
         self.kind[pages] = target
         self.pinned[pages] = False
+        self.hot[pages] = False
         if write:
             self.write(pages)
         return int(pages.size)
@@ -372,17 +412,18 @@ class SimGuest:
         ``init_on_free``, poisoned with page poisoning (a write, so logged), untouched otherwise."""
         self.kind[pages] = PageKind.FREE
         self.pinned[pages] = False
+        self.hot[pages] = False
         if self.free_contents.value is not None:
             self.write(pages, token=self.free_contents.value)
 
     # -- the module: precopy reports ------------------------------------------
     def scan(self) -> tuple[Mask, Mask, Mask]:
-        """The module's walk: free, clean cache (pinned or not), reclaimable slab."""
-        return (
-            self.kind == PageKind.FREE,
-            self.kind == PageKind.CACHE,
-            self.kind == PageKind.SLAB,
-        )
+        """The module's walk: free, clean cache (pinned or not; only the cold part with
+        ``prune-cache = cold``), reclaimable slab."""
+        cache: Mask = self.kind == PageKind.CACHE
+        if self.cold_wanted:
+            cache = cache & ~self.hot
+        return self.kind == PageKind.FREE, cache, self.kind == PageKind.SLAB
 
     def answer_request(self, request_id: int) -> None:
         """The module read ``request = request_id`` after a notify."""
@@ -405,6 +446,7 @@ class SimGuest:
             free = free | lie
         self._previous_scan = self.scan()
         self._previous_request = request_id
+        self.reported_cache |= cache
         snapshot = self._snapshot(SnapshotState.SNAPSHOT, published_id, free, cache, slab, None)
         self._publish(
             snapshot,
@@ -437,8 +479,14 @@ class SimGuest:
     def drop_reclaimable(self) -> None:
         """The module's drop (``drop_caches``): clean, unpinned cache and
         reclaimable slab become free, their contents unwritten; the kernel
-        writes the struct pages that describe them (its memmap)."""
-        droppable = ((self.kind == PageKind.CACHE) & ~self.pinned) | (self.kind == PageKind.SLAB)
+        writes the struct pages that describe them (its memmap). With
+        ``prune-cache = cold`` only the clean, unpinned cache it reported and that is still cold,
+        and no slab."""
+        droppable: Mask = (self.kind == PageKind.CACHE) & ~self.pinned
+        if self.cold_wanted:
+            droppable &= ~self.hot & self.reported_cache
+        else:
+            droppable |= self.kind == PageKind.SLAB
         freed = np.flatnonzero(droppable)
         self._free(freed)
         self._write_memmap(freed)
@@ -493,6 +541,7 @@ class SimGuest:
         self.frozen = False
         self.kind[self.kind == PageKind.HELD] = PageKind.FREE
         self.armed = False
+        self.reported_cache[:] = False
         if self.module_loaded:
             empty = np.zeros(self.p2m_size, dtype=bool)
             snapshot = self._snapshot(SnapshotState.EMPTY, self.request_value, empty, empty, empty, None)

@@ -21,13 +21,16 @@ import numpy as np
 
 from softpage import abi
 from softpage.backend import DropOutcome
+from softpage.categories import CacheMode
 from softpage.errors import BackendError
 from softpage.xenstore import XenStore
 
-PROTOCOL_VERSION = "1"
-READY = "ready"
+PROTOCOL_VERSION = str(abi.VERSION)
+READY = abi.XS_STATE_READY
 FEATURE_DROP = "1"
 """``feature-drop`` when the guest answers ``drop``; any other value, or none, means it does not."""
+FEATURE_CACHE_COLD = "1"
+"""``feature-cache-cold`` when the guest honours ``prune-cache``; anything else: it does not."""
 MAX_U32 = (1 << 32) - 1
 POLL_INTERVALS = (0.001, 0.005, 0.02, 0.05)
 """Seconds between header polls while waiting: quick at first (the guest
@@ -42,10 +45,10 @@ ResultT = TypeVar("ResultT")
 
 
 def softpage_home(domid: int) -> str:
-    return f"/local/domain/{domid}/data/softpage"
+    return f"/local/domain/{domid}/{abi.XS_DIR}"
 
 
-ARMED = "armed"
+ARMED = abi.XS_ARMED
 """The key under ``softpage_home`` that arms the guest: "1" before the first request, "0" on
 cancel (docs/spec/guest-protocol.md)."""
 
@@ -97,17 +100,19 @@ def read_keys(store: XenStore, domid: int) -> ChannelKeys | None:
     """None if the guest has no module (``state`` absent); ``BackendError`` if
     the keys are there but unusable."""
     home = softpage_home(domid)
-    state = store.read(f"{home}/state")
+    state = store.read(f"{home}/{abi.XS_STATE}")
     if state is None:
         return None
     if state != READY:
-        raise BackendError(f"{home}/state: expected {READY!r}, got {state[:32]!r}")
-    version = store.read(f"{home}/version")
+        raise BackendError(f"{home}/{abi.XS_STATE}: expected {READY!r}, got {state[:32]!r}")
+    version = store.read(f"{home}/{abi.XS_VERSION}")
     if version != PROTOCOL_VERSION:
-        raise BackendError(f"{home}/version: expected {PROTOCOL_VERSION!r}, got {version!r}")
+        raise BackendError(f"{home}/{abi.XS_VERSION}: expected {PROTOCOL_VERSION!r}, got {version!r}")
+    header_gref = f"{home}/{abi.XS_HEADER_GREF}"
+    event_channel = f"{home}/{abi.XS_EVENT_CHANNEL}"
     return ChannelKeys(
-        header_gref=parse_u32(store.read(f"{home}/header-gref"), f"{home}/header-gref"),
-        event_channel=parse_u32(store.read(f"{home}/event-channel"), f"{home}/event-channel", minimum=1),
+        header_gref=parse_u32(store.read(header_gref), header_gref),
+        event_channel=parse_u32(store.read(event_channel), event_channel, minimum=1),
     )
 
 
@@ -246,21 +251,27 @@ class XenSoftPageChannel:
         self._store.write(f"{self._home}/{ARMED}", "1" if armed else "0")
 
     def request(self, request_id: int) -> None:
-        self._store.write(f"{self._home}/request", str(request_id))
+        self._store.write(f"{self._home}/{abi.XS_REQUEST}", str(request_id))
         self._events.notify(self._local_port)
 
     def request_final(self, request_id: int) -> None:
-        self._store.write(f"{self._home}/request", str(request_id))
+        self._store.write(f"{self._home}/{abi.XS_REQUEST}", str(request_id))
+
+    def prune_cache(self, mode: CacheMode) -> bool:
+        if self._store.read(f"{self._home}/{abi.XS_FEATURE_CACHE_COLD}") != FEATURE_CACHE_COLD:
+            return False
+        self._store.write(f"{self._home}/{abi.XS_PRUNE_CACHE}", mode.value)
+        return True
 
     def drop_caches(self, drop_id: int, timeout: float) -> DropOutcome:
-        if self._store.read(f"{self._home}/feature-drop") != FEATURE_DROP:
+        if self._store.read(f"{self._home}/{abi.XS_FEATURE_DROP}") != FEATURE_DROP:
             return DropOutcome.UNSUPPORTED
         answer = str(drop_id)
-        self._store.write(f"{self._home}/drop", answer)
+        self._store.write(f"{self._home}/{abi.XS_DROP}", answer)
 
         def acknowledged() -> DropOutcome | None:
             # Anything else, malformed included, means "not answered yet".
-            return DropOutcome.DONE if self._store.read(f"{self._home}/dropped") == answer else None
+            return DropOutcome.DONE if self._store.read(f"{self._home}/{abi.XS_DROPPED}") == answer else None
 
         outcome = self._poll(acknowledged, timeout, DROP_POLL_INTERVALS)
         return DropOutcome.TIMED_OUT if outcome is None else outcome

@@ -1,0 +1,137 @@
+"""``softpage migrate --prune cache=cold`` keeps the hot page cache; ``cache=all`` drops it.
+
+The guest reads a cold file set once (``COLD``: 128 MiB of the data disk) and keeps reading a hot
+one (``HOT``: 32 MiB) every second, so that the hot files are active on its LRU and the cold ones
+inactive and, after an aging pass ``cold_age_ms`` earlier, unused since. The reading stops right
+before the migration (active pages stay active: the hot set needs no traffic to stay hot). After
+a localhost migration the guest's ``workload files`` counts, with mincore, which pages of each set
+are still in its page cache, then reads every file and checks it against the data disk's
+manifest, timing the reads. Before the migration the module is made to scan in each mode while
+armed, so that its own ``last_scan_ns`` says what the cold rule costs the walk.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from softpage_testbed import Guest, Testbed
+from tests.e2e.helpers import (
+    LOCALHOST_RECEIVER,
+    STATS,
+    assert_survived,
+    domid,
+    read_stats,
+    softpage,
+    start_guest,
+)
+from tests.e2e.test_free_page_contents import guest_output, wait_for_count
+
+pytestmark = pytest.mark.e2e
+
+COLD_AGE_MS = 4000
+HOT = (0, 2)
+"""Manifest index and count of the hot files: data-000 and data-001, 16 MiB each."""
+COLD = (2, 8)
+"""The cold files: data-002 to data-009."""
+PAGES_PER_FILE = 4096
+MODULE_STATS = "/sys/devices/platform/softpage/stats"
+SCAN_SAMPLES = 4
+PAGES_PER_GIB = 262144
+
+
+def files(guest: Guest, first: int, count: int, mode: str) -> dict[str, float]:
+    """``workload files /data FIRST COUNT MODE`` in the guest: its numbers."""
+    pattern = rf"WORKLOAD FILES first={first} count={count} (.*)"
+    seen = len(re.findall(pattern, guest.console_log()))
+    guest.console_command(f"workload files /data {first} {count} {mode}")
+    line = wait_for_count(guest, pattern, seen + 1, timeout_s=300)[-1].group(1)
+    return {key: float(value) for key, value in re.findall(r"(\w+)=(\S+)", line)}
+
+
+def module_stats(guest: Guest, *names: str) -> dict[str, int]:
+    paths = " ".join(f"{MODULE_STATS}/{name}" for name in names)
+    values = guest_output(guest, "MODSTATS", f"cat {paths}").split()
+    return dict(zip(names, (int(value) for value in values), strict=True))
+
+
+def scan_cost(testbed: Testbed, guest: Guest, mode: str) -> list[int]:
+    """The module's periodic scans (every second while armed) with ``prune-cache`` = ``mode``:
+    their ``last_scan_ns``, one sample a scan."""
+    home = f"/local/domain/{domid(guest)}/data/softpage"
+    testbed.run(["xenstore-write", f"{home}/prune-cache", mode, f"{home}/armed", "1"], check=True)
+    samples: list[int] = []
+    try:
+        scans = module_stats(guest, "scans")["scans"]
+        deadline = time.monotonic() + 120
+        while len(samples) < SCAN_SAMPLES and time.monotonic() < deadline:
+            now = module_stats(guest, "scans", "last_scan_ns", "cache_cold", "nr_pfns")
+            if now["scans"] > scans:
+                scans = now["scans"]
+                assert now["cache_cold"] == (mode == "cold"), now
+                samples.append(now["last_scan_ns"])
+            time.sleep(1)
+    finally:
+        testbed.run(["xenstore-write", f"{home}/armed", "0", f"{home}/prune-cache", "all"], check=True)
+    assert len(samples) == SCAN_SAMPLES, samples
+    return samples
+
+
+@pytest.mark.parametrize("cache", ["cold", "all"])
+def test_cache_cold_keeps_the_hot_files_cached_and_drops_the_cold_ones(
+    xen_pvh_testbed: Testbed, cache: str
+) -> None:
+    guest = start_guest(xen_pvh_testbed, f"sp-cache{cache}", memory_mb=512, cache_mb=0,
+                        kmod_args=(f"cold_age_ms={COLD_AGE_MS}",))
+    read_cold = files(guest, *COLD, "check")
+    assert read_cold["bad"] == 0, read_cold
+    guest.console_command("while true; do cat /data/data-000 /data/data-001 > /dev/null; sleep 1; done & "
+                          "echo $! > /run/hot-reader.pid")
+    # Two aging passes after the cold reads: the later scans see the cold set unused for >= 4 s.
+    time.sleep(3 * COLD_AGE_MS / 1000 + 2)
+    nr_pfns = module_stats(guest, "nr_pfns")["nr_pfns"]
+    costs = {mode: scan_cost(xen_pvh_testbed, guest, mode) for mode in ("all", "cold")}
+    guest.console_command("kill $(cat /run/hot-reader.pid)")
+    before_hot, before_cold = files(guest, *HOT, "resident"), files(guest, *COLD, "resident")
+    assert before_hot["resident"] == before_hot["pages"] == HOT[1] * PAGES_PER_FILE, before_hot
+    assert before_cold["resident"] == before_cold["pages"] == COLD[1] * PAGES_PER_FILE, before_cold
+
+    heartbeat = guest.heartbeat()
+    result = softpage(xen_pvh_testbed, "migrate", "-s", "", "--prune", f"free,cache={cache},slab",
+                      "--stats", STATS, guest.name, LOCALHOST_RECEIVER)
+    assert result.ok, result.stderr
+    rounds, totals = read_stats(xen_pvh_testbed)
+    assert totals["cache_mode"] == cache and totals["warnings"] == [], totals
+    after_hot, after_cold = files(guest, *HOT, "resident"), files(guest, *COLD, "resident")
+    dropped = module_stats(guest, "cache_cold", "evict_candidates", "evicted_cache_pages",
+                           "dropped_cache_pages", "age_passes", "last_age_ns", "early_drops",
+                           "early_drop_ns", "drop_ns", "freeze_drops_skipped")
+    hot_read, cold_read = files(guest, *HOT, "check"), files(guest, *COLD, "check")
+    assert hot_read["bad"] == 0 and cold_read["bad"] == 0, (hot_read, cold_read)
+    gib = nr_pfns / PAGES_PER_GIB
+    print(f"cache={cache}: {totals['pages_data']} pages with data, {totals['pages_xalloc']} XALLOC, "
+          f"{totals['pages_skipped']} skipped, {int(totals['stream_bytes']) / 2**20:.1f} MiB, "  # type: ignore[call-overload]
+          f"{totals['migration_s']} s, downtime {totals['downtime_s']} s, "
+          f"early drop {totals['guest_drop_s']} s, downtime steps {totals['downtime_steps']}; "
+          f"hot set resident {after_hot['resident']:.0f}/{after_hot['pages']:.0f} pages, cold set "
+          f"{after_cold['resident']:.0f}/{after_cold['pages']:.0f}; re-read hot {hot_read['read_s']} s, "
+          f"cold {cold_read['read_s']} s (cold set first read {read_cold['read_s']} s); module {dropped}; "
+          f"scan ns all {costs['all']}, cold {costs['cold']} for {nr_pfns} PFNs "
+          f"({min(costs['all']) / gib / 1e6:.0f} / {min(costs['cold']) / gib / 1e6:.0f} ms per GiB, "
+          f"aging pass {dropped['last_age_ns'] / gib / 1e6:.0f} ms per GiB); rounds "
+          f"{[(r['kind'], r['pages_data'], r['pages_xalloc']) for r in rounds]}")
+    assert dropped["early_drops"] >= 1, dropped
+    if cache == "cold":
+        # The hot set was never reported soft: sent with data, still cached on the destination.
+        assert after_hot["resident"] == after_hot["pages"], after_hot
+        # The cold set was reported, evicted by the targeted drop, and held.
+        assert after_cold["resident"] <= after_cold["pages"] // 20, after_cold
+        assert dropped["cache_cold"] == 1, dropped
+        assert dropped["evicted_cache_pages"] >= before_cold["pages"] * 9 // 10, dropped
+    else:
+        assert after_hot["resident"] <= after_hot["pages"] // 20, after_hot
+        assert after_cold["resident"] <= after_cold["pages"] // 20, after_cold
+        assert dropped["cache_cold"] == 0, dropped
+    assert_survived(guest, heartbeat)
