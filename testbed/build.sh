@@ -30,6 +30,9 @@ ROOTFS=$CACHE/rootfs
 DOM0_IMG=$CACHE/dom0.img
 DOM0_IMG_SIZE=4G
 STAMPS=$CACHE/stamps
+# The two-host testbed's ssh keys (dom0 host key, root's key), made once per cache: every dom0
+# image built from this cache, Debian 12's and 13's, gets the same ones (dom0/configure.sh).
+SSH_KEYS=$CACHE/ssh-keys
 
 # What an admin's dom0 runs beside xl, for the tests that use it: QEMU as HVM guests' device model,
 # libvirt's libxl driver with virsh, ssh between the two hosts of a two-host testbed, wrk as a
@@ -51,7 +54,7 @@ TRIXIE_DOM0_PACKAGES="xen-hypervisor-4.20-amd64 xen-utils-4.20 xen-utils-common 
  linux-image-amd64 linux-headers-amd64 dkms $DOM0_TOOLSTACK_PACKAGES
  build-essential dpkg-dev debhelper dh-dkms dh-python pybuild-plugin-pyproject python3-all-dev lintian"
 HOST_PACKAGES="qemu-system-x86 qemu-utils debootstrap busybox-static cpio e2fsprogs gzip xz-utils
- gcc make libc6-dev libxen-dev python3 kmod"
+ gcc make libc6-dev libxen-dev python3 kmod openssh-client"
 
 log() { echo "[testbed $(date -u +%T)] $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -150,9 +153,12 @@ key_rootfs() {
     { echo "rootfs $DOM0_PACKAGES $k"; package_versions $DOM0_PACKAGES "linux-image-$k"; } |
         hash_inputs rootfs.sh
 }
+DOM0_FILES="dom0/softpage-agent.py dom0/softpage-agent.service dom0/configure.sh dom0/link-hosts
+ dom0/softpage-link dom0/softpage-link.service"
 key_image() {
-    { echo "image $(stamp_of rootfs) $DOM0_IMG_SIZE"; declare -f stage_image; } |
-        hash_inputs dom0/softpage-agent.py dom0/softpage-agent.service dom0/configure.sh
+    # shellcheck disable=SC2086
+    { echo "image $(stamp_of rootfs) $DOM0_IMG_SIZE"; declare -f stage_image; ssh_public_keys; } |
+        hash_inputs $DOM0_FILES
 }
 key_trixie_rootfs() {
     # shellcheck disable=SC2086
@@ -160,9 +166,20 @@ key_trixie_rootfs() {
       trixie_package_versions $TRIXIE_DOM0_PACKAGES; } | hash_inputs rootfs.sh
 }
 key_trixie_image() {
-    { echo "trixie_image $(stamp_of trixie_rootfs) $DOM0_IMG_SIZE"; declare -f stage_trixie_image stage_image; } |
-        hash_inputs dom0/softpage-agent.py dom0/softpage-agent.service dom0/configure.sh
+    # shellcheck disable=SC2086
+    { echo "trixie_image $(stamp_of trixie_rootfs) $DOM0_IMG_SIZE"; declare -f stage_trixie_image stage_image
+      ssh_public_keys; } | hash_inputs $DOM0_FILES
 }
+
+# ensure_ssh_keys: the keys of SSH_KEYS, made on first use (ssh-keygen, no passphrase).
+ensure_ssh_keys() {
+    [ -s "$SSH_KEYS/ssh_host_ed25519_key" ] && [ -s "$SSH_KEYS/id_ed25519" ] && return
+    rm -rf "$SSH_KEYS.tmp"; mkdir -p "$SSH_KEYS.tmp"
+    ssh-keygen -q -t ed25519 -N "" -C "softpage-testbed-host" -f "$SSH_KEYS.tmp/ssh_host_ed25519_key"
+    ssh-keygen -q -t ed25519 -N "" -C "root@softpage-testbed" -f "$SSH_KEYS.tmp/id_ed25519"
+    rm -rf "$SSH_KEYS"; mv "$SSH_KEYS.tmp" "$SSH_KEYS"
+}
+ssh_public_keys() { cat "$SSH_KEYS/ssh_host_ed25519_key.pub" "$SSH_KEYS/id_ed25519.pub" 2>/dev/null || true; }
 key_data() { { echo "data $DATA_MB"; declare -f stage_data; } | hash_inputs guest/workload.c guest/say.h; }
 
 stage_deps() {
@@ -237,7 +254,7 @@ stage_image() {
     # The agent and its configuration are small and change more often than the packages: they
     # go into a copy-on-write overlay of the rootfs, so changing them never re-runs debootstrap.
     mount_overlay "$staging" "$rootfs"
-    ROOT="$staging/merged" TESTBED_DIR="$TESTBED_DIR" bash "$TESTBED_DIR/dom0/configure.sh"
+    ROOT="$staging/merged" TESTBED_DIR="$TESTBED_DIR" SSH_KEYS="$SSH_KEYS" bash "$TESTBED_DIR/dom0/configure.sh"
     rm -f "$image.tmp"
     mkfs.ext4 -q -F -L softpage-dom0 -d "$staging/merged" "$image.tmp" "$DOM0_IMG_SIZE"
     umount_overlay "$staging"
@@ -331,6 +348,7 @@ main() {
     exec 9>"$CACHE/.build.lock"
     flock 9
     : > "$CACHE/stage-times.txt"
+    ensure_ssh_keys
     local stage
     for stage in "$@"; do
         case "$stage" in

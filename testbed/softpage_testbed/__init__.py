@@ -12,6 +12,8 @@ It is split by what it drives:
   CURRENT checkout reaches dom0 as a payload disk built by ``testbed/build.sh payload``: the
   softpage package on dom0's ``PYTHONPATH`` (``/opt/softpage/py``), the guest kernel and
   initramfs (``/opt/softpage/guest``) with the workload and, when it builds, ``softpage.ko``.
+* ``pair``: two hosts joined by a link of their own (``TestbedPair``, ``booted_pair``,
+  ``LinkShape``): ``ssh host-b`` from host-a, migrations between them as users run them.
 * ``guest``: a test guest (``GuestSpec``, ``Guest``), read through its console log.
 * ``errors``: everything the harness raises is a ``TestbedError``.
 
@@ -55,6 +57,7 @@ from softpage_testbed.host import (
     FATAL_BOOT_PATTERNS,
     HOST_PLATFORMS,
     HOTPLUG_TIMEOUT_MESSAGE,
+    LINK_LOOPBACK,
     PAYLOAD_DISK_SERIAL,
     REPO_DIR,
     SCRATCH_MOUNT,
@@ -64,12 +67,23 @@ from softpage_testbed.host import (
     XEN_PVH_VERSION,
     XEN_TRIXIE_VERSION,
     HostPlatform,
+    LinkEnd,
     Testbed,
     TestbedConfig,
     booted_testbed,
     build_payload,
     build_testbed,
     retry_after_triple_faults,
+)
+from softpage_testbed.pair import (
+    LINK_HOSTS_FILE,
+    SHARED_DATA_DISK,
+    LinkHost,
+    LinkPlan,
+    LinkShape,
+    TestbedPair,
+    booted_pair,
+    read_link_hosts,
 )
 
 __all__ = [
@@ -87,6 +101,8 @@ __all__ = [
     "HEARTBEAT_RE",
     "HOST_PLATFORMS",
     "HOTPLUG_TIMEOUT_MESSAGE",
+    "LINK_HOSTS_FILE",
+    "LINK_LOOPBACK",
     "LIVENESS_PERIOD_S",
     "LIVENESS_TIMEOUT_S",
     "PAYLOAD_DISK_SERIAL",
@@ -94,6 +110,7 @@ __all__ = [
     "REPLY_MARGIN_S",
     "REPO_DIR",
     "SCRATCH_MOUNT",
+    "SHARED_DATA_DISK",
     "STOPPED_CHECK_S",
     "TRIPLE_FAULT_RE",
     "VERIFY_RE",
@@ -110,12 +127,19 @@ __all__ = [
     "GuestSpec",
     "GuestTripleFault",
     "HostPlatform",
+    "LinkEnd",
+    "LinkHost",
+    "LinkPlan",
+    "LinkShape",
     "Testbed",
     "TestbedConfig",
     "TestbedError",
+    "TestbedPair",
     "VerifyResult",
+    "booted_pair",
     "booted_testbed",
     "build_payload",
     "build_testbed",
+    "read_link_hosts",
     "retry_after_triple_faults",
 ]

@@ -84,6 +84,24 @@ VIRSH = "virsh -q -c xen:///system"
 """libvirt's client, connected to the libxl driver of dom0's libvirtd."""
 HOTPLUG_TIMEOUT_MESSAGE = "because of timeout"  # libxl_aoutils.c async_exec_timeout
 TRIPLE_FAULT_RE = re.compile(rb"\(XEN\) \[[ \d.]+\] d\d+v\d+ Triple fault")
+LINK_LOOPBACK = "127.0.0.1"
+"""Where two-host links run: this machine's loopback, never a real network."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkEnd:
+    """This host's end of a two-host link (softpage_testbed/pair.py): a virtio NIC whose frames
+    QEMU sends as UDP datagrams on 127.0.0.1 to the other QEMU's port, so that they go from one
+    QEMU to the other and nowhere else. (UNIX datagram sockets would block a sender whose peer
+    reads nothing, a dom0 whose NIC is down: both QEMUs froze in sendto, 2026-12-05.)"""
+
+    host: str
+    """The dom0's name on the link (testbed/dom0/link-hosts), given to dom0 as ``softpage.host=``."""
+    mac: str
+    port: int
+    """This QEMU's UDP port on 127.0.0.1."""
+    peer_port: int
+    """The other QEMU's: frames sent while it is not there are lost, as on an unplugged cable."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +121,8 @@ class TestbedConfig:
     scratch_image: Path | None = None
     """A writable ext4 image dom0 mounts at ``SCRATCH_MOUNT``: what one boot leaves for the next
     (a save image carried from a Debian 12 host to a Debian 13 one)."""
+    link: LinkEnd | None = None
+    """One end of a link to another testbed (``TestbedPair``); None: no NIC at all."""
     cache_dir: Path = dataclasses.field(
         default_factory=lambda: Path(
             os.environ.get("SOFTPAGE_TESTBED_CACHE")
@@ -190,6 +210,8 @@ class Testbed:
         )
         # by label: the order in which virtio disks get their names is not the command-line order
         dom0_args = "root=LABEL=softpage-dom0 rw console=hvc0 earlyprintk=xen"
+        if self.config.link is not None:
+            dom0_args += f" softpage.host={self.config.link.host}"  # read by dom0/softpage-link
         work = self.work_dir
         return [
             "qemu-system-x86_64",
@@ -214,6 +236,7 @@ class Testbed:
             "-drive", f"file={cache}/data.img,format=raw,if=none,id=data,readonly=on",
             "-device", f"virtio-blk-pci,drive=data,serial={DATA_DISK_SERIAL}",
             *self._scratch_drive(),
+            *self._link_nic(),
             "-kernel", str(cache / platform.xen),
             "-append", xen_args,
             "-initrd", f"{cache}/{platform.dom0_kernel} {dom0_args},{dom0_initrd[-1]}",
@@ -224,6 +247,14 @@ class Testbed:
             return []
         return ["-drive", f"file={self.config.scratch_image},format=raw,if=none,id=scratch",
                 "-device", f"virtio-blk-pci,drive=scratch,serial={SCRATCH_DISK_SERIAL}"]
+
+    def _link_nic(self) -> list[str]:
+        link = self.config.link
+        if link is None:
+            return []
+        return ["-netdev", f"dgram,id=link,local.type=inet,local.host={LINK_LOOPBACK},local.port={link.port},"
+                f"remote.type=inet,remote.host={LINK_LOOPBACK},remote.port={link.peer_port}",
+                "-device", f"virtio-net-pci,netdev=link,mac={link.mac}"]
 
     def boot(self) -> None:
         """Boot QEMU, Xen and dom0 up to a ready ``xl``; a boot that stalls is tried again once

@@ -102,7 +102,14 @@ PVH_HOSTS = (XEN_PVH_VERSION, XEN_TRIXIE_VERSION)
 FULL_MATRIX = "full"
 
 
+PAIR_FIXTURES = ("pvh_pair", "upgrade_pair")
+"""tests/e2e/test_two_hosts.py: two hosts at once, booted after every single-host test."""
+PAIR = "pair"
+
+
 def _host_of(item: pytest.Item) -> str:
+    if any(name in getattr(item, "fixturenames", ()) for name in PAIR_FIXTURES):
+        return PAIR
     callspec = getattr(item, "callspec", None)
     if callspec is not None and "xen_pvh_testbed" in callspec.params:
         return str(callspec.params["xen_pvh_testbed"])
@@ -139,15 +146,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         uses_xen = "xen_pvh_testbed" in fixtures or PV_TESTBED_FIXTURE in fixtures
         params = item.callspec.params if hasattr(item, "callspec") else {}
         kernel = str(params.get("guest_kernel", DEFAULT_GUEST_KERNEL))
-        if uses_xen:
+        if uses_xen or _host_of(item) == PAIR:
             host = _host_of(item)
         else:
             # A test that boots its hosts itself from the pool (the rolling upgrade) spans them.
             host, kernel = ("several", kernel) if "testbed_pool" in fixtures else ("none", "none")
         item.user_properties.append(("xen_host", host))
         item.user_properties.append(("guest_kernel", kernel))
-    # One hypervisor after the other (4.17.7, then 4.17.5, then 4.20.4): each switch is a reboot.
-    order = (XEN_PVH_VERSION, XEN_PV_VERSION, XEN_TRIXIE_VERSION)
+    # One hypervisor after the other (4.17.7, then 4.17.5, then 4.20.4, then the two-host
+    # pairs): each switch is a reboot.
+    order = (XEN_PVH_VERSION, XEN_PV_VERSION, XEN_TRIXIE_VERSION, PAIR)
     items.sort(key=lambda item: order.index(_host_of(item)) if _host_of(item) in order else len(order))
 
 
@@ -156,7 +164,9 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     """Name a failure after the testbed flake behind it, so that the run (--only-rerun) repeats
     the test once: GuestTripleFault when Xen logged a guest triple fault during the test,
     Dom0Hung when dom0 stopped answering. Every other failure stands."""
-    testbeds = [value for value in getattr(item, "funcargs", {}).values() if isinstance(value, Testbed)]
+    testbeds = [testbed for value in getattr(item, "funcargs", {}).values()
+                for testbed in ((value,) if isinstance(value, Testbed) else getattr(value, "testbeds", ()))
+                if isinstance(testbed, Testbed)]
     before = [testbed.triple_faults() for testbed in testbeds]
     try:
         return (yield)
@@ -193,7 +203,7 @@ def testbed_pool() -> Iterator[TestbedPool]:
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def _log_dir_for(item: pytest.Item) -> Path:
+def log_dir_for(item: pytest.Item) -> Path:
     base = Path(os.environ.get("SOFTPAGE_E2E_LOG_DIR") or REPO_DIR / "results" / "e2e-logs")
     return base / time.strftime("%Y%m%d-%H%M%S") / re.sub(r"[^\w.-]+", "_", item.nodeid)
 
@@ -205,7 +215,7 @@ def _testbed_for_test(
         testbed = pool.get(xen_version)
     except TestbedError:
         if pool.current is not None:
-            pool.current.collect_logs(_log_dir_for(request.node))
+            pool.current.collect_logs(log_dir_for(request.node))
         raise
     testbed.destroy_all_guests()
     yield testbed
@@ -215,7 +225,7 @@ def _testbed_for_test(
         if (report := getattr(request.node, f"softpage_report_{when}", None)) is not None and report.failed
     ]
     if failed_reports:
-        log_dir = _log_dir_for(request.node)
+        log_dir = log_dir_for(request.node)
         testbed.collect_logs(log_dir)
         (log_dir / "failure.txt").write_text("\n\n".join(report.longreprtext for report in failed_reports))
     try:
