@@ -3,14 +3,15 @@
 -- first HOT_FRACTION of them, with a skew: file i = floor(hot * u^SKEW), u uniform in [0, 1), so
 -- SKEW 1 is uniform over the hot set and larger values favour its first files. The rest of the
 -- files are for the page cache only (cached but cold).
---   wrk -s hot-set.lua http://ADDRESS/ -- NFILES HOT_FRACTION SKEW
+-- SEED makes the sequence of files the same from run to run (wrk -t1: one thread draws them).
+--   wrk -t1 -s hot-set.lua http://ADDRESS/ -- NFILES HOT_FRACTION SKEW SEED
 local hot, skew = 1, 1.0
 
 function init(args)
    local nfiles = tonumber(args[1])
    hot = math.max(1, math.floor(nfiles * tonumber(args[2])))
    skew = tonumber(args[3])
-   math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16) % 1000003)
+   math.randomseed(tonumber(args[4]))
 end
 
 function request()
