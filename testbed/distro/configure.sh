@@ -9,10 +9,12 @@ set -euo pipefail
 
 echo softpage-guest > "$ROOT/etc/hostname"
 printf '127.0.0.1 localhost\n127.0.1.1 softpage-guest\n' > "$ROOT/etc/hosts"
-# xvda: this tree; xvdb: the application's files (build.sh stage app_data), read-only
+# xvda: this tree; xvdb: the application's files (build.sh stage app_data), read-only. No
+# timeout for xvdb: on a loaded host its device unit came after systemd's default 90 s (or a
+# 60 s limit), and without the files the guest has no application.
 cat > "$ROOT/etc/fstab" <<'FSTAB'
 /dev/xvda / ext4 rw,noatime,errors=remount-ro 0 0
-/dev/xvdb /srv/app ext4 ro,nofail,x-systemd.device-timeout=60s 0 0
+/dev/xvdb /srv/app ext4 ro,x-systemd.device-timeout=0 0 0
 FSTAB
 mkdir -p "$ROOT/srv/app"
 chroot "$ROOT" passwd -d root >/dev/null
@@ -54,8 +56,9 @@ ExecStart=/usr/local/sbin/softpage-guest-net
 WantedBy=multi-user.target
 UNIT
 
-# One console line once the boot is over: systemd's verdict and the module's version (Type=exec:
-# the boot does not wait for this unit, which waits for the boot).
+# One console line once the boot is over: systemd's verdict, the module's version and nginx's
+# state (a unit whose dependency failed is not "failed": systemd can say "running" without it).
+# Type=exec: the boot does not wait for this unit, which waits for the boot.
 cat > "$ROOT/etc/systemd/system/softpage-guest-up.service" <<'UNIT'
 [Unit]
 Description=Tell the softpage testbed on the console that the boot is over
@@ -64,7 +67,7 @@ Description=Tell the softpage testbed on the console that the boot is over
 Type=exec
 ExecStart=/bin/sh -c 'state=$(systemctl is-system-running --wait); \
     version=$(cat /sys/module/softpage/version 2>/dev/null || echo absent); \
-    echo "SOFTPAGE-GUEST-UP system=$state softpage=$version" > /dev/hvc0'
+    echo "SOFTPAGE-GUEST-UP system=$state softpage=$version nginx=$(systemctl is-active nginx)" > /dev/hvc0'
 
 [Install]
 WantedBy=multi-user.target

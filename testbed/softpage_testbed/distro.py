@@ -30,9 +30,12 @@ GUEST_ADDRESS = "10.98.0.2"
 GUEST_PREFIX_LEN = 24
 """dom0's guest bridge: no NIC on it, only the addresses the testbed gives (dom0 and a guest)."""
 GUEST_MAC = "00:16:3e:62:00:02"
-UP_RE = re.compile(r"SOFTPAGE-GUEST-UP system=(\S+) softpage=(\S+)")
+HTTP_PORT = 80
+"""nginx's port in the guest; named, since dom0 has no /etc/services for wrk to resolve "http"."""
+UP_RE = re.compile(r"SOFTPAGE-GUEST-UP (.*)")
 """The console line testbed/distro/configure.sh's softpage-guest-up.service prints once the boot
-is over: ``systemctl is-system-running``'s verdict and the loaded module's version."""
+is over: ``system=`` systemctl is-system-running's verdict, ``softpage=`` the loaded module's
+version, ``nginx=`` systemctl is-active nginx."""
 APP_FILE_PREFIX = "f"
 """The application's files are f00000, f00001, ... (testbed/build.sh stage_app_data)."""
 HOT_FRACTION = 0.25
@@ -116,11 +119,11 @@ class DistroGuest(ConsoleGuest):
         return True
 
     def up_line(self) -> dict[str, str]:
-        """The last boot's verdict: ``system`` (is-system-running) and ``softpage`` (version)."""
+        """The last boot's verdict (``UP_RE``): ``system``, ``softpage``, ``nginx``."""
         matches = list(UP_RE.finditer(self.console_log()))
         if not matches:
             raise TestbedError(f"guest {self.name}: no SOFTPAGE-GUEST-UP line on its console")
-        return {"system": matches[-1].group(1), "softpage": matches[-1].group(2)}
+        return dict(re.findall(r"(\w+)=(\S+)", matches[-1].group(1)))
 
     def shell(self, command: str, timeout_s: float = 120) -> ShellResult:
         """Run a command in the guest's root shell (typed into its console) and return its exit
@@ -184,7 +187,7 @@ def run_wrk(testbed: Testbed, nfiles: int, duration_s: int = 5, connections: int
     """wrk in dom0 against the guest's nginx, one thread, for ``duration_s``: requests drawn from
     the hot fraction of the application's ``nfiles`` files."""
     command = (f"wrk -t1 -c{connections} -d{duration_s}s --timeout 10s -s {DISTRO_PAYLOAD_DIR}/hot-set.lua "
-               f"http://{address}/ -- {nfiles} {hot_fraction} {skew} {seed}")
+               f"http://{address}:{HTTP_PORT}/ -- {nfiles} {hot_fraction} {skew} {seed}")
     result = testbed.run(command, timeout_s=duration_s + 120, check=True)
     summary = json.loads(next(line for line in reversed(result.stdout.splitlines()) if line.startswith("{")))
     errors = sum(int(summary[key]) for key in summary if key.startswith("errors_"))
