@@ -2,10 +2,10 @@
 # Build the cached Xen-in-QEMU testbed for softpage, from Debian packages and this directory only.
 #
 #   testbed/build.sh all               deps fetch rootfs image data trixie_rootfs trixie_image
-#                                      distro_bookworm app_data
+#                                      distro_bookworm distro_trixie app_data
 #                                      (what `make testbed` runs: the Debian 12 host, the guest data
-#                                      disk, the Debian 13 host, the Debian 12 distro guest and its
-#                                      application's files)
+#                                      disk, the Debian 13 host, the Debian 12 and 13 distro guests
+#                                      and their application's files)
 #   testbed/build.sh <stage>...        one or more stages, in order
 #   testbed/build.sh payload [OUT]     per-session payload disk from the CURRENT checkout (cheap)
 #   testbed/build.sh env               print the paths the harness uses (KEY=VALUE lines)
@@ -179,6 +179,12 @@ key_distro_bookworm() {
     { echo "distro_bookworm $packages"; declare -f stage_distro_bookworm build_distro_guest distro_guest_packages
       package_versions $packages; } | hash_inputs rootfs.sh
 }
+key_distro_trixie() {
+    local packages; packages=$(distro_guest_packages trixie)
+    # shellcheck disable=SC2086
+    { echo "distro_trixie $packages"; trixie_sources; declare -f stage_distro_trixie build_distro_guest distro_guest_packages
+      trixie_package_versions $packages; } | hash_inputs rootfs.sh
+}
 key_app_data() { { echo "app_data $APP_DATA_MB $APP_FILE_KB"; declare -f stage_app_data; } | hash_inputs; }
 key_data() { { echo "data $DATA_MB"; declare -f stage_data; } | hash_inputs guest/workload.c guest/say.h; }
 
@@ -302,6 +308,8 @@ stage_data() {
 distro_guest_packages() {
     case "$1" in
         bookworm) echo "$DISTRO_GUEST_PACKAGES nginx-light linux-image-$(kernel_abi) linux-headers-$(kernel_abi)" ;;
+        # Debian 13 has no nginx-light: its nginx is as small (the modules are packages of their own)
+        trixie) echo "$DISTRO_GUEST_PACKAGES nginx linux-image-amd64 linux-headers-amd64" ;;
         *) die "no distro guest for Debian release '$1'" ;;
     esac
 }
@@ -311,8 +319,13 @@ distro_guest_packages() {
 # no daemon starts in the chroot), then packed and removed.
 build_distro_guest() {
     local release=$1 tree=$CACHE/distro-$1.tree image=$CACHE/distro-$1.img size_mb
-    MIRROR=$(debian_mirror) KERNEL_ABI=$(kernel_abi) ROOTFS=$tree DOM0_PACKAGES="$(distro_guest_packages "$release")" \
-        bash "$TESTBED_DIR/rootfs.sh"
+    if [ "$release" = bookworm ]; then  # the host's own release
+        MIRROR=$(debian_mirror) KERNEL_ABI=$(kernel_abi) ROOTFS=$tree DOM0_PACKAGES="$(distro_guest_packages "$release")" \
+            bash "$TESTBED_DIR/rootfs.sh"
+    else
+        MIRROR=$(debian_mirror) SUITE=$release SOURCES="$(trixie_sources)" KERNEL_ABI="" ROOTFS=$tree \
+            DOM0_PACKAGES="$(distro_guest_packages "$release")" bash "$TESTBED_DIR/rootfs.sh"
+    fi
     ls "$tree"/boot/vmlinuz-* "$tree"/boot/initrd.img-* >/dev/null || die "distro guest $release has no kernel or initramfs"
     size_mb=$(( $(du -sm "$tree" | cut -f1) * 5 / 4 + 256 ))
     rm -f "$image" "$image.tmp"
@@ -322,6 +335,7 @@ build_distro_guest() {
     du -h --apparent-size "$image"; du -h "$image"
 }
 stage_distro_bookworm() { build_distro_guest bookworm; }
+stage_distro_trixie() { build_distro_guest trixie; }
 
 # The application's files: APP_DATA_MB of random bytes in APP_FILE_KB files (f00000, f00001, ...)
 # and their SHA256SUMS on an ext4 disk of their own, app-data.img; SHA256SUMS is also kept beside
@@ -374,6 +388,7 @@ TRIXIE_XEN=$CACHE/boot/trixie/xen
 TRIXIE_VMLINUZ=$CACHE/boot/trixie/vmlinuz
 TRIXIE_DOM0_INITRD=$(ls "$ROOTFS_TRIXIE"/boot/initrd.img-* 2>/dev/null | head -1)
 DISTRO_BOOKWORM_IMG=$CACHE/distro-bookworm.img
+DISTRO_TRIXIE_IMG=$CACHE/distro-trixie.img
 APP_DATA_IMG=$CACHE/app-data.img
 EOF
 }
@@ -386,7 +401,7 @@ main() {
         env) print_env; return ;;
         payload) shift; local t0; t0=$(date +%s.%N); stage_payload "$@"
             log "payload: took $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s"; return ;;
-        all) set -- deps fetch rootfs image data trixie_rootfs trixie_image distro_bookworm app_data ;;
+        all) set -- deps fetch rootfs image data trixie_rootfs trixie_image distro_bookworm distro_trixie app_data ;;
     esac
     # One build at a time per cache: two engineers running `make testbed` must not race.
     exec 9>"$CACHE/.build.lock"
@@ -395,7 +410,7 @@ main() {
     local stage
     for stage in "$@"; do
         case "$stage" in
-            deps|fetch|rootfs|image|data|trixie_rootfs|trixie_image|distro_bookworm|app_data)
+            deps|fetch|rootfs|image|data|trixie_rootfs|trixie_image|distro_bookworm|distro_trixie|app_data)
                 [ "$stage" = deps ] || [ -n "$KERNEL_ABI_RESOLVED" ] || KERNEL_ABI_RESOLVED=$(kernel_abi)
                 run_stage "$stage" "$("key_$stage")" ;;
             *) die "unknown stage '$stage'" ;;

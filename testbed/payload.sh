@@ -224,8 +224,9 @@ install -m 755 "$TESTBED_DIR/dom0/count-bytes" "$STAGING/bin/count-bytes"
 #     softpage-dkms as a user installs it (apt-get install ./softpage-dkms_*.deb in a chroot: DKMS
 #     builds the module for the guest's kernel), beside OUT; its kernel and initramfs go here.
 build_distro_guest() {  # RELEASE
-    local release=$1 disk kernel abi deb module root=$WORK/distro-root
+    local release=$1 disk kernel abi deb module root=$WORK/distro-root started
     disk=$(dirname "$OUT")/distro-$release.img
+    started=$(date +%s.%N)
     cp --sparse=always "$CACHE/distro-$release.img" "$disk.tmp"
     mkdir -p "$root"
     mount -o loop "$disk.tmp" "$root"
@@ -233,6 +234,7 @@ build_distro_guest() {  # RELEASE
     mount --bind /dev "$root/dev"
     mount -t devpts -o newinstance devpts "$root/dev/pts"
     ROOT="$root" bash "$TESTBED_DIR/distro/configure.sh"
+    # built on this Debian 12 host, and for every release: the package is architecture-independent
     deb=$(ls "$STAGING"/debs/bookworm/softpage-dkms_*.deb 2>/dev/null | head -1)
     kernel=$(ls "$root"/boot/vmlinuz-* | sort -V | tail -1)
     abi=${kernel##*/vmlinuz-}
@@ -257,6 +259,7 @@ build_distro_guest() {  # RELEASE
     cp "$root/boot/initrd.img-$abi" "$STAGING/distro/$release/initrd.img"
     cleanup_distro_root
     mv "$disk.tmp" "$disk"
+    note "distro_seconds_$release" "$(awk -v a="$started" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')"
 }
 for disk in "$CACHE"/distro-*.img; do
     [ -f "$disk" ] || continue

@@ -20,8 +20,9 @@ from softpage_testbed.guest import ConsoleGuest
 if TYPE_CHECKING:
     from softpage_testbed.host import Testbed
 
-DISTRO_RELEASES = ("bookworm",)
-"""Debian releases with a distro guest (testbed/build.sh distro_guest_packages)."""
+DISTRO_RELEASES = ("bookworm", "trixie")
+"""Debian releases with a distro guest (testbed/build.sh distro_guest_packages): 12 with Linux 6.1,
+13 with Linux 6.12."""
 DISTRO_PAYLOAD_DIR = "/opt/softpage/distro"
 """In dom0: RELEASE/vmlinuz and RELEASE/initrd.img of each distro guest, and hot-set.lua."""
 GUEST_BRIDGE = "xenbr0"
@@ -43,6 +44,8 @@ HOT_SKEW = 2.0
 WRK_SEED = 21
 """wrk's requests: the first quarter of the files, the lower-numbered ones more often, the same
 sequence in every run (testbed/distro/hot-set.lua)."""
+SHELL_PROBE_S = 30.0
+"""How long ``wait_until_up`` waits for one answer of the console shell before typing again."""
 _SHELL_RESULT = "SPD-{token} rc=(\\d+) out=([A-Za-z0-9+/=]*)"
 
 
@@ -108,6 +111,9 @@ class DistroGuest(ConsoleGuest):
         self._commands = 0
 
     def wait_until_up(self, timeout_s: float) -> bool:
+        """Up: the boot is over (``UP_RE``) and the console shell answers. The getty may start
+        after the boot's last job, and what is typed before it opens the console is lost: the
+        shell is asked again until it answers."""
         deadline = time.monotonic() + timeout_s
         while not UP_RE.search(self.console_log()):
             if self.stopped():
@@ -116,7 +122,15 @@ class DistroGuest(ConsoleGuest):
                 raise TestbedError(f"guest {self.name}: not up within {timeout_s:.0f} s; "
                                    f"console tail:\n{self.console_log()[-3000:]}")
             time.sleep(2)
-        return True
+        while True:
+            try:
+                self.shell("true", timeout_s=SHELL_PROBE_S)
+                return True
+            except TestbedError:
+                if self.stopped():
+                    return False
+                if time.monotonic() > deadline:
+                    raise
 
     def up_line(self) -> dict[str, str]:
         """The last boot's verdict (``UP_RE``): ``system``, ``softpage``, ``nginx``."""
