@@ -2,8 +2,10 @@
 # Build the cached Xen-in-QEMU testbed for softpage, from Debian packages and this directory only.
 #
 #   testbed/build.sh all               deps fetch rootfs image data trixie_rootfs trixie_image
+#                                      distro_bookworm distro_trixie app_data
 #                                      (what `make testbed` runs: the Debian 12 host, the guest data
-#                                      disk, and the Debian 13 host)
+#                                      disk, the Debian 13 host, the Debian 12 and 13 distro guests
+#                                      and their application's files)
 #   testbed/build.sh <stage>...        one or more stages, in order
 #   testbed/build.sh payload [OUT]     per-session payload disk from the CURRENT checkout (cheap)
 #   testbed/build.sh env               print the paths the harness uses (KEY=VALUE lines)
@@ -17,6 +19,7 @@
 # Knobs (environment):
 #   SOFTPAGE_TESTBED_CACHE   cache directory (default ${XDG_CACHE_HOME:-~/.cache}/softpage/testbed)
 #   SOFTPAGE_DATA_MB         size of the guest data-disk files (default 512)
+#   SOFTPAGE_APP_DATA_MB     size of the distro guests' application files (default 256)
 #   SOFTPAGE_SKIP_APT=1      deps stage: do not apt-get install on the host (already provisioned)
 set -euo pipefail
 TESTBED_DIR=$(cd "$(dirname "$0")" && pwd)
@@ -53,6 +56,13 @@ TRIXIE_DOM0_PACKAGES="xen-hypervisor-4.20-amd64 xen-utils-4.20 xen-utils-common 
  libxen-dev initramfs-tools systemd-sysv udev kmod iproute2 procps busybox e2fsprogs less file
  linux-image-amd64 linux-headers-amd64 dkms $DOM0_TOOLSTACK_PACKAGES
  build-essential dpkg-dev debhelper dh-dkms dh-python pybuild-plugin-pyproject python3-all-dev lintian"
+# The distro guests (issue 21): a Debian release as a user installs it in a Xen guest, minbase +
+# systemd, udev, its own kernel with the headers and dkms that softpage-dkms builds against, and
+# nginx serving the application's files (a disk of its own, stage app_data). payload.sh configures
+# each per session (distro/configure.sh) and installs the checkout's softpage-dkms into it.
+DISTRO_GUEST_PACKAGES="systemd-sysv udev kmod iproute2 procps e2fsprogs initramfs-tools dkms"
+APP_DATA_MB=${SOFTPAGE_APP_DATA_MB:-256}
+APP_FILE_KB=64
 HOST_PACKAGES="qemu-system-x86 qemu-utils debootstrap busybox-static cpio e2fsprogs gzip xz-utils
  gcc make libc6-dev libxen-dev python3 kmod openssh-client"
 
@@ -180,6 +190,16 @@ ensure_ssh_keys() {
     rm -rf "$SSH_KEYS"; mv "$SSH_KEYS.tmp" "$SSH_KEYS"
 }
 ssh_public_keys() { cat "$SSH_KEYS/ssh_host_ed25519_key.pub" "$SSH_KEYS/id_ed25519.pub" 2>/dev/null || true; }
+key_distro_bookworm() {
+    local packages; packages=$(distro_guest_packages bookworm)
+    # shellcheck disable=SC2086
+    { echo "distro_bookworm $packages"; declare -f stage_distro_bookworm build_distro_guest distro_guest_packages
+      package_versions $packages; } | hash_inputs rootfs.sh
+key_distro_trixie() {
+    local packages; packages=$(distro_guest_packages trixie)
+    { echo "distro_trixie $packages"; trixie_sources; declare -f stage_distro_trixie build_distro_guest distro_guest_packages
+      trixie_package_versions $packages; } | hash_inputs rootfs.sh
+key_app_data() { { echo "app_data $APP_DATA_MB $APP_FILE_KB"; declare -f stage_app_data; } | hash_inputs; }
 key_data() { { echo "data $DATA_MB"; declare -f stage_data; } | hash_inputs guest/workload.c guest/say.h; }
 
 stage_deps() {
@@ -297,6 +317,56 @@ stage_data() {
     du -h "$CACHE/data.img"
 }
 
+# distro_guest_packages RELEASE: what that release's distro guest installs, its kernel and headers
+# included (Debian 12: the ABI the testbed's other guests and dom0 run).
+distro_guest_packages() {
+    case "$1" in
+        bookworm) echo "$DISTRO_GUEST_PACKAGES nginx-light linux-image-$(kernel_abi) linux-headers-$(kernel_abi)" ;;
+        # Debian 13 has no nginx-light: its nginx is as small (the modules are packages of their own)
+        trixie) echo "$DISTRO_GUEST_PACKAGES nginx linux-image-amd64 linux-headers-amd64" ;;
+        *) die "no distro guest for Debian release '$1'" ;;
+    esac
+}
+
+# build_distro_guest RELEASE: the guest's root disk $CACHE/distro-RELEASE.img (ext4, the whole disk,
+# a quarter free): its tree made by rootfs.sh as the dom0s' are (debootstrap minbase, then apt-get;
+# no daemon starts in the chroot), then packed and removed.
+build_distro_guest() {
+    local release=$1 tree=$CACHE/distro-$1.tree image=$CACHE/distro-$1.img size_mb
+    if [ "$release" = bookworm ]; then  # the host's own release
+        MIRROR=$(debian_mirror) KERNEL_ABI=$(kernel_abi) ROOTFS=$tree DOM0_PACKAGES="$(distro_guest_packages "$release")" \
+            bash "$TESTBED_DIR/rootfs.sh"
+    else
+        MIRROR=$(debian_mirror) SUITE=$release SOURCES="$(trixie_sources)" KERNEL_ABI="" ROOTFS=$tree \
+            DOM0_PACKAGES="$(distro_guest_packages "$release")" bash "$TESTBED_DIR/rootfs.sh"
+    fi
+    ls "$tree"/boot/vmlinuz-* "$tree"/boot/initrd.img-* >/dev/null || die "distro guest $release has no kernel or initramfs"
+    size_mb=$(( $(du -sm "$tree" | cut -f1) * 5 / 4 + 256 ))
+    rm -f "$image" "$image.tmp"
+    mkfs.ext4 -q -F -L "sp-$release" -d "$tree" "$image.tmp" "${size_mb}M"
+    mv "$image.tmp" "$image"
+    rm -rf "$tree"
+    du -h --apparent-size "$image"; du -h "$image"
+}
+stage_distro_bookworm() { build_distro_guest bookworm; }
+stage_distro_trixie() { build_distro_guest trixie; }
+
+# The application's files: APP_DATA_MB of random bytes in APP_FILE_KB files (f00000, f00001, ...)
+# and their SHA256SUMS on an ext4 disk of their own, app-data.img; SHA256SUMS is also kept beside
+# (app-data.sha256) for the harness to check what the guest serves.
+stage_app_data() {
+    local build; build=$(mktemp -d)
+    mkdir -p "$build/files"
+    head -c "$(( APP_DATA_MB << 20 ))" /dev/urandom | (cd "$build/files" && split -a 5 -d -b "${APP_FILE_KB}K" - f)
+    ( cd "$build/files" && sha256sum f* > SHA256SUMS )
+    rm -f "$CACHE/app-data.img"
+    mkfs.ext4 -q -F -L softpage-app -d "$build/files" "$CACHE/app-data.img.tmp" "$(( APP_DATA_MB + APP_DATA_MB / 8 + 32 ))M"
+    mv "$CACHE/app-data.img.tmp" "$CACHE/app-data.img"
+    cp "$build/files/SHA256SUMS" "$CACHE/app-data.sha256"
+    rm -rf "$build"
+    du -h "$CACHE/app-data.img"
+}
+
 # mount_overlay DIR [ROOTFS]: DIR/merged = copy-on-write view of a cached rootfs (default the
 # Debian 12 host's; nothing is written to it).
 mount_overlay() {
@@ -331,6 +401,9 @@ TRIXIE_DOM0_IMG=$DOM0_IMG_TRIXIE
 TRIXIE_XEN=$CACHE/boot/trixie/xen
 TRIXIE_VMLINUZ=$CACHE/boot/trixie/vmlinuz
 TRIXIE_DOM0_INITRD=$(ls "$ROOTFS_TRIXIE"/boot/initrd.img-* 2>/dev/null | head -1)
+DISTRO_BOOKWORM_IMG=$CACHE/distro-bookworm.img
+DISTRO_TRIXIE_IMG=$CACHE/distro-trixie.img
+APP_DATA_IMG=$CACHE/app-data.img
 EOF
 }
 
@@ -342,7 +415,7 @@ main() {
         env) print_env; return ;;
         payload) shift; local t0; t0=$(date +%s.%N); stage_payload "$@"
             log "payload: took $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s"; return ;;
-        all) set -- deps fetch rootfs image data trixie_rootfs trixie_image ;;
+        all) set -- deps fetch rootfs image data trixie_rootfs trixie_image distro_bookworm distro_trixie app_data ;;
     esac
     # One build at a time per cache: two engineers running `make testbed` must not race.
     exec 9>"$CACHE/.build.lock"
@@ -352,7 +425,7 @@ main() {
     local stage
     for stage in "$@"; do
         case "$stage" in
-            deps|fetch|rootfs|image|data|trixie_rootfs|trixie_image)
+            deps|fetch|rootfs|image|data|trixie_rootfs|trixie_image|distro_bookworm|distro_trixie|app_data)
                 [ "$stage" = deps ] || [ -n "$KERNEL_ABI_RESOLVED" ] || KERNEL_ABI_RESOLVED=$(kernel_abi)
                 run_stage "$stage" "$("key_$stage")" ;;
             *) die "unknown stage '$stage'" ;;

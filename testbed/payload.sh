@@ -14,7 +14,16 @@
 #                              6.12: Debian 13's): busybox, guest/init, workload, freemem, the block
 #                              and ext4 modules, and that kernel's softpage.ko when it built
 #   /opt/softpage/guest_kmod/SERIES/  softpage.ko as built (or absent)
+#   /opt/softpage/distro/RELEASE/ vmlinuz + initrd.img of a distro guest (PVH direct boot), from
+#                              the guest's own /boot; its root disk is beside OUT (below)
+#   /opt/softpage/distro/hot-set.lua  wrk's request generator for the guests' nginx
 #   /opt/softpage/PAYLOAD-INFO key=value lines: checkout revision, what was built, what failed
+#
+# Beside OUT, per distro guest whose root disk the cache has (build.sh stage distro_RELEASE):
+# distro-RELEASE.img, a copy of that disk configured (distro/configure.sh) and with the payload's
+# softpage-dkms installed by apt-get in a chroot, so DKMS builds the module for the guest's kernel
+# and modules-load.d loads it at boot. The harness gives it to QEMU with snapshot=on
+# (softpage_testbed.host).
 #
 # Called by build.sh with OUT, CACHE, ROOTFS, ROOTFS_TRIXIE, REPO_DIR, TESTBED_DIR set.
 set -euo pipefail
@@ -46,7 +55,14 @@ cleanup_overlay() {
     if mountpoint -q "$OVERLAY/merged"; then umount_settled "$OVERLAY/merged"; fi
     rm -rf "$OVERLAY"
 }
-cleanup() { cleanup_overlay; rm -rf "$WORK"; }
+# A distro guest's disk is loop-mounted at $WORK/distro-root while it is being configured.
+cleanup_distro_root() {
+    local m
+    for m in dev/pts dev proc ""; do
+        if mountpoint -q "$WORK/distro-root/$m"; then umount_settled "$WORK/distro-root/$m"; fi
+    done
+}
+cleanup() { cleanup_distro_root; cleanup_overlay; rm -rf --one-file-system "$WORK"; }
 trap cleanup EXIT
 note() { echo "$1=$2" >> "$INFO"; echo "payload: $1=$2" >&2; }
 
@@ -218,6 +234,56 @@ if [ -n "$TRIXIE_ABI" ]; then
 fi
 
 install -m 755 "$TESTBED_DIR/dom0/count-bytes" "$STAGING/bin/count-bytes"
+
+# 4b. The distro guests: per cached root disk, a copy configured for the testbed and given
+#     softpage-dkms as a user installs it (apt-get install ./softpage-dkms_*.deb in a chroot: DKMS
+#     builds the module for the guest's kernel), beside OUT; its kernel and initramfs go here.
+build_distro_guest() {  # RELEASE
+    local release=$1 disk kernel abi deb module root=$WORK/distro-root started
+    disk=$(dirname "$OUT")/distro-$release.img
+    started=$(date +%s.%N)
+    cp --sparse=always "$CACHE/distro-$release.img" "$disk.tmp"
+    mkdir -p "$root"
+    mount -o loop "$disk.tmp" "$root"
+    mount -t proc proc "$root/proc"
+    mount --bind /dev "$root/dev"
+    mount -t devpts -o newinstance devpts "$root/dev/pts"
+    ROOT="$root" bash "$TESTBED_DIR/distro/configure.sh"
+    # built on this Debian 12 host, and for every release: the package is architecture-independent
+    deb=$(ls "$STAGING"/debs/bookworm/softpage-dkms_*.deb 2>/dev/null | head -1)
+    kernel=$(ls "$root"/boot/vmlinuz-* | sort -V | tail -1)
+    abi=${kernel##*/vmlinuz-}
+    if [ -n "$deb" ]; then
+        cp "$deb" "$root/tmp/"
+        if chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root DEBIAN_FRONTEND=noninteractive \
+            LC_ALL=C apt-get install -y -q "/tmp/${deb##*/}" > "$WORK/distro-$release.log" 2>&1; then
+            module=$(find "$root/lib/modules/$abi/updates" -name 'softpage.ko*' 2>/dev/null | head -1)
+            if [ -n "$module" ]; then note "distro_kmod_$release" built
+            else note "distro_kmod_$release" "FAILED(no softpage.ko for $abi)"; fi
+        else
+            note "distro_kmod_$release" FAILED
+        fi
+        grep -i -E 'error|warning|dkms|softpage' "$WORK/distro-$release.log" | tail -20 | sed "s/^/payload: distro $release: /" >&2
+        rm -f "$root/tmp/${deb##*/}"
+    else
+        note "distro_kmod_$release" "FAILED(no softpage-dkms package)"
+    fi
+    note "distro_kernel_$release" "$abi"
+    mkdir -p "$STAGING/distro/$release"
+    cp "$kernel" "$STAGING/distro/$release/vmlinuz"
+    cp "$root/boot/initrd.img-$abi" "$STAGING/distro/$release/initrd.img"
+    cleanup_distro_root
+    mv "$disk.tmp" "$disk"
+    note "distro_seconds_$release" "$(awk -v a="$started" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')"
+}
+for disk in "$CACHE"/distro-*.img; do
+    [ -f "$disk" ] || continue
+    release=${disk##*/distro-}; release=${release%.img}
+    build_distro_guest "$release"
+done
+if [ -d "$STAGING/distro" ]; then
+    install -m 644 "$TESTBED_DIR/distro/hot-set.lua" "$STAGING/distro/hot-set.lua"
+fi
 
 # 5. The image.
 size_mb=$(( $(du -sm "$STAGING" | cut -f1) * 2 + 32 ))

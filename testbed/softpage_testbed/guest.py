@@ -136,13 +136,19 @@ class VerifyResult:
 
 
 
-class Guest:
-    """A running test guest, found by name (a migrated guest keeps its name)."""
+class ConsoleGuest:
+    """A running guest, found by name (a migrated guest keeps its name), read through its console
+    log and typed into through its console. ``Guest`` is the busybox test guest; the distro guests
+    are ``softpage_testbed.distro.DistroGuest``."""
 
-    def __init__(self, testbed: Testbed, spec: GuestSpec) -> None:
+    def __init__(self, testbed: Testbed, name: str) -> None:
         self.testbed = testbed
-        self.spec = spec
-        self.name = spec.name
+        self.name = name
+
+    def wait_until_up(self, timeout_s: float) -> bool:
+        """True once the guest is up (what that means is the guest kind's); False if the domain
+        shut down before (a triple fault under TCG), TestbedError on timeout."""
+        raise NotImplementedError
 
     def console_log(self) -> str:
         """Every console line this guest printed since it was created, across migrations."""
@@ -151,13 +157,6 @@ class Guest:
             f"cd {CONSOLE_LOG_DIR} && ls -tr guest-{self.name}.log guest-{self.name}--*.log 2>/dev/null"
             " | xargs -r cat", timeout_s=60)
         return result.stdout.replace("\r", "")
-
-    def heartbeat(self) -> int:
-        """The highest heartbeat counter printed so far (-1 before the first)."""
-        return max((int(n) for n in HEARTBEAT_RE.findall(self.console_log())), default=-1)
-
-    def boot_count(self) -> int:
-        return self.console_log().count(BOOT_MARKER)
 
     def stopped(self) -> bool:
         """True when Xen lists the domain as crashed or shut down (a triple fault under TCG turns
@@ -198,6 +197,54 @@ class Guest:
         return self._wait(last_match, timeout_s, repr(pattern),
                           lambda: f"no console line matching {pattern!r} within {timeout_s:.0f} s", poll_s)
 
+    def console_command(self, command: str) -> None:
+        """Type a command into the guest's shell on its console (the pty xenconsoled serves)."""
+        self.testbed.run(
+            f"domid=$(xl domid {shlex.quote(self.name)}) && "
+            "tty=$(xenstore-read /local/domain/$domid/console/tty) && "
+            f"printf '%s\\n' {shlex.quote(command)} > \"$tty\"", timeout_s=60, check=True)
+
+    def save_restore(self, timeout_s: float = 900) -> dict[str, float]:
+        """Stock ``xl save`` then ``xl restore``; returns wall times and the image size."""
+        image = f"/var/lib/xen/save-{self.name}.img"
+        saved = self.testbed.run(["xl", "save", self.name, image], timeout_s=timeout_s, check=True)
+        size = int(self.testbed.run(["stat", "-c", "%s", image], check=True).stdout)
+        restored = self.testbed.run(["xl", "restore", image], timeout_s=timeout_s, check=True)
+        self.testbed.run(["rm", "-f", image])
+        return {"save_s": saved.wall_s, "restore_s": restored.wall_s, "image_bytes": float(size)}
+
+    def migrate_localhost(self, timeout_s: float = 900) -> dict[str, float]:
+        """Stock ``xl migrate`` to this same host (no ssh: ``-s ""`` runs the receiver command
+        itself); returns the wall time and the bytes of the migration stream."""
+        counter = f"/tmp/migrate-{self.name}.bytes"
+        receiver = f"python3 /opt/softpage/bin/count-bytes {counter} | xl migrate-receive"
+        result = self.testbed.run(["xl", "migrate", "-s", "", self.name, receiver],
+                                  timeout_s=timeout_s, check=True)
+        sent = self.testbed.run(["cat", counter], check=True).stdout.strip()
+        return {"migrate_s": result.wall_s, "stream_bytes": float(sent or 0)}
+
+    def destroy(self) -> None:
+        self.testbed.run(["xl", "destroy", self.name], timeout_s=120)
+
+
+class Guest(ConsoleGuest):
+    """A running busybox test guest (``GuestSpec``): heartbeats, boot markers and workload verdicts
+    on its console."""
+
+    def __init__(self, testbed: Testbed, spec: GuestSpec) -> None:
+        super().__init__(testbed, spec.name)
+        self.spec = spec
+
+    def wait_until_up(self, timeout_s: float) -> bool:
+        return self.wait_for_first_heartbeat(timeout_s)
+
+    def heartbeat(self) -> int:
+        """The highest heartbeat counter printed so far (-1 before the first)."""
+        return max((int(n) for n in HEARTBEAT_RE.findall(self.console_log())), default=-1)
+
+    def boot_count(self) -> int:
+        return self.console_log().count(BOOT_MARKER)
+
     def wait_for_first_heartbeat(self, timeout_s: float) -> bool:
         """True at the first heartbeat; False if the domain shut down (crashed, or a triple fault
         turned into a preserved reboot) before it. TestbedError on timeout."""
@@ -226,13 +273,6 @@ class Guest:
             raise TestbedError(f"guest {self.name}: workload failed: {match.group(0)}")
         return dict(re.findall(r"(\w+)=(\S+)", match.group(2)))
 
-    def console_command(self, command: str) -> None:
-        """Type a command into the guest's shell on its console (the pty xenconsoled serves)."""
-        self.testbed.run(
-            f"domid=$(xl domid {shlex.quote(self.name)}) && "
-            "tty=$(xenstore-read /local/domain/$domid/console/tty) && "
-            f"printf '%s\\n' {shlex.quote(command)} > \"$tty\"", timeout_s=60, check=True)
-
     def verify(self, timeout_s: float = 300) -> VerifyResult:
         """Ask the workload to check all its memory and files now; returns its verdict."""
         previous = max((int(seq) for _, seq, _ in VERIFY_RE.findall(self.console_log())), default=0)
@@ -249,24 +289,3 @@ class Guest:
         return self._wait(new_verdict, timeout_s, "WORKLOAD VERIFY",
                           lambda: f"no WORKLOAD VERIFY after {timeout_s:.0f} s")
 
-    def save_restore(self, timeout_s: float = 900) -> dict[str, float]:
-        """Stock ``xl save`` then ``xl restore``; returns wall times and the image size."""
-        image = f"/var/lib/xen/save-{self.name}.img"
-        saved = self.testbed.run(["xl", "save", self.name, image], timeout_s=timeout_s, check=True)
-        size = int(self.testbed.run(["stat", "-c", "%s", image], check=True).stdout)
-        restored = self.testbed.run(["xl", "restore", image], timeout_s=timeout_s, check=True)
-        self.testbed.run(["rm", "-f", image])
-        return {"save_s": saved.wall_s, "restore_s": restored.wall_s, "image_bytes": float(size)}
-
-    def migrate_localhost(self, timeout_s: float = 900) -> dict[str, float]:
-        """Stock ``xl migrate`` to this same host (no ssh: ``-s ""`` runs the receiver command
-        itself); returns the wall time and the bytes of the migration stream."""
-        counter = f"/tmp/migrate-{self.name}.bytes"
-        receiver = f"python3 /opt/softpage/bin/count-bytes {counter} | xl migrate-receive"
-        result = self.testbed.run(["xl", "migrate", "-s", "", self.name, receiver],
-                                  timeout_s=timeout_s, check=True)
-        sent = self.testbed.run(["cat", counter], check=True).stdout.strip()
-        return {"migrate_s": result.wall_s, "stream_bytes": float(sent or 0)}
-
-    def destroy(self) -> None:
-        self.testbed.run(["xl", "destroy", self.name], timeout_s=120)

@@ -21,10 +21,17 @@ from pathlib import Path
 from typing import TypeVar
 
 from softpage_testbed.agent import AGENT_PORT_NAME, LIVENESS_TIMEOUT_S, AgentClient, CommandResult
+from softpage_testbed.distro import (
+    DISTRO_RELEASES,
+    DistroGuest,
+    DistroGuestSpec,
+    ensure_guest_bridge,
+)
 from softpage_testbed.errors import CommandFailed, Dom0BootStalled, Dom0Hung, TestbedError
-from softpage_testbed.guest import CONSOLE_LOG_DIR, Guest, GuestSpec
+from softpage_testbed.guest import CONSOLE_LOG_DIR, ConsoleGuest, Guest, GuestSpec
 
 T = TypeVar("T")
+G = TypeVar("G", bound=ConsoleGuest)
 
 REPO_DIR = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_DIR / "testbed" / "build.sh"
@@ -65,6 +72,13 @@ HOST_PLATFORMS = {
 PAYLOAD_DISK_SERIAL = "sp-payload"
 DATA_DISK_SERIAL = "sp-data"
 SCRATCH_DISK_SERIAL = "sp-scratch"
+APP_DATA_DISK_SERIAL = "sp-app-data"
+APP_DATA_IMAGE = "app-data.img"
+APP_DATA_CHECKSUMS = "app-data.sha256"
+"""In the cache (testbed/build.sh stage app_data): the distro guests' application files, and
+their SHA256SUMS."""
+DISTRO_DISK_IMAGE = "distro-{release}.img"
+"""A distro guest's root disk, beside the payload (testbed/payload.sh)."""
 SCRATCH_MOUNT = "/mnt/scratch"
 # Serial-console text that means the boot will never complete: fail at once, not at the timeout.
 FATAL_BOOT_PATTERNS = (r"Kernel panic", r"\(XEN\) Panic on CPU", r"\(XEN\) \*\*\*\* Dom0 crashed")
@@ -237,6 +251,7 @@ class Testbed:
             "-device", f"virtio-blk-pci,drive=data,serial={DATA_DISK_SERIAL}",
             *self._scratch_drive(),
             *self._link_nic(),
+            *self._distro_drives(),
             "-kernel", str(cache / platform.xen),
             "-append", xen_args,
             "-initrd", f"{cache}/{platform.dom0_kernel} {dom0_args},{dom0_initrd[-1]}",
@@ -255,6 +270,22 @@ class Testbed:
         return ["-netdev", f"dgram,id=link,local.type=inet,local.host={LINK_LOOPBACK},local.port={link.port},"
                 f"remote.type=inet,remote.host={LINK_LOOPBACK},remote.port={link.peer_port}",
                 "-device", f"virtio-net-pci,netdev=link,mac={link.mac}"]
+
+    def _distro_drives(self) -> list[str]:
+        """The application's files (read-only) and each distro guest's root disk (its writes go to
+        a QEMU snapshot, never to the payload's copy), when the cache and the payload have them."""
+        drives = []
+        app_data = self.config.cache_dir / APP_DATA_IMAGE
+        if app_data.exists():
+            drives += ["-drive", f"file={app_data},format=raw,if=none,id=app-data,readonly=on",
+                       "-device", f"virtio-blk-pci,drive=app-data,serial={APP_DATA_DISK_SERIAL}"]
+        for release in DISTRO_RELEASES:
+            disk = self.payload.with_name(DISTRO_DISK_IMAGE.format(release=release))
+            if disk.exists():
+                drive = f"distro-{release}"
+                drives += ["-drive", f"file={disk},format=raw,if=none,id={drive},cache=unsafe,snapshot=on",
+                           "-device", f"virtio-blk-pci,drive={drive},serial={distro_disk_serial(release)}"]
+        return drives
 
     def boot(self) -> None:
         """Boot QEMU, Xen and dom0 up to a ready ``xl``; a boot that stalls is tried again once
@@ -473,13 +504,33 @@ class Testbed:
         configuration (``virsh domxml-from-native xen-xl``)."""
         if timeout_s is None:
             timeout_s = spec.boot_timeout_s
-        config_path = f"/root/guests/{spec.name}.cfg"
-        self.write_file(config_path, spec.xl_config(self.data_disk_device))
-        self.run(f"rm -f {CONSOLE_LOG_DIR}/guest-{spec.name}*.log", check=True)
+        return self._create(Guest(self, spec), spec.xl_config(self.data_disk_device), timeout_s, toolstack)
+
+    def create_distro_guest(self, spec: DistroGuestSpec, timeout_s: float = 600) -> DistroGuest:
+        """``xl create`` a distro guest on dom0's guest bridge and wait until its boot is over."""
+        if not self.run(f"test -b /dev/disk/by-id/virtio-{distro_disk_serial(spec.release)}").ok:
+            raise TestbedError(f"this boot has no {spec.release} distro guest disk: is the cache's "
+                               f"distro-{spec.release}.img built (make testbed) and in the payload?")
+        ensure_guest_bridge(self)
+        root, app_data = (self.run(f"readlink -f /dev/disk/by-id/virtio-{serial}", check=True).stdout.strip()
+                          for serial in (distro_disk_serial(spec.release), APP_DATA_DISK_SERIAL))
+        return self._create(DistroGuest(self, spec), spec.xl_config(root, app_data), timeout_s)
+
+    def app_checksums(self) -> str:
+        """SHA256SUMS of the distro guests' application files, as the cache built them."""
+        return (self.config.cache_dir / APP_DATA_CHECKSUMS).read_text()
+
+    def _create(self, guest: G, config: str, timeout_s: float, toolstack: str = "xl") -> G:
+        """``xl create`` a guest (or ``virsh create`` it) and wait until it is up, booting it again
+        when it dies first."""
+        name = guest.name
+        config_path = f"/root/guests/{name}.cfg"
+        self.write_file(config_path, config)
+        self.run(f"rm -f {CONSOLE_LOG_DIR}/guest-{name}*.log", check=True)
         if toolstack == "xl":
             create = ["xl", "create", config_path]
         elif toolstack == "virsh":
-            xml_path = f"/root/guests/{spec.name}.xml"
+            xml_path = f"/root/guests/{name}.xml"
             self.run(f"{VIRSH} domxml-from-native xen-xl {config_path} > {xml_path}", check=True)
             create = [*VIRSH.split(), "create", xml_path]
         else:
@@ -490,24 +541,27 @@ class Testbed:
                 # libxl gives the disk hotplug script a fixed 40 s; a dom0 starved of CPU under TCG
                 # (first disk after boot, busy host) can miss it. That is the testbed, not the guest:
                 # one more try, and the harness says so on stderr.
-                print(f"softpage_testbed: xl create {spec.name}: hotplug timeout, retrying once",
+                print(f"softpage_testbed: xl create {name}: hotplug timeout, retrying once",
                       file=sys.stderr)
-                self.run(["xl", "destroy", spec.name], timeout_s=120)
+                self.run(["xl", "destroy", name], timeout_s=120)
                 result = self.run(create, timeout_s=timeout_s)
             if not result.ok:
                 raise CommandFailed(" ".join(create), result)
-            guest = Guest(self, spec)
-            if guest.wait_for_first_heartbeat(timeout_s):
+            if guest.wait_until_up(timeout_s):
                 return guest
             # Only a guest that died before its first heartbeat is booted again: from then on a
             # dead guest fails the test. The console log of the dead boot is kept beside.
-            print(f"softpage_testbed: guest {spec.name} shut down during boot (attempt {attempt} of "
+            print(f"softpage_testbed: guest {name} shut down during boot (attempt {attempt} of "
                   f"{BOOT_ATTEMPTS}); console tail:\n{guest.console_log()[-1500:]}", file=sys.stderr)
-            self.run(["xl", "destroy", spec.name], timeout_s=120)
-            self.run(f"cd {CONSOLE_LOG_DIR} && for f in guest-{spec.name}*.log; do "
+            self.run(["xl", "destroy", name], timeout_s=120)
+            self.run(f"cd {CONSOLE_LOG_DIR} && for f in guest-{name}*.log; do "
                      f"mv \"$f\" \"dead-boot-{attempt}-$f\"; done")
-        raise TestbedError(f"guest {spec.name} shut down during boot {BOOT_ATTEMPTS} times")
+        raise TestbedError(f"guest {name} shut down during boot {BOOT_ATTEMPTS} times")
 
+
+
+def distro_disk_serial(release: str) -> str:
+    return f"sp-distro-{release}"
 
 
 def retry_after_triple_faults(

@@ -9,7 +9,7 @@ import json
 import re
 from collections.abc import Callable, Iterator
 
-from softpage_testbed import CommandResult, Guest, GuestSpec, Testbed
+from softpage_testbed import CommandResult, ConsoleGuest, Guest, GuestSpec, Testbed
 
 # 256 MiB with 48 MiB of anonymous memory and 64 MiB of page cache: about half the guest is
 # free or clean cache, which is what pruning must skip.
@@ -38,11 +38,11 @@ def read_stats(testbed: Testbed) -> tuple[list[dict[str, object]], dict[str, obj
     return records[:-1], records[-1]
 
 
-def domid(guest: Guest) -> int:
+def domid(guest: ConsoleGuest) -> int:
     return int(guest.testbed.run(["xl", "domid", guest.name], check=True).stdout)
 
 
-def module_state(guest: Guest) -> str:
+def module_state(guest: ConsoleGuest) -> str:
     path = f"/local/domain/{domid(guest)}/data/softpage/state"
     return guest.testbed.run(["xenstore-read", path]).stdout.strip()
 
@@ -61,7 +61,7 @@ def start_guest(testbed: Testbed, name: str, guest_type: str = "pvh", toolstack:
     return guest
 
 
-def wait_for_module(guest: Guest) -> str:
+def wait_for_module(guest: ConsoleGuest) -> str:
     for _ in range(60):
         state = module_state(guest)
         if state:
