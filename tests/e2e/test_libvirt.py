@@ -5,7 +5,8 @@ restore` brings it back intact.
 
 libvirt and libxl are Debian's, unchanged. libvirt writes its own header (its magic, a version,
 the domain's XML) before libxl's stream: Xen's verify-stream-v2 reads the stream after it.
-`virsh migrate --live` needs a second host (issue 19). Runs SOFTPAGE_E2E_HELPER_REPEAT times.
+`virsh migrate --live` needs a second host (issue 19). Runs SOFTPAGE_E2E_HELPER_REPEAT times, in
+`make test-matrix` only.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def verify_libvirt_image(testbed: Testbed, image: str) -> CommandResult:
         testbed.run(["rm", "-f", stream])
 
 
+@pytest.mark.matrix_only  # make test has the installed package with xl (test_debian_packages)
 def test_virsh_save_and_restore_prune_through_the_installed_helper(xen_pvh_testbed: Testbed) -> None:
     testbed = xen_pvh_testbed
     with installed_package(testbed):
