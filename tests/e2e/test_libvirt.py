@@ -57,6 +57,8 @@ def verify_libvirt_image(testbed: Testbed, image: str) -> CommandResult:
 def test_virsh_save_and_restore_prune_through_the_installed_helper(xen_pvh_testbed: Testbed) -> None:
     testbed = xen_pvh_testbed
     with installed_package(testbed):
+        drop_ins = testbed.run(["systemctl", "show", "libvirtd", "-p", "DropInPaths"], check=True).stdout
+        assert "softpage.conf" in drop_ins, f"systemd does not know the package's drop-in: {drop_ins}"
         restarted = testbed.run("systemctl restart libvirtd && sleep 1 && "
                                 "tr '\\0' '\\n' < /proc/$(pidof libvirtd)/environ", timeout_s=300)
         assert restarted.ok, restarted.stderr[-2000:]
