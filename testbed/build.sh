@@ -195,10 +195,13 @@ key_distro_bookworm() {
     # shellcheck disable=SC2086
     { echo "distro_bookworm $packages"; declare -f stage_distro_bookworm build_distro_guest distro_guest_packages
       package_versions $packages; } | hash_inputs rootfs.sh
+}
 key_distro_trixie() {
     local packages; packages=$(distro_guest_packages trixie)
+    # shellcheck disable=SC2086
     { echo "distro_trixie $packages"; trixie_sources; declare -f stage_distro_trixie build_distro_guest distro_guest_packages
       trixie_package_versions $packages; } | hash_inputs rootfs.sh
+}
 key_app_data() { { echo "app_data $APP_DATA_MB $APP_FILE_KB"; declare -f stage_app_data; } | hash_inputs; }
 key_data() { { echo "data $DATA_MB"; declare -f stage_data; } | hash_inputs guest/workload.c guest/say.h; }
 
