@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 from softpage_testbed.errors import TestbedError
-from softpage_testbed.guest import ConsoleGuest
+from softpage_testbed.guest import KEPT_FOR_THE_LOGS, ConsoleGuest
 
 if TYPE_CHECKING:
     from softpage_testbed.host import Testbed
@@ -84,8 +84,7 @@ class DistroGuestSpec:
             f'tsc_mode = "{self.tsc_mode}"',
             f"vif = ['bridge={GUEST_BRIDGE},mac={self.mac}']",
             f"disk = ['phy:{root_device},xvda,w', 'phy:{app_data_device},xvdb,r']",
-            'on_crash = "preserve"',
-            'on_reboot = "preserve"',
+            *KEPT_FOR_THE_LOGS,
             *self.extra_config,
         ]
         return "\n".join(lines) + "\n"

@@ -31,6 +31,9 @@ DEFAULT_GUEST_KERNEL = "6.1"
 """How often a wait on a guest's console also asks Xen whether the guest still runs."""
 
 
+KEPT_FOR_THE_LOGS = ('on_crash = "preserve"', 'on_reboot = "preserve"')
+"""A test guest never reboots on purpose: a crashed or rebooting one is kept for the logs instead
+of xl restarting it behind the test's back."""
 HVM_CONFIG = (
     'device_model_version = "qemu-xen"',
     # no display: QEMU's VGA and VNC server cost TCG time and nothing reads them
@@ -117,10 +120,7 @@ class GuestSpec:
             f'tsc_mode = "{self.tsc_mode}"',
             "vif = []",
             f"disk = {disks}",
-            # a test guest never reboots on purpose: keep a crashed or rebooting guest for the logs
-            # instead of letting xl restart it behind the test's back
-            'on_crash = "preserve"',
-            'on_reboot = "preserve"',
+            *KEPT_FOR_THE_LOGS,
             *(HVM_CONFIG if self.guest_type == "hvm" else ()),
             *self.extra_config,
         ]
