@@ -63,6 +63,11 @@ def test_virsh_save_and_restore_prune_through_the_installed_helper(xen_pvh_testb
                                 "tr '\\0' '\\n' < /proc/$(pidof libvirtd)/environ", timeout_s=300)
         assert restarted.ok, restarted.stderr[-2000:]
         assert f"LIBXL_SAVE_HELPER={INSTALLED_HELPER}" in restarted.stdout.splitlines(), restarted.stdout
+        connected = testbed.run(f"for i in $(seq 60); do {VIRSH} version && exit 0; sleep 2; done; exit 1",
+                                timeout_s=300)
+        assert connected.ok, (connected.stdout + connected.stderr)[-2000:] + testbed.run(
+            "journalctl -u libvirtd --no-pager | tail -40; tail -40 /var/log/libvirt/libxl/libxl-driver.log",
+            timeout_s=120).stdout
         guest = start_guest(testbed, "virsh-guest", toolstack="virsh")
         try:
             save_and_restore_repeatedly(
