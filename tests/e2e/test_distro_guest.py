@@ -132,11 +132,11 @@ def test_distro_guest_with_nginx_migrates_pruned_and_serves_after(xen_pvh_testbe
     state = guest.shell("systemctl is-system-running; systemctl is-active nginx")
     assert state.output.split() == ["running", "active"], guest.shell("systemctl --failed --no-legend").output
     assert wait_for_module(guest) == "ready"
-    # It scanned for dom0 and dropped its cache (early, at dom0's request) in this migration.
+    # It scanned for dom0 and dropped its cache early, at dom0's request, in this migration
+    # (dropped_cache_pages counts the drop at .freeze only, which then finds nothing left: 0).
     stats_after = guest_stats(guest)
     assert stats_after["scans"] > stats_before["scans"], (stats_before, stats_after)
     assert stats_after["early_drops"] > stats_before["early_drops"], (stats_before, stats_after)
-    assert stats_after["dropped_cache_pages"] > 0, stats_after
     cached_after_mb = meminfo_mb(guest, "Cached")
     assert_serves_the_right_bytes(testbed, expected, sample)
     after = run_wrk(testbed, len(names), WRK_SECONDS)
