@@ -164,7 +164,7 @@ key_rootfs() {
         hash_inputs rootfs.sh
 }
 DOM0_FILES="dom0/softpage-agent.py dom0/softpage-agent.service dom0/configure.sh dom0/link-hosts
- dom0/softpage-link dom0/softpage-link.service"
+ dom0/softpage-link dom0/softpage-link.service hvc0-autologin.conf"
 key_image() {
     # shellcheck disable=SC2086
     { echo "image $(stamp_of rootfs) $DOM0_IMG_SIZE"; declare -f stage_image; ssh_public_keys; } |

@@ -248,7 +248,7 @@ build_distro_guest() {  # RELEASE
     mount -t proc proc "$root/proc"
     mount --bind /dev "$root/dev"
     mount -t devpts -o newinstance devpts "$root/dev/pts"
-    ROOT="$root" bash "$TESTBED_DIR/distro/configure.sh"
+    ROOT="$root" TESTBED_DIR="$TESTBED_DIR" bash "$TESTBED_DIR/distro/configure.sh"
     # built on this Debian 12 host, and for every release: the package is architecture-independent
     deb=$(ls "$STAGING"/debs/bookworm/softpage-dkms_*.deb 2>/dev/null | head -1)
     kernel=$(ls "$root"/boot/vmlinuz-* | sort -V | tail -1)

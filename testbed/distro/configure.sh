@@ -3,9 +3,9 @@
 # guest tree (build.sh stage distro_RELEASE) before softpage-dkms goes in and the disk is made.
 # What the testbed needs of the guest and nothing else: its disks, its address, nginx serving the
 # application's files, a root shell on the console for the harness, and one console line when the
-# boot is over. Called with ROOT, the tree to configure.
+# boot is over. Called with ROOT, the tree to configure, and TESTBED_DIR.
 set -euo pipefail
-: "${ROOT:?}"
+: "${ROOT:?}" "${TESTBED_DIR:?}"
 
 echo softpage-guest > "$ROOT/etc/hostname"
 printf '127.0.0.1 localhost\n127.0.1.1 softpage-guest\n' > "$ROOT/etc/hosts"
@@ -21,11 +21,7 @@ chroot "$ROOT" passwd -d root >/dev/null
 
 # The harness types commands into this shell (softpage_testbed.distro.DistroGuest.shell).
 mkdir -p "$ROOT/etc/systemd/system/serial-getty@hvc0.service.d"
-cat > "$ROOT/etc/systemd/system/serial-getty@hvc0.service.d/autologin.conf" <<'UNIT'
-[Service]
-ExecStart=
-ExecStart=-/sbin/agetty --autologin root --noclear --keep-baud 115200,38400,9600 %I $TERM
-UNIT
+install -m 644 "$TESTBED_DIR/hvc0-autologin.conf" "$ROOT/etc/systemd/system/serial-getty@hvc0.service.d/autologin.conf"
 
 # The guest's address on dom0's bridge comes from its kernel command line (sp_addr=A.B.C.D/N,
 # softpage_testbed.distro), so that the harness alone owns it.

@@ -10,11 +10,7 @@ chroot "$ROOT" passwd -d root >/dev/null
 
 # A root shell on the console, for a person debugging by hand (the harness uses the agent).
 mkdir -p "$ROOT/etc/systemd/system/serial-getty@hvc0.service.d"
-cat > "$ROOT/etc/systemd/system/serial-getty@hvc0.service.d/autologin.conf" <<'UNIT'
-[Service]
-ExecStart=
-ExecStart=-/sbin/agetty --autologin root --noclear --keep-baud 115200,38400,9600 %I $TERM
-UNIT
+install -m 644 "$TESTBED_DIR/hvc0-autologin.conf" "$ROOT/etc/systemd/system/serial-getty@hvc0.service.d/autologin.conf"
 
 printf '%s\n' xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xen-blkback virtio_console \
     > "$ROOT/etc/modules-load.d/softpage-testbed.conf"
