@@ -40,6 +40,11 @@ STRIP_LIBVIRT_HEADER = (
 """``python3 -c`` in dom0: libxl's stream of libvirt's save image ``argv[1]``, into ``argv[2]``."""
 
 
+DAEMON_LOG = ("systemctl status libvirtd --no-pager; journalctl -u libvirtd --no-pager | tail -40; "
+              "tail -40 /var/log/libvirt/libxl/libxl-driver.log")
+"""What libvirtd said, for a failure to reach it."""
+
+
 def virsh(testbed: Testbed, *arguments: str) -> CommandResult:
     return testbed.run(f"{VIRSH} {shlex.join(arguments)}", timeout_s=900)
 
@@ -63,8 +68,7 @@ def test_virsh_save_and_restore_prune_through_the_installed_helper(xen_pvh_testb
         connected = testbed.run(f"for i in $(seq 60); do {VIRSH} version && exit 0; sleep 2; done; exit 1",
                                 timeout_s=300)
         environment = testbed.run("tr '\\0' '\\n' < /proc/$(pidof libvirtd)/environ")
-        daemon_log = testbed.run("systemctl status libvirtd --no-pager; journalctl -u libvirtd --no-pager | "
-                                 "tail -40; tail -40 /var/log/libvirt/libxl/libxl-driver.log", timeout_s=120).stdout
+        daemon_log = testbed.run(DAEMON_LOG, timeout_s=120).stdout
         assert connected.ok, (connected.stdout + connected.stderr)[-2000:] + daemon_log
         assert f"LIBXL_SAVE_HELPER={INSTALLED_HELPER}" in environment.stdout.splitlines(), (
             environment.stdout + daemon_log)
