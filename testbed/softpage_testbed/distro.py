@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 from softpage_testbed.errors import TestbedError
-from softpage_testbed.guest import KEPT_FOR_THE_LOGS, ConsoleGuest
+from softpage_testbed.guest import ConsoleGuest, xl_config_text
 
 if TYPE_CHECKING:
     from softpage_testbed.host import Testbed
@@ -72,22 +72,10 @@ class DistroGuestSpec:
 
     def xl_config(self, root_device: str, app_data_device: str) -> str:
         boot = f"{DISTRO_PAYLOAD_DIR}/{self.release}"
-        lines = [
-            f'name = "{self.name}"',
-            'type = "pvh"',
-            f'kernel = "{boot}/vmlinuz"',
-            f'ramdisk = "{boot}/initrd.img"',
-            f'extra = "{self.kernel_command_line()}"',
-            f"memory = {self.memory_mb}",
-            f"maxmem = {self.memory_mb}",
-            f"vcpus = {self.vcpus}",
-            f'tsc_mode = "{self.tsc_mode}"',
-            f"vif = ['bridge={GUEST_BRIDGE},mac={self.mac}']",
-            f"disk = ['phy:{root_device},xvda,w', 'phy:{app_data_device},xvdb,r']",
-            *KEPT_FOR_THE_LOGS,
-            *self.extra_config,
-        ]
-        return "\n".join(lines) + "\n"
+        return xl_config_text(
+            self.name, "pvh", f"{boot}/vmlinuz", f"{boot}/initrd.img", self.kernel_command_line(),
+            self.memory_mb, self.vcpus, self.tsc_mode, f"['bridge={GUEST_BRIDGE},mac={self.mac}']",
+            f"['phy:{root_device},xvda,w', 'phy:{app_data_device},xvdb,r']", self.extra_config)
 
 
 @dataclasses.dataclass(frozen=True)

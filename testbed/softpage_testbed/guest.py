@@ -108,23 +108,33 @@ class GuestSpec:
 
     def xl_config(self, data_disk_device: str) -> str:
         disks = f"['phy:{data_disk_device},{self.data_disk_vdev},r']" if self.data_disk else "[]"
-        lines = [
-            f'name = "{self.name}"',
-            f'type = "{self.guest_type}"',
-            f'kernel = "/opt/softpage/guest/{self.kernel}/vmlinuz"',
-            f'ramdisk = "/opt/softpage/guest/{self.kernel}/initrd.cpio.gz"',
-            f'extra = "{self.kernel_command_line()}"',
-            f"memory = {self.memory_mb}",
-            f"maxmem = {self.memory_mb}",
-            f"vcpus = {self.vcpus}",
-            f'tsc_mode = "{self.tsc_mode}"',
-            "vif = []",
-            f"disk = {disks}",
-            *KEPT_FOR_THE_LOGS,
-            *(HVM_CONFIG if self.guest_type == "hvm" else ()),
-            *self.extra_config,
-        ]
-        return "\n".join(lines) + "\n"
+        boot = f"/opt/softpage/guest/{self.kernel}"
+        return xl_config_text(
+            self.name, self.guest_type, f"{boot}/vmlinuz", f"{boot}/initrd.cpio.gz",
+            self.kernel_command_line(), self.memory_mb, self.vcpus, self.tsc_mode, "[]", disks,
+            (*(HVM_CONFIG if self.guest_type == "hvm" else ()), *self.extra_config))
+
+
+def xl_config_text(name: str, guest_type: str, kernel: str, ramdisk: str, command_line: str, memory_mb: int,
+                   vcpus: int, tsc_mode: str, vif: str, disk: str, more: tuple[str, ...]) -> str:
+    """The xl.cfg of a test guest (busybox or distro): direct kernel boot, fixed memory, kept
+    for the logs when it crashes or reboots, then ``more`` lines verbatim."""
+    lines = [
+        f'name = "{name}"',
+        f'type = "{guest_type}"',
+        f'kernel = "{kernel}"',
+        f'ramdisk = "{ramdisk}"',
+        f'extra = "{command_line}"',
+        f"memory = {memory_mb}",
+        f"maxmem = {memory_mb}",
+        f"vcpus = {vcpus}",
+        f'tsc_mode = "{tsc_mode}"',
+        f"vif = {vif}",
+        f"disk = {disk}",
+        *KEPT_FOR_THE_LOGS,
+        *more,
+    ]
+    return "\n".join(lines) + "\n"
 
 
 @dataclasses.dataclass(frozen=True)
