@@ -21,9 +21,9 @@ from typing import Any
 import cffi
 import numpy as np
 
+from softpage.abi import PAGE_SIZE
 from softpage.xen._binding import XenBinding
 
-PAGE_SIZE = 4096
 XTAB = 0xF << 28
 SHADOW_OP_OFF, SHADOW_OP_ENABLE_LOGDIRTY, SHADOW_OP_CLEAN, SHADOW_OP_PEEK = 0, 2, 11, 12
 DOMINF_HVM_GUEST, DOMINF_SHUTDOWN = 1 << 1, 1 << 2

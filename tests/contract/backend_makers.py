@@ -127,7 +127,7 @@ class SimGuestControl:
         self.has_soft_module = backend.guest.module_loaded
 
     def write(self, pfns: PfnArray) -> dict[int, bytes]:
-        from softpage.backend import PAGE_SIZE
+        from softpage.abi import PAGE_SIZE
 
         self.backend.guest.write(pfns)
         words = np.zeros((pfns.size, PAGE_SIZE // 8), dtype=np.uint64)

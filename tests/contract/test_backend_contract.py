@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from softpage import bitmap
-from softpage.backend import PAGE_SIZE, TSC_MODE_NEVER_EMULATE, DropOutcome, GuestType
+from softpage.abi import PAGE_SIZE
+from softpage.backend import TSC_MODE_NEVER_EMULATE, DropOutcome, GuestType
 from softpage.errors import BackendError
 from softpage.pfnset import PfnSet
 from tests.contract.backend_makers import BackendUnderTest

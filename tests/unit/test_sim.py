@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from softpage import abi, bitmap
-from softpage.backend import PAGE_SIZE, DropOutcome
+from softpage.abi import PAGE_SIZE
+from softpage.backend import DropOutcome
 from softpage.driver import send_domain
 from softpage.errors import BackendError, BitmapError, StreamError
 from softpage.options import DriverOptions

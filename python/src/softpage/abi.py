@@ -25,7 +25,9 @@ import softpage
 MAGIC: Final = 0x47505353
 """``SOFTPAGE_MAGIC``: the octets "SSPG" in memory order."""
 VERSION: Final = 1
-PAGE_SIZE: Final = 4096
+PAGE_SHIFT: Final = 12
+PAGE_SIZE: Final = 1 << PAGE_SHIFT
+"""The guest's page and Xen's (``XC_PAGE_SHIFT`` in xenctrl.h): one owner for every module."""
 PFNS_PER_FRAME: Final = PAGE_SIZE * 8
 """Bits in one bitmap page."""
 REFS_PER_LIST_FRAME: Final = PAGE_SIZE // 4

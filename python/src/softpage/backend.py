@@ -38,8 +38,6 @@ import numpy.typing as npt
 from softpage.categories import CacheMode
 from softpage.pfnset import PfnArray, PfnSet
 
-PAGE_SIZE = 4096
-
 
 class GuestType(enum.Enum):
     """Guest types, as the libxc domain header distinguishes them (PVH is HVM)."""

@@ -15,8 +15,8 @@ import numpy as np
 import numpy.typing as npt
 
 from softpage import abi
+from softpage.abi import PAGE_SIZE
 from softpage.backend import (
-    PAGE_SIZE,
     DomainInfo,
     DropOutcome,
     EndOfCheckpoint,

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from softpage.backend import PAGE_SIZE, DomainInfo, EndOfCheckpoint, StaticInfo
+from softpage.abi import PAGE_SIZE
+from softpage.backend import DomainInfo, EndOfCheckpoint, StaticInfo
 from softpage.errors import StreamError
 from softpage.pfnset import PfnArray
 from softpage.stream.records import (

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from softpage.backend import PAGE_SIZE
+from softpage.abi import PAGE_SIZE
 from softpage.driver import MigrationStats, RoundStats, send_domain
 from softpage.errors import BackendError
 from softpage.options import DriverOptions

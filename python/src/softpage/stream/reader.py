@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Final, Union
 import numpy as np
 import numpy.typing as npt
 
+from softpage.abi import PAGE_SHIFT, PAGE_SIZE
 from softpage.backend import TscInfo
 from softpage.errors import StreamError
 from softpage.pfnset import PfnArray
@@ -109,7 +110,7 @@ class PageData:
         return wire.data_type_mask(self.stream_types())
 
     def page(self, data_index: int) -> memoryview:
-        return self.data[data_index * wire.PAGE_SIZE : (data_index + 1) * wire.PAGE_SIZE]
+        return self.data[data_index * PAGE_SIZE : (data_index + 1) * PAGE_SIZE]
 
 
 @dataclass(frozen=True)
@@ -252,10 +253,10 @@ def _parse_page_data(body: memoryview, image_version: int) -> PageData:
             f"PAGE_DATA: expected a known page type, got {int(stream_types[index]):#x} in pfn[{index}]"
         )
     pages_of_data = int(np.count_nonzero(wire.data_type_mask(stream_types)))
-    expected = words_end + pages_of_data * wire.PAGE_SIZE
+    expected = words_end + pages_of_data * PAGE_SIZE
     if len(body) != expected:
         raise StreamError(
-            f"PAGE_DATA: expected {header_size} + {8 * count} + {pages_of_data * wire.PAGE_SIZE} "
+            f"PAGE_DATA: expected {header_size} + {8 * count} + {pages_of_data * PAGE_SIZE} "
             f"= {expected} bytes, got {len(body)}"
         )
     return PageData(
@@ -613,8 +614,8 @@ class StreamParser:
         domain_type, page_shift, reserved, major, minor = wire.LIBXC_DOMAIN_HEADER.unpack(view)
         if domain_type not in wire.DomainType.__members__.values():
             raise StreamError(f"domain header: expected type 1 (PV) or 2 (HVM), got {domain_type:#x}")
-        if page_shift != wire.PAGE_SHIFT:
-            raise StreamError(f"domain header: expected page shift {wire.PAGE_SHIFT}, got {page_shift}")
+        if page_shift != PAGE_SHIFT:
+            raise StreamError(f"domain header: expected page shift {PAGE_SHIFT}, got {page_shift}")
         if reserved:
             raise StreamError(f"domain header: expected _res1 == 0, got {reserved:#x}")
         self._expect(wire.LIBXC_RECORD_HEADER.size, self._libxc_record_header)

@@ -33,6 +33,7 @@ from collections.abc import Iterable
 import numpy as np
 import numpy.typing as npt
 
+from softpage.abi import PAGE_SIZE
 from softpage.backend import TscInfo
 from softpage.errors import StreamError
 from softpage.pfnset import PfnArray, PfnSet
@@ -78,7 +79,7 @@ class RestoreModel:
         self.fresh_fill = fresh_fill
         self._slot_of_pfn = np.full(_INITIAL_PFNS, _UNPOPULATED, dtype=np.int64)
         self._named = np.zeros(_INITIAL_PFNS, dtype=np.bool_)
-        self._pages = np.zeros((0, wire.PAGE_SIZE), dtype=np.uint8)
+        self._pages = np.zeros((0, PAGE_SIZE), dtype=np.uint8)
         self._nr_populated = 0
         self.xl_config: bytes | None = None
         self.image_version: int | None = None
@@ -227,7 +228,7 @@ class RestoreModel:
 
         data_pfns = pfns[wire.data_type_mask(stream_types)]
         if len(data_pfns):
-            incoming = np.frombuffer(record.data, dtype=np.uint8).reshape(len(data_pfns), wire.PAGE_SIZE)
+            incoming = np.frombuffer(record.data, dtype=np.uint8).reshape(len(data_pfns), PAGE_SIZE)
             # process_page_data memcpy()s in entry order, so for a pfn named
             # twice in one record the last page wins; keep only that one.
             reversed_unique, reversed_index = np.unique(data_pfns[::-1], return_index=True)
@@ -249,6 +250,6 @@ class RestoreModel:
         if needed <= len(self._pages):
             return
         capacity = max(needed, 2 * len(self._pages), 64)
-        grown = np.zeros((capacity, wire.PAGE_SIZE), dtype=np.uint8)
+        grown = np.zeros((capacity, PAGE_SIZE), dtype=np.uint8)
         grown[: self._nr_populated] = self._pages[: self._nr_populated]
         self._pages = grown

@@ -24,8 +24,8 @@ from types import MappingProxyType
 import numpy as np
 import numpy.typing as npt
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
+# The stream's pages are Xen's (XC_PAGE_SHIFT, tools/include/xenctrl.h); softpage.abi owns their size.
+from softpage.abi import PAGE_SIZE
 
 # -- xl save-file header (tools/xl/xl.h) ---------------------------------------
 

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from softpage.abi import PAGE_SHIFT, PAGE_SIZE
 from softpage.backend import EndOfCheckpoint, GuestType, StaticInfo
 from softpage.errors import StreamError
 from softpage.stream import records as wire
@@ -179,7 +180,7 @@ class StreamWriter:
         if not (0 <= major <= 0xFFFF and 0 <= minor <= 0xFFFF):
             raise StreamError(f"domain header: expected a 16-bit Xen version, got {major}.{minor}")
         image = wire.LIBXC_IMAGE_HEADER.pack(wire.IHDR_MARKER, wire.IHDR_ID, wire.IHDR_VERSION, 0, 0, 0)
-        domain = wire.LIBXC_DOMAIN_HEADER.pack(domain_type, wire.PAGE_SHIFT, 0, major, minor)
+        domain = wire.LIBXC_DOMAIN_HEADER.pack(domain_type, PAGE_SHIFT, 0, major, minor)
         self._emit([image + domain])
 
     def static_data(self, static: StaticInfo) -> None:
@@ -273,9 +274,9 @@ class StreamWriter:
         has_data = wire.data_type_mask(stream_types)
         pages_before = np.concatenate(([0], np.cumsum(has_data, dtype=np.int64)))
         total_pages = int(pages_before[-1])
-        if len(data_view) != total_pages * wire.PAGE_SIZE:
+        if len(data_view) != total_pages * PAGE_SIZE:
             raise StreamError(
-                f"page data: expected {total_pages} pages ({total_pages * wire.PAGE_SIZE} bytes) "
+                f"page data: expected {total_pages} pages ({total_pages * PAGE_SIZE} bytes) "
                 f"for the entries with data, got {len(data_view)} bytes"
             )
         self.flush()
@@ -283,7 +284,7 @@ class StreamWriter:
         for start in range(0, len(words), wire.MAX_BATCH_SIZE):
             end = min(start + wire.MAX_BATCH_SIZE, len(words))
             first_page, end_page = int(pages_before[start]), int(pages_before[end])
-            page_bytes = data_view[first_page * wire.PAGE_SIZE : end_page * wire.PAGE_SIZE]
+            page_bytes = data_view[first_page * PAGE_SIZE : end_page * PAGE_SIZE]
             self._page_record(words[start:end], stream_types[start:end], [page_bytes])
 
     def add_page(self, pfn: int, page_type: int, data: Buffer | None = None) -> None:
@@ -297,8 +298,8 @@ class StreamWriter:
             if data is None:
                 raise StreamError(f"pfn {pfn:#x}: expected a page of data for its type, got none")
             view = memoryview(data).cast("B")
-            if len(view) != wire.PAGE_SIZE:
-                raise StreamError(f"pfn {pfn:#x}: expected {wire.PAGE_SIZE} bytes of data, got {len(view)}")
+            if len(view) != PAGE_SIZE:
+                raise StreamError(f"pfn {pfn:#x}: expected {PAGE_SIZE} bytes of data, got {len(view)}")
             self._batch_data.append(view)
         elif data is not None:
             name = wire.PAGE_TYPE_NAMES[wire.PageType(page_type >> wire.PFINFO_SHIFT)]
@@ -364,7 +365,7 @@ class StreamWriter:
     ) -> None:
         count = len(words)
         data_pages = int(np.count_nonzero(wire.data_type_mask(stream_types)))
-        length = wire.PAGE_DATA_HEADER.size + 8 * count + data_pages * wire.PAGE_SIZE
+        length = wire.PAGE_DATA_HEADER.size + 8 * count + data_pages * PAGE_SIZE
         # Record header {u32 type, u32 length} and PAGE_DATA header
         # {u32 count, u32 _res1} read as little-endian u64 words are
         # type | length << 32 and count; with the pfn words they make one buffer.

@@ -15,12 +15,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from softpage.abi import PAGE_SIZE
 from softpage.backend import GuestType, StaticInfo, TscInfo
 from softpage.errors import BackendError
 from softpage.pfnset import PfnArray, PfnSet
 from softpage.xen._binding import XenBinding, errno_error, load_binding
-
-XC_PAGE_SIZE = 4096
 
 # xen/include/public/domctl.h, struct xen_domctl_getdomaininfo (interface 0x15).
 XEN_DOMINF_DYING = 1 << 0
@@ -136,7 +135,7 @@ def dirty_bitmap_pages(p2m_size: int) -> int:
     if p2m_size < 0:
         raise BackendError(f"p2m_size must be >= 0, got {p2m_size}")
     nbytes = (p2m_size + 63) // 64 * 8
-    return max(1, (nbytes + XC_PAGE_SIZE - 1) // XC_PAGE_SIZE)
+    return max(1, (nbytes + PAGE_SIZE - 1) // PAGE_SIZE)
 
 
 def pfn_type_batches(count: int, batch: int = PFN_TYPE_BATCH) -> list[tuple[int, int]]:
@@ -163,7 +162,7 @@ class DirtyLog:
         memory = lib.xc__hypercall_buffer_alloc_pages(ctrl.handle, self._hbuf, self.nr_pages)
         ctrl.binding.check_ptr(memory, "xc_hypercall_buffer_alloc_pages", domid)
         self._memory: Any = memory
-        np.frombuffer(ffi.buffer(memory, self.nr_pages * XC_PAGE_SIZE), dtype=np.uint8)[:] = 0
+        np.frombuffer(ffi.buffer(memory, self.nr_pages * PAGE_SIZE), dtype=np.uint8)[:] = 0
 
     def clean(self, final: bool) -> tuple[PfnSet, int]:
         """``XEN_DOMCTL_SHADOW_OP_CLEAN``: the dirty set and Xen's dirty count; resets the log."""
@@ -426,7 +425,7 @@ class XenCtrl:
             "xsave": lib.softpage_pv_vcpu_xsave,
             "msrs": lib.softpage_pv_vcpu_msrs,
         }[kind]
-        capacity = max(XC_PAGE_SIZE, int(lib.SOFTPAGE_PV_VCPU_CONTEXT_SIZE))
+        capacity = max(PAGE_SIZE, int(lib.SOFTPAGE_PV_VCPU_CONTEXT_SIZE))
         size = ffi.new("size_t *")
         for _attempt in range(2):
             buffer = ffi.new("uint8_t[]", capacity)

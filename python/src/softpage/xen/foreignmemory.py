@@ -6,11 +6,10 @@ from typing import Any
 
 import numpy as np
 
+from softpage.abi import PAGE_SIZE
 from softpage.errors import BackendError
 from softpage.pfnset import PfnArray
 from softpage.xen._binding import XenBinding, errno_error, load_binding
-
-PAGE_SIZE = 4096
 
 
 class ForeignMapping:

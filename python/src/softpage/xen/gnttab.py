@@ -7,10 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from softpage.abi import PAGE_SIZE
 from softpage.errors import BackendError
 from softpage.xen._binding import XenBinding, load_binding
-
-PAGE_SIZE = 4096
 
 
 class GrantMapping:

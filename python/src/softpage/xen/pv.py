@@ -21,11 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from softpage.abi import PAGE_SHIFT, PAGE_SIZE
 from softpage.errors import BackendError
 from softpage.pfnset import PfnArray
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
 PTES_PER_PAGE = PAGE_SIZE // 8
 GUEST_WIDTH = 8
 """Bytes in a guest ``unsigned long``: 64-bit guests only."""

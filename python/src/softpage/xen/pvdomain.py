@@ -16,6 +16,7 @@ import struct
 import numpy as np
 import numpy.typing as npt
 
+from softpage.abi import PAGE_SHIFT, PAGE_SIZE
 from softpage.backend import PageBatch, PvStaticInfo, PvVcpuState
 from softpage.errors import BackendError
 from softpage.pfnset import PfnArray
@@ -25,8 +26,6 @@ from softpage.xen.foreignmemory import ForeignMemory
 from softpage.xen.pv import (
     GUEST_WIDTH,
     INVALID_MFN,
-    PAGE_SHIFT,
-    PAGE_SIZE,
     PT_LEVELS,
     GuestP2m,
     PageTableError,
