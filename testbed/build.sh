@@ -48,14 +48,16 @@ DOM0_PACKAGES="xen-utils-4.17 xen-utils-common xenstore-utils python3 python3-nu
  $DOM0_TOOLSTACK_PACKAGES"
 # The Debian 13 ("trixie") host: Xen 4.20 and Linux 6.12 from trixie's own packages, in a rootfs of
 # its own. Its kernel (and headers) also make the testbed's 6.12 guests and build softpage.ko for them.
-# Its dpkg-dev, debhelper ... lintian build the Debian 13 packages of softpage (testbed/payload.sh).
+# Its dpkg-dev, debhelper ... lintian build the Debian 13 packages of softpage (testbed/payload.sh);
+# pkgconf and systemd-dev tell debian/rules where Debian 13 keeps systemd units (systemd.pc).
 ROOTFS_TRIXIE=$CACHE/rootfs-trixie
 DOM0_IMG_TRIXIE=$CACHE/dom0-trixie.img
 TRIXIE_DOM0_PACKAGES="xen-hypervisor-4.20-amd64 xen-utils-4.20 xen-utils-common xenstore-utils python3
  python3-numpy python3-cffi python3-pyxs python3-dev python3-pip python3-setuptools gcc make libc6-dev
  libxen-dev initramfs-tools systemd-sysv udev kmod iproute2 procps busybox e2fsprogs less file
  linux-image-amd64 linux-headers-amd64 dkms $DOM0_TOOLSTACK_PACKAGES
- build-essential dpkg-dev debhelper dh-dkms dh-python pybuild-plugin-pyproject python3-all-dev lintian"
+ build-essential dpkg-dev debhelper dh-dkms dh-python pybuild-plugin-pyproject python3-all-dev lintian
+ pkgconf systemd-dev"
 # The distro guests (issue 21): a Debian release as a user installs it in a Xen guest, minbase +
 # systemd, udev, its own kernel with the headers and dkms that softpage-dkms builds against, and
 # nginx serving the application's files (a disk of its own, stage app_data). payload.sh configures

@@ -107,7 +107,10 @@ class GuestSpec:
         return " ".join(words)
 
     def xl_config(self, data_disk_device: str) -> str:
-        disks = f"['phy:{data_disk_device},{self.data_disk_vdev},r']" if self.data_disk else "[]"
+        # The backend named (backendtype=phy), not left to libxl: libvirt's xen-xl import makes an
+        # unnamed one a QEMU qdisk backend, which a PV guest's disk then never gets (2026-12-06).
+        disk = f"format=raw,vdev={self.data_disk_vdev},access=ro,backendtype=phy,target={data_disk_device}"
+        disks = f"['{disk}']" if self.data_disk else "[]"
         boot = f"/opt/softpage/guest/{self.kernel}"
         return xl_config_text(
             self.name, self.guest_type, f"{boot}/vmlinuz", f"{boot}/initrd.cpio.gz",

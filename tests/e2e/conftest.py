@@ -24,6 +24,7 @@ runs on Xen 4.17.7 with the 6.1 guest.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -64,14 +65,18 @@ class TestbedPool:
         self.payload_info: dict[str, str] = {}
         self._payload: Path | None = None
 
-    def get(self, xen_version: str) -> Testbed:
+    def get(self, xen_version: str, cpu_model: str | None = None) -> Testbed:
+        """A boot of ``xen_version`` with QEMU's ``cpu_model`` (None: TestbedConfig's default)."""
+        config = TestbedConfig.from_env(xen_version)
+        if cpu_model is not None:
+            config = dataclasses.replace(config, cpu_model=cpu_model)
         if self.current is not None:
-            if self.current.config.xen_version == xen_version and self.current.alive():
+            if self.current.config == config and self.current.alive():
                 return self.current
             self.current.shutdown()
             self.current = None
         boot_dir = self.work_dir / f"xen-{xen_version}-{time.strftime('%H%M%S')}"
-        testbed = Testbed(TestbedConfig.from_env(xen_version), self.payload(), boot_dir)
+        testbed = Testbed(config, self.payload(), boot_dir)
         testbed.boot()
         self.current = testbed
         return testbed
@@ -99,6 +104,9 @@ def testbed_unavailable_reason() -> str | None:
 
 
 PVH_HOSTS = (XEN_PVH_VERSION, XEN_TRIXIE_VERSION)
+TESTBED_CPU_MARKER = "testbed_cpu"
+"""``@pytest.mark.testbed_cpu(model)``: the test's host boots with QEMU's ``-cpu model``
+(softpage_testbed.LIBVIRT_CPU_MODEL for libvirt) instead of TestbedConfig's default."""
 FULL_MATRIX = "full"
 
 
@@ -156,7 +164,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # One hypervisor after the other (4.17.7, then 4.17.5, then 4.20.4, then the two-host
     # pairs): each switch is a reboot.
     order = (XEN_PVH_VERSION, XEN_PV_VERSION, XEN_TRIXIE_VERSION, PAIR)
-    items.sort(key=lambda item: order.index(_host_of(item)) if _host_of(item) in order else len(order))
+    # Within a host, the tests that ask for another CPU come last: one more boot, not one per test.
+    items.sort(key=lambda item: (order.index(_host_of(item)) if _host_of(item) in order else len(order),
+                                 _cpu_model_of(item) or ""))
 
 
 @pytest.hookimpl(wrapper=True)
@@ -208,11 +218,17 @@ def log_dir_for(item: pytest.Item) -> Path:
     return base / time.strftime("%Y%m%d-%H%M%S") / re.sub(r"[^\w.-]+", "_", item.nodeid)
 
 
+def _cpu_model_of(item: pytest.Item) -> str | None:
+    """The QEMU CPU a test's ``testbed_cpu`` marker asks for (None: the default)."""
+    marker = item.get_closest_marker(TESTBED_CPU_MARKER)
+    return str(marker.args[0]) if marker is not None else None
+
+
 def _testbed_for_test(
     request: pytest.FixtureRequest, pool: TestbedPool, xen_version: str
 ) -> Iterator[Testbed]:
     try:
-        testbed = pool.get(xen_version)
+        testbed = pool.get(xen_version, _cpu_model_of(request.node))
     except TestbedError:
         if pool.current is not None:
             pool.current.collect_logs(log_dir_for(request.node))

@@ -1,5 +1,6 @@
-"""softpage's Debian package in a Debian 12 dom0, as an admin installs and enables it: `apt install`
-of the .deb that `make deb` built (the payload carries it), the save helper switched on by
+"""softpage's Debian package in a Debian 12 or 13 dom0, as an admin installs and enables it: `apt
+install` of the .deb that `make deb` built for that release (the payload carries both: the Debian 13
+one built in the trixie rootfs, with its drop-in under /usr/lib/systemd), the save helper switched on by
 uncommenting its line in /etc/default/softpage, then stock `xl migrate` of a PVH guest with the
 module prunes through the installed helper, with nothing of the checkout's build on the path
 (PYTHONPATH unset). (`xl save` through the helper is test_save_helper's.)
@@ -23,9 +24,13 @@ from tests.e2e.helpers import (
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.every_host
 def test_the_installed_package_prunes_through_xl_once_enabled(xen_pvh_testbed: Testbed) -> None:
     testbed = xen_pvh_testbed
     with installed_package(testbed):
+        # The drop-in is where this release's systemd reads units (lib/ or usr/lib/systemd/system).
+        drop_ins = testbed.run(["systemctl", "show", "libvirtd", "-p", "DropInPaths"], check=True).stdout
+        assert "/libvirtd.service.d/softpage.conf" in drop_ins, drop_ins
         guest = start_guest(testbed, "deb-guest")
         heartbeat = guest.heartbeat()
         testbed.run(["rm", "-f", STATS])

@@ -142,8 +142,14 @@ def test_libvirt_drop_in_reads_the_default_file() -> None:
     destinations = [(source, destination) for source, destination in _install_entries("softpage")
                     if source.startswith("debian/systemd/")]
     assert destinations, "debian/softpage.install installs no systemd drop-in"
+    # systemd's unit directory as the building release's systemd.pc names it: /lib/systemd/system
+    # on Debian 12, /usr/lib/systemd/system on Debian 13 (whose lintian calls the former aliased).
+    rules = (DEBIAN / "rules").read_text()
+    from_systemd_pc = r"\$\(shell \$\(PKG_CONFIG\) --variable=systemdsystemunitdir systemd\)"
+    unit_dir = re.search(rf"^export (\w+) := {from_systemd_pc}$", rules, re.M)
+    assert unit_dir, "debian/rules does not read systemd.pc's systemdsystemunitdir"
     for source, destination in destinations:
-        assert destination in ("lib/systemd/system/", "usr/lib/systemd/system/"), destination
+        assert destination == f"${{env:{unit_dir.group(1)}}}/", destination
         drop_ins = sorted((REPO / source).glob("*.conf"))
         assert drop_ins, f"{source} holds no drop-in"
         for drop_in in drop_ins:
