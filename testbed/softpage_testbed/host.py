@@ -114,6 +114,8 @@ payload or the scratch disk: dom0's own reads are not what a guest pays."""
 
 def parse_disk_rate(text: str) -> int | None:
     """``20M`` -> 20971520 bytes per second; ``""`` or ``0`` -> None (unthrottled)."""
+    if not text.strip():
+        return None
     match = re.fullmatch(r"\s*(\d+)\s*([KMG]?)(?:i?B)?(?:/s)?\s*", text, re.IGNORECASE)
     if match is None:
         raise TestbedError(f"{DISK_RATE_ENV}={text!r}: expected a number of bytes per second with "
@@ -128,7 +130,7 @@ def describe_disk_rate(bytes_per_s: int | None) -> str:
         return "disk unthrottled"
     for suffix, unit in (("GiB/s", 1 << 30), ("MiB/s", 1 << 20), ("KiB/s", 1 << 10)):
         if bytes_per_s >= unit:
-            return f"disk {bytes_per_s / unit:g} {suffix}"
+            return f"disk {bytes_per_s / unit:.3g} {suffix}"
     return f"disk {bytes_per_s} B/s"
 
 
