@@ -7,7 +7,7 @@
 #                   (6.1, 6.12), its table to results/matrix-DATE/ (hours; not in make test)
 #   make lint       ruff, mypy --strict, checkpatch for the guest module
 #   make testbed    build the cached Xen-in-QEMU testbed (testbed/)
-#   make demo       build the testbed and migrate a guest, stock xl vs softpage
+#   make demo       build the testbed and migrate a cache-heavy guest: stock xl, softpage cache=cold, cache=all
 #   make bench      benchmarks: the planner, and softpage vs stock xl migrate on the testbed
 #   make fuzz       fuzz the bitmap decoder (atheris), SOFTPAGE_FUZZ_RUNS executions (1,000,000), to results/
 #   make deb        Debian packages softpage (dom0) and softpage-dkms (guests) for this machine's

@@ -2,7 +2,7 @@
 #
 #   make testbed        build or refresh the cached Xen-in-QEMU testbed (seconds when cached)
 #   make testbed-clean  delete the cache
-#   make demo           build the testbed, boot it, migrate a guest, print a table
+#   make demo           build the testbed, boot it, migrate a cache-heavy guest three ways, print a table
 #
 # Variables (environment or make command line):
 #   SOFTPAGE_TESTBED_CACHE  cache directory (default ~/.cache/softpage/testbed)

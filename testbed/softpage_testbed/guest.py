@@ -302,3 +302,20 @@ class Guest(ConsoleGuest):
         return self._wait(new_verdict, timeout_s, "WORKLOAD VERIFY",
                           lambda: f"no WORKLOAD VERIFY after {timeout_s:.0f} s")
 
+    def workload_files(self, first: int, count: int, mode: str, timeout_s: float = 600) -> dict[str, float]:
+        """``workload files /data FIRST COUNT MODE`` in the guest's shell: for the data disk's
+        files FIRST..FIRST+COUNT-1, ``pages`` and how many are in the page cache (``resident``,
+        mincore); with ``check`` it then reads them all against the manifest (``bad`` files, and
+        ``read_s``: what re-reading them costs the guest now)."""
+        pattern = re.compile(rf"WORKLOAD FILES first={first} count={count} (.*)")
+        seen = len(pattern.findall(self.console_log()))
+        self.console_command(f"workload files /data {first} {count} {mode}")
+
+        def answer() -> str | None:
+            found = pattern.findall(self.console_log())
+            return found[seen] if len(found) > seen else None
+
+        line = self._wait(answer, timeout_s, "WORKLOAD FILES",
+                          lambda: f"no WORKLOAD FILES first={first} after {timeout_s:.0f} s")
+        return {key: float(value) for key, value in re.findall(r"(\w+)=(\S+)", line)}
+

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import shlex
@@ -111,6 +112,37 @@ HOTPLUG_TIMEOUT_MESSAGE = "because of timeout"  # libxl_aoutils.c async_exec_tim
 TRIPLE_FAULT_RE = re.compile(rb"\(XEN\) \[[ \d.]+\] d\d+v\d+ Triple fault")
 LINK_LOOPBACK = "127.0.0.1"
 """Where two-host links run: this machine's loopback, never a real network."""
+DISK_RATE_ENV = "SOFTPAGE_DISK_RATE"
+"""The guests' disks' bandwidth, e.g. ``20M`` (MiB/s; K and G too, QEMU's binary suffixes);
+unset, empty or ``0``: unthrottled."""
+RATE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+GUEST_DISK_DRIVES = ("data", "app-data", "distro-")
+"""QEMU drive ids (or their prefix) that serve guests' data through blkback, so that QEMU's
+throttling is the only rate limit on them: dom0 hands them to guests as ``phy:``, which bypasses
+dom0's page cache, and only this machine's page cache is left under them. Not dom0's root, the
+payload or the scratch disk: dom0's own reads are not what a guest pays."""
+
+
+def parse_disk_rate(text: str) -> int | None:
+    """``20M`` -> 20971520 bytes per second; ``""`` or ``0`` -> None (unthrottled)."""
+    if not text.strip():
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*([KMG]?)(?:i?B)?(?:/s)?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise TestbedError(f"{DISK_RATE_ENV}={text!r}: expected a number of bytes per second with "
+                           f"an optional K, M or G (binary), e.g. 20M")
+    rate = int(match.group(1)) * RATE_SUFFIXES[match.group(2).upper()]
+    return rate or None
+
+
+def describe_disk_rate(bytes_per_s: int | None) -> str:
+    """How every figure names the guests' disk speed: ``disk 20 MiB/s`` or ``disk unthrottled``."""
+    if bytes_per_s is None:
+        return "disk unthrottled"
+    for suffix, unit in (("GiB/s", 1 << 30), ("MiB/s", 1 << 20), ("KiB/s", 1 << 10)):
+        if bytes_per_s >= unit:
+            return f"disk {bytes_per_s / unit:.3g} {suffix}"
+    return f"disk {bytes_per_s} B/s"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +180,10 @@ class TestbedConfig:
     (a save image carried from a Debian 12 host to a Debian 13 one)."""
     link: LinkEnd | None = None
     """One end of a link to another testbed (``TestbedPair``); None: no NIC at all."""
+    disk_rate: int | None = None
+    """Bytes per second, reads and writes together, that QEMU serves each of the guests' disks
+    (``GUEST_DISK_DRIVES``) at: its ``throttling.bps-total``. None (the default): unthrottled, as
+    every figure before 2026-12-06 was measured, and as fast as this machine's page cache."""
     cache_dir: Path = dataclasses.field(
         default_factory=lambda: Path(
             os.environ.get("SOFTPAGE_TESTBED_CACHE")
@@ -168,7 +204,14 @@ class TestbedConfig:
             xen_version=xen_version,
             qemu_mem_mb=int(os.environ.get("SOFTPAGE_QEMU_MEM_MB", "3072")),
             dom0_mem_mb=int(os.environ.get("SOFTPAGE_DOM0_MEM_MB", "1024")),
+            disk_rate=parse_disk_rate(os.environ.get(DISK_RATE_ENV, "")),
         )
+
+    @property
+    def guest_disk_options(self) -> str:
+        """What every guest disk's -drive adds: QEMU's throttle (a leaky bucket that lets a burst of
+        a tenth of a second through), or nothing."""
+        return "" if self.disk_rate is None else f",throttling.bps-total={self.disk_rate}"
 
 
 
@@ -214,6 +257,8 @@ class Testbed:
         self._agent: AgentClient | None = None
         self.data_disk_device = ""
         self.boot_timings: dict[str, float] = {}
+        self.disk_rate = config.disk_rate
+        """The guests' disks' rate in effect (``set_disk_rate`` changes it): name it beside every time."""
         self.hung = False
         """Set when dom0 stopped answering: every later command fails at once (Dom0Hung)."""
 
@@ -238,6 +283,7 @@ class Testbed:
         if self.config.link is not None:
             dom0_args += f" softpage.host={self.config.link.host}"  # read by dom0/softpage-link
         work = self.work_dir
+        throttle = self.config.guest_disk_options
         return [
             "qemu-system-x86_64",
             # thread=single is no cure for the nested-SVM flakes (testbed/README.md)
@@ -248,6 +294,7 @@ class Testbed:
             # no VGA, IDE, floppy or parallel port: each costs dom0 boot time under TCG
             "-nodefaults", "-display", "none", "-no-reboot", "-net", "none",
             "-monitor", f"unix:{work}/monitor.sock,server=on,wait=off",
+            "-qmp", f"unix:{work}/qmp.sock,server=on,wait=off",  # the harness's questions to QEMU
             "-chardev",
             f"socket,id=serial0,path={work}/serial.sock,server=on,wait=off,logfile={self.serial_log}",
             "-serial", "chardev:serial0",
@@ -258,7 +305,7 @@ class Testbed:
             "-drive", f"file={cache}/{platform.dom0_image},format=raw,if=virtio,cache=unsafe,snapshot=on",
             "-drive", f"file={self.payload},format=raw,if=none,id=payload,readonly=on",
             "-device", f"virtio-blk-pci,drive=payload,serial={PAYLOAD_DISK_SERIAL}",
-            "-drive", f"file={cache}/data.img,format=raw,if=none,id=data,readonly=on",
+            "-drive", f"file={cache}/data.img,format=raw,if=none,id=data,readonly=on{throttle}",
             "-device", f"virtio-blk-pci,drive=data,serial={DATA_DISK_SERIAL}",
             *self._scratch_drive(),
             *self._link_nic(),
@@ -286,15 +333,17 @@ class Testbed:
         """The application's files (read-only) and each distro guest's root disk (its writes go to
         a QEMU snapshot, never to the payload's copy), when the cache and the payload have them."""
         drives = []
+        throttle = self.config.guest_disk_options
         app_data = self.config.cache_dir / APP_DATA_IMAGE
         if app_data.exists():
-            drives += ["-drive", f"file={app_data},format=raw,if=none,id=app-data,readonly=on",
+            drives += ["-drive", f"file={app_data},format=raw,if=none,id=app-data,readonly=on{throttle}",
                        "-device", f"virtio-blk-pci,drive=app-data,serial={APP_DATA_DISK_SERIAL}"]
         for release in DISTRO_RELEASES:
             disk = self.payload.with_name(DISTRO_DISK_IMAGE.format(release=release))
             if disk.exists():
                 drive = f"distro-{release}"
-                drives += ["-drive", f"file={disk},format=raw,if=none,id={drive},cache=unsafe,snapshot=on",
+                drives += ["-drive", f"file={disk},format=raw,if=none,id={drive},cache=unsafe,snapshot=on"
+                                     f"{throttle}",
                            "-device", f"virtio-blk-pci,drive={drive},serial={distro_disk_serial(release)}"]
         return drives
 
@@ -341,9 +390,11 @@ class Testbed:
             if self.config.scratch_image is not None:
                 self.run(f"mkdir -p {SCRATCH_MOUNT} && mount /dev/disk/by-id/virtio-{SCRATCH_DISK_SERIAL} "
                          f"{SCRATCH_MOUNT}", check=True)
+            self.check_disk_rate(self.config.disk_rate)
             print(f"softpage_testbed: Xen {self.config.xen_version} ({self.config.platform.release} dom0) "
                   f"booted: agent after {self.boot_timings['agent_s']} s, xl after "
-                  f"{self.boot_timings['xl_ready_s']} s", file=sys.stderr, flush=True)
+                  f"{self.boot_timings['xl_ready_s']} s; guests' {describe_disk_rate(self.disk_rate)} "
+                  f"(QEMU {self.describe_guest_disk_throttles()})", file=sys.stderr, flush=True)
         except BaseException:
             self.shutdown()
             raise
@@ -384,6 +435,55 @@ class Testbed:
                     if self._agent.request({"argv": ["true"]}, timeout_s=5).ok:
                         return
             time.sleep(2)
+
+    # -- QEMU ------------------------------------------------------------------------------
+
+    def qmp(self, command: str, **arguments: object) -> object:
+        """One QMP command on a connection of its own; its ``return``, or TestbedError."""
+        with socket.socket(socket.AF_UNIX) as connection:
+            connection.settimeout(10)
+            connection.connect(str(self.work_dir / "qmp.sock"))
+            replies = connection.makefile("rwb")
+            replies.readline()  # the greeting
+            for request in ({"execute": "qmp_capabilities"},
+                            {"execute": command, "arguments": arguments}):
+                replies.write(json.dumps(request).encode() + b"\n")
+                replies.flush()
+                while True:
+                    reply = json.loads(replies.readline() or b'{"error": "QMP closed"}')
+                    if "event" not in reply:
+                        break
+                if "error" in reply:
+                    raise TestbedError(f"QMP {request['execute']}: {reply['error']}")
+        return reply["return"]
+
+    def guest_disk_throttles(self) -> dict[str, int]:
+        """QEMU's own word on each guest disk's throttle (``query-block``): drive id -> its
+        bytes per second (``bps``, reads and writes together), 0 for unthrottled."""
+        blocks = self.qmp("query-block")
+        assert isinstance(blocks, list)
+        return {block["device"]: int(block["inserted"]["bps"]) for block in blocks
+                if "inserted" in block and block["device"].startswith(GUEST_DISK_DRIVES)}
+
+    def describe_guest_disk_throttles(self) -> str:
+        return ", ".join(f"{drive} bps={bps}" for drive, bps in sorted(self.guest_disk_throttles().items()))
+
+    def check_disk_rate(self, expected: int | None) -> None:
+        """Every guest disk throttled at ``expected`` (None: not at all), or TestbedError."""
+        throttles = self.guest_disk_throttles()
+        wrong = {drive: bps for drive, bps in throttles.items() if bps != (expected or 0)}
+        if wrong or "data" not in throttles:
+            raise TestbedError(f"guests' disks: expected {describe_disk_rate(expected)}, "
+                               f"QEMU has {throttles}")
+
+    def set_disk_rate(self, bytes_per_s: int | None) -> None:
+        """Change every guest disk's throttle while the testbed runs (QMP block_set_io_throttle;
+        the other limits stay 0, as ``-drive throttling.bps-total`` leaves them)."""
+        limits = {name: 0 for name in ("bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")}
+        for drive in self.guest_disk_throttles():
+            self.qmp("block_set_io_throttle", device=drive, bps=bytes_per_s or 0, **limits)
+        self.disk_rate = bytes_per_s
+        self.check_disk_rate(bytes_per_s)
 
     def alive(self) -> bool:
         if self.hung or self._qemu is None or self._qemu.poll() is not None or self._agent is None:

@@ -71,6 +71,7 @@ from softpage_testbed import (
     TestbedConfig,
     TestbedError,
     booted_testbed,
+    describe_disk_rate,
     retry_after_triple_faults,
 )
 
@@ -500,7 +501,8 @@ def main() -> int:
         platform = TestbedConfig.from_env(xen_version).platform.release
         header = (f"softpage vs stock `xl migrate`, {time.strftime('%Y-%m-%d')}, PVH guest {guest_mb} MiB"
                   f" on Linux {bench_guest_kernel()}{f' booted with {kernel_args}' if kernel_args else ''}, "
-                  f"medians of up to {repetitions}; Xen {xen_version} ({platform} dom0) under QEMU TCG on "
+                  f"medians of up to {repetitions}; {describe_disk_rate(testbed.disk_rate)} (the guest's "
+                  f"data disk); Xen {xen_version} ({platform} dom0) under QEMU TCG on "
                   "this machine "
                   f"({os.cpu_count()} cores). {xen_info.strip()}".replace("\n", "; "))
         for anon_mb in steps:
