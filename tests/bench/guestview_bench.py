@@ -26,14 +26,17 @@ wrk prints nothing until it ends, so the per-second view is wrk run again and ag
 second each (dom0/wrk_seconds.py): each second's completed requests, latency p50/p99/max and the
 requests slower than SOFTPAGE_GUESTVIEW_SLOW_MS (hot-set.lua counts them from wrk's histogram).
 Its cost: every second opens its SOFTPAGE_GUESTVIEW_CONNECTIONS (4) connections anew, and wrk's
-start leaves a gap between seconds, the same in every run (the table gives the share of time
-measured). In the guest a sampler reads the sectors its disks read (/sys/block/xvd*/stat) every
+start in dom0 is part of each sample: under TCG on a loaded machine (2026-12-06) a one-second run
+took 2-3.5 s of wall time, so a "second" spans that, and rates are per second of wall time (the
+same cost in every run).
+In the guest a sampler reads the sectors its disks read (/sys/block/xvd*/stat) every
 half second; it stops while the guest is paused, and the longest pause in a migration run is
 taken as the downtime: what it read from the first sample after that is "read after the resume".
 
 Per method (runs.csv, table.md): throughput before (the last SOFTPAGE_GUESTVIEW_BEFORE_S, 20, of
 the settle), time from the resume until three seconds in a row reach 90% of it, requests lost
-(the baseline's rate over the window, less the requests completed in it) and slowed (slow
+(the baseline's rate over the window, less the requests completed in it; and the same against
+the run's own throughput before, which does not depend on the load of the baseline's minutes) and slowed (slow
 requests over the baseline's rate of them) in the window from the migration's start to
 AFTER_S past the resume, the bytes read after the resume, migration time, downtime, pages
 sent with and without data. Every second of every run goes to samples.csv, the guest's disk
@@ -181,7 +184,8 @@ class MethodRun:
     slowed: float | None
     errors_in_window: int
     measured_share: float
-    """The share of the run's wall time inside a wrk run (the rest: wrk starting)."""
+    """The share of the run's wall time inside a wrk process, its start included: under TCG each
+    one-second run took 2-3.5 s of wall time (2026-12-06), so a sample spans that."""
     disk_read_after_resume: int | None
     disk_read_in_run: int
     pause_s: float | None
@@ -478,6 +482,15 @@ def load_series(out: Path) -> tuple[dict[str, list[Second]], dict[str, list[tupl
     return seconds, disk
 
 
+def lost_against_before(run: MethodRun) -> float | None:
+    """The run's own throughput before the migration times the window, less what it completed:
+    the figure that does not depend on the baseline's load (other testbeds share this machine,
+    and the throughput of one run's minutes need not be another's)."""
+    if run.method == BASELINE:
+        return None
+    return run.throughput_before * run.window_s - run.requests_in_window
+
+
 def table(runs: list[MethodRun], header: str, slow_ms: float) -> str:
     def cell(value: object, digits: int = 1) -> str:
         if value is None:
@@ -488,15 +501,17 @@ def table(runs: list[MethodRun], header: str, slow_ms: float) -> str:
         return "-" if value is None else f"{value / 2**20:.1f}"
 
     lines = [header, "",
-             f"| method | req/s before | back to 90% s | requests in window | window s | lost | "
-             f"slow (> {slow_ms:g} ms) | slowed | errors | MiB read after resume | cache MiB before / after "
+             "| method | req/s before | back to 90% s | requests in window | window s | lost vs baseline "
+             f"| lost vs own before | slow (> {slow_ms:g} ms) | slowed | errors | MiB read after resume "
+             "| cache MiB before / after "
              "| migration s | downtime s | pages with data | pages without data | MiB sent "
              "| measured share |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
         lines.append(
             f"| {run.method} | {cell(run.throughput_before)} | {cell(run.recovered_s)} | "
-            f"{run.requests_in_window} | {cell(run.window_s)} | {cell(run.lost, 0)} | {run.slow_in_window} | "
+            f"{run.requests_in_window} | {cell(run.window_s)} | {cell(run.lost, 0)} | "
+            f"{cell(lost_against_before(run), 0)} | {run.slow_in_window} | "
             f"{cell(run.slowed, 0)} | {run.errors_in_window} | {mib(run.disk_read_after_resume)} | "
             f"{run.cached_mb_before} / {run.cached_mb_after} | {cell(run.wall_s)} | "
             f"{cell(run.downtime_s, 2)} | "
@@ -548,8 +563,8 @@ def plot(runs: list[MethodRun], seconds: dict[str, list[Second]], disk: dict[str
             latency.set_title(f"latency, ms (dotted: {slow_ms:g} ms)")
             latency.legend(loc="upper left", fontsize=7)
             reads.set_title("guest's disk reads")
-    for axis in axes[-1]:
-        axis.set_xlabel("s from the migration's start (black); red: suspend request, green: resume")
+    figure.supxlabel("seconds from the migration's start (black; the baseline's stand-in moment); "
+                     "red: suspend request, green: resume", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
