@@ -49,6 +49,7 @@ from softpage_testbed.distro import (
     fetch_checksums,
     read_app_checksums,
     run_wrk,
+    wrk_command,
 )
 from softpage_testbed.errors import CommandFailed, Dom0BootStalled, Dom0Hung, GuestTripleFault, TestbedError
 from softpage_testbed.guest import (
@@ -186,4 +187,5 @@ __all__ = [
     "read_link_hosts",
     "retry_after_triple_faults",
     "run_wrk",
+    "wrk_command",
 ]

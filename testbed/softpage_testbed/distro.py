@@ -176,25 +176,48 @@ class WrkResult:
     errors: int
     latency_p50_ms: float
     latency_p99_ms: float
+    latency_max_ms: float = 0.0
+    slow: int | None = None
+    """Requests that took longer than the run's ``slow_ms`` bound (None: no bound given)."""
 
     @property
     def requests_per_s(self) -> float:
         return self.requests / self.duration_s
 
+    @classmethod
+    def from_output(cls, stdout: str) -> WrkResult:
+        """The result in wrk's output: the last line that is hot-set.lua's JSON."""
+        summary = json.loads(next(line for line in reversed(stdout.splitlines()) if line.startswith("{")))
+        return cls.from_summary(summary)
+
+    @classmethod
+    def from_summary(cls, summary: dict[str, int]) -> WrkResult:
+        errors = sum(int(summary[key]) for key in summary if key.startswith("errors_"))
+        return cls(requests=int(summary["requests"]), duration_s=summary["duration_us"] / 1e6,
+                   errors=errors, latency_p50_ms=summary["latency_p50_us"] / 1e3,
+                   latency_p99_ms=summary["latency_p99_us"] / 1e3,
+                   latency_max_ms=summary["latency_max_us"] / 1e3, slow=summary.get("slow"))
+
+
+def wrk_command(nfiles: int, duration_s: int = 5, connections: int = 4, address: str = GUEST_ADDRESS,
+                hot_fraction: float = HOT_FRACTION, skew: float = HOT_SKEW, seed: int | str = WRK_SEED,
+                slow_ms: float | None = None) -> list[str]:
+    """wrk in dom0 against the guest's nginx, one thread, for ``duration_s``: requests drawn from
+    the hot fraction of the application's ``nfiles`` files; with ``slow_ms`` its JSON line also
+    counts the requests slower than that."""
+    slow = ["env", f"SOFTPAGE_SLOW_US={round(slow_ms * 1000)}"] if slow_ms is not None else []
+    return [*slow, "wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--timeout", "10s",
+            "-s", f"{DISTRO_PAYLOAD_DIR}/hot-set.lua", f"http://{address}:{HTTP_PORT}/", "--",
+            str(nfiles), str(hot_fraction), str(skew), str(seed)]
+
 
 def run_wrk(testbed: Testbed, nfiles: int, duration_s: int = 5, connections: int = 4,
             address: str = GUEST_ADDRESS, hot_fraction: float = HOT_FRACTION,
             skew: float = HOT_SKEW, seed: int = WRK_SEED) -> WrkResult:
-    """wrk in dom0 against the guest's nginx, one thread, for ``duration_s``: requests drawn from
-    the hot fraction of the application's ``nfiles`` files."""
-    command = (f"wrk -t1 -c{connections} -d{duration_s}s --timeout 10s -s {DISTRO_PAYLOAD_DIR}/hot-set.lua "
-               f"http://{address}:{HTTP_PORT}/ -- {nfiles} {hot_fraction} {skew} {seed}")
+    """One run of ``wrk_command`` in dom0."""
+    command = wrk_command(nfiles, duration_s, connections, address, hot_fraction, skew, seed)
     result = testbed.run(command, timeout_s=duration_s + 120, check=True)
-    summary = json.loads(next(line for line in reversed(result.stdout.splitlines()) if line.startswith("{")))
-    errors = sum(int(summary[key]) for key in summary if key.startswith("errors_"))
-    return WrkResult(requests=int(summary["requests"]), duration_s=summary["duration_us"] / 1e6,
-                     errors=errors, latency_p50_ms=summary["latency_p50_us"] / 1e3,
-                     latency_p99_ms=summary["latency_p99_us"] / 1e3)
+    return WrkResult.from_output(result.stdout)
 
 
 def app_file_names(checksums: dict[str, str]) -> list[str]:

@@ -65,6 +65,7 @@ from softpage_testbed import (
     DEFAULT_GUEST_KERNEL,
     GUEST_KERNELS,
     XEN_PVH_VERSION,
+    ConsoleGuest,
     Guest,
     GuestSpec,
     Testbed,
@@ -137,7 +138,7 @@ def environment_list(name: str, default: str) -> list[int]:
 
 def install_dom0_tools(testbed: Testbed) -> None:
     testbed.run(["mkdir", "-p", DOM0_TOOLS], check=True)
-    for name in ("tap.py", "measure.py", "stamp.py"):
+    for name in ("tap.py", "measure.py", "stamp.py", "wrk_seconds.py"):
         testbed.write_file(f"{DOM0_TOOLS}/{name}", (REPO / "tests/bench/dom0" / name).read_text())
 
 
@@ -147,10 +148,13 @@ def receiver_command(receive: str = "xl migrate-receive") -> str:
             f"sh -c 'python3 {DOM0_TOOLS}/tap.py /tmp/bench-tap.json | {receive}'")
 
 
-def measured_sender_command(method: str, guest: Guest, receiver: str) -> list[str]:
-    """``method``'s migration of ``guest`` to the ``receiver`` command, under measure.py."""
+def measured_sender_command(method: str, guest: ConsoleGuest, receiver: str,
+                            prune: str | None = None) -> list[str]:
+    """``method``'s migration of ``guest`` to the ``receiver`` command, under measure.py; ``prune``
+    is softpage's ``--prune LIST`` (its default when None)."""
     source = guest.testbed.run(["xl", "domid", guest.name], check=True).stdout.strip()
-    softpage = ["python3", "-m", "softpage", "migrate", "-q", "--stats", BENCH_STATS]
+    softpage = ["python3", "-m", "softpage", "migrate", "-q", "--stats", BENCH_STATS,
+                *(["--prune", prune] if prune is not None else [])]
     senders = {
         "stock": ["xl", "migrate"],
         "no-prune": [*softpage, "--no-prune"],
@@ -162,10 +166,11 @@ def measured_sender_command(method: str, guest: Guest, receiver: str) -> list[st
             *senders[method], "-s", "", guest.name, receiver]
 
 
-def migrate(guest: Guest, method: str, receive: str = "xl migrate-receive") -> dict[str, object]:
+def migrate(guest: ConsoleGuest, method: str, receive: str = "xl migrate-receive",
+            prune: str | None = None) -> dict[str, object]:
     """One measured migration of ``guest`` by ``method`` to ``receive`` (see ``receiver_command``)."""
     testbed = guest.testbed
-    command = measured_sender_command(method, guest, receiver_command(receive))
+    command = measured_sender_command(method, guest, receiver_command(receive), prune)
     testbed.run(["rm", "-f", "/tmp/bench-recv.json", "/tmp/bench-tap.json", BENCH_STATS])
     result = testbed.run(command, timeout_s=3600)
     if not result.ok:

@@ -19,6 +19,7 @@ import time
 import pytest
 
 from softpage_testbed import (
+    HOTPLUG_TIMEOUT_MESSAGE,
     DistroGuest,
     DistroGuestSpec,
     Testbed,
@@ -124,6 +125,19 @@ def test_distro_guest_with_nginx_migrates_pruned_and_serves_after(xen_pvh_testbe
     source_domid = domid(guest)
     testbed.run(["rm", "-f", STATS])
     migrated = softpage(testbed, "migrate", "-s", "", "--stats", STATS, guest.name, LOCALHOST_RECEIVER)
+    if not migrated.ok and HOTPLUG_TIMEOUT_MESSAGE in migrated.stderr:
+        # The receiving xl gave the guest's two disks libxl's fixed 40 s of hotplug script and a
+        # dom0 starved by TCG under load ran out of it (2026-12-06, load 8-10: both `block add`
+        # killed; testbed/README.md). softpage must then have resumed the guest where it was, and
+        # the guest must run on there; the migration is tried once more, as the harness retries
+        # an `xl create` that met the same timeout.
+        assert "resumed at sender" in migrated.stderr, migrated.stderr[-3000:]
+        assert domid(guest) == source_domid
+        resumed = guest.shell("systemctl is-system-running; systemctl is-active nginx")
+        assert resumed.output.split() == ["running", "active"], resumed.output
+        print("distro guest: the receiver's disk hotplug timed out; resumed at the sender, running; "
+              "migrating again", file=sys.stderr)
+        migrated = softpage(testbed, "migrate", "-s", "", "--stats", STATS, guest.name, LOCALHOST_RECEIVER)
     assert migrated.ok, migrated.stderr[-3000:]
     _, totals = read_stats(testbed)
     # The cache was most of the guest: far more than 64 MiB must have gone without data.

@@ -14,6 +14,9 @@ unpaused:
   so this is the interruption the guest's users see, whatever the guest does before it
   suspends (softpage.ko drops its caches then).
 * ``suspended_s`` starts at the first poll where Xen shows the source shut down for suspend.
+The moments themselves, on dom0's monotonic clock (``time.monotonic()``), go beside as
+``started_at``, ``ended_at``, ``requested_at`` and ``running_at``: what a time line of the guest's
+service (tests/bench/guestview_bench.py) is aligned on.
 """
 
 from __future__ import annotations
@@ -111,9 +114,11 @@ def main() -> int:
         watcher.join(timeout=5)
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     measured = downtimes(times) if source != "-" else {}
+    moments = {"started_at": started, "ended_at": started + wall,
+               "requested_at": times["requested_at"], "running_at": times["running_at"]}
     with open(summary_path, "w", encoding="utf-8") as summary:
         json.dump({"rc": completed.returncode, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
-                   "dom0_cpu_s": dom0_cpu, **measured}, summary)
+                   "dom0_cpu_s": dom0_cpu, **measured, **moments}, summary)
     return completed.returncode
 
 

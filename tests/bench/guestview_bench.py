@@ -1,0 +1,661 @@
+#!/usr/bin/env python3
+"""`make bench`, the guest's view (issue 21): what a web server's users see before, during and
+after each migration, on the real testbed.
+
+One Debian distro guest (testbed/softpage_testbed/distro.py: systemd, Debian's kernel,
+softpage-dkms from apt, nginx serving the app-data disk's 64 KiB files on dom0's bridge) is booted
+once (SOFTPAGE_GUESTVIEW_RELEASE, default bookworm; SOFTPAGE_GUESTVIEW_GUEST_MB, default 1024;
+Xen SOFTPAGE_BENCH_XEN, default 4.17.7). Each method in SOFTPAGE_GUESTVIEW_METHODS then gets one
+run on that guest, in this order by default:
+
+    baseline     no migration: what the same stretch of time looks like without one
+    stock        xl migrate -s "" GUEST "<receiver>"
+    no-prune     softpage migrate --no-prune
+    cache=cold   softpage migrate (pruning, today's default --prune free,cache=cold,slab)
+    cache=all    softpage migrate --prune free,cache=all,slab (the whole clean cache dropped)
+
+A run: the guest reads every application file into its page cache (``cat``); wrk starts in dom0
+against nginx, requests drawn from the first 25% of the files with a skew (hot-set.lua), and
+runs for SOFTPAGE_GUESTVIEW_SETTLE_S (70) before the migration, so that softpage.ko's aging
+passes (every cold_age_ms, 30 s) can tell the hot files from the cold ones; the migration runs
+to localhost, measured as xen_bench measures it (tests/bench/dom0: tap, downtime watcher); wrk
+goes on for SOFTPAGE_GUESTVIEW_AFTER_S (60) after the guest runs again. nginx must then serve
+the disk's bytes (a sample of files checked through it) and systemd must still say running.
+
+wrk prints nothing until it ends, so the per-second view is wrk run again and again for one
+second each (dom0/wrk_seconds.py): each second's completed requests, latency p50/p99/max and the
+requests slower than SOFTPAGE_GUESTVIEW_SLOW_MS (hot-set.lua counts them from wrk's histogram).
+Its cost: every second opens its SOFTPAGE_GUESTVIEW_CONNECTIONS (4) connections anew, and wrk's
+start in dom0 is part of each sample: under TCG on a loaded machine (2026-12-06) a one-second run
+took 2-3.5 s of wall time, so a "second" spans that, and rates are per second of wall time (the
+same cost in every run).
+In the guest a sampler reads the sectors its disks read (/sys/block/xvd*/stat) every
+half second; it stops while the guest is paused, and the longest pause in a migration run is
+taken as the downtime: what it read from the first sample after that is "read after the resume".
+
+Per method (runs.csv, table.md): throughput before (the last SOFTPAGE_GUESTVIEW_BEFORE_S, 20, of
+the settle), time from the resume until three seconds in a row reach 90% of it, requests lost
+(the baseline's rate over the window, less the requests completed in it; and the same against
+the run's own throughput before, which does not depend on the load of the baseline's minutes) and slowed (slow
+requests over the baseline's rate of them) in the window from the migration's start to
+AFTER_S past the resume, the bytes read after the resume, migration time, downtime, pages
+sent with and without data. Every second of every run goes to samples.csv, the guest's disk
+samples to disk.csv, the time line to timeline.png, softpage's --stats to stats/. Output:
+results/guestview-DATE/ or SOFTPAGE_GUESTVIEW_OUT, which also continues an interrupted sweep
+(the methods it has already are not run again).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from softpage_testbed import (
+    HOT_FRACTION,
+    HOTPLUG_TIMEOUT_MESSAGE,
+    XEN_PVH_VERSION,
+    CommandFailed,
+    DistroGuest,
+    DistroGuestSpec,
+    Testbed,
+    TestbedConfig,
+    TestbedError,
+    WrkResult,
+    app_file_names,
+    booted_testbed,
+    fetch_checksums,
+    read_app_checksums,
+    wrk_command,
+)
+from tests.bench.xen_bench import DOM0_TOOLS, install_dom0_tools, migrate
+
+REPO = Path(__file__).resolve().parents[2]
+
+BASELINE = "baseline"
+METHODS = {
+    # name: (xen_bench's method, softpage's --prune LIST or None for its default)
+    "stock": ("stock", None),
+    "no-prune": ("no-prune", None),
+    "cache=cold": ("prune", None),
+    "cache=all": ("prune", "free,cache=all,slab"),
+}
+ALL_METHODS = (BASELINE, *METHODS)
+RECOVERED_FRACTION = 0.9
+RECOVERED_SECONDS = 3
+"""Back: this many one-second samples in a row at RECOVERED_FRACTION of the throughput before."""
+SECTOR_BYTES = 512
+"""/sys/block/*/stat counts 512-byte sectors whatever the device's block size."""
+DISK_SAMPLE_S = 0.5
+WRK_FIRST_SEED = 2100
+WRK_OUT = "/tmp/guestview-wrk.jsonl"
+WRK_STOP = "/tmp/guestview-wrk.stop"
+GUEST_DISK_LOG = "/run/guestview-disk.log"
+GUEST_DISK_PID = "/run/guestview-disk.pid"
+SAMPLE_FILES = 12
+HOTPLUG_ATTEMPTS = 4
+"""Tries at a guest creation (each of them two ``xl create``) or a migration whose disk hotplug
+meets libxl's fixed 40 s: on 2026-12-06, with four testbeds on this machine (load 8-10), two
+``xl create`` in a row of the 1 GiB guest did."""
+BOOT_TIMEOUT_S = 1800
+
+
+@dataclass(frozen=True)
+class Settings:
+    guest_mb: int
+    release: str
+    xen_version: str
+    methods: tuple[str, ...]
+    settle_s: float
+    before_s: float
+    after_s: float
+    baseline_s: float
+    """How long the baseline runs where the others migrate: a stand-in for the migration."""
+    slow_ms: float
+    connections: int
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        chosen = os.environ.get("SOFTPAGE_GUESTVIEW_METHODS", ",".join(ALL_METHODS))
+        names = [name.strip() for name in chosen.split(",") if name.strip()]
+        unknown = set(names) - set(ALL_METHODS)
+        if unknown:
+            raise SystemExit(f"SOFTPAGE_GUESTVIEW_METHODS: unknown {', '.join(sorted(unknown))}; "
+                             f"expected some of {', '.join(ALL_METHODS)}")
+        settings = cls(
+            guest_mb=int(os.environ.get("SOFTPAGE_GUESTVIEW_GUEST_MB", "1024")),
+            release=os.environ.get("SOFTPAGE_GUESTVIEW_RELEASE", "bookworm"),
+            xen_version=os.environ.get("SOFTPAGE_BENCH_XEN", XEN_PVH_VERSION),
+            methods=tuple(name for name in ALL_METHODS if name in names),
+            settle_s=float(os.environ.get("SOFTPAGE_GUESTVIEW_SETTLE_S", "70")),
+            before_s=float(os.environ.get("SOFTPAGE_GUESTVIEW_BEFORE_S", "20")),
+            after_s=float(os.environ.get("SOFTPAGE_GUESTVIEW_AFTER_S", "60")),
+            baseline_s=float(os.environ.get("SOFTPAGE_GUESTVIEW_BASELINE_S", "60")),
+            slow_ms=float(os.environ.get("SOFTPAGE_GUESTVIEW_SLOW_MS", "100")),
+            connections=int(os.environ.get("SOFTPAGE_GUESTVIEW_CONNECTIONS", "4")),
+        )
+        if settings.before_s > settings.settle_s:
+            raise SystemExit("SOFTPAGE_GUESTVIEW_BEFORE_S must not exceed SOFTPAGE_GUESTVIEW_SETTLE_S")
+        return settings
+
+
+@dataclass(frozen=True)
+class Second:
+    """One wrk run of about a second (dom0/wrk_seconds.py), times in seconds from the migration's
+    start (the baseline's stand-in moment)."""
+
+    start: float
+    end: float
+    requests: int
+    errors: int
+    p50_ms: float | None
+    p99_ms: float | None
+    max_ms: float | None
+    slow: int
+
+    @property
+    def rate(self) -> float:
+        return self.requests / (self.end - self.start)
+
+
+@dataclass
+class MethodRun:
+    method: str
+    cache_fill_s: float
+    cached_mb_before: int
+    cached_mb_after: int
+    throughput_before: float
+    """Requests per second (of wall time, gaps included) over the BEFORE_S before the migration."""
+    recovered_s: float | None
+    """Resume to the first of RECOVERED_SECONDS samples in a row at 90% of throughput_before;
+    None: not within AFTER_S."""
+    window_s: float
+    requests_in_window: int
+    lost: float | None
+    """The baseline's rate times window_s, less requests_in_window (None for the baseline)."""
+    slow_in_window: int
+    slowed: float | None
+    errors_in_window: int
+    measured_share: float
+    """The share of the run's wall time inside a wrk process, its start included: under TCG each
+    one-second run took 2-3.5 s of wall time (2026-12-06), so a sample spans that."""
+    disk_read_after_resume: int | None
+    disk_read_in_run: int
+    pause_s: float | None
+    """The longest pause of the guest's disk sampler: where the resume is taken to be."""
+    wall_s: float | None = None
+    downtime_s: float | None = None
+    pages_data: int | None = None
+    pages_xalloc: int | None = None
+    stream_bytes: int | None = None
+    resume_s: float | None = None
+    """The resume (incoming copy unpaused), from the migration's start."""
+    request_s: float | None = None
+    """The suspend request, from the migration's start."""
+
+
+class HotplugTimedOut(Exception):
+    """The receiving xl's disk hotplug ran out of libxl's fixed 40 s (a dom0 starved under TCG,
+    testbed/README.md) and softpage resumed the guest at the sender: the run is measured again."""
+
+
+def create_guest(testbed: Testbed, settings: Settings) -> DistroGuest:
+    """The distro guest, created again while its disks' hotplug meets libxl's fixed 40 s (the
+    harness itself tries twice)."""
+    spec = DistroGuestSpec(name="guestview", release=settings.release, memory_mb=settings.guest_mb)
+    for attempt in range(1, HOTPLUG_ATTEMPTS + 1):
+        try:
+            return testbed.create_distro_guest(spec, timeout_s=BOOT_TIMEOUT_S)
+        except CommandFailed as failed:
+            if HOTPLUG_TIMEOUT_MESSAGE not in failed.result.stderr or attempt == HOTPLUG_ATTEMPTS:
+                raise
+            log(f"guestview: xl create met the disk-hotplug timeout twice (attempt {attempt}); again")
+            testbed.run(["xl", "destroy", spec.name], timeout_s=120)
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def log(message: str) -> None:
+    """Every line this bench prints goes through here (progress on stdout, flushed)."""
+    print(message, flush=True)
+
+
+def meminfo_mb(guest: DistroGuest, field: str) -> int:
+    return int(guest.check_shell(f"grep '^{field}:' /proc/meminfo").split()[1]) // 1024
+
+
+def fill_cache(guest: DistroGuest) -> float:
+    started = time.monotonic()
+    guest.check_shell("cat /srv/app/f* > /dev/null", timeout_s=1800)
+    return time.monotonic() - started
+
+
+def start_disk_sampler(guest: DistroGuest) -> None:
+    """Every DISK_SAMPLE_S, the guest's clock and the sectors all its xvd disks have read."""
+    loop = ("while :; do echo $(date +%s.%N) $(cat /sys/block/xvd*/stat | awk '{s += $3} END {print s}'); "
+            f"sleep {DISK_SAMPLE_S}; done")
+    guest.check_shell(f"nohup sh -c {shlex.quote(loop)} > {GUEST_DISK_LOG} 2>&1 < /dev/null & "
+                      f"echo $! > {GUEST_DISK_PID}")
+
+
+def stop_disk_sampler(guest: DistroGuest) -> list[tuple[float, int]]:
+    text = guest.check_shell(f"kill $(cat {GUEST_DISK_PID}); cat {GUEST_DISK_LOG}")
+    samples = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[1].isdigit():
+            samples.append((float(fields[0]), int(fields[1]) * SECTOR_BYTES))
+    if len(samples) < 2:
+        raise TestbedError(f"guest disk sampler left {len(samples)} samples: {text[-500:]}")
+    return samples
+
+
+def start_wrk_loop(testbed: Testbed, nfiles: int, settings: Settings) -> int:
+    command = wrk_command(nfiles, duration_s=1, connections=settings.connections, seed="SEED",
+                          slow_ms=settings.slow_ms)
+    max_s = settings.settle_s + 3600 + settings.after_s
+    result = testbed.run(
+        f"rm -f {WRK_OUT} {WRK_STOP}; nohup python3 {DOM0_TOOLS}/wrk_seconds.py {WRK_OUT} {WRK_STOP} {max_s} "
+        f"{WRK_FIRST_SEED} -- {shlex.join(command)} > /tmp/guestview-wrk.log 2>&1 < /dev/null & echo $!",
+        check=True)
+    return int(result.stdout.split()[-1])
+
+
+def wrk_records(testbed: Testbed) -> list[dict[str, object]]:
+    text = testbed.run(["cat", WRK_OUT], check=True).stdout
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def wait_for_wrk(testbed: Testbed, until: float) -> None:
+    """Until the wrk loop's seconds reach ``until`` on dom0's monotonic clock."""
+    while True:
+        last = testbed.run(f"tail -1 {WRK_OUT}", check=True).stdout.strip()
+        if last and float(json.loads(last)["end"]) >= until:
+            return
+        time.sleep(2)
+
+
+def stop_wrk_loop(testbed: Testbed, pid: int) -> list[dict[str, object]]:
+    testbed.run(f"touch {WRK_STOP}; while kill -0 {pid} 2>/dev/null; do sleep 0.2; done", timeout_s=120,
+                check=True)
+    return wrk_records(testbed)
+
+
+def to_seconds(records: list[dict[str, object]], origin: float) -> list[Second]:
+    seconds = []
+    for record in records:
+        summary = record.get("wrk")
+        start, end = float(str(record["start"])) - origin, float(str(record["end"])) - origin
+        if not isinstance(summary, dict):  # wrk failed outright: a second with nothing served
+            seconds.append(Second(start, end, 0, 1, None, None, None, 0))
+            continue
+        result = WrkResult.from_summary(summary)
+        served = result.requests > 0
+        seconds.append(Second(
+            start, end, result.requests, result.errors, result.latency_p50_ms if served else None,
+            result.latency_p99_ms if served else None, result.latency_max_ms if served else None,
+            result.slow or 0))
+    return seconds
+
+
+def rate_over(seconds: list[Second]) -> float:
+    """Requests per second of wall time, the gaps between wrk runs included."""
+    if not seconds:
+        return 0.0
+    return sum(second.requests for second in seconds) / (seconds[-1].end - seconds[0].start)
+
+
+def recovered_after(seconds: list[Second], resume: float, before: float) -> float | None:
+    after = [second for second in seconds if second.start >= resume]
+    for index in range(len(after) - RECOVERED_SECONDS + 1):
+        run_of_seconds = after[index:index + RECOVERED_SECONDS]
+        if all(second.rate >= RECOVERED_FRACTION * before for second in run_of_seconds):
+            return after[index].start - resume
+    return None
+
+
+def longest_pause(disk: list[tuple[float, int]]) -> int:
+    """The index of the first sample after the longest gap between two samples."""
+    gaps = [disk[index][0] - disk[index - 1][0] for index in range(1, len(disk))]
+    return 1 + gaps.index(max(gaps))
+
+
+def check_guest(testbed: Testbed, guest: DistroGuest, expected: dict[str, str], sample: list[str],
+                when: str) -> None:
+    state = guest.shell("systemctl is-system-running; systemctl is-active nginx")
+    if state.output.split() != ["running", "active"]:
+        raise SystemExit(f"guestview: after {when}: systemd/nginx say {state.output.split()}")
+    served = fetch_checksums(testbed, sample)
+    wrong = [name for name in sample if served.get(name) != expected[name]]
+    if wrong:
+        raise SystemExit(f"guestview: after {when}: nginx served other bytes than the disk holds: {wrong}")
+
+
+def measure(testbed: Testbed, guest: DistroGuest, method: str, nfiles: int, settings: Settings,
+            baseline: MethodRun | None, out: Path) -> tuple[MethodRun, list[Second], list[tuple[float, int]]]:
+    """One run of ``method`` (module docstring); returns its summary, seconds and disk samples
+    (seconds from the migration's start)."""
+    fill_s = fill_cache(guest)
+    cached_before = meminfo_mb(guest, "Cached")
+    start_disk_sampler(guest)
+    pid = start_wrk_loop(testbed, nfiles, settings)
+    time.sleep(settings.settle_s)
+    measured: dict[str, object] = {}
+    if method == BASELINE:
+        first = wrk_records(testbed)[0]
+        origin = float(str(first["start"])) + settings.settle_s
+        wait_for_wrk(testbed, origin + settings.baseline_s + settings.after_s)
+        resume = request = None
+        window_end = origin + settings.baseline_s + settings.after_s
+    else:
+        sender, prune = METHODS[method]
+        try:
+            measured = migrate(guest, sender, prune=prune)
+        except RuntimeError as failure:
+            stop_wrk_loop(testbed, pid)
+            stop_disk_sampler(guest)
+            if HOTPLUG_TIMEOUT_MESSAGE in str(failure) and "Resumed OK" in str(failure):
+                raise HotplugTimedOut(str(failure)[-1500:]) from failure
+            raise
+        send = measured["send"]
+        assert isinstance(send, dict)
+        origin = float(send["started_at"])
+        if send.get("running_at") is None:
+            raise SystemExit(f"guestview: {method}: the watcher did not see the guest run again: {send}")
+        resume = float(send["running_at"]) - origin
+        request = float(send["requested_at"]) - origin if send.get("requested_at") is not None else None
+        window_end = float(send["running_at"]) + settings.after_s
+        wait_for_wrk(testbed, window_end)
+    records = stop_wrk_loop(testbed, pid)
+    guest_disk = stop_disk_sampler(guest)
+    cached_after = meminfo_mb(guest, "Cached")
+    seconds = to_seconds(records, origin)
+    before = [second for second in seconds if -settings.before_s <= second.start and second.end <= 0]
+    window = [second for second in seconds if second.start >= 0 and second.end <= window_end - origin]
+    throughput_before = rate_over(before)
+    window_s = window[-1].end - window[0].start if window else 0.0
+    in_window = sum(second.requests for second in window)
+    slow = sum(second.slow for second in window)
+    total_wall = seconds[-1].end - seconds[0].start
+    measured_share = sum(second.end - second.start for second in seconds) / total_wall
+
+    disk_after: int | None = None
+    pause_s: float | None = None
+    disk: list[tuple[float, int]]
+    if resume is not None:
+        first_after = longest_pause(guest_disk)
+        pause_s = guest_disk[first_after][0] - guest_disk[first_after - 1][0]
+        disk_after = guest_disk[-1][1] - guest_disk[first_after][1]
+        # The guest's clock is not dom0's: anchor its first sample after the pause at the resume.
+        shift = resume - guest_disk[first_after][0]
+    else:
+        shift = seconds[0].start - guest_disk[0][0]
+    disk = [(at + shift, read - guest_disk[0][1]) for at, read in guest_disk]
+
+    run = MethodRun(
+        method=method, cache_fill_s=round(fill_s, 1), cached_mb_before=cached_before,
+        cached_mb_after=cached_after,
+        throughput_before=throughput_before,
+        recovered_s=recovered_after(seconds, resume, throughput_before) if resume is not None else None,
+        window_s=window_s, requests_in_window=in_window,
+        lost=None, slow_in_window=slow, slowed=None,
+        errors_in_window=sum(second.errors for second in window), measured_share=measured_share,
+        disk_read_after_resume=disk_after, disk_read_in_run=guest_disk[-1][1] - guest_disk[0][1],
+        pause_s=pause_s, resume_s=resume, request_s=request)
+    if baseline is not None and baseline.window_s:
+        run.lost = baseline.requests_in_window / baseline.window_s * window_s - in_window
+        run.slowed = slow - baseline.slow_in_window / baseline.window_s * window_s
+    if measured:
+        send, tap = measured["send"], measured["tap"]
+        assert isinstance(send, dict) and isinstance(tap, dict)
+        run.wall_s = float(send["wall_s"])
+        run.downtime_s = send.get("downtime_s")
+        run.pages_data, run.pages_xalloc = int(tap["pages_data"]), int(tap["pages_xalloc"])
+        run.stream_bytes = int(tap["stream_bytes"])
+        stats = measured.get("stats")
+        if isinstance(stats, list):
+            (out / "stats").mkdir(exist_ok=True)
+            (out / "stats" / f"{method.replace('=', '-')}.jsonl").write_text(
+                "".join(json.dumps(record) + "\n" for record in stats))
+    return run, seconds, disk
+
+
+def write_csv(path: Path, rows: list[dict[str, object]]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as output:
+        writer = csv.DictWriter(output, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def append_csv(path: Path, rows: list[dict[str, object]]) -> None:
+    new_file = not path.exists()
+    with open(path, "a", newline="", encoding="utf-8") as output:
+        writer = csv.DictWriter(output, fieldnames=list(rows[0]))
+        if new_file:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def load_runs(path: Path) -> list[MethodRun]:
+    if not path.exists():
+        return []
+    kinds = {field.name: field.type for field in dataclasses.fields(MethodRun)}
+    runs = []
+    with open(path, newline="", encoding="utf-8") as runs_file:
+        for row in csv.DictReader(runs_file):
+            values: dict[str, object] = {}
+            for name, text in row.items():
+                kind = str(kinds[name])
+                if text == "":
+                    values[name] = None
+                elif kind == "str":
+                    values[name] = text
+                elif kind.startswith("int"):
+                    values[name] = int(text)
+                else:
+                    values[name] = float(text)
+            runs.append(MethodRun(**values))  # type: ignore[arg-type]
+    return runs
+
+
+def load_series(out: Path) -> tuple[dict[str, list[Second]], dict[str, list[tuple[float, int]]]]:
+    seconds: dict[str, list[Second]] = {}
+    disk: dict[str, list[tuple[float, int]]] = {}
+    if (out / "samples.csv").exists():
+        with open(out / "samples.csv", newline="", encoding="utf-8") as samples:
+            for row in csv.DictReader(samples):
+                p50, p99, most = (float(row[name]) if row[name] else None
+                                  for name in ("p50_ms", "p99_ms", "max_ms"))
+                seconds.setdefault(row["method"], []).append(Second(
+                    float(row["start"]), float(row["end"]), int(row["requests"]), int(row["errors"]),
+                    p50, p99, most, int(row["slow"])))
+    if (out / "disk.csv").exists():
+        with open(out / "disk.csv", newline="", encoding="utf-8") as samples:
+            for row in csv.DictReader(samples):
+                disk.setdefault(row["method"], []).append((float(row["at"]), int(row["read_bytes"])))
+    return seconds, disk
+
+
+def lost_against_before(run: MethodRun) -> float | None:
+    """The run's own throughput before the migration times the window, less what it completed:
+    the figure that does not depend on the baseline's load (other testbeds share this machine,
+    and the throughput of one run's minutes need not be another's)."""
+    if run.method == BASELINE:
+        return None
+    return run.throughput_before * run.window_s - run.requests_in_window
+
+
+def table(runs: list[MethodRun], header: str, slow_ms: float) -> str:
+    def cell(value: object, digits: int = 1) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    def mib(value: int | None) -> str:
+        return "-" if value is None else f"{value / 2**20:.1f}"
+
+    lines = [header, "",
+             "| method | req/s before | back to 90% s | requests in window | window s | lost vs baseline "
+             f"| lost vs own before | slow (> {slow_ms:g} ms) | slowed | errors | MiB read after resume "
+             "| cache MiB before / after "
+             "| migration s | downtime s | pages with data | pages without data | MiB sent "
+             "| measured share |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for run in runs:
+        lines.append(
+            f"| {run.method} | {cell(run.throughput_before)} | {cell(run.recovered_s)} | "
+            f"{run.requests_in_window} | {cell(run.window_s)} | {cell(run.lost, 0)} | "
+            f"{cell(lost_against_before(run), 0)} | {run.slow_in_window} | "
+            f"{cell(run.slowed, 0)} | {run.errors_in_window} | {mib(run.disk_read_after_resume)} | "
+            f"{run.cached_mb_before} / {run.cached_mb_after} | {cell(run.wall_s)} | "
+            f"{cell(run.downtime_s, 2)} | "
+            f"{cell(run.pages_data)} | {cell(run.pages_xalloc)} | {mib(run.stream_bytes)} | "
+            f"{run.measured_share:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[MethodRun], seconds: dict[str, list[Second]], disk: dict[str, list[tuple[float, int]]],
+         path: Path, slow_ms: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(len(runs), 3, figsize=(15, 2.4 * len(runs) + 0.6), sharex=True, squeeze=False)
+    for row, run in enumerate(runs):
+        series = seconds.get(run.method, [])
+        middles = [(second.start + second.end) / 2 for second in series]
+        throughput, latency, reads = axes[row]
+        throughput.plot(middles, [second.rate for second in series], drawstyle="steps-mid")
+        throughput.axhline(RECOVERED_FRACTION * run.throughput_before, color="grey", linestyle=":",
+                           linewidth=1)
+        throughput.set_ylabel(f"{run.method}\nreq/s")
+        nan = float("nan")
+        latency.plot(middles, [nan if second.p99_ms is None else second.p99_ms for second in series],
+                     label="p99")
+        latency.plot(middles, [nan if second.max_ms is None else second.max_ms for second in series],
+                     label="max", alpha=0.5)
+        latency.axhline(slow_ms, color="grey", linestyle=":", linewidth=1)
+        latency.set_yscale("log")
+        latency.set_ylabel("latency ms")
+        samples = disk.get(run.method, [])
+        rates = [((samples[i][0] + samples[i - 1][0]) / 2,
+                  (samples[i][1] - samples[i - 1][1]) / 2**20 / max(samples[i][0] - samples[i - 1][0], 1e-3))
+                 for i in range(1, len(samples))]
+        reads.plot([at for at, _ in rates], [rate for _, rate in rates], drawstyle="steps-mid",
+                   color="tab:brown")
+        reads.set_ylabel("disk read MiB/s")
+        for axis in (throughput, latency, reads):
+            axis.grid(True, alpha=0.3)
+            axis.axvline(0, color="black", linewidth=0.8)
+            if run.request_s is not None:
+                axis.axvline(run.request_s, color="tab:red", linestyle="--", linewidth=0.8)
+            if run.resume_s is not None:
+                axis.axvline(run.resume_s, color="tab:green", linestyle="--", linewidth=0.8)
+        if row == 0:
+            throughput.set_title("requests per second (dotted: 90% of before)")
+            latency.set_title(f"latency, ms (dotted: {slow_ms:g} ms)")
+            latency.legend(loc="upper left", fontsize=7)
+            reads.set_title("guest's disk reads")
+    figure.supxlabel("seconds from the migration's start (black; the baseline's stand-in moment); "
+                     "red: suspend request, green: resume", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def output_dir(settings: Settings) -> Path:
+    chosen = os.environ.get("SOFTPAGE_GUESTVIEW_OUT")
+    out = Path(chosen) if chosen else REPO / "results" / time.strftime("guestview-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    meta = out / "settings.json"
+    mine = {key: value for key, value in asdict(settings).items() if key != "methods"}
+    if meta.exists() and json.loads(meta.read_text()) != mine:
+        raise SystemExit(f"guestview: {out} holds a sweep with other settings: {meta.read_text()}")
+    meta.write_text(json.dumps(mine) + "\n")
+    return out
+
+
+def testbed_config(settings: Settings) -> TestbedConfig:
+    """QEMU memory for dom0 and the two copies of the guest a localhost migration holds (unless
+    SOFTPAGE_QEMU_MEM_MB says otherwise)."""
+    config = TestbedConfig.from_env(settings.xen_version)
+    if "SOFTPAGE_QEMU_MEM_MB" in os.environ:
+        return config
+    return dataclasses.replace(config, qemu_mem_mb=config.dom0_mem_mb + 2 * settings.guest_mb + 1024)
+
+
+def main() -> int:
+    settings = Settings.from_env()
+    out = output_dir(settings)
+    runs_path = out / "runs.csv"
+    runs = load_runs(runs_path)
+    todo = [method for method in settings.methods if method not in {run.method for run in runs}]
+    if todo and BASELINE not in {run.method for run in runs} and todo[0] != BASELINE:
+        raise SystemExit("guestview: the baseline runs first: the others' lost and slowed requests need it")
+    started = time.monotonic()
+    config = testbed_config(settings)
+    header = (f"The guest's view of a migration, {time.strftime('%Y-%m-%d')}: Debian "
+              f"{settings.release} guest ({settings.guest_mb} MiB, 1 vCPU, nginx), wrk from dom0 "
+              f"({settings.connections} connections, {HOT_FRACTION:.0%} hot set, one-second runs); "
+              f"Xen {settings.xen_version} ({config.platform.release} dom0) under QEMU TCG on this machine "
+              f"({os.cpu_count()} cores); one run per method.")
+    if todo:
+        with booted_testbed(config, Path(tempfile.mkdtemp(prefix="softpage-guestview-"))) as testbed:
+            install_dom0_tools(testbed)
+            info = testbed.payload_info()
+            if info.get(f"distro_kmod_{settings.release}") != "built":
+                raise SystemExit(f"guestview: the payload has no {settings.release} guest with softpage: "
+                                 f"{info}")
+            expected = read_app_checksums(testbed.app_checksums())
+            names = app_file_names(expected)
+            sample = names[:: max(1, len(names) // SAMPLE_FILES)]
+            booting = time.monotonic()
+            guest = create_guest(testbed, settings)
+            up = guest.up_line()
+            log(f"guestview: guest up {time.monotonic() - booting:.0f} s after xl create: {up}")
+            if up["system"] != "running" or up["nginx"] != "active":
+                raise SystemExit(f"guestview: guest up with {up}")
+            baseline = next((run for run in runs if run.method == BASELINE), None)
+            for method in todo:
+                for attempt in range(1, HOTPLUG_ATTEMPTS + 1):
+                    try:
+                        run, seconds, disk = measure(testbed, guest, method, len(names), settings, baseline,
+                                                     out)
+                        break
+                    except HotplugTimedOut as timed_out:
+                        if attempt == HOTPLUG_ATTEMPTS:
+                            raise
+                        log(f"guestview: {method}: the receiver's disk hotplug timed out (try {attempt}), "
+                            f"the guest resumed at the sender; measuring again:\n{timed_out}")
+                        check_guest(testbed, guest, expected, sample, f"{method}'s failed migration")
+                check_guest(testbed, guest, expected, sample, method)
+                if method == BASELINE:
+                    baseline = run
+                runs.append(run)
+                append_csv(runs_path, [asdict(run)])
+                append_csv(out / "samples.csv", [{"method": method, **asdict(second)} for second in seconds])
+                append_csv(out / "disk.csv", [{"method": method, "at": at, "read_bytes": read}
+                                              for at, read in disk])
+                log(f"guestview: {method}: cache filled in {run.cache_fill_s} s, "
+                    f"{run.throughput_before:.1f} req/s before, back to 90% {run.recovered_s} s after the "
+                    f"resume, lost {run.lost}, "
+                    f"migration {run.wall_s} s, downtime {run.downtime_s} s")
+    seconds_by_method, disk_by_method = load_series(out)
+    ordered = sorted(runs, key=lambda run: ALL_METHODS.index(run.method))
+    text = table(ordered, header, settings.slow_ms)
+    (out / "table.md").write_text(text)
+    plot(ordered, seconds_by_method, disk_by_method, out / "timeline.png", settings.slow_ms)
+    log("\n" + text)
+    log(f"results in {out} ({time.monotonic() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
