@@ -75,7 +75,7 @@ from softpage_testbed import (
     read_app_checksums,
     wrk_command,
 )
-from tests.bench.xen_bench import DOM0_TOOLS, install_dom0_tools, migrate
+from tests.bench.xen_bench import DOM0_TOOLS, install_dom0_tools, migrate, row_values
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -446,22 +446,8 @@ def load_runs(path: Path) -> list[MethodRun]:
     if not path.exists():
         return []
     kinds = {field.name: field.type for field in dataclasses.fields(MethodRun)}
-    runs = []
     with open(path, newline="", encoding="utf-8") as runs_file:
-        for row in csv.DictReader(runs_file):
-            values: dict[str, object] = {}
-            for name, text in row.items():
-                kind = str(kinds[name])
-                if text == "":
-                    values[name] = None
-                elif kind == "str":
-                    values[name] = text
-                elif kind.startswith("int"):
-                    values[name] = int(text)
-                else:
-                    values[name] = float(text)
-            runs.append(MethodRun(**values))  # type: ignore[arg-type]
-    return runs
+        return [MethodRun(**row_values(row, kinds)) for row in csv.DictReader(runs_file)]  # type: ignore[arg-type]
 
 
 def load_series(out: Path) -> tuple[dict[str, list[Second]], dict[str, list[tuple[float, int]]]]:

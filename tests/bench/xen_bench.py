@@ -419,21 +419,23 @@ def load_runs(path: Path) -> list[Run]:
     if list(reader.fieldnames or []) != list(fields):
         raise SystemExit(f"{path} has the columns of another version of the bench: continue it "
                          "with that version, or start a new folder")
-    runs = []
-    for row in rows:
-        values: dict[str, object] = {}
-        for name, text in row.items():
-            kind = fields[name]
-            if text == "":
-                values[name] = None
-            elif kind == "str":
-                values[name] = text
-            elif kind.startswith("int"):
-                values[name] = int(text)
-            else:
-                values[name] = float(text)
-        runs.append(Run(**values))  # type: ignore[arg-type]
-    return runs
+    return [Run(**row_values(row, fields)) for row in rows]  # type: ignore[arg-type]
+
+
+def row_values(row: dict[str, str], fields: dict[str, object]) -> dict[str, object]:
+    """One CSV row typed by a dataclass's field annotations (empty: None)."""
+    values: dict[str, object] = {}
+    for name, text in row.items():
+        kind = str(fields[name])
+        if text == "":
+            values[name] = None
+        elif kind == "str":
+            values[name] = text
+        elif kind.startswith("int"):
+            values[name] = int(text)
+        else:
+            values[name] = float(text)
+    return values
 
 
 def append_run(path: Path, run: Run) -> None:
