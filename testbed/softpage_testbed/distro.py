@@ -102,13 +102,9 @@ class DistroGuest(ConsoleGuest):
         after the boot's last job, and what is typed before it opens the console is lost: the
         shell is asked again until it answers."""
         deadline = time.monotonic() + timeout_s
-        while not UP_RE.search(self.console_log()):
-            if self.stopped():
-                return False
-            if time.monotonic() > deadline:
-                raise TestbedError(f"guest {self.name}: not up within {timeout_s:.0f} s; "
-                                   f"console tail:\n{self.console_log()[-3000:]}")
-            time.sleep(2)
+        if not self._wait_booted(lambda: UP_RE.search(self.console_log()) is not None, timeout_s, "not up",
+                                 poll_s=2):
+            return False
         while True:
             try:
                 self.shell("true", timeout_s=SHELL_PROBE_S)

@@ -199,6 +199,20 @@ class ConsoleGuest:
                 last_check = time.monotonic()
             time.sleep(poll_s)
 
+    def _wait_booted(self, booted: Callable[[], bool], timeout_s: float, missing: str, poll_s: float) -> bool:
+        """True once ``booted()``; False if the domain shut down first (crashed, or a triple fault
+        turned into a preserved reboot: the caller may boot it again). TestbedError after
+        timeout_s, ``missing`` saying what did not come."""
+        deadline = time.monotonic() + timeout_s
+        while not booted():
+            if self.stopped():
+                return False
+            if time.monotonic() > deadline:
+                raise TestbedError(f"guest {self.name}: {missing} within {timeout_s:.0f} s; "
+                                   f"console tail:\n{self.console_log()[-3000:]}")
+            time.sleep(poll_s)
+        return True
+
     def wait_for(self, pattern: str, timeout_s: float = 120, poll_s: float = 1.0) -> re.Match[str]:
         """Wait until a console line matches the regex; returns the LAST match."""
         compiled = re.compile(pattern)
@@ -261,15 +275,7 @@ class Guest(ConsoleGuest):
     def wait_for_first_heartbeat(self, timeout_s: float) -> bool:
         """True at the first heartbeat; False if the domain shut down (crashed, or a triple fault
         turned into a preserved reboot) before it. TestbedError on timeout."""
-        deadline = time.monotonic() + timeout_s
-        while self.heartbeat() < 0:
-            if self.stopped():
-                return False
-            if time.monotonic() > deadline:
-                raise TestbedError(f"guest {self.name}: no heartbeat within {timeout_s:.0f} s; "
-                                   f"console tail:\n{self.console_log()[-3000:]}")
-            time.sleep(1)
-        return True
+        return self._wait_booted(lambda: self.heartbeat() >= 0, timeout_s, "no heartbeat", poll_s=1)
 
     def wait_for_heartbeat(self, at_least: int, timeout_s: float = 120) -> int:
         def beat_reached() -> int | None:
