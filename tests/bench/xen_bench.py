@@ -12,7 +12,12 @@ migrated to localhost SOFTPAGE_BENCH_REPS times (default 3) by each method, inte
     helper     LIBXL_SAVE_HELPER=softpage-save-helper xl migrate -s "" GUEST "<receiver>" (pruning)
 
 SOFTPAGE_BENCH_METHODS picks some of them (comma-separated; stock always runs: it is what the
-others are measured against).
+others are measured against). SOFTPAGE_BENCH_PRUNE is the ``--prune LIST`` of both pruning methods
+(unset: softpage's default, ``free,cache=cold,slab``). The bench reads the cached files again after
+every migration, so before any pruned run the cache has been read twice: active, hot to
+``cache=cold`` by its rule (docs/design.md), which then sends it with data. ``free,cache=all,slab``
+is the SonicMigration experiment (a full, idle page cache dropped) and what the sweeps up to
+2026-12-05 ran.
 
 Every method is measured the same way (tests/bench/dom0/): the receiver command is the stock `xl
 migrate-receive` behind a tap that counts the stream's bytes and pages; a watcher polls Xen for
@@ -160,7 +165,8 @@ def measured_sender_command(method: str, guest: ConsoleGuest, receiver: str,
         "no-prune": [*softpage, "--no-prune"],
         "prune": softpage,
         "helper": ["env", f"LIBXL_SAVE_HELPER={SAVE_HELPER}",
-                   f"SOFTPAGE_SAVE_HELPER_OPTIONS=-q --stats {BENCH_STATS}", "xl", "migrate"],
+                   f"SOFTPAGE_SAVE_HELPER_OPTIONS=-q --stats {BENCH_STATS}"
+                   f"{f' --prune {prune}' if prune is not None else ''}", "xl", "migrate"],
     }
     return ["python3", f"{DOM0_TOOLS}/measure.py", source, "/tmp/bench-send.json", "--",
             *senders[method], "-s", "", guest.name, receiver]
@@ -275,13 +281,15 @@ def start_guest(testbed: Testbed, spec: GuestSpec) -> Guest:
     return guest
 
 
-def migrate_and_check(guest: Guest, method: str, token: str, full_check: bool = True) -> dict[str, object]:
+def migrate_and_check(guest: Guest, method: str, token: str, full_check: bool = True,
+                      prune: str | None = None) -> dict[str, object]:
     """One migration by ``method``; the guest must then run on (heartbeats, no reboot) and, with
     ``full_check``, pass the workload's check of all its memory and files, which also reads its
     files back into the page cache; without, the files are only read back (``warm_cache``), so
-    that every migration starts with the step's page cache, whatever a pruned one dropped."""
+    that every migration starts with the step's page cache, whatever a pruned one dropped.
+    ``prune``: as ``measured_sender_command``'s."""
     heartbeat = guest.heartbeat()
-    measured = migrate(guest, method)
+    measured = migrate(guest, method, prune=prune)
     guest.wait_for_heartbeat(heartbeat + 2, timeout_s=300)
     if guest.boot_count() != 1:
         raise RuntimeError(f"guest rebooted after {method}")
@@ -490,6 +498,8 @@ def main() -> int:
     methods = chosen_methods(os.environ.get("SOFTPAGE_BENCH_METHODS", ",".join(METHODS)))
     repetitions = int(os.environ.get("SOFTPAGE_BENCH_REPS", "3"))
     check_each = os.environ.get("SOFTPAGE_BENCH_CHECK", "each") != "step"
+    prune = os.environ.get("SOFTPAGE_BENCH_PRUNE") or None
+    prune_text = f"--prune {prune}" if prune else "softpage's default --prune"
     size_testbed_for(guest_mb)
     out = output_dir(guest_mb)
     runs_path = out / "runs.csv"
@@ -508,7 +518,8 @@ def main() -> int:
         platform = TestbedConfig.from_env(xen_version).platform.release
         header = (f"softpage vs stock `xl migrate`, {time.strftime('%Y-%m-%d')}, PVH guest {guest_mb} MiB"
                   f" on Linux {bench_guest_kernel()}{f' booted with {kernel_args}' if kernel_args else ''}, "
-                  f"medians of up to {repetitions}; {describe_disk_rate(testbed.disk_rate)} (the guest's "
+                  f"medians of up to {repetitions}; pruning with {prune_text}; "
+                  f"{describe_disk_rate(testbed.disk_rate)} (the guest's "
                   f"data disk); Xen {xen_version} ({platform} dom0) under QEMU TCG on "
                   "this machine "
                   f"({os.cpu_count()} cores). {xen_info.strip()}".replace("\n", "; "))
@@ -523,7 +534,7 @@ def main() -> int:
                 guest, measured = retry_after_triple_faults(
                     testbed, guest,
                     functools.partial(migrate_and_check, method=method, token=f"{anon_mb}-{repetition}",
-                                      full_check=check_each),
+                                      full_check=check_each, prune=prune),
                     functools.partial(start_guest, testbed, spec), errors=(RuntimeError, TestbedError),
                     retries=TRIPLE_FAULT_RETRIES)
                 run = to_run(anon_mb, spec.cache_mb, method, repetition, measured)
