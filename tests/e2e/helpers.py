@@ -9,6 +9,8 @@ import json
 import re
 from collections.abc import Callable, Iterator
 
+from softpage.abi import PAGE_SIZE
+from softpage.stream.records import LIBXC_RECORD_HEADER, MAX_BATCH_SIZE, PAGE_DATA_HEADER
 from softpage_testbed import CommandResult, ConsoleGuest, Guest, GuestSpec, Testbed
 
 # 256 MiB with 48 MiB of anonymous memory and 64 MiB of page cache: about half the guest is
@@ -116,6 +118,30 @@ def save_and_restore_repeatedly(testbed: Testbed, guest: Guest, domain_header: s
         testbed.run(["rm", "-f", image])
         assert_survived(guest, heartbeat)
         assert wait_for_module(guest) == "ready"
+
+
+STREAM_RECORDS_SLACK = 1 << 20
+"""What a live xl stream carries besides its PAGE_DATA records, at most: xl's header and JSON
+config, libxl's and libxc's headers and records, the vCPU, HVM and emulator contexts."""
+
+
+def assert_stream_carries_only_data_pages(size: int, rounds: list[dict[str, object]],
+                                          totals: dict[str, object]) -> None:
+    """A live stream of ``size`` bytes (what its receiver read) against its sender's stats: the
+    data of the ``pages_data`` pages counted with data, resent dirty pages included, is in it,
+    and nothing beyond their and the XALLOC entries' pfn words, the batches' headers and the other
+    records: the pages sent as XALLOC went without data. (Smaller than the guest's memory, as a
+    save image is, it need not be: on a loaded host every slow round resends what the guest
+    dirtied meanwhile.)"""
+    data_pages = int(totals["pages_data"])  # type: ignore[call-overload]
+    entries = data_pages + int(totals["pages_xalloc"])  # type: ignore[call-overload]
+    batches = -(-entries // MAX_BATCH_SIZE) + len(rounds)
+    data = data_pages * PAGE_SIZE
+    pfn_words = entries * 8  # a u64 per entry
+    most = (data + pfn_words + batches * (LIBXC_RECORD_HEADER.size + PAGE_DATA_HEADER.size)
+            + STREAM_RECORDS_SLACK)
+    assert data <= size <= most, (f"stream of {size} bytes; the sender counted {data_pages} pages "
+                                  f"with data ({data} bytes) and {entries} entries: at most {most}")
 
 
 DEBS = "/opt/softpage/debs"
