@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 
 import pytest
 
@@ -110,7 +111,11 @@ def test_an_hvm_guest_migrates_and_saves_through_the_helper(xen_pvh_testbed: Tes
         rounds, totals = read_stats(xen_pvh_testbed)
         assert int(totals["pages_xalloc"]) > 2048, (attempt, totals)  # type: ignore[call-overload]
         assert rounds[-1]["kind"] == "final" and totals["guest_drop_outcome"] == "done", (rounds, totals)
-        assert_stream_carries_only_data_pages(stream_bytes(xen_pvh_testbed), rounds, totals)
+        size = stream_bytes(xen_pvh_testbed)
+        print(f"HVM migration {attempt} through the helper: {totals['pages_data']} pages with data, "
+              f"{totals['pages_xalloc']} XALLOC, {len(rounds)} rounds, a stream of {size} bytes",
+              file=sys.stderr)
+        assert_stream_carries_only_data_pages(size, rounds, totals)
         assert_survived(guest, heartbeat)
         assert wait_for_module(guest) == "ready"
         assert device_model_runs(guest), "the migrated HVM guest has no device model"
