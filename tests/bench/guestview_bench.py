@@ -410,13 +410,49 @@ def summarise_load(records: list[dict[str, object]]) -> dict[str, object]:
             "errors": sum(second.errors for second in seconds)}
 
 
+CPU_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+"""The first fields of /proc/stat's ``cpu`` line (USER_HZ ticks of all CPUs)."""
+GUEST_CPU_WINDOW_S = 8
+LOOPBACK_FETCHES = 40
+
+
+def cpu_shares(first: str, second: str) -> dict[str, float]:
+    """Two /proc/stat ``cpu`` lines -> each CPU_FIELDS' share of the time between them."""
+    def ticks(line: str) -> list[int]:
+        fields = line.split()
+        if not fields or fields[0] != "cpu" or len(fields) < len(CPU_FIELDS) + 1:
+            raise ValueError(f"expected /proc/stat's cpu line, got {line!r}")
+        return [int(value) for value in fields[1:len(CPU_FIELDS) + 1]]
+
+    spent = [after - before for before, after in zip(ticks(first), ticks(second), strict=True)]
+    total = sum(spent) or 1
+    return {name: round(value / total, 3) for name, value in zip(CPU_FIELDS, spent, strict=True)}
+
+
+def loopback_fetches(guest: DistroGuest, nfiles: int) -> dict[str, float]:
+    """nginx without the network: the guest fetches LOOPBACK_FETCHES hot files from its own nginx
+    over 127.0.0.1 (bash's /dev/tcp, one connection a request), timed on its own clock."""
+    hot = max(1, int(nfiles * HOT_FRACTION))
+    names = " ".join(f"f{index * hot // LOOPBACK_FETCHES:05d}" for index in range(LOOPBACK_FETCHES))
+    script = (f"t0=$EPOCHREALTIME; for f in {names}; do exec 3<>/dev/tcp/127.0.0.1/{HTTP_PORT}; "
+              "printf 'GET /%s HTTP/1.0\r\n\r\n' $f >&3; cat <&3 > /dev/null; exec 3<&-; done; "
+              "echo $t0 $EPOCHREALTIME")
+    start, end = (float(value) for value in guest.check_shell(f"bash -c {shlex.quote(script)}",
+                                                               timeout_s=600).split()[-2:])
+    return {"requests": LOOPBACK_FETCHES, "seconds": round(end - start, 3),
+            "requests_per_s": LOOPBACK_FETCHES / (end - start)}
+
+
 def compare_load_generators(testbed: Testbed, guest: DistroGuest, nfiles: int,
                             settings: Settings) -> dict[str, object]:
     """Where the requests of the one-second wrk samples went: on one guest with its cache filled,
     one after the other, wrk as the e2e runs it (one run of CALIBRATION_S), wrk run for one second
     CALIBRATION_WRK_SECONDS times (each one's wall time from dom0's start of it to its end, as
     the old samples were taken), http_load.py for CALIBRATION_S, and http_load.py again beside each
-    of the guest's disk samplers (the old one, a process a sample; today's, builtins only)."""
+    of the guest's disk samplers (the old one, a process a sample; today's, builtins only); where
+    the time goes: the guest's and dom0's CPU shares (/proc/stat) around one more http_load.py run
+    (the guest's over GUEST_CPU_WINDOW_S around it), and nginx without the network
+    (``loopback_fetches``)."""
     calibration: dict[str, object] = {"load_1m_start": os.getloadavg()[0]}
     wrk = run_wrk(testbed, nfiles, duration_s=CALIBRATION_S, connections=settings.connections)
     calibration["wrk_5s"] = {"requests_per_s": wrk.requests_per_s, "p50_ms": wrk.latency_p50_ms,
@@ -437,6 +473,17 @@ def compare_load_generators(testbed: Testbed, guest: DistroGuest, nfiles: int,
         calibration[label] = summarise_load(load_records(testbed, out))
 
     http_load("http_load")
+    # where the time goes while it runs: the guest's and dom0's CPUs (steal: waiting for a CPU)
+    guest.check_shell(f"nohup bash -c 'head -1 /proc/stat; sleep {GUEST_CPU_WINDOW_S}; head -1 /proc/stat' "
+                      "> /run/guestview-cpu 2>&1 < /dev/null &")
+    dom0_first = testbed.run("head -1 /proc/stat", check=True).stdout
+    http_load("http_load_cpu")
+    dom0_second = testbed.run("head -1 /proc/stat", check=True).stdout
+    time.sleep(GUEST_CPU_WINDOW_S)
+    guest_lines = guest.check_shell("cat /run/guestview-cpu").splitlines()
+    calibration["dom0_cpu"] = cpu_shares(dom0_first, dom0_second)
+    calibration["guest_cpu"] = cpu_shares(guest_lines[0], guest_lines[1])
+    calibration["guest_loopback"] = loopback_fetches(guest, nfiles)
     for label, loop in (("http_load_old_disk_sampler", FORKING_DISK_SAMPLER),
                         ("http_load_disk_sampler", disk_sampler_loop())):
         start_disk_sampler(guest, loop)

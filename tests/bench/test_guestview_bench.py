@@ -21,6 +21,7 @@ from tests.bench.dom0 import http_load
 from tests.bench.guestview_bench import (
     MethodRun,
     Second,
+    cpu_shares,
     longest_pause,
     parse_disk_samples,
     plot,
@@ -60,6 +61,15 @@ def test_the_resume_is_the_first_disk_sample_after_the_longest_pause() -> None:
 def test_disk_samples_are_bytes_from_sectors_and_other_lines_are_skipped() -> None:
     text = "1733450000.123456 100\nbash: warning\n1733450000.623456 108\n"
     assert parse_disk_samples(text) == [(1733450000.123456, 51200), (1733450000.623456, 55296)]
+
+
+def test_cpu_shares_are_each_fields_part_of_the_ticks_between_two_lines() -> None:
+    first = "cpu  100 0 50 800 10 0 5 35 0 0"
+    second = "cpu  160 0 70 820 10 0 15 125 0 0"
+    assert cpu_shares(first, second) == {"user": 0.3, "nice": 0.0, "system": 0.1, "idle": 0.1, "iowait": 0.0,
+                                         "irq": 0.0, "softirq": 0.05, "steal": 0.45}
+    with pytest.raises(ValueError, match="expected /proc/stat's cpu line"):
+        cpu_shares("cpu0 1 2 3", second)
 
 
 def test_load_lines_become_seconds_from_the_migration_start() -> None:
