@@ -33,7 +33,8 @@ completed, latency p50/p99/max, and the requests slower than SOFTPAGE_GUESTVIEW_
 ("slow"). Until 2026-12-06 the samples were wrk started anew every second with new connections:
 under TCG a one-second run took 2-3.5 s of wall time and served 2-15 requests, where one 5 s wrk
 run served over 300 a second; once per sweep, on the first guest, ``compare_load_generators``
-measures the two side by side (calibration.json).
+measures the two side by side and where the time goes (calibration.json;
+SOFTPAGE_GUESTVIEW_METHODS="" boots one guest for that alone).
 In the guest a sampler (bash builtins only, no process a sample) reads the sectors its disks read
 (/sys/block/xvd*/stat) every half second; it stops while the guest is paused, and the longest
 pause in a migration run is taken as the downtime: what it read from the first sample after that
@@ -124,6 +125,8 @@ meets libxl's fixed 40 s: on 2026-12-06, with four testbeds on this machine (loa
 BOOT_TIMEOUT_S = 1800
 CALIBRATION_S = 5
 """How long each load generator runs in ``compare_load_generators``."""
+CALIBRATION_FILE = "calibration.json"
+"""Written once per output directory; SOFTPAGE_GUESTVIEW_METHODS="" makes only this."""
 CALIBRATION_WRK_SECONDS = 3
 """One-second wrk runs, as the samples were taken before 2026-12-06's change."""
 FORKING_DISK_SAMPLER = ("while :; do echo $(date +%s.%N) $(cat /sys/block/xvd*/stat | awk '{s += $3} "
@@ -736,6 +739,17 @@ def testbed_config(settings: Settings) -> TestbedConfig:
     return dataclasses.replace(config, qemu_mem_mb=config.dom0_mem_mb + 2 * settings.guest_mb + 1024)
 
 
+def calibrate_once(testbed: Testbed, guest: DistroGuest, names: list[str], settings: Settings,
+                   out: Path) -> None:
+    """``compare_load_generators`` on the sweep's first guest, once its cache is filled."""
+    calibration = out / CALIBRATION_FILE
+    if not calibration.exists():
+        log(f"guestview: the load generators side by side ({CALIBRATION_FILE})")
+        measured = compare_load_generators(testbed, guest, len(names), settings)
+        calibration.write_text(json.dumps(measured, indent=1) + "\n")
+        log(f"guestview: {json.dumps(measured)}")
+
+
 def run_method(testbed: Testbed, method: str, names: list[str], settings: Settings,
                baseline: MethodRun | None, out: Path,
                expected: dict[str, str]) -> tuple[MethodRun, list[Second], list[tuple[float, int]]]:
@@ -745,12 +759,7 @@ def run_method(testbed: Testbed, method: str, names: list[str], settings: Settin
     for attempt in range(1, HOTPLUG_ATTEMPTS + 1):
         guest = fresh_guest(testbed, settings)
         fill_s = fill_cache(guest)
-        calibration = out / "calibration.json"
-        if not calibration.exists():
-            log("guestview: the load generators side by side (calibration.json)")
-            measured = compare_load_generators(testbed, guest, len(names), settings)
-            calibration.write_text(json.dumps(measured, indent=1) + "\n")
-            log(f"guestview: {json.dumps(measured)}")
+        calibrate_once(testbed, guest, names, settings, out)
         try:
             run, seconds, disk = measure(testbed, guest, method, len(names), settings, baseline, out, fill_s)
         except HotplugTimedOut as timed_out:
@@ -783,7 +792,7 @@ def main() -> int:
               f"({settings.connections} connections, {HOT_FRACTION:.0%} hot set); "
               f"Xen {settings.xen_version} ({config.platform.release} dom0) under QEMU TCG on this machine "
               f"({os.cpu_count()} cores); one run per method.")
-    if todo:
+    if todo or not (out / CALIBRATION_FILE).exists():
         with booted_testbed(config, Path(tempfile.mkdtemp(prefix="softpage-guestview-"))) as testbed:
             install_dom0_tools(testbed)
             info = testbed.payload_info()
@@ -793,6 +802,11 @@ def main() -> int:
             expected = read_app_checksums(testbed.app_checksums())
             names = app_file_names(expected)
             baseline = next((run for run in runs if run.method == BASELINE), None)
+            if not todo:
+                guest = fresh_guest(testbed, settings)
+                fill_cache(guest)
+                calibrate_once(testbed, guest, names, settings, out)
+                retire_guest(guest)
             for method in todo:
                 run, seconds, disk = run_method(testbed, method, names, settings, baseline, out, expected)
                 if method == BASELINE:
@@ -806,6 +820,9 @@ def main() -> int:
                     f"{run.throughput_before:.1f} req/s before, back to 90% {run.recovered_s} s after the "
                     f"resume, lost {run.lost}, migration {run.wall_s} s, downtime {run.downtime_s} s, "
                     f"load {run.load_1m:.1f}")
+    if not runs:
+        log(f"results in {out} ({time.monotonic() - started:.0f} s): {CALIBRATION_FILE} alone")
+        return 0
     seconds_by_method, disk_by_method = load_series(out)
     ordered = sorted(runs, key=lambda run: ALL_METHODS.index(run.method))
     text = table(ordered, header, settings.slow_ms)
