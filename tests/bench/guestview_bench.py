@@ -31,8 +31,10 @@ dom0, one request outstanding on each, requests drawn as testbed/distro/hot-set.
 (the first 25% of the files, skew 2); the client itself writes one line a second: requests
 completed, latency p50/p99/max, and the requests slower than SOFTPAGE_GUESTVIEW_SLOW_MS (100)
 ("slow"). Until 2026-12-06 the samples were wrk started anew every second with new connections:
-under TCG a one-second run took 2-3.5 s of wall time and served 2-15 requests, where one 5 s wrk
-run served over 300 a second; once per sweep, on the first guest, ``compare_load_generators``
+under TCG a one-second run took 2.8-4.1 s of wall time, the rest wrk's start and stop, unmeasured.
+Side by side at load 10-11 (results/guestview-20261206-0320) wrk -d5s served 0.84 requests a
+second and this client 8-20: under that load the guest is the limit, and the e2e's 324 a second
+was at load 4-6. Once per sweep, on the first guest, ``compare_load_generators``
 measures the two side by side and where the time goes (calibration.json;
 SOFTPAGE_GUESTVIEW_METHODS="" boots one guest for that alone).
 In the guest a sampler (bash builtins only, no process a sample) reads the sectors its disks read
