@@ -4,10 +4,7 @@
 -- SKEW 1 is uniform over the hot set and larger values favour its first files. The rest of the
 -- files are for the page cache only (cached but cold).
 -- SEED makes the sequence of files the same from run to run (wrk -t1: one thread draws them).
--- With SOFTPAGE_SLOW_US=N in its environment the JSON line also counts the requests that took
--- longer than N microseconds ("slow"): done() runs in wrk's main Lua state, which init() and its
--- arguments never reach.
---   [SOFTPAGE_SLOW_US=N] wrk -t1 -s hot-set.lua http://ADDRESS/ -- NFILES HOT_FRACTION SKEW SEED
+--   wrk -t1 -s hot-set.lua http://ADDRESS/ -- NFILES HOT_FRACTION SKEW SEED
 local hot, skew = 1, 1.0
 
 function init(args)
@@ -22,32 +19,13 @@ function request()
    return wrk.format("GET", string.format("/f%05d", index))
 end
 
--- How many of the n requests wrk timed took longer than bound_us: wrk keeps no list of them,
--- only a histogram whose percentiles it answers, so bisect for the percentile at the bound
--- (to 100 / 2^30 percent: exact for any count a run has).
-local function slower_than(latency, n, bound_us)
-   if n == 0 or latency.max <= bound_us then return 0 end
-   if latency.min > bound_us then return n end
-   local low, high = 0.0, 100.0 -- percentile(low) <= bound_us < percentile(high)
-   for _ = 1, 30 do
-      local middle = (low + high) / 2
-      if latency:percentile(middle) > bound_us then high = middle else low = middle end
-   end
-   return math.floor(n * (100 - high) / 100 + 0.5)
-end
-
 -- One JSON line after wrk's own summary, for the harness.
 function done(summary, latency, requests)
-   local slow, slow_us = "", tonumber(os.getenv("SOFTPAGE_SLOW_US"))
-   if slow_us then
-      slow = string.format(', "slow": %d, "slow_us": %d',
-                           slower_than(latency, summary.requests, slow_us), slow_us)
-   end
    io.write(string.format(
       '{"requests": %d, "duration_us": %d, "bytes": %d, "errors_connect": %d, "errors_read": %d, ' ..
       '"errors_write": %d, "errors_status": %d, "errors_timeout": %d, "latency_p50_us": %d, ' ..
-      '"latency_p99_us": %d, "latency_max_us": %d%s}\n',
+      '"latency_p99_us": %d, "latency_max_us": %d}\n',
       summary.requests, summary.duration, summary.bytes, summary.errors.connect,
       summary.errors.read, summary.errors.write, summary.errors.status, summary.errors.timeout,
-      latency:percentile(50), latency:percentile(99), latency.max, slow))
+      latency:percentile(50), latency:percentile(99), latency.max))
 end

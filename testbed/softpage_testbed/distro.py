@@ -173,8 +173,6 @@ class WrkResult:
     latency_p50_ms: float
     latency_p99_ms: float
     latency_max_ms: float = 0.0
-    slow: int | None = None
-    """Requests that took longer than the run's ``slow_ms`` bound (None: no bound given)."""
 
     @property
     def requests_per_s(self) -> float:
@@ -192,17 +190,16 @@ class WrkResult:
         return cls(requests=int(summary["requests"]), duration_s=summary["duration_us"] / 1e6,
                    errors=errors, latency_p50_ms=summary["latency_p50_us"] / 1e3,
                    latency_p99_ms=summary["latency_p99_us"] / 1e3,
-                   latency_max_ms=summary["latency_max_us"] / 1e3, slow=summary.get("slow"))
+                   latency_max_ms=summary["latency_max_us"] / 1e3)
 
 
 def wrk_command(nfiles: int, duration_s: int = 5, connections: int = 4, address: str = GUEST_ADDRESS,
-                hot_fraction: float = HOT_FRACTION, skew: float = HOT_SKEW, seed: int | str = WRK_SEED,
-                slow_ms: float | None = None) -> list[str]:
+                hot_fraction: float = HOT_FRACTION, skew: float = HOT_SKEW,
+                seed: int = WRK_SEED) -> list[str]:
     """wrk in dom0 against the guest's nginx, one thread, for ``duration_s``: requests drawn from
-    the hot fraction of the application's ``nfiles`` files; with ``slow_ms`` its JSON line also
-    counts the requests slower than that."""
-    slow = ["env", f"SOFTPAGE_SLOW_US={round(slow_ms * 1000)}"] if slow_ms is not None else []
-    return [*slow, "wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--timeout", "10s",
+    the hot fraction of the application's ``nfiles`` files (the guest's-view bench's load,
+    tests/bench/dom0/http_load.py, draws them the same way)."""
+    return ["wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--timeout", "10s",
             "-s", f"{DISTRO_PAYLOAD_DIR}/hot-set.lua", f"http://{address}:{HTTP_PORT}/", "--",
             str(nfiles), str(hot_fraction), str(skew), str(seed)]
 

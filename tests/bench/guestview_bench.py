@@ -2,11 +2,13 @@
 """`make bench`, the guest's view (issue 21): what a web server's users see before, during and
 after each migration, on the real testbed.
 
-One Debian distro guest (testbed/softpage_testbed/distro.py: systemd, Debian's kernel,
-softpage-dkms from apt, nginx serving the app-data disk's 64 KiB files on dom0's bridge) is booted
-once (SOFTPAGE_GUESTVIEW_RELEASE, default bookworm; SOFTPAGE_GUESTVIEW_GUEST_MB, default 1024;
-Xen SOFTPAGE_BENCH_XEN, default 4.17.7). Each method in SOFTPAGE_GUESTVIEW_METHODS then gets one
-run on that guest, in this order by default:
+A Debian distro guest (testbed/softpage_testbed/distro.py: systemd, Debian's kernel,
+softpage-dkms from apt, nginx serving the app-data disk's 64 KiB files on dom0's bridge;
+SOFTPAGE_GUESTVIEW_RELEASE, default bookworm; SOFTPAGE_GUESTVIEW_GUEST_MB, default 1024; Xen
+SOFTPAGE_BENCH_XEN, default 4.17.7), booted afresh for each method in SOFTPAGE_GUESTVIEW_METHODS,
+so that every method starts from the same hot/cold state of the guest's cache (on one guest the
+earlier runs' reads had made every file active, and cache=cold sent them all). The methods, in
+this order by default:
 
     baseline     no migration: what the same stretch of time looks like without one
     stock        xl migrate -s "" GUEST "<receiver>"
@@ -14,33 +16,42 @@ run on that guest, in this order by default:
     cache=cold   softpage migrate (pruning, today's default --prune free,cache=cold,slab)
     cache=all    softpage migrate --prune free,cache=all,slab (the whole clean cache dropped)
 
-A run: the guest reads every application file into its page cache (``cat``); wrk starts in dom0
-against nginx, requests drawn from the first 25% of the files with a skew (hot-set.lua), and
-runs for SOFTPAGE_GUESTVIEW_SETTLE_S (70) before the migration, so that softpage.ko's aging
-passes (every cold_age_ms, 30 s) can tell the hot files from the cold ones; the migration runs
-to localhost, measured as xen_bench measures it (tests/bench/dom0: tap, downtime watcher); wrk
-goes on for SOFTPAGE_GUESTVIEW_AFTER_S (60) after the guest runs again. nginx must then serve
-the disk's bytes (a sample of files checked through it) and systemd must still say running.
+A run: the new guest reads every application file once into its page cache (``cat``: read once,
+a file is cold for softpage.ko's rule 30-60 s later); the load generator (dom0/http_load.py)
+starts in dom0 against nginx and runs for SOFTPAGE_GUESTVIEW_SETTLE_S (70) before the migration,
+so that softpage.ko's aging passes (every cold_age_ms, 30 s) can tell the hot files (the load's,
+read again and again: active) from the cold ones; the migration runs to localhost, measured as
+xen_bench measures it (tests/bench/dom0: tap, downtime watcher); the load goes on for
+SOFTPAGE_GUESTVIEW_AFTER_S (60) after the guest runs again. nginx must then serve the disk's
+bytes (a sample of files checked through it) and systemd must still say running; the guest is
+destroyed.
 
-wrk prints nothing until it ends, so the per-second view is wrk run again and again for one
-second each (dom0/wrk_seconds.py): each second's completed requests, latency p50/p99/max and the
-requests slower than SOFTPAGE_GUESTVIEW_SLOW_MS (hot-set.lua counts them from wrk's histogram).
-Its cost: every second opens its SOFTPAGE_GUESTVIEW_CONNECTIONS (4) connections anew, and wrk's
-start in dom0 is part of each sample: under TCG on a loaded machine (2026-12-06) a one-second run
-took 2-3.5 s of wall time, so a "second" spans that, and rates are per second of wall time (the
-same cost in every run).
-In the guest a sampler reads the sectors its disks read (/sys/block/xvd*/stat) every
-half second; it stops while the guest is paused, and the longest pause in a migration run is
-taken as the downtime: what it read from the first sample after that is "read after the resume".
+The load: SOFTPAGE_GUESTVIEW_CONNECTIONS (4) keep-alive connections from one Python client in
+dom0, one request outstanding on each, requests drawn as testbed/distro/hot-set.lua draws them
+(the first 25% of the files, skew 2); the client itself writes one line a second: requests
+completed, latency p50/p99/max, and the requests slower than SOFTPAGE_GUESTVIEW_SLOW_MS (100)
+("slow"). Until 2026-12-06 the samples were wrk started anew every second with new connections:
+under TCG a one-second run took 2.8-4.1 s of wall time, the rest wrk's start and stop, unmeasured.
+Side by side at load 10-11 (results/guestview-20261206-0320) wrk -d5s served 0.84 requests a
+second and this client 8-20: under that load the guest is the limit, and the e2e's 324 a second
+was at load 4-6. Once per sweep, on the first guest, ``compare_load_generators``
+measures the two side by side and where the time goes (calibration.json;
+SOFTPAGE_GUESTVIEW_METHODS="" boots one guest for that alone).
+In the guest a sampler (bash builtins only, no process a sample) reads the sectors its disks read
+(/sys/block/xvd*/stat) every half second; it stops while the guest is paused, and the longest
+pause in a migration run is taken as the downtime: what it read from the first sample after that
+is "read after the resume".
 
 Per method (runs.csv, table.md): throughput before (the last SOFTPAGE_GUESTVIEW_BEFORE_S, 20, of
 the settle), time from the resume until three seconds in a row reach 90% of it, requests lost
 (the baseline's rate over the window, less the requests completed in it; and the same against
-the run's own throughput before, which does not depend on the load of the baseline's minutes) and slowed (slow
-requests over the baseline's rate of them) in the window from the migration's start to
-AFTER_S past the resume, the bytes read after the resume, migration time, downtime, pages
-sent with and without data. Every second of every run goes to samples.csv, the guest's disk
-samples to disk.csv, the time line to timeline.png, softpage's --stats to stats/. Output:
+the run's own throughput before, which does not depend on the load of the baseline's minutes) and
+slowed (slow requests over the baseline's rate of them) in the window from the migration's start
+to AFTER_S past the resume, the bytes read after the resume, the guest's active and inactive file
+cache at the migration's start, migration time, downtime, pages sent with and without data, and
+this machine's load average then. Every second of every run goes to samples.csv, the guest's disk
+samples to disk.csv, the time line to timeline.png, softpage's --stats to stats/. The guests'
+disk speed is SOFTPAGE_DISK_RATE's (unthrottled by default), named in the table's header. Output:
 results/guestview-DATE/ or SOFTPAGE_GUESTVIEW_OUT, which also continues an interrupted sweep
 (the methods it has already are not run again).
 """
@@ -59,8 +70,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from softpage_testbed import (
+    DISK_RATE_ENV,
+    GUEST_ADDRESS,
     HOT_FRACTION,
+    HOT_SKEW,
     HOTPLUG_TIMEOUT_MESSAGE,
+    HTTP_PORT,
     XEN_PVH_VERSION,
     CommandFailed,
     DistroGuest,
@@ -71,8 +86,11 @@ from softpage_testbed import (
     WrkResult,
     app_file_names,
     booted_testbed,
+    describe_disk_rate,
     fetch_checksums,
+    parse_disk_rate,
     read_app_checksums,
+    run_wrk,
     wrk_command,
 )
 from tests.bench.xen_bench import DOM0_TOOLS, install_dom0_tools, migrate, row_values
@@ -94,17 +112,29 @@ RECOVERED_SECONDS = 3
 SECTOR_BYTES = 512
 """/sys/block/*/stat counts 512-byte sectors whatever the device's block size."""
 DISK_SAMPLE_S = 0.5
-WRK_FIRST_SEED = 2100
-WRK_OUT = "/tmp/guestview-wrk.jsonl"
-WRK_STOP = "/tmp/guestview-wrk.stop"
+LOAD_SEED = 2100
+LOAD_OUT = "/tmp/guestview-load.jsonl"
+LOAD_STOP = "/tmp/guestview-load.stop"
 GUEST_DISK_LOG = "/run/guestview-disk.log"
 GUEST_DISK_PID = "/run/guestview-disk.pid"
+GUEST_DISK_FIFO = "/run/guestview-disk.fifo"
+"""The sampler's clock: ``read -t`` on a FIFO nobody writes waits without a ``sleep`` process."""
 SAMPLE_FILES = 12
 HOTPLUG_ATTEMPTS = 4
 """Tries at a guest creation (each of them two ``xl create``) or a migration whose disk hotplug
 meets libxl's fixed 40 s: on 2026-12-06, with four testbeds on this machine (load 8-10), two
 ``xl create`` in a row of the 1 GiB guest did."""
 BOOT_TIMEOUT_S = 1800
+CALIBRATION_S = 5
+"""How long each load generator runs in ``compare_load_generators``."""
+CALIBRATION_FILE = "calibration.json"
+"""Written once per output directory; SOFTPAGE_GUESTVIEW_METHODS="" makes only this."""
+CALIBRATION_WRK_SECONDS = 3
+"""One-second wrk runs, as the samples were taken before 2026-12-06's change."""
+FORKING_DISK_SAMPLER = ("while :; do echo $(date +%s.%N) $(cat /sys/block/xvd*/stat | awk '{s += $3} "
+                        "END {print s}'); sleep 0.5; done")
+"""The guest's disk sampler before 2026-12-06's change (four processes every half second on the
+guest's one vCPU): run once beside the load in ``compare_load_generators`` to show its cost."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +150,8 @@ class Settings:
     """How long the baseline runs where the others migrate: a stand-in for the migration."""
     slow_ms: float
     connections: int
+    disk_rate: int | None
+    """SOFTPAGE_DISK_RATE (bytes per second; None: unthrottled): a sweep holds one rate."""
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -140,6 +172,7 @@ class Settings:
             baseline_s=float(os.environ.get("SOFTPAGE_GUESTVIEW_BASELINE_S", "60")),
             slow_ms=float(os.environ.get("SOFTPAGE_GUESTVIEW_SLOW_MS", "100")),
             connections=int(os.environ.get("SOFTPAGE_GUESTVIEW_CONNECTIONS", "4")),
+            disk_rate=parse_disk_rate(os.environ.get(DISK_RATE_ENV, "")),
         )
         if settings.before_s > settings.settle_s:
             raise SystemExit("SOFTPAGE_GUESTVIEW_BEFORE_S must not exceed SOFTPAGE_GUESTVIEW_SETTLE_S")
@@ -148,8 +181,8 @@ class Settings:
 
 @dataclass(frozen=True)
 class Second:
-    """One wrk run of about a second (dom0/wrk_seconds.py), times in seconds from the migration's
-    start (the baseline's stand-in moment)."""
+    """One second of the load generator (dom0/http_load.py), times in seconds from the
+    migration's start (the baseline's stand-in moment)."""
 
     start: float
     end: float
@@ -172,7 +205,7 @@ class MethodRun:
     cached_mb_before: int
     cached_mb_after: int
     throughput_before: float
-    """Requests per second (of wall time, gaps included) over the BEFORE_S before the migration."""
+    """Requests per second over the BEFORE_S before the migration."""
     recovered_s: float | None
     """Resume to the first of RECOVERED_SECONDS samples in a row at 90% of throughput_before;
     None: not within AFTER_S."""
@@ -183,13 +216,16 @@ class MethodRun:
     slow_in_window: int
     slowed: float | None
     errors_in_window: int
-    measured_share: float
-    """The share of the run's wall time inside a wrk process, its start included: under TCG each
-    one-second run took 2-3.5 s of wall time (2026-12-06), so a sample spans that."""
     disk_read_after_resume: int | None
     disk_read_in_run: int
     pause_s: float | None
     """The longest pause of the guest's disk sampler: where the resume is taken to be."""
+    active_file_mb: int
+    inactive_file_mb: int
+    """The guest's file cache on the LRU's active and inactive lists (/proc/meminfo) at the end of
+    the settle, right before the migration."""
+    load_1m: float
+    """This machine's one-minute load average at the migration's start."""
     wall_s: float | None = None
     downtime_s: float | None = None
     pages_data: int | None = None
@@ -221,13 +257,32 @@ def create_guest(testbed: Testbed, settings: Settings) -> DistroGuest:
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
+def fresh_guest(testbed: Testbed, settings: Settings) -> DistroGuest:
+    booting = time.monotonic()
+    guest = create_guest(testbed, settings)
+    up = guest.up_line()
+    log(f"guestview: guest up {time.monotonic() - booting:.0f} s after xl create: {up}")
+    if up["system"] != "running" or up["nginx"] != "active":
+        raise SystemExit(f"guestview: guest up with {up}")
+    return guest
+
+
+def retire_guest(guest: DistroGuest) -> None:
+    """The next method gets a new boot of the same disks: the root disk synced first, so that the
+    next boot finds no journal to replay."""
+    guest.shell("sync", timeout_s=300)
+    guest.destroy()
+
+
 def log(message: str) -> None:
     """Every line this bench prints goes through here (progress on stdout, flushed)."""
     print(message, flush=True)
 
 
-def meminfo_mb(guest: DistroGuest, field: str) -> int:
-    return int(guest.check_shell(f"grep '^{field}:' /proc/meminfo").split()[1]) // 1024
+def meminfo_mb(guest: DistroGuest, *fields: str) -> list[int]:
+    text = guest.check_shell("cat /proc/meminfo")
+    values = {line.split(":")[0]: int(line.split()[1]) // 1024 for line in text.splitlines() if ":" in line}
+    return [values[field] for field in fields]
 
 
 def fill_cache(guest: DistroGuest) -> float:
@@ -236,76 +291,89 @@ def fill_cache(guest: DistroGuest) -> float:
     return time.monotonic() - started
 
 
-def start_disk_sampler(guest: DistroGuest) -> None:
-    """Every DISK_SAMPLE_S, the guest's clock and the sectors all its xvd disks have read."""
-    loop = ("while :; do echo $(date +%s.%N) $(cat /sys/block/xvd*/stat | awk '{s += $3} END {print s}'); "
-            f"sleep {DISK_SAMPLE_S}; done")
-    guest.check_shell(f"nohup sh -c {shlex.quote(loop)} > {GUEST_DISK_LOG} 2>&1 < /dev/null & "
+def disk_sampler_loop(sample_s: float = DISK_SAMPLE_S) -> str:
+    """bash: every ``sample_s``, the guest's clock and the sectors all its xvd disks have read,
+    with builtins only (a process a sample cost the guest's one vCPU a share of nginx's time)."""
+    return (f"exec 3<>{GUEST_DISK_FIFO}; while :; do s=0; for f in /sys/block/xvd*/stat; do "
+            "read -r _ _ r _ < \"$f\"; s=$((s + r)); done; echo \"$EPOCHREALTIME $s\"; "
+            f"read -t {sample_s} -u 3 _; done")
+
+
+def start_disk_sampler(guest: DistroGuest, loop: str | None = None) -> None:
+    script = disk_sampler_loop() if loop is None else loop
+    guest.check_shell(f"rm -f {GUEST_DISK_FIFO}; mkfifo {GUEST_DISK_FIFO}; "
+                      f"nohup bash -c {shlex.quote(script)} > {GUEST_DISK_LOG} 2>&1 < /dev/null & "
                       f"echo $! > {GUEST_DISK_PID}")
 
 
-def stop_disk_sampler(guest: DistroGuest) -> list[tuple[float, int]]:
-    text = guest.check_shell(f"kill $(cat {GUEST_DISK_PID}); cat {GUEST_DISK_LOG}")
+def parse_disk_samples(text: str) -> list[tuple[float, int]]:
+    """The sampler's lines ``SECONDS SECTORS`` -> (seconds, bytes read)."""
     samples = []
     for line in text.splitlines():
         fields = line.split()
         if len(fields) == 2 and fields[1].isdigit():
             samples.append((float(fields[0]), int(fields[1]) * SECTOR_BYTES))
+    return samples
+
+
+def stop_disk_sampler(guest: DistroGuest) -> list[tuple[float, int]]:
+    text = guest.check_shell(f"kill $(cat {GUEST_DISK_PID}); cat {GUEST_DISK_LOG}")
+    samples = parse_disk_samples(text)
     if len(samples) < 2:
         raise TestbedError(f"guest disk sampler left {len(samples)} samples: {text[-500:]}")
     return samples
 
 
-def start_wrk_loop(testbed: Testbed, nfiles: int, settings: Settings) -> int:
-    command = wrk_command(nfiles, duration_s=1, connections=settings.connections, seed="SEED",
-                          slow_ms=settings.slow_ms)
+def load_command(nfiles: int, settings: Settings, out: str, stop: str, max_s: float) -> str:
+    return shlex.join(["python3", f"{DOM0_TOOLS}/http_load.py", GUEST_ADDRESS, str(HTTP_PORT), out, stop,
+                       str(max_s), str(nfiles), str(HOT_FRACTION), str(HOT_SKEW), str(LOAD_SEED),
+                       str(settings.connections), str(settings.slow_ms)])
+
+
+def start_load(testbed: Testbed, nfiles: int, settings: Settings) -> int:
     max_s = settings.settle_s + 3600 + settings.after_s
     result = testbed.run(
-        f"rm -f {WRK_OUT} {WRK_STOP}; nohup python3 {DOM0_TOOLS}/wrk_seconds.py {WRK_OUT} {WRK_STOP} {max_s} "
-        f"{WRK_FIRST_SEED} -- {shlex.join(command)} > /tmp/guestview-wrk.log 2>&1 < /dev/null & echo $!",
-        check=True)
+        f"rm -f {LOAD_OUT} {LOAD_STOP}; nohup {load_command(nfiles, settings, LOAD_OUT, LOAD_STOP, max_s)} "
+        f"> /tmp/guestview-load.log 2>&1 < /dev/null & echo $!", check=True)
     return int(result.stdout.split()[-1])
 
 
-def wrk_records(testbed: Testbed) -> list[dict[str, object]]:
-    text = testbed.run(["cat", WRK_OUT], check=True).stdout
+def load_records(testbed: Testbed, path: str = LOAD_OUT) -> list[dict[str, object]]:
+    text = testbed.run(["cat", path], check=True).stdout
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def wait_for_wrk(testbed: Testbed, until: float) -> None:
-    """Until the wrk loop's seconds reach ``until`` on dom0's monotonic clock."""
+def wait_for_load(testbed: Testbed, until: float) -> None:
+    """Until the load's seconds reach ``until`` on dom0's monotonic clock."""
     while True:
-        last = testbed.run(f"tail -1 {WRK_OUT}", check=True).stdout.strip()
+        last = testbed.run(f"tail -1 {LOAD_OUT}", check=True).stdout.strip()
         if last and float(json.loads(last)["end"]) >= until:
             return
         time.sleep(2)
 
 
-def stop_wrk_loop(testbed: Testbed, pid: int) -> list[dict[str, object]]:
-    testbed.run(f"touch {WRK_STOP}; while kill -0 {pid} 2>/dev/null; do sleep 0.2; done", timeout_s=120,
+def stop_load(testbed: Testbed, pid: int) -> list[dict[str, object]]:
+    testbed.run(f"touch {LOAD_STOP}; while kill -0 {pid} 2>/dev/null; do sleep 0.2; done", timeout_s=120,
                 check=True)
-    return wrk_records(testbed)
+    log_text = testbed.run("cat /tmp/guestview-load.log", check=True).stdout.strip()
+    if log_text:
+        raise TestbedError(f"the load generator said: {log_text[-1500:]}")
+    return load_records(testbed)
 
 
 def to_seconds(records: list[dict[str, object]], origin: float) -> list[Second]:
-    seconds = []
-    for record in records:
-        summary = record.get("wrk")
-        start, end = float(str(record["start"])) - origin, float(str(record["end"])) - origin
-        if not isinstance(summary, dict):  # wrk failed outright: a second with nothing served
-            seconds.append(Second(start, end, 0, 1, None, None, None, 0))
-            continue
-        result = WrkResult.from_summary(summary)
-        served = result.requests > 0
-        seconds.append(Second(
-            start, end, result.requests, result.errors, result.latency_p50_ms if served else None,
-            result.latency_p99_ms if served else None, result.latency_max_ms if served else None,
-            result.slow or 0))
-    return seconds
+    """http_load.py's lines -> seconds from ``origin`` (dom0's monotonic clock)."""
+    def optional(record: dict[str, object], key: str) -> float | None:
+        return float(str(record[key])) if key in record else None
+
+    return [Second(float(str(record["start"])) - origin, float(str(record["end"])) - origin,
+                   int(str(record["requests"])), int(str(record["errors"])), optional(record, "p50_ms"),
+                   optional(record, "p99_ms"), optional(record, "max_ms"), int(str(record["slow"])))
+            for record in records]
 
 
 def rate_over(seconds: list[Second]) -> float:
-    """Requests per second of wall time, the gaps between wrk runs included."""
+    """Requests per second from the first second's start to the last one's end."""
     if not seconds:
         return 0.0
     return sum(second.requests for second in seconds) / (seconds[-1].end - seconds[0].start)
@@ -337,20 +405,115 @@ def check_guest(testbed: Testbed, guest: DistroGuest, expected: dict[str, str], 
         raise SystemExit(f"guestview: after {when}: nginx served other bytes than the disk holds: {wrong}")
 
 
+def summarise_load(records: list[dict[str, object]]) -> dict[str, object]:
+    """A calibration run of http_load.py: its requests per second over the whole run, and the
+    latency of its slowest second's p99."""
+    seconds = to_seconds(records, 0.0)
+    p99s = [second.p99_ms for second in seconds if second.p99_ms is not None]
+    return {"seconds": len(seconds), "requests": sum(second.requests for second in seconds),
+            "requests_per_s": rate_over(seconds), "worst_p99_ms": max(p99s) if p99s else None,
+            "errors": sum(second.errors for second in seconds)}
+
+
+CPU_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+"""The first fields of /proc/stat's ``cpu`` line (USER_HZ ticks of all CPUs)."""
+GUEST_CPU_WINDOW_S = 8
+LOOPBACK_FETCHES = 40
+
+
+def cpu_shares(first: str, second: str) -> dict[str, float]:
+    """Two /proc/stat ``cpu`` lines -> each CPU_FIELDS' share of the time between them."""
+    def ticks(line: str) -> list[int]:
+        fields = line.split()
+        if not fields or fields[0] != "cpu" or len(fields) < len(CPU_FIELDS) + 1:
+            raise ValueError(f"expected /proc/stat's cpu line, got {line!r}")
+        return [int(value) for value in fields[1:len(CPU_FIELDS) + 1]]
+
+    spent = [after - before for before, after in zip(ticks(first), ticks(second), strict=True)]
+    total = sum(spent) or 1
+    return {name: round(value / total, 3) for name, value in zip(CPU_FIELDS, spent, strict=True)}
+
+
+def loopback_fetches(guest: DistroGuest, nfiles: int) -> dict[str, float]:
+    """nginx without the network: the guest fetches LOOPBACK_FETCHES hot files from its own nginx
+    over 127.0.0.1 (bash's /dev/tcp, one connection a request), timed on its own clock."""
+    hot = max(1, int(nfiles * HOT_FRACTION))
+    names = " ".join(f"f{index * hot // LOOPBACK_FETCHES:05d}" for index in range(LOOPBACK_FETCHES))
+    script = (f"t0=$EPOCHREALTIME; for f in {names}; do exec 3<>/dev/tcp/127.0.0.1/{HTTP_PORT}; "
+              "printf 'GET /%s HTTP/1.0\r\n\r\n' $f >&3; cat <&3 > /dev/null; exec 3<&-; done; "
+              "echo $t0 $EPOCHREALTIME")
+    start, end = (float(value) for value in guest.check_shell(f"bash -c {shlex.quote(script)}",
+                                                               timeout_s=600).split()[-2:])
+    return {"requests": LOOPBACK_FETCHES, "seconds": round(end - start, 3),
+            "requests_per_s": LOOPBACK_FETCHES / (end - start)}
+
+
+def compare_load_generators(testbed: Testbed, guest: DistroGuest, nfiles: int,
+                            settings: Settings) -> dict[str, object]:
+    """Where the requests of the one-second wrk samples went: on one guest with its cache filled,
+    one after the other, wrk as the e2e runs it (one run of CALIBRATION_S), wrk run for one second
+    CALIBRATION_WRK_SECONDS times (each one's wall time from dom0's start of it to its end, as
+    the old samples were taken), http_load.py for CALIBRATION_S, and http_load.py again beside each
+    of the guest's disk samplers (the old one, a process a sample; today's, builtins only); where
+    the time goes: the guest's and dom0's CPU shares (/proc/stat) around one more http_load.py run
+    (the guest's over GUEST_CPU_WINDOW_S around it), and nginx without the network
+    (``loopback_fetches``)."""
+    calibration: dict[str, object] = {"load_1m_start": os.getloadavg()[0]}
+    wrk = run_wrk(testbed, nfiles, duration_s=CALIBRATION_S, connections=settings.connections)
+    calibration["wrk_5s"] = {"requests_per_s": wrk.requests_per_s, "p50_ms": wrk.latency_p50_ms,
+                             "p99_ms": wrk.latency_p99_ms, "errors": wrk.errors}
+    one_second = []
+    for seed in range(CALIBRATION_WRK_SECONDS):
+        command = wrk_command(nfiles, duration_s=1, connections=settings.connections, seed=LOAD_SEED + seed)
+        result = testbed.run(command, timeout_s=120, check=True)
+        one_run = WrkResult.from_output(result.stdout)
+        one_second.append({"wall_s": result.wall_s, "requests": one_run.requests,
+                           "p99_ms": one_run.latency_p99_ms})
+    calibration["wrk_1s_runs"] = one_second
+
+    def http_load(label: str) -> None:
+        out = f"/tmp/guestview-calibration-{label}.jsonl"
+        testbed.run(load_command(nfiles, settings, out, "/nonexistent", CALIBRATION_S),
+                    timeout_s=CALIBRATION_S + 120, check=True)
+        calibration[label] = summarise_load(load_records(testbed, out))
+
+    http_load("http_load")
+    # where the time goes while it runs: the guest's and dom0's CPUs (steal: waiting for a CPU)
+    guest.check_shell(f"nohup bash -c 'head -1 /proc/stat; sleep {GUEST_CPU_WINDOW_S}; head -1 /proc/stat' "
+                      "> /run/guestview-cpu 2>&1 < /dev/null &")
+    dom0_first = testbed.run("head -1 /proc/stat", check=True).stdout
+    http_load("http_load_cpu")
+    dom0_second = testbed.run("head -1 /proc/stat", check=True).stdout
+    time.sleep(GUEST_CPU_WINDOW_S)
+    guest_lines = guest.check_shell("cat /run/guestview-cpu").splitlines()
+    calibration["dom0_cpu"] = cpu_shares(dom0_first, dom0_second)
+    calibration["guest_cpu"] = cpu_shares(guest_lines[0], guest_lines[1])
+    calibration["guest_loopback"] = loopback_fetches(guest, nfiles)
+    for label, loop in (("http_load_old_disk_sampler", FORKING_DISK_SAMPLER),
+                        ("http_load_disk_sampler", disk_sampler_loop())):
+        start_disk_sampler(guest, loop)
+        http_load(label)
+        stop_disk_sampler(guest)
+    calibration["load_1m_end"] = os.getloadavg()[0]
+    return calibration
+
+
 def measure(testbed: Testbed, guest: DistroGuest, method: str, nfiles: int, settings: Settings,
-            baseline: MethodRun | None, out: Path) -> tuple[MethodRun, list[Second], list[tuple[float, int]]]:
-    """One run of ``method`` (module docstring); returns its summary, seconds and disk samples
-    (seconds from the migration's start)."""
-    fill_s = fill_cache(guest)
-    cached_before = meminfo_mb(guest, "Cached")
+            baseline: MethodRun | None, out: Path,
+            fill_s: float) -> tuple[MethodRun, list[Second], list[tuple[float, int]]]:
+    """One run of ``method`` on a guest whose cache ``fill_cache`` filled (module docstring);
+    returns its summary, seconds and disk samples (seconds from the migration's start)."""
+    [cached_before] = meminfo_mb(guest, "Cached")
     start_disk_sampler(guest)
-    pid = start_wrk_loop(testbed, nfiles, settings)
+    pid = start_load(testbed, nfiles, settings)
     time.sleep(settings.settle_s)
+    active_file, inactive_file = meminfo_mb(guest, "Active(file)", "Inactive(file)")
+    load_1m = os.getloadavg()[0]
     measured: dict[str, object] = {}
     if method == BASELINE:
-        first = wrk_records(testbed)[0]
+        first = load_records(testbed)[0]
         origin = float(str(first["start"])) + settings.settle_s
-        wait_for_wrk(testbed, origin + settings.baseline_s + settings.after_s)
+        wait_for_load(testbed, origin + settings.baseline_s + settings.after_s)
         resume = request = None
         window_end = origin + settings.baseline_s + settings.after_s
     else:
@@ -358,7 +521,7 @@ def measure(testbed: Testbed, guest: DistroGuest, method: str, nfiles: int, sett
         try:
             measured = migrate(guest, sender, prune=prune)
         except RuntimeError as failure:
-            stop_wrk_loop(testbed, pid)
+            stop_load(testbed, pid)
             stop_disk_sampler(guest)
             if HOTPLUG_TIMEOUT_MESSAGE in str(failure) and "Resumed OK" in str(failure):
                 raise HotplugTimedOut(str(failure)[-1500:]) from failure
@@ -371,10 +534,10 @@ def measure(testbed: Testbed, guest: DistroGuest, method: str, nfiles: int, sett
         resume = float(send["running_at"]) - origin
         request = float(send["requested_at"]) - origin if send.get("requested_at") is not None else None
         window_end = float(send["running_at"]) + settings.after_s
-        wait_for_wrk(testbed, window_end)
-    records = stop_wrk_loop(testbed, pid)
+        wait_for_load(testbed, window_end)
+    records = stop_load(testbed, pid)
     guest_disk = stop_disk_sampler(guest)
-    cached_after = meminfo_mb(guest, "Cached")
+    [cached_after] = meminfo_mb(guest, "Cached")
     seconds = to_seconds(records, origin)
     before = [second for second in seconds if -settings.before_s <= second.start and second.end <= 0]
     window = [second for second in seconds if second.start >= 0 and second.end <= window_end - origin]
@@ -382,8 +545,6 @@ def measure(testbed: Testbed, guest: DistroGuest, method: str, nfiles: int, sett
     window_s = window[-1].end - window[0].start if window else 0.0
     in_window = sum(second.requests for second in window)
     slow = sum(second.slow for second in window)
-    total_wall = seconds[-1].end - seconds[0].start
-    measured_share = sum(second.end - second.start for second in seconds) / total_wall
 
     disk_after: int | None = None
     pause_s: float | None = None
@@ -405,9 +566,10 @@ def measure(testbed: Testbed, guest: DistroGuest, method: str, nfiles: int, sett
         recovered_s=recovered_after(seconds, resume, throughput_before) if resume is not None else None,
         window_s=window_s, requests_in_window=in_window,
         lost=None, slow_in_window=slow, slowed=None,
-        errors_in_window=sum(second.errors for second in window), measured_share=measured_share,
+        errors_in_window=sum(second.errors for second in window),
         disk_read_after_resume=disk_after, disk_read_in_run=guest_disk[-1][1] - guest_disk[0][1],
-        pause_s=pause_s, resume_s=resume, request_s=request)
+        pause_s=pause_s, active_file_mb=active_file, inactive_file_mb=inactive_file, load_1m=load_1m,
+        resume_s=resume, request_s=request)
     if baseline is not None and baseline.window_s:
         run.lost = baseline.requests_in_window / baseline.window_s * window_s - in_window
         run.slowed = slow - baseline.slow_in_window / baseline.window_s * window_s
@@ -490,19 +652,20 @@ def table(runs: list[MethodRun], header: str, slow_ms: float) -> str:
              "| method | req/s before | back to 90% s | requests in window | window s | lost vs baseline "
              f"| lost vs own before | slow (> {slow_ms:g} ms) | slowed | errors | MiB read after resume "
              "| cache MiB before / after "
-             "| migration s | downtime s | pages with data | pages without data | MiB sent "
-             "| measured share |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| file cache MiB active / inactive | migration s | downtime s | pages with data "
+             "| pages without data | MiB sent | load |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
         lines.append(
             f"| {run.method} | {cell(run.throughput_before)} | {cell(run.recovered_s)} | "
             f"{run.requests_in_window} | {cell(run.window_s)} | {cell(run.lost, 0)} | "
             f"{cell(lost_against_before(run), 0)} | {run.slow_in_window} | "
             f"{cell(run.slowed, 0)} | {run.errors_in_window} | {mib(run.disk_read_after_resume)} | "
-            f"{run.cached_mb_before} / {run.cached_mb_after} | {cell(run.wall_s)} | "
+            f"{run.cached_mb_before} / {run.cached_mb_after} | "
+            f"{run.active_file_mb} / {run.inactive_file_mb} | {cell(run.wall_s)} | "
             f"{cell(run.downtime_s, 2)} | "
             f"{cell(run.pages_data)} | {cell(run.pages_xalloc)} | {mib(run.stream_bytes)} | "
-            f"{run.measured_share:.2f} |")
+            f"{run.load_1m:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -568,6 +731,7 @@ def output_dir(settings: Settings) -> Path:
     return out
 
 
+
 def testbed_config(settings: Settings) -> TestbedConfig:
     """QEMU memory for dom0 and the two copies of the guest a localhost migration holds (unless
     SOFTPAGE_QEMU_MEM_MB says otherwise)."""
@@ -577,8 +741,46 @@ def testbed_config(settings: Settings) -> TestbedConfig:
     return dataclasses.replace(config, qemu_mem_mb=config.dom0_mem_mb + 2 * settings.guest_mb + 1024)
 
 
+def calibrate_once(testbed: Testbed, guest: DistroGuest, names: list[str], settings: Settings,
+                   out: Path) -> None:
+    """``compare_load_generators`` on the sweep's first guest, once its cache is filled."""
+    calibration = out / CALIBRATION_FILE
+    if not calibration.exists():
+        log(f"guestview: the load generators side by side ({CALIBRATION_FILE})")
+        measured = compare_load_generators(testbed, guest, len(names), settings)
+        calibration.write_text(json.dumps(measured, indent=1) + "\n")
+        log(f"guestview: {json.dumps(measured)}")
+
+
+def run_method(testbed: Testbed, method: str, names: list[str], settings: Settings,
+               baseline: MethodRun | None, out: Path,
+               expected: dict[str, str]) -> tuple[MethodRun, list[Second], list[tuple[float, int]]]:
+    """``method`` on a guest of its own: booted, its cache filled, measured (again, on a new boot,
+    after a migration whose receiver met the hotplug timeout), checked and destroyed."""
+    sample = names[:: max(1, len(names) // SAMPLE_FILES)]
+    for attempt in range(1, HOTPLUG_ATTEMPTS + 1):
+        guest = fresh_guest(testbed, settings)
+        fill_s = fill_cache(guest)
+        calibrate_once(testbed, guest, names, settings, out)
+        try:
+            run, seconds, disk = measure(testbed, guest, method, len(names), settings, baseline, out, fill_s)
+        except HotplugTimedOut as timed_out:
+            if attempt == HOTPLUG_ATTEMPTS:
+                raise
+            log(f"guestview: {method}: the receiver's disk hotplug timed out (try {attempt}), "
+                f"the guest resumed at the sender; measuring again on a new boot:\n{timed_out}")
+            check_guest(testbed, guest, expected, sample, f"{method}'s failed migration")
+            retire_guest(guest)
+            continue
+        check_guest(testbed, guest, expected, sample, method)
+        retire_guest(guest)
+        return run, seconds, disk
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
 def main() -> int:
     settings = Settings.from_env()
+    config = testbed_config(settings)
     out = output_dir(settings)
     runs_path = out / "runs.csv"
     runs = load_runs(runs_path)
@@ -586,13 +788,13 @@ def main() -> int:
     if todo and BASELINE not in {run.method for run in runs} and todo[0] != BASELINE:
         raise SystemExit("guestview: the baseline runs first: the others' lost and slowed requests need it")
     started = time.monotonic()
-    config = testbed_config(settings)
     header = (f"The guest's view of a migration, {time.strftime('%Y-%m-%d')}: Debian "
-              f"{settings.release} guest ({settings.guest_mb} MiB, 1 vCPU, nginx), wrk from dom0 "
-              f"({settings.connections} connections, {HOT_FRACTION:.0%} hot set, one-second runs); "
+              f"{settings.release} guest ({settings.guest_mb} MiB, 1 vCPU, nginx, a new boot per method), "
+              f"{describe_disk_rate(settings.disk_rate)}; a keep-alive client in dom0 "
+              f"({settings.connections} connections, {HOT_FRACTION:.0%} hot set); "
               f"Xen {settings.xen_version} ({config.platform.release} dom0) under QEMU TCG on this machine "
               f"({os.cpu_count()} cores); one run per method.")
-    if todo:
+    if todo or not (out / CALIBRATION_FILE).exists():
         with booted_testbed(config, Path(tempfile.mkdtemp(prefix="softpage-guestview-"))) as testbed:
             install_dom0_tools(testbed)
             info = testbed.payload_info()
@@ -601,27 +803,14 @@ def main() -> int:
                                  f"{info}")
             expected = read_app_checksums(testbed.app_checksums())
             names = app_file_names(expected)
-            sample = names[:: max(1, len(names) // SAMPLE_FILES)]
-            booting = time.monotonic()
-            guest = create_guest(testbed, settings)
-            up = guest.up_line()
-            log(f"guestview: guest up {time.monotonic() - booting:.0f} s after xl create: {up}")
-            if up["system"] != "running" or up["nginx"] != "active":
-                raise SystemExit(f"guestview: guest up with {up}")
             baseline = next((run for run in runs if run.method == BASELINE), None)
+            if not todo:
+                guest = fresh_guest(testbed, settings)
+                fill_cache(guest)
+                calibrate_once(testbed, guest, names, settings, out)
+                retire_guest(guest)
             for method in todo:
-                for attempt in range(1, HOTPLUG_ATTEMPTS + 1):
-                    try:
-                        run, seconds, disk = measure(testbed, guest, method, len(names), settings, baseline,
-                                                     out)
-                        break
-                    except HotplugTimedOut as timed_out:
-                        if attempt == HOTPLUG_ATTEMPTS:
-                            raise
-                        log(f"guestview: {method}: the receiver's disk hotplug timed out (try {attempt}), "
-                            f"the guest resumed at the sender; measuring again:\n{timed_out}")
-                        check_guest(testbed, guest, expected, sample, f"{method}'s failed migration")
-                check_guest(testbed, guest, expected, sample, method)
+                run, seconds, disk = run_method(testbed, method, names, settings, baseline, out, expected)
                 if method == BASELINE:
                     baseline = run
                 runs.append(run)
@@ -631,8 +820,11 @@ def main() -> int:
                                               for at, read in disk])
                 log(f"guestview: {method}: cache filled in {run.cache_fill_s} s, "
                     f"{run.throughput_before:.1f} req/s before, back to 90% {run.recovered_s} s after the "
-                    f"resume, lost {run.lost}, "
-                    f"migration {run.wall_s} s, downtime {run.downtime_s} s")
+                    f"resume, lost {run.lost}, migration {run.wall_s} s, downtime {run.downtime_s} s, "
+                    f"load {run.load_1m:.1f}")
+    if not runs:
+        log(f"results in {out} ({time.monotonic() - started:.0f} s): {CALIBRATION_FILE} alone")
+        return 0
     seconds_by_method, disk_by_method = load_series(out)
     ordered = sorted(runs, key=lambda run: ALL_METHODS.index(run.method))
     text = table(ordered, header, settings.slow_ms)

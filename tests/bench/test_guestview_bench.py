@@ -1,18 +1,33 @@
-"""The guest's-view bench's arithmetic (guestview_bench.py), without a testbed: what counts as
-back to 90%, the throughput of seconds with gaps between them, where the guest's pause is, and
-wrk's records as the bench reads them."""
+"""The guest's-view bench without a testbed: its arithmetic (guestview_bench.py: what counts as
+back to 90%, where the guest's pause is, the load generator's lines as the bench reads them) and
+its load generator (dom0/http_load.py: the hot set's draw, replies, per-second lines, and a short
+run against a server on loopback)."""
 
 from __future__ import annotations
 
+import functools
+import http.server
+import itertools
+import json
+import math
+import threading
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
+from tests.bench.dom0 import http_load
 from tests.bench.guestview_bench import (
     MethodRun,
     Second,
+    cpu_shares,
     longest_pause,
+    parse_disk_samples,
     plot,
     rate_over,
     recovered_after,
+    summarise_load,
     table,
     to_seconds,
 )
@@ -22,7 +37,7 @@ def second(start: float, requests: int, length: float = 1.0, slow: int = 0) -> S
     return Second(start, start + length, requests, 0, 1.0, 2.0, 3.0, slow)
 
 
-def test_rate_counts_the_gaps_between_wrk_runs() -> None:
+def test_rate_runs_from_the_first_start_to_the_last_end() -> None:
     seconds = [second(0.0, 100, 0.8), second(1.0, 100, 0.8)]
     assert rate_over(seconds) == 200 / 1.8
     assert rate_over([]) == 0.0
@@ -43,30 +58,133 @@ def test_the_resume_is_the_first_disk_sample_after_the_longest_pause() -> None:
     assert longest_pause(samples) == 3
 
 
-def test_wrk_records_become_seconds_from_the_migration_start() -> None:
+def test_disk_samples_are_bytes_from_sectors_and_other_lines_are_skipped() -> None:
+    text = "1733450000.123456 100\nbash: warning\n1733450000.623456 108\n"
+    assert parse_disk_samples(text) == [(1733450000.123456, 51200), (1733450000.623456, 55296)]
+
+
+def test_cpu_shares_are_each_fields_part_of_the_ticks_between_two_lines() -> None:
+    first = "cpu  100 0 50 800 10 0 5 35 0 0"
+    second = "cpu  160 0 70 820 10 0 15 125 0 0"
+    assert cpu_shares(first, second) == {"user": 0.3, "nice": 0.0, "system": 0.1, "idle": 0.1, "iowait": 0.0,
+                                         "irq": 0.0, "softirq": 0.05, "steal": 0.45}
+    with pytest.raises(ValueError, match="expected /proc/stat's cpu line"):
+        cpu_shares("cpu0 1 2 3", second)
+
+
+def test_load_lines_become_seconds_from_the_migration_start() -> None:
     records: list[dict[str, object]] = [
-        {"run": 0, "start": 100.0, "end": 101.1, "rc": 0,
-         "wrk": {"requests": 50, "duration_us": 1000000, "errors_connect": 0, "errors_timeout": 2,
-                 "latency_p50_us": 1500, "latency_p99_us": 90000, "latency_max_us": 120000, "slow": 3}},
-        {"run": 1, "start": 101.2, "end": 102.3, "rc": 0,
-         "wrk": {"requests": 0, "duration_us": 1000000, "errors_connect": 4, "latency_p50_us": 0,
-                 "latency_p99_us": 0, "latency_max_us": 0, "slow": 0}},
-        {"run": 2, "start": 102.4, "end": 103.5, "rc": 1, "stderr": "unable to connect"},
+        {"start": 100.0, "end": 101.0, "requests": 50, "errors": 2, "slow": 3, "p50_ms": 1.5,
+         "p99_ms": 90.0, "max_ms": 120.0},
+        {"start": 101.0, "end": 102.0, "requests": 0, "errors": 4, "slow": 0},
     ]
-    first, idle, failed = to_seconds(records, origin=101.0)
-    assert (first.start, first.requests, first.errors, first.p99_ms, first.slow) == (-1.0, 50, 2, 90.0, 3)
-    assert (idle.requests, idle.errors, idle.p50_ms) == (0, 4, None)
-    assert (failed.requests, failed.errors) == (0, 1)
+    served, idle = to_seconds(records, origin=101.0)
+    assert (served.start, served.end, served.requests, served.errors, served.p99_ms, served.slow) == (
+        -1.0, 0.0, 50, 2, 90.0, 3)
+    assert (idle.requests, idle.errors, idle.p50_ms, idle.max_ms) == (0, 4, None, None)
+    assert summarise_load(records) == {"seconds": 2, "requests": 50, "requests_per_s": 25.0,
+                                       "worst_p99_ms": 90.0, "errors": 6}
+
+
+def test_the_hot_set_is_drawn_as_hot_set_lua_draws_it() -> None:
+    hot_set = http_load.HotSet(nfiles=4096, hot_fraction=0.25, skew=2.0, seed=7)
+    assert hot_set.hot == 1024
+    assert (hot_set.index(0.0), hot_set.index(0.5), hot_set.index(0.999999)) == (0, 256, 1023)
+    drawn = Counter(hot_set.next_path() for _ in range(20000))
+    assert set(drawn) <= {f"/f{index:05d}" for index in range(1024)}
+    # skew 2: P(index < hot/4) = P(u < 1/2) = 1/2
+    assert 0.47 < sum(count for path, count in drawn.items() if int(path[2:]) < 256) / 20000 < 0.53
+    # the same seed, the same sequence in every run; another seed, another
+    def draws(seed: int) -> list[str]:
+        drawing = http_load.HotSet(nfiles=4096, hot_fraction=0.25, skew=2.0, seed=seed)
+        return [drawing.next_path() for _ in range(50)]
+
+    assert draws(7) == draws(7) != draws(8)
+    with pytest.raises(ValueError, match="hot_fraction"):
+        http_load.HotSet(nfiles=10, hot_fraction=0.0, skew=2.0, seed=1)
+
+
+def test_replies_need_a_status_line_and_a_length() -> None:
+    head = http_load.parse_head(b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 65536")
+    assert head == http_load.ReplyHead(200, 65536, keep_alive=True)
+    closing = http_load.parse_head(b"HTTP/1.1 404 Not Found\r\nContent-Length: 153\r\nConnection: close")
+    assert closing == http_load.ReplyHead(404, 153, keep_alive=False)
+    assert not http_load.parse_head(b"HTTP/1.0 200 OK\r\nContent-Length: 1").keep_alive
+    with pytest.raises(ValueError, match=r"expected an HTTP/1\.x status line"):
+        http_load.parse_head(b"SSH-2.0-OpenSSH")
+    with pytest.raises(ValueError, match="expected a Content-Length"):
+        http_load.parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked")
+
+
+def test_a_second_reports_nearest_rank_percentiles_and_the_slow_requests() -> None:
+    interval = http_load.Interval(10.0, 11.0, [i / 1000 for i in range(1, 201)], errors=1)
+    line = interval.record(slow_s=0.150)
+    assert (line["requests"], line["errors"], line["slow"]) == (200, 1, 50)
+    assert line["p50_ms"] == pytest.approx(100.0)
+    assert line["p99_ms"] == pytest.approx(198.0)
+    assert line["max_ms"] == pytest.approx(200.0)
+    assert http_load.Interval(11.0, 12.0).record(slow_s=0.1) == {
+        "start": 11.0, "end": 12.0, "requests": 0, "errors": 0, "slow": 0}
+    assert http_load.percentile([5.0], 0.99) == 5.0
+    assert http_load.percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.0
+
+
+@pytest.fixture
+def file_server(tmp_path: Path) -> Iterator[int]:
+    """A keep-alive HTTP/1.1 server on loopback with 16 files f00000..f00015 of 4 KiB."""
+    for index in range(16):
+        (tmp_path / f"f{index:05d}").write_bytes(bytes([index]) * 4096)
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(Handler, directory=str(tmp_path)))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_client_keeps_its_connections_and_writes_a_line_a_second(tmp_path: Path,
+                                                                      file_server: int) -> None:
+    out = tmp_path / "load.jsonl"
+    hot_set = http_load.HotSet(nfiles=64, hot_fraction=0.25, skew=2.0, seed=3)
+    http_load.run(("127.0.0.1", file_server), str(out), str(tmp_path / "stop"), 2.5, hot_set,
+                  connections=2, slow_s=0.5)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 3
+    assert all(math.isclose(b["start"], a["end"]) for a, b in itertools.pairwise(lines))
+    assert all(line["requests"] > 10 and line["errors"] == 0 for line in lines)
+    assert all(0 < line["p50_ms"] <= line["p99_ms"] <= line["max_ms"] for line in lines)
+
+
+def test_a_refused_connection_is_an_error_and_tried_again(tmp_path: Path) -> None:
+    out = tmp_path / "load.jsonl"
+    (tmp_path / "stop").touch()  # stops after the first second
+    hot_set = http_load.HotSet(nfiles=4, hot_fraction=1.0, skew=1.0, seed=1)
+    http_load.run(("127.0.0.1", 9), str(out), str(tmp_path / "stop"), 60, hot_set, connections=1,
+                  slow_s=0.1)
+    [line] = [json.loads(line) for line in out.read_text().splitlines()]
+    # tried at 0 and again RECONNECT_S after each refusal
+    assert line["requests"] == 0
+    assert line["errors"] == math.ceil(http_load.INTERVAL_S / http_load.RECONNECT_S)
 
 
 def test_table_and_plot_of_a_baseline_and_a_migration(tmp_path: Path) -> None:
-    baseline = MethodRun("baseline", 1.0, 300, 300, 100.0, None, 60.0, 6000, None, 5, None, 0, 0.9, None,
-                         0, None)
-    migrated = MethodRun("cache=all", 1.0, 300, 20, 100.0, 12.0, 80.0, 5000, 3000.0, 400, 393.3, 7, 0.9,
-                         200 << 20, 210 << 20, 3.1, 40.0, 3.5, 30000, 200000, 130 << 20, 38.0, 36.5)
+    baseline = MethodRun("baseline", 1.0, 300, 300, 100.0, None, 60.0, 6000, None, 5, None, 0, None,
+                         0, None, 40, 250, 3.0)
+    migrated = MethodRun("cache=all", 1.0, 300, 20, 100.0, 12.0, 80.0, 5000, 3000.0, 400, 393.3, 7,
+                         200 << 20, 210 << 20, 3.1, 60, 230, 4.5, 40.0, 3.5, 30000, 200000, 130 << 20,
+                         38.0, 36.5)
     text = table([baseline, migrated], "header", slow_ms=100)
-    assert ("| cache=all | 100.0 | 12.0 | 5000 | 80.0 | 3000 | 3000 | 400 | 393 | 7 | 200.0 | 300 / 20 |"
-            in text)
+    assert ("| cache=all | 100.0 | 12.0 | 5000 | 80.0 | 3000 | 3000 | 400 | 393 | 7 | 200.0 | 300 / 20 "
+            "| 60 / 230 | 40.0 | 3.50 | 30000 | 200000 | 130.0 | 4.5 |" in text)
     seconds = {"baseline": [second(float(at), 100) for at in range(-20, 60)],
                "cache=all": [second(float(at), 0 if 36 <= at < 40 else 100) for at in range(-20, 100)]}
     disk = {"cache=all": [(38.0 + at / 2, at << 20) for at in range(40)]}
