@@ -21,7 +21,9 @@ xen_bench's (tap.py counting the stream's bytes and pages in front of `xl migrat
 measure.py) on host-b. After each measured migration the guest must run on on host-b (heartbeats,
 no second boot) and goes back to host-a unmeasured (`softpage migrate GUEST host-a`, pruning, the
 default ssh), where it passes the workload's full check (SOFTPAGE_BENCH_CHECK=step: its files are
-only read back into the page cache, and the full check runs once per step).
+only read back into the page cache, and the full check runs once per step). Going back with the
+default prune drops the cache that is cold by then, so the check reads it in once more: each
+measured migration starts with the step's page cache, read once QUIET_S before it.
 
 Measured per migration:
 * pages with data and stream bytes (the tap on host-b); bytes on the wire: the link NIC's tx and
@@ -69,6 +71,7 @@ from softpage_testbed import (
     TestbedPair,
     booted_pair,
 )
+from tests.bench import xen_bench
 from tests.bench.xen_bench import (
     BENCH_STATS,
     DOM0_TOOLS,
@@ -78,13 +81,13 @@ from tests.bench.xen_bench import (
     append_run,
     bench_guest,
     bench_guest_kernel,
+    cell,
     check_guest,
     environment_list,
     guest_suspend_counters,
     install_dom0_tools,
     keep_round_stats,
     measured_sender_command,
-    median,
     output_dir,
     read_runs,
     receiver_command,
@@ -98,11 +101,18 @@ GUEST_MB = 256
 LINK_RATE = "8mbit"
 LINK_DELAY_MS = 5.0
 SSH_OPTIONS = ""
+SSH_CIPHERS = ("-c aes128-ctr -m umac-64-etm@openssh.com", "-c aes128-gcm@openssh.com")
+"""The cheaper ciphers measured beside ssh's own choice (chacha20-poly1305) at the start."""
+PROBE_MIB = 16
 NEIGHBOUR_MB = 128
 """The neighbour guest's memory; it spins over NEIGHBOUR_SPIN_MB of it."""
 NEIGHBOUR_SPIN_MB = 32
 NEIGHBOUR = "neighbour"
-QUIET_S = 20.0
+QUIET_S = 75.0
+"""The quiet before each measured migration: the neighbour's rate without one, and time for the
+page cache the guest read back after its return to turn cold (softpage's default
+``--prune cache=cold``: a file read once is cold 30-60 s after the read, docs/design.md), as in
+the single-host bench's guest whose cache was read once at its start."""
 CLOCK_PROBES = 20
 CLOCK_PORT = 5400
 MAX_FAILURES = 3
@@ -118,6 +128,8 @@ TARGETS = {
 }
 COMPARED_WITH_STOCK = ("pages_data", "stream_bytes", "wire_bytes", "wall_s", "downtime_s",
                        "dom0_cpu_a_s", "dom0_cpu_b_s", "neighbour_loss")
+SUMMARY_FIELDS = (*COMPARED_WITH_STOCK, "suspended_s", "pages_xalloc", "rounds", "early_drop_s",
+                  "neighbour_without", "neighbour_during", "clock_rtt_s", "load_1min")
 
 
 @dataclass
@@ -204,23 +216,7 @@ def link_delta(before: tuple[int, int], after: tuple[int, int]) -> tuple[int, in
 def summarise(runs: list[LinkRun]) -> list[dict[str, object]]:
     """Medians per step and method, and each method's ratio to stock's median (the neighbour's
     loss: its loss over stock's)."""
-    rows = []
-    for anon_mb in sorted({run.anon_mb for run in runs}):
-        stock = [run for run in runs if run.anon_mb == anon_mb and run.method == "stock"]
-        for method in LINK_METHODS:
-            chosen = [run for run in runs if run.anon_mb == anon_mb and run.method == method]
-            if not chosen:
-                continue
-            row: dict[str, object] = {"anon_mb": anon_mb, "method": method, "runs": len(chosen)}
-            for field in (*COMPARED_WITH_STOCK, "suspended_s", "pages_xalloc", "rounds", "early_drop_s",
-                          "neighbour_without", "neighbour_during", "clock_rtt_s", "load_1min"):
-                value = median(chosen, field)  # type: ignore[arg-type]
-                row[field] = value
-                if field in COMPARED_WITH_STOCK:
-                    base = median(stock, field)  # type: ignore[arg-type]
-                    row[f"{field}_vs_stock"] = value / base if value is not None and base else None
-            rows.append(row)
-    return rows
+    return xen_bench.summarise(runs, LINK_METHODS, SUMMARY_FIELDS, COMPARED_WITH_STOCK)
 
 
 Verdict = tuple[str, str, float | None, float, bool]
@@ -242,11 +238,6 @@ def targets(rows: list[dict[str, object]], anon_mb: int = 0) -> list[Verdict]:
 
 
 def markdown(rows: list[dict[str, object]], verdicts: list[Verdict]) -> str:
-    def cell(value: object, digits: int = 2) -> str:
-        if value is None:
-            return "-"
-        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
     def mib(value: object) -> object:
         return value / 2**20 if isinstance(value, float | int) else None
 
@@ -458,6 +449,18 @@ def start_again(pair: TestbedPair, spec: GuestSpec, failures: list[str]) -> Gues
     return start_guest(pair.a, spec)
 
 
+def measure_transports(pair: TestbedPair, mib: int, ssh_options: str) -> str:
+    """What the unshaped link carries from host-a to host-b: plain TCP, ssh with its own choice of
+    cipher, each of SSH_CIPHERS, and ``ssh_options`` (the bench's transport)."""
+    measured = [f"TCP {pair.measure_tcp(pair.a, mib):.2f} MiB/s"]
+    for options in dict.fromkeys(("", *SSH_CIPHERS, ssh_options)):
+        rate = pair.measure_ssh(pair.a, mib, options)
+        measured.append(f"`ssh {options}`".replace(" `", "`") + f" {rate:.2f} MiB/s")
+    summary = f"{mib} MiB each, " + ", ".join(measured) + f" (load `{machine_load()}`)"
+    print(f"link_bench: {summary}", file=sys.stderr, flush=True)
+    return summary
+
+
 def machine_load() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
@@ -497,11 +500,15 @@ def main() -> int:
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, check=False).stdout.strip()
     config = TestbedConfig.from_env(xen_version)
-    with booted_pair(config, config, Path(tempfile.mkdtemp(prefix="softpage-link-bench-")), shape) as pair:
+    probe_mib = int(os.environ.get("SOFTPAGE_BENCH_PROBE_MIB", str(PROBE_MIB)))
+    with booted_pair(config, config, Path(tempfile.mkdtemp(prefix="softpage-link-bench-"))) as pair:
         for testbed in pair.testbeds:
             install_dom0_tools(testbed)
             testbed.write_file(f"{DOM0_TOOLS}/clock_offset.py",
                                (REPO / "tests/bench/dom0/clock_offset.py").read_text())
+        transport = measure_transports(pair, probe_mib, ssh_options) if probe_mib else "not measured"
+        (out / "transport.txt").write_text(transport + "\n")
+        pair.apply_shape(shape)
         xen_info = pair.a.run("xl info | grep -E '^(xen_version|nr_cpus)'").stdout.strip().replace("\n", "; ")
         header = (f"# Across the link: stock `xl migrate` vs softpage, host-a to host-b "
                   f"({time.strftime('%Y-%m-%d %H:%M')} UTC, commit {commit})\n\n"
@@ -511,7 +518,8 @@ def main() -> int:
                   f"both hosts, {xen_info}, under QEMU TCG on this machine ({os.cpu_count()} cores, shared "
                   f"with other testbeds: load at start `{machine_load()}`). "
                   f"Link: {shape.tc_arguments() if shape else 'unshaped'} "
-                  f"on both ends' egress; transport `ssh {ssh_options}`. Neighbour: a {NEIGHBOUR_MB} MiB PVH "
+                  f"on both ends' egress; transport `ssh {ssh_options}`; unshaped, host-a to host-b: "
+                  f"{transport}. Neighbour: a {NEIGHBOUR_MB} MiB PVH "
                   f"guest on host-a spinning over {spin_mb} MiB; quiet window {quiet_s:g} s before each run.")
         neighbour = start_neighbour(pair.a, spin_mb)
         port = CLOCK_PORT

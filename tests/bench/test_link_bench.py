@@ -4,6 +4,7 @@ targets of issue 19."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from pathlib import Path
 
@@ -135,12 +136,8 @@ def test_a_missed_or_unmeasured_target_is_not_met() -> None:
 
 
 def test_targets_only_at_the_asked_step() -> None:
-    runs = [dataclass_with(run("stock", 0, 1.0), anon_mb=64), dataclass_with(run("prune", 0, 0.05), anon_mb=64)]
+    runs = [dataclasses.replace(run("stock", 0, 1.0), anon_mb=64),
+            dataclasses.replace(run("prune", 0, 0.05), anon_mb=64)]
     assert targets(summarise(runs)) == []
     assert "no 0 MB step measured" in markdown(summarise(runs), [])
 
-
-def dataclass_with(link_run: LinkRun, **changes: object) -> LinkRun:
-    import dataclasses
-
-    return dataclasses.replace(link_run, **changes)  # type: ignore[arg-type]

@@ -336,27 +336,33 @@ def keep_round_stats(out: Path, run: Run, measured: dict[str, object]) -> None:
     (folder / f"{run.anon_mb}-{run.method}-{run.repetition}.jsonl").write_text(lines)
 
 
-def median(runs: list[Run], field: str) -> float | None:
+def median(runs: list[Any], field: str) -> float | None:
     values = [getattr(run, field) for run in runs if getattr(run, field) is not None]
     return statistics.median(values) if values else None
 
 
-def summarise(runs: list[Run]) -> list[dict[str, object]]:
+SUMMARY_FIELDS = ("pages_data", "stream_bytes", "wall_s", "downtime_s", "suspended_s", "sender_cpu_s",
+                  "dom0_cpu_s", "rounds", "guest_scan_ms", "early_drop_s", "guest_drop_ms",
+                  "guest_final_scan_ms", "guest_dropped_cache_pages", "guest_dropped_slab_pages",
+                  "guest_reinit_ms", "guest_reinit_pages")
+
+
+def summarise(runs: list[Any], methods: tuple[str, ...] = METHODS, fields: tuple[str, ...] = SUMMARY_FIELDS,
+              compared: tuple[str, ...] = COMPARED_WITH_STOCK) -> list[dict[str, object]]:
+    """Medians of ``fields`` per step (``anon_mb``) and method of ``runs`` (``Run``s, or another
+    bench's with those attributes), and for the ``compared`` ones the ratio to stock's median."""
     rows = []
     for anon_mb in sorted({run.anon_mb for run in runs}):
         stock = [run for run in runs if run.anon_mb == anon_mb and run.method == "stock"]
-        for method in METHODS:
+        for method in methods:
             chosen = [run for run in runs if run.anon_mb == anon_mb and run.method == method]
             if not chosen:
                 continue
             row: dict[str, object] = {"anon_mb": anon_mb, "method": method, "runs": len(chosen)}
-            for field in ("pages_data", "stream_bytes", "wall_s", "downtime_s", "suspended_s", "sender_cpu_s",
-                          "dom0_cpu_s", "rounds", "guest_scan_ms", "early_drop_s", "guest_drop_ms",
-                          "guest_final_scan_ms", "guest_dropped_cache_pages", "guest_dropped_slab_pages",
-                          "guest_reinit_ms", "guest_reinit_pages"):
+            for field in fields:
                 row[field] = median(chosen, field)
                 base = median(stock, field)
-                if field in COMPARED_WITH_STOCK:
+                if field in compared:
                     value = row[field]
                     row[f"{field}_vs_stock"] = (value / base if isinstance(value, float | int) and base
                                                 else None)
@@ -364,12 +370,14 @@ def summarise(runs: list[Run]) -> list[dict[str, object]]:
     return rows
 
 
-def markdown(rows: list[dict[str, object]], header: str) -> str:
-    def cell(value: object, digits: int = 2) -> str:
-        if value is None:
-            return "-"
-        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+def cell(value: object, digits: int = 2) -> str:
+    """A Markdown table cell: "-" for nothing measured, floats to ``digits``."""
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
+
+def markdown(rows: list[dict[str, object]], header: str) -> str:
     lines = [header, "",
              "| user MB | method | pages with data | x stock | MiB sent | time s | x stock | downtime s "
              "| x stock | suspended s | sender CPU s | dom0 CPU s | x stock | rounds | guest scan ms "
