@@ -97,6 +97,7 @@ from tests.bench.xen_bench import (
 )
 
 LINK_METHODS = ("stock", "no-prune", "prune")
+DOM0_PROFILE = "/etc/profile.d/softpage.sh"
 GUEST_MB = 256
 LINK_RATE = "8mbit"
 LINK_DELAY_MS = 5.0
@@ -327,7 +328,9 @@ def measured_migration(pair: TestbedPair, guest: Guest, method: str, ssh_options
     window of the neighbour before it; returns xen_bench's measured dict and this bench's
     cross-host measures."""
     destination = pair.name(pair.b)
-    remote_receiver = receiver_command(watch="incoming")
+    # ssh runs the receiver in a shell that is no login shell: dom0's profile (testbed/dom0/
+    # configure.sh) puts the payload's softpage, which tap.py and measure.py import, on its path
+    remote_receiver = f". {DOM0_PROFILE}; {receiver_command(watch='incoming')}"
     receiver = shlex.join(["ssh", *shlex.split(ssh_options), destination, remote_receiver])
     command = measured_sender_command(method, guest, receiver)
     pair.a.run(["rm", "-f", "/tmp/bench-send.json", BENCH_STATS], check=True)
