@@ -380,25 +380,25 @@ def measured_migration(pair: TestbedPair, guest: Guest, method: str, ssh_options
 
 
 def to_link_run(run: Run, extra: dict[str, float | int | None]) -> LinkRun:
+    def measured(name: str) -> float | None:
+        value = extra[name]
+        return None if value is None else float(value)
+
+    def counted(name: str) -> int:
+        return int(extra[name] or 0)
+
+    without, during = measured("neighbour_without"), measured("neighbour_during")
     return LinkRun(
         anon_mb=run.anon_mb, cache_mb=run.cache_mb, method=run.method, repetition=run.repetition,
         wall_s=run.wall_s, downtime_s=run.downtime_s, suspended_s=run.suspended_s,
         pages_data=run.pages_data, pages_xalloc=run.pages_xalloc, stream_bytes=run.stream_bytes,
-        wire_bytes=int(extra["wire_a_tx"] or 0) + int(extra["wire_a_rx"] or 0),
-        wire_a_tx=int(extra["wire_a_tx"] or 0), wire_a_rx=int(extra["wire_a_rx"] or 0),
-        wire_b_tx=int(extra["wire_b_tx"] or 0), wire_b_rx=int(extra["wire_b_rx"] or 0),
-        dom0_cpu_a_s=run.dom0_cpu_s,
-        dom0_cpu_b_s=None if extra["dom0_cpu_b_s"] is None else float(extra["dom0_cpu_b_s"]),
-        receiver_wall_s=float(extra["receiver_wall_s"] or 0.0),
-        rounds=run.rounds, early_drop_s=run.early_drop_s,
-        neighbour_without=None if extra["neighbour_without"] is None else float(extra["neighbour_without"]),
-        neighbour_during=None if extra["neighbour_during"] is None else float(extra["neighbour_during"]),
-        neighbour_loss=throughput_loss(
-            None if extra["neighbour_without"] is None else float(extra["neighbour_without"]),
-            None if extra["neighbour_during"] is None else float(extra["neighbour_during"])),
-        clock_offset_s=float(extra["clock_offset_s"] or 0.0),
-        clock_drift_s=float(extra["clock_drift_s"] or 0.0),
-        clock_rtt_s=float(extra["clock_rtt_s"] or 0.0), load_1min=os.getloadavg()[0],
+        wire_bytes=counted("wire_a_tx") + counted("wire_a_rx"), wire_a_tx=counted("wire_a_tx"),
+        wire_a_rx=counted("wire_a_rx"), wire_b_tx=counted("wire_b_tx"), wire_b_rx=counted("wire_b_rx"),
+        dom0_cpu_a_s=run.dom0_cpu_s, dom0_cpu_b_s=measured("dom0_cpu_b_s"),
+        receiver_wall_s=measured("receiver_wall_s") or 0.0, rounds=run.rounds, early_drop_s=run.early_drop_s,
+        neighbour_without=without, neighbour_during=during, neighbour_loss=throughput_loss(without, during),
+        clock_offset_s=measured("clock_offset_s") or 0.0, clock_drift_s=measured("clock_drift_s") or 0.0,
+        clock_rtt_s=measured("clock_rtt_s") or 0.0, load_1min=os.getloadavg()[0],
     )
 
 

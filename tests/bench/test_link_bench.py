@@ -21,8 +21,9 @@ from tests.bench.link_bench import (
     summarise,
     targets,
     throughput_loss,
+    to_link_run,
 )
-from tests.bench.xen_bench import REPO
+from tests.bench.xen_bench import REPO, Run
 
 
 def test_spin_rate_counts_whole_lines_only() -> None:
@@ -141,3 +142,22 @@ def test_targets_only_at_the_asked_step() -> None:
     assert targets(summarise(runs)) == []
     assert "no 0 MB step measured" in markdown(summarise(runs), [])
 
+
+
+def test_to_link_run_adds_the_cross_host_measures() -> None:
+    base = Run(anon_mb=0, cache_mb=96, method="prune", repetition=1, wall_s=50.0, downtime_s=3.0,
+               suspended_s=2.5, sender_cpu_s=None, stream_bytes=40_000_000, pages_data=9000,
+               pages_xalloc=50000, rounds=4, guest_scan_ms=None, guest_drop_ms=None,
+               guest_final_scan_ms=None, early_drop_s=0.5, dom0_cpu_s=20.0)
+    extra: dict[str, float | int | None] = {
+        "wire_a_tx": 41_000_000, "wire_a_rx": 900_000, "wire_b_tx": 900_000, "wire_b_rx": 41_000_000,
+        "dom0_cpu_b_s": 15.0, "receiver_wall_s": 49.0, "neighbour_without": 800.0,
+        "neighbour_during": 600.0, "clock_offset_s": 12.5, "clock_drift_s": 0.002, "clock_rtt_s": 0.02}
+    link_run = to_link_run(base, extra)
+    assert link_run.wire_bytes == 41_900_000
+    assert link_run.dom0_cpu_a_s == 20.0 and link_run.dom0_cpu_b_s == 15.0
+    assert link_run.neighbour_loss == pytest.approx(0.25)
+    assert (link_run.downtime_s, link_run.pages_data, link_run.rounds) == (3.0, 9000, 4)
+    assert link_run.clock_rtt_s == 0.02
+    unmeasured = to_link_run(base, {**extra, "neighbour_during": None, "dom0_cpu_b_s": None})
+    assert unmeasured.neighbour_loss is None and unmeasured.dom0_cpu_b_s is None
