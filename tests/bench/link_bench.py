@@ -11,17 +11,23 @@ step (default "0") and as much page cache from its data disk as the rest holds r
 for each step it goes to host-b SOFTPAGE_BENCH_REPS times (default 3) by each method,
 interleaved:
 
-    stock      xl migrate -s "" GUEST "ssh SSH_OPTIONS host-b '<receiver>'"
-    no-prune   softpage migrate --no-prune -s "" GUEST "ssh SSH_OPTIONS host-b '<receiver>'"
-    prune      softpage migrate -s "" GUEST "ssh SSH_OPTIONS host-b '<receiver>'"
+    stock      xl migrate -s "" GUEST "<to host-b>"
+    no-prune   softpage migrate --no-prune -s "" GUEST "<to host-b>"
+    prune      softpage migrate -s "" GUEST "<to host-b>"        (the default --prune)
 
-One transport for all: ssh, as users run migrations, with SOFTPAGE_LINK_SSH_OPTIONS (default
-SSH_OPTIONS: the cipher, see testbed/README.md "The bench across the link"). The receiver is
-xen_bench's (tap.py counting the stream's bytes and pages in front of `xl migrate-receive`, under
-measure.py) on host-b. After each measured migration the guest must run on on host-b (heartbeats,
-no second boot) and goes back to host-a unmeasured (`softpage migrate GUEST host-a`, pruning, the
-default ssh), where it passes the workload's full check (SOFTPAGE_BENCH_CHECK=step: its files are
-only read back into the page cache, and the full check runs once per step). Going back with the
+One transport for all, SOFTPAGE_LINK_TRANSPORT: ``tcp`` (the default) is one plain TCP
+connection (tests/bench/dom0/tcp_pipe.py: ``tcp_pipe.py connect host-b PORT`` on host-a, the
+receiver under ``tcp_pipe.py serve`` on host-b); ``ssh`` is ``ssh [SOFTPAGE_LINK_SSH_OPTIONS]
+host-b '<receiver>'``, as users run migrations. In a TCG dom0 ssh carries a fifth of what TCP
+does, whatever the cipher (0.43 against 2.04 MiB/s at load 10, 2026-12-06; testbed/README.md
+"The bench across the link"): to make the wire the bottleneck at a rate that fits the time, the
+bench runs over TCP. The receiver is xen_bench's (tap.py counting the stream's bytes and pages in
+front of `xl migrate-receive`, under measure.py) on host-b.
+
+After each measured migration the guest must run on on host-b (heartbeats, no second boot) and
+goes back to host-a unmeasured (`softpage migrate`, pruning, the same transport), where it
+passes the workload's full check (SOFTPAGE_BENCH_CHECK=step: its files are only read back into
+the page cache, and the full check runs once per step). Going back with the
 default prune drops the cache that is cold by then, so the check reads it in once more: each
 measured migration starts with the step's page cache, read once QUIET_S before it.
 
@@ -48,6 +54,7 @@ run; SOFTPAGE_BENCH_OUT=DIR continues a sweep in DIR.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -98,12 +105,16 @@ from tests.bench.xen_bench import (
 
 LINK_METHODS = ("stock", "no-prune", "prune")
 DOM0_PROFILE = "/etc/profile.d/softpage.sh"
+TRANSPORTS = ("tcp", "ssh")
+FIRST_PORT = 5400
+"""Every clock probe and TCP stream of a run gets a port of its own from here on."""
+ACCEPT_S = 900.0
+"""How long a TCP receiver waits for its sender before it gives up."""
 GUEST_MB = 256
 LINK_RATE = "8mbit"
 LINK_DELAY_MS = 5.0
-SSH_OPTIONS = ""
-SSH_CIPHERS = ("-c aes128-ctr -m umac-64-etm@openssh.com", "-c aes128-gcm@openssh.com")
-"""The cheaper ciphers measured beside ssh's own choice (chacha20-poly1305) at the start."""
+SSH_CIPHERS = ("-c aes128-ctr -m umac-64-etm@openssh.com",)
+"""A cheaper cipher and MAC measured beside ssh's own choice (chacha20-poly1305) at the start."""
 PROBE_MIB = 16
 NEIGHBOUR_MB = 128
 """The neighbour guest's memory; it spins over NEIGHBOUR_SPIN_MB of it."""
@@ -115,7 +126,6 @@ page cache the guest read back after its return to turn cold (softpage's default
 ``--prune cache=cold``: a file read once is cold 30-60 s after the read, docs/design.md), as in
 the single-host bench's guest whose cache was read once at its start."""
 CLOCK_PROBES = 20
-CLOCK_PORT = 5400
 MAX_FAILURES = 3
 SPIN_LINE = re.compile(r"WORKLOAD SPIN seq=(\d+) pages=(\d+) seconds=([0-9.]+)")
 """workload.c's spin mode, one line a second (its header comment owns the format)."""
@@ -276,6 +286,37 @@ def link_counters(pair: TestbedPair, testbed: Testbed) -> tuple[int, int]:
     return tx, rx
 
 
+class Transport:
+    """How a migration reaches the other host (SOFTPAGE_LINK_TRANSPORT), the same for every method
+    and for the way back."""
+
+    def __init__(self, kind: str, ssh_options: str) -> None:
+        if kind not in TRANSPORTS:
+            raise SystemExit(f"SOFTPAGE_LINK_TRANSPORT={kind}: expected one of {', '.join(TRANSPORTS)}")
+        self.kind = kind
+        self.ssh_options = ssh_options
+        self.ports = itertools.count(FIRST_PORT)
+
+    def describe(self) -> str:
+        if self.kind == "ssh":
+            return f"`{shlex.join(['ssh', *shlex.split(self.ssh_options)])}`"
+        return "one plain TCP connection (tests/bench/dom0/tcp_pipe.py)"
+
+    def sender_rune(self, pair: TestbedPair, destination: Testbed, receive: str) -> str:
+        """The HOST argument of ``xl migrate -s ""`` / ``softpage migrate -s ""`` that runs the
+        ``receive`` command on ``destination`` (for TCP, started there now)."""
+        name = pair.name(destination)
+        if self.kind == "ssh":
+            # ssh runs the receiver in a shell that is no login shell: dom0's profile (testbed/
+            # dom0/configure.sh) puts the payload's softpage, which tap.py and measure.py import,
+            # on its path
+            return shlex.join(["ssh", *shlex.split(self.ssh_options), name, f". {DOM0_PROFILE}; {receive}"])
+        port = next(self.ports)
+        destination.run(f"nohup python3 {DOM0_TOOLS}/tcp_pipe.py serve {port} {ACCEPT_S:g} -- sh -c "
+                        f"{shlex.quote(receive)} > /tmp/tcp-pipe-{port}.log 2>&1 &", check=True)
+        return f"python3 {DOM0_TOOLS}/tcp_pipe.py connect {name} {port}"
+
+
 def clock_offset(pair: TestbedPair, port: int) -> tuple[float, float]:
     """(host-b's monotonic clock minus host-a's, the best round trip), over the link."""
     tool = f"{DOM0_TOOLS}/clock_offset.py"
@@ -322,24 +363,19 @@ def read_remote_json(testbed: Testbed, path: str, timeout_s: float = 120) -> dic
         time.sleep(2)
 
 
-def measured_migration(pair: TestbedPair, guest: Guest, method: str, ssh_options: str, port: int,
+def measured_migration(pair: TestbedPair, guest: Guest, method: str, transport: Transport,
                        quiet_s: float) -> tuple[dict[str, object], dict[str, float | int | None]]:
     """One measured migration of ``guest`` from host-a to host-b by ``method``, with the quiet
     window of the neighbour before it; returns xen_bench's measured dict and this bench's
     cross-host measures."""
-    destination = pair.name(pair.b)
-    # ssh runs the receiver in a shell that is no login shell: dom0's profile (testbed/dom0/
-    # configure.sh) puts the payload's softpage, which tap.py and measure.py import, on its path
-    remote_receiver = f". {DOM0_PROFILE}; {receiver_command(watch='incoming')}"
-    receiver = shlex.join(["ssh", *shlex.split(ssh_options), destination, remote_receiver])
-    command = measured_sender_command(method, guest, receiver)
     pair.a.run(["rm", "-f", "/tmp/bench-send.json", BENCH_STATS], check=True)
     pair.b.run(["rm", "-f", "/tmp/bench-recv.json", "/tmp/bench-tap.json"], check=True)
-
     quiet_start = console_size(pair.a, NEIGHBOUR)
     time.sleep(quiet_s)
     quiet_end = console_size(pair.a, NEIGHBOUR)
-    offset_before, rtt_before = clock_offset(pair, port)
+    offset_before, rtt_before = clock_offset(pair, next(transport.ports))
+    rune = transport.sender_rune(pair, pair.b, receiver_command(watch="incoming"))
+    command = measured_sender_command(method, guest, rune)
     counters_before = {name: link_counters(pair, testbed) for name, testbed in (("a", pair.a), ("b", pair.b))}
     during_start = console_size(pair.a, NEIGHBOUR)
     result = pair.a.run(command, timeout_s=7200)
@@ -352,7 +388,7 @@ def measured_migration(pair: TestbedPair, guest: Guest, method: str, ssh_options
         "tap": read_remote_json(pair.b, "/tmp/bench-tap.json"),
     }
     counters_after = {name: link_counters(pair, testbed) for name, testbed in (("a", pair.a), ("b", pair.b))}
-    offset_after, rtt_after = clock_offset(pair, port + 1)
+    offset_after, rtt_after = clock_offset(pair, next(transport.ports))
     if method != "stock":
         lines = pair.a.run(["cat", BENCH_STATS], check=True).stdout.splitlines()
         measured["stats"] = [json.loads(line) for line in lines]
@@ -418,19 +454,19 @@ def arrive(source: Testbed, destination: Testbed, guest: Guest, heartbeat: int, 
     return arrived
 
 
-def one_run(pair: TestbedPair, guest: Guest, method: str, repetition: int, ssh_options: str,
-            port: int, quiet_s: float, full_check: bool) -> tuple[Guest, LinkRun, Run, dict[str, object]]:
+def one_run(pair: TestbedPair, guest: Guest, method: str, repetition: int, transport: Transport,
+            quiet_s: float, full_check: bool) -> tuple[Guest, LinkRun, Run, dict[str, object]]:
     """host-a -> host-b measured, then back unmeasured; returns the guest on host-a again."""
     heartbeat, boots_b = guest.heartbeat(), boots_seen(pair.b, guest)
-    measured, extra = measured_migration(pair, guest, method, ssh_options, port, quiet_s)
+    measured, extra = measured_migration(pair, guest, method, transport, quiet_s)
     on_b = arrive(pair.a, pair.b, guest, heartbeat, boots_b)
     token = f"{guest.spec.anon_mb}-{method}-{repetition}"
     if method in PRUNING_METHODS:
         measured["guest_counters"] = guest_suspend_counters(on_b, token)
     run = to_run(guest.spec.anon_mb, guest.spec.cache_mb, method, repetition, measured)
     heartbeat, boots_a = on_b.heartbeat(), boots_seen(pair.a, guest)
-    back = pair.b.run(["python3", "-m", "softpage", "migrate", "-q", guest.name, pair.name(pair.a)],
-                      timeout_s=3600)
+    back = pair.b.run(["python3", "-m", "softpage", "migrate", "-q", "-s", "", guest.name,
+                       transport.sender_rune(pair, pair.a, "xl migrate-receive")], timeout_s=3600)
     if not back.ok:
         raise RuntimeError(f"the migration back to host-a failed (rc {back.rc}): {back.stderr[-3000:]}")
     on_a = arrive(pair.b, pair.a, guest, heartbeat, boots_a)
@@ -454,7 +490,7 @@ def start_again(pair: TestbedPair, spec: GuestSpec, failures: list[str]) -> Gues
 
 def measure_transports(pair: TestbedPair, mib: int, ssh_options: str) -> str:
     """What the unshaped link carries from host-a to host-b: plain TCP, ssh with its own choice of
-    cipher, each of SSH_CIPHERS, and ``ssh_options`` (the bench's transport)."""
+    cipher, with SSH_CIPHERS, and with ``ssh_options``."""
     measured = [f"TCP {pair.measure_tcp(pair.a, mib):.2f} MiB/s"]
     for options in dict.fromkeys(("", *SSH_CIPHERS, ssh_options)):
         rate = pair.measure_ssh(pair.a, mib, options)
@@ -482,7 +518,8 @@ def main() -> int:
     steps = environment_list("SOFTPAGE_BENCH_ANON_MB", "0")
     repetitions = int(os.environ.get("SOFTPAGE_BENCH_REPS", "3"))
     full_check = os.environ.get("SOFTPAGE_BENCH_CHECK", "each") != "step"
-    ssh_options = os.environ.get("SOFTPAGE_LINK_SSH_OPTIONS", SSH_OPTIONS)
+    ssh_options = os.environ.get("SOFTPAGE_LINK_SSH_OPTIONS", "")
+    transport = Transport(os.environ.get("SOFTPAGE_LINK_TRANSPORT", "tcp"), ssh_options)
     quiet_s = float(os.environ.get("SOFTPAGE_BENCH_QUIET_S", str(QUIET_S)))
     spin_mb = int(os.environ.get("SOFTPAGE_BENCH_NEIGHBOUR_MB", str(NEIGHBOUR_SPIN_MB)))
     xen_version = os.environ.get("SOFTPAGE_BENCH_XEN", XEN_PVH_VERSION)
@@ -507,10 +544,10 @@ def main() -> int:
     with booted_pair(config, config, Path(tempfile.mkdtemp(prefix="softpage-link-bench-"))) as pair:
         for testbed in pair.testbeds:
             install_dom0_tools(testbed)
-            testbed.write_file(f"{DOM0_TOOLS}/clock_offset.py",
-                               (REPO / "tests/bench/dom0/clock_offset.py").read_text())
-        transport = measure_transports(pair, probe_mib, ssh_options) if probe_mib else "not measured"
-        (out / "transport.txt").write_text(transport + "\n")
+            for tool in ("clock_offset.py", "tcp_pipe.py"):
+                testbed.write_file(f"{DOM0_TOOLS}/{tool}", (REPO / "tests/bench/dom0" / tool).read_text())
+        carried = measure_transports(pair, probe_mib, ssh_options) if probe_mib else "not measured"
+        (out / "transport.txt").write_text(carried + "\n")
         pair.apply_shape(shape)
         xen_info = pair.a.run("xl info | grep -E '^(xen_version|nr_cpus)'").stdout.strip().replace("\n", "; ")
         header = (f"# Across the link: stock `xl migrate` vs softpage, host-a to host-b "
@@ -521,11 +558,10 @@ def main() -> int:
                   f"both hosts, {xen_info}, under QEMU TCG on this machine ({os.cpu_count()} cores, shared "
                   f"with other testbeds: load at start `{machine_load()}`). "
                   f"Link: {shape.tc_arguments() if shape else 'unshaped'} "
-                  f"on both ends' egress; transport `ssh {ssh_options}`; unshaped, host-a to host-b: "
-                  f"{transport}. Neighbour: a {NEIGHBOUR_MB} MiB PVH "
+                  f"on both ends' egress; transport {transport.describe()}; unshaped, host-a to host-b: "
+                  f"{carried}. Neighbour: a {NEIGHBOUR_MB} MiB PVH "
                   f"guest on host-a spinning over {spin_mb} MiB; quiet window {quiet_s:g} s before each run.")
         neighbour = start_neighbour(pair.a, spin_mb)
-        port = CLOCK_PORT
         for anon_mb in steps:
             todo = [(repetition, method) for repetition in range(repetitions) for method in LINK_METHODS
                     if (anon_mb, method, repetition) not in done]
@@ -534,10 +570,9 @@ def main() -> int:
             spec = bench_guest(f"link{anon_mb}", guest_mb, anon_mb)
             guest = start_guest(pair.a, spec)
             for repetition, method in todo:
-                port = CLOCK_PORT + (port - CLOCK_PORT + 2) % 200
                 try:
-                    guest, link_run, run, measured = one_run(pair, guest, method, repetition, ssh_options,
-                                                             port, quiet_s, full_check)
+                    guest, link_run, run, measured = one_run(pair, guest, method, repetition, transport,
+                                                             quiet_s, full_check)
                 except (RuntimeError, TestbedError) as error:
                     failures.append(f"{time.strftime('%H:%M:%S')} user {anon_mb} MB, {method} #{repetition}: "
                                     f"{str(error)[:300]}".replace("\n", " "))

@@ -5,6 +5,7 @@ targets of issue 19."""
 from __future__ import annotations
 
 import dataclasses
+import socket
 import subprocess
 from pathlib import Path
 
@@ -161,3 +162,20 @@ def test_to_link_run_adds_the_cross_host_measures() -> None:
     assert link_run.clock_rtt_s == 0.02
     unmeasured = to_link_run(base, {**extra, "neighbour_during": None, "dom0_cpu_b_s": None})
     assert unmeasured.neighbour_loss is None and unmeasured.dom0_cpu_b_s is None
+
+
+def test_tcp_pipe_carries_the_stream_and_the_answers() -> None:
+    """tcp_pipe.py on this machine's loopback: the stream one way, the receiver's answer back."""
+    tool = str(REPO / "tests/bench/dom0/tcp_pipe.py")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    receiver = subprocess.Popen(["python3", tool, "serve", str(port), "30", "--", "sh", "-c",
+                                 'echo "received $(wc -c) bytes"'])
+    try:
+        sender = subprocess.run(["python3", tool, "connect", "127.0.0.1", str(port)], input=bytes(3 << 20),
+                                capture_output=True, timeout=60, check=True)
+        assert sender.stdout.decode().split() == ["received", str(3 << 20), "bytes"]
+        assert receiver.wait(timeout=30) == 0
+    finally:
+        receiver.kill()
