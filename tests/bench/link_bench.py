@@ -336,6 +336,17 @@ def console_slice(testbed: Testbed, name: str, start: int, end: int) -> str:
                        check=True).stdout
 
 
+def ensure_neighbour(testbed: Testbed, spin_mb: int, notes: list[str]) -> None:
+    """The neighbour runs on ``testbed``: started again if it died (its spinning vCPU exits to Xen
+    at every tick, and under TCG's nested SVM any exit can end in a triple fault)."""
+    if NEIGHBOUR in testbed.domains():
+        return
+    notes.append(f"{time.strftime('%H:%M:%S')} the neighbour was gone (Xen's log: "
+                 f"{testbed.triple_faults()} guest triple faults so far); started again")
+    print(f"link_bench: {notes[-1]}", file=sys.stderr, flush=True)
+    start_neighbour(testbed, spin_mb)
+
+
 def start_neighbour(testbed: Testbed, spin_mb: int) -> Guest:
     """The neighbour guest, its workload idle (no user memory, no cache, no dirtying), then
     `workload spin` typed into its shell."""
@@ -396,8 +407,10 @@ def measured_migration(pair: TestbedPair, guest: Guest, method: str, transport: 
     assert isinstance(send, dict) and isinstance(recv, dict)
     a_tx, a_rx = link_delta(counters_before["a"], counters_after["a"])
     b_tx, b_rx = link_delta(counters_before["b"], counters_after["b"])
-    without = spin_rate(console_slice(pair.a, NEIGHBOUR, quiet_start, quiet_end))
-    during = spin_rate(console_slice(pair.a, NEIGHBOUR, during_start, during_end))
+    without = during = None
+    if NEIGHBOUR in pair.a.domains():  # else it died in the window (a triple fault under TCG)
+        without = spin_rate(console_slice(pair.a, NEIGHBOUR, quiet_start, quiet_end))
+        during = spin_rate(console_slice(pair.a, NEIGHBOUR, during_start, during_end))
     # the sender's own downtimes looked for the incoming copy on host-a: replaced by the
     # cross-host ones
     send["downtime_s"] = cross_host_interval(send.get("requested_at"), recv.get("running_at"),  # type: ignore[arg-type]
@@ -504,12 +517,13 @@ def machine_load() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
-def write_readme(out: Path, header: str, runs: list[LinkRun], failures: list[str]) -> str:
+def write_readme(out: Path, header: str, runs: list[LinkRun], failures: list[str], notes: list[str]) -> str:
     rows = summarise(runs)
     table = markdown(rows, targets(rows))
     failed = "".join(f"- {failure}\n" for failure in failures) or "- none\n"
+    noted = "".join(f"- {note}\n" for note in notes) or "- none\n"
     (out / "README.md").write_text(f"{header}\n\n## Medians\n\n{table}\n## Failed runs (not in the table)\n\n"
-                                   f"{failed}")
+                                   f"{failed}\n## Notes\n\n{noted}")
     return table
 
 
@@ -535,6 +549,8 @@ def main() -> int:
     runs = read_runs(runs_path, LinkRun)
     failures_path = out / "failures.txt"
     failures = failures_path.read_text().splitlines() if failures_path.exists() else []
+    notes_path = out / "notes.txt"
+    notes = notes_path.read_text().splitlines() if notes_path.exists() else []
     done = {(run.anon_mb, run.method, run.repetition) for run in runs}
     started = time.monotonic()
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -570,6 +586,8 @@ def main() -> int:
             spec = bench_guest(f"link{anon_mb}", guest_mb, anon_mb)
             guest = start_guest(pair.a, spec)
             for repetition, method in todo:
+                ensure_neighbour(pair.a, spin_mb, notes)
+                notes_path.write_text("".join(f"{note}\n" for note in notes))
                 try:
                     guest, link_run, run, measured = one_run(pair, guest, method, repetition, transport,
                                                              quiet_s, full_check)
@@ -582,7 +600,7 @@ def main() -> int:
                 runs.append(link_run)
                 append_run(runs_path, link_run)
                 keep_round_stats(out, run, measured)
-                write_readme(out, header, runs, failures)
+                write_readme(out, header, runs, failures, notes)
                 print(f"link_bench: user {anon_mb} MB, {method} #{repetition}: {link_run.wall_s:.1f} s, "
                       f"{link_run.pages_data} pages with data, "
                       f"{link_run.wire_bytes / 2**20:.1f} MiB on the wire, "
@@ -592,7 +610,7 @@ def main() -> int:
                 check_guest(guest, f"after the last migration of the {anon_mb} MB step")
             guest.destroy()
         neighbour.destroy()
-    table = write_readme(out, header, runs, failures) if runs else "no runs\n"
+    table = write_readme(out, header, runs, failures, notes) if runs else "no runs\n"
     print("\n" + table)
     print(f"results in {out} ({time.monotonic() - started:.0f} s)")
     return 0
