@@ -272,7 +272,7 @@ def markdown(rows: list[dict[str, object]], verdicts: list[Verdict]) -> str:
     lines += [f"- {method} {field}: {cell(ratio)} (target <= {limit:g}): {'met' if met else 'MISSED'}"
               for method, field, ratio, limit, met in verdicts]
     if not verdicts:
-        lines.append("- no 0 MB step measured")
+        lines.append("- none measured yet: no softpage run at 0 MB of user allocation")
     return "\n".join(lines) + "\n"
 
 
@@ -565,7 +565,8 @@ def main() -> int:
         carried = measure_transports(pair, probe_mib, ssh_options) if probe_mib else "not measured"
         (out / "transport.txt").write_text(carried + "\n")
         pair.apply_shape(shape)
-        xen_info = pair.a.run("xl info | grep -E '^(xen_version|nr_cpus)'").stdout.strip().replace("\n", "; ")
+        xen_info = "; ".join(" ".join(line.split()) for line in
+                             pair.a.run("xl info | grep -E '^(xen_version|nr_cpus)'").stdout.splitlines())
         header = (f"# Across the link: stock `xl migrate` vs softpage, host-a to host-b "
                   f"({time.strftime('%Y-%m-%d %H:%M')} UTC, commit {commit})\n\n"
                   f"`make bench-link` (tests/bench/link_bench.py): a PVH guest of {guest_mb} MiB on Linux "
