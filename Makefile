@@ -84,7 +84,8 @@ bench-guestview: setup testbed
 	$(PY) -m tests.bench.guestview_bench
 
 # Two hosts across a shaped link (tests/bench/link_bench.py): stock, --no-prune and pruning from
-# host-a to host-b over ssh, with a neighbour guest on host-a; about an hour under TCG.
+# host-a to host-b over plain TCP, with a neighbour guest on host-a; one repetition took 58 minutes
+# at load 7-14 on 2 cores (2026-12-06), three take hours unless the machine is quiet.
 bench-link: setup testbed
 	$(PY) -m tests.bench.link_bench
 
