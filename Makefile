@@ -8,8 +8,9 @@
 #   make lint       ruff, mypy --strict, checkpatch for the guest module
 #   make testbed    build the cached Xen-in-QEMU testbed (testbed/)
 #   make demo       build the testbed and migrate a cache-heavy guest: stock xl, softpage cache=cold, cache=all
-#   make bench      benchmarks: the planner, softpage vs stock xl migrate on the testbed, and what a
-#                   guest's nginx sees around each migration (make bench-guestview: that alone)
+#   make bench      benchmarks: the planner, softpage vs stock xl migrate on the testbed, what a
+#                   guest's nginx sees around each migration (make bench-guestview: that alone), and
+#                   the migration between two hosts across a shaped link (make bench-link: that alone)
 #   make fuzz       fuzz the bitmap decoder (atheris), SOFTPAGE_FUZZ_RUNS executions (1,000,000), to results/
 #   make deb        Debian packages softpage (dom0) and softpage-dkms (guests) for this machine's
 #                   Debian, lintian-clean, to build/deb/ (installs the build dependencies as root)
@@ -24,7 +25,7 @@ PYTEST := $(PY) -m pytest
 SETUP_INPUTS := python/pyproject.toml python/setup.py guest_kmod/uapi/softpage_abi.h \
 	$(wildcard python/src/softpage/_cffi_build/*) scripts/host-setup.sh scripts/install-debs.sh scripts/build-deb.sh debian/control testbed/pyproject.toml
 
-.PHONY: setup test test-fast test-unit test-property test-e2e test-matrix lint bench bench-guestview fuzz deb demo clean
+.PHONY: setup test test-fast test-unit test-property test-e2e test-matrix lint bench bench-guestview bench-link fuzz deb demo clean
 
 setup: $(SETUP_STAMP)
 
@@ -75,11 +76,18 @@ bench: setup testbed
 	$(PYTEST) -q tests/bench
 	$(PY) -m tests.bench.xen_bench
 	$(PY) -m tests.bench.guestview_bench
+	$(PY) -m tests.bench.link_bench
 
 # The guest's view alone (tests/bench/guestview_bench.py): a Debian guest's nginx, second by
 # second, around each migration method; about 30-40 minutes under TCG.
 bench-guestview: setup testbed
 	$(PY) -m tests.bench.guestview_bench
+
+# Two hosts across a shaped link (tests/bench/link_bench.py): stock, --no-prune and pruning from
+# host-a to host-b over plain TCP, with a neighbour guest on host-a; one repetition took 58 minutes
+# at load 7-14 on 2 cores (2026-12-06), three take hours unless the machine is quiet.
+bench-link: setup testbed
+	$(PY) -m tests.bench.link_bench
 
 # The fuzzer is the `fuzz` extra, installed here only; 2 workers, one a core.
 FUZZ_STAMP := $(VENV)/.softpage-fuzz

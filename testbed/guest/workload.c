@@ -15,12 +15,20 @@
  *       (guest side) for the manifest's files FIRST..FIRST+COUNT-1: how many of their pages are
  *       in the page cache (mincore, which reads nothing), and with "check" then reads each file
  *       and compares it with the manifest, timing the reads.
+ *   workload spin [--mb N]
+ *       (guest side, the link bench's neighbour guest: tests/bench/link_bench.py) a steady
+ *       CPU-and-memory load: rewrites N MiB (default 32) page by page, mixing every word, round
+ *       after round, and prints one WORKLOAD SPIN line per second (its own monotonic clock) with
+ *       how many pages it rewrote in that second: its throughput, which a migration in the same
+ *       host's dom0 takes CPU from.
  *
  * Output lines (machine-readable, one per event, on stdout = the guest console):
  *   WORKLOAD READY anon_pages=N files=M cache_bytes=B dirty_rate=R
  *   WORKLOAD VERIFY ok seq=K anon_pages=N files=M cache_bytes=B resident_file_pages=P dirtied=D
  *   WORKLOAD VERIFY FAIL seq=K bad_anon_pages=X first_bad_page=I bad_files=Y first_bad_file=NAME
  *   WORKLOAD FILES first=F count=C pages=P resident=R [bad=B read_s=S]
+ *   WORKLOAD SPIN READY mb=N
+ *   WORKLOAD SPIN seq=K pages=P seconds=S      (P pages rewritten in the last S s; K counts lines)
  *   WORKLOAD ERROR <what failed>
  * Each anonymous page holds a pattern derived from (page index, generation); the generation of
  * every page is kept in a separate array, so a page that reverts to an older content (a lost
@@ -462,17 +470,72 @@ static int files(const char *dir, unsigned long first, unsigned long count, int 
 	return bad ? 1 : 0;
 }
 
+#define SPIN_REPORT_S 1.0
+#define SPIN_BATCH_PAGES 64u	/* pages between two looks at the clock */
+
+static int spin(int argc, char **argv)
+{
+	unsigned long mb = 32, pages, page = 0, done = 0, seq = 0;
+	uint64_t *memory, carry = ANON_SEED;
+	double last;
+
+	for (int i = 0; i < argc; i++) {
+		if (!strcmp(argv[i], "--mb") && i + 1 < argc) {
+			mb = strtoul(argv[++i], NULL, 0);
+		} else {
+			fprintf(stderr, "workload spin: unknown option %s\n", argv[i]);
+			return 2;
+		}
+	}
+	pages = (mb << 20) / PAGE_BYTES;
+	if (!pages) {
+		fprintf(stderr, "workload spin: --mb must be at least 1\n");
+		return 2;
+	}
+	memory = mmap(NULL, pages * PAGE_BYTES, PROT_READ | PROT_WRITE,
+		      MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+	if (memory == MAP_FAILED) {
+		say("WORKLOAD ERROR spin: mmap %lu MiB: %s", mb, strerror(errno));
+		return 1;
+	}
+	say("WORKLOAD SPIN READY mb=%lu", mb);
+	last = now_s();
+	for (;;) {
+		double now;
+
+		for (unsigned int b = 0; b < SPIN_BATCH_PAGES; b++) {
+			uint64_t *words = memory + page * WORDS_PER_PAGE;
+
+			/* read, mix and write back every word: both the CPU and the memory work */
+			for (unsigned int w = 0; w < WORDS_PER_PAGE; w++) {
+				carry = mix64(carry ^ words[w]);
+				words[w] = carry;
+			}
+			page = (page + 1) % pages;
+		}
+		done += SPIN_BATCH_PAGES;
+		now = now_s();
+		if (now - last >= SPIN_REPORT_S) {
+			say("WORKLOAD SPIN seq=%lu pages=%lu seconds=%.3f", seq++, done, now - last);
+			done = 0;
+			last = now;
+		}
+	}
+}
+
 int main(int argc, char **argv)
 {
 	if (argc == 4 && !strcmp(argv[1], "gendata"))
 		return gendata(argv[2], strtoul(argv[3], NULL, 0));
 	if (argc >= 2 && !strcmp(argv[1], "run"))
 		return run(argc - 2, argv + 2);
+	if (argc >= 2 && !strcmp(argv[1], "spin"))
+		return spin(argc - 2, argv + 2);
 	if (argc == 6 && !strcmp(argv[1], "files") &&
 	    (!strcmp(argv[5], "resident") || !strcmp(argv[5], "check")))
 		return files(argv[2], strtoul(argv[3], NULL, 0), strtoul(argv[4], NULL, 0),
 			     !strcmp(argv[5], "check"));
 	fprintf(stderr, "usage: workload gendata DIR TOTAL_MB | workload run [options] | "
-		"workload files DIR FIRST COUNT resident|check\n");
+		"workload files DIR FIRST COUNT resident|check | workload spin [--mb N]\n");
 	return 2;
 }

@@ -220,11 +220,12 @@ class TestbedPair:
         path = f"/sys/class/net/{self.plan.device}/statistics/rx_bytes"
         return int(testbed.run(["cat", path], check=True).stdout)
 
-    def measure_ssh(self, source: Testbed, mib: int) -> float:
-        """MiB/s of ``dd | ssh PEER 'cat > /dev/null'``: what ssh, as migration uses it, carries."""
+    def measure_ssh(self, source: Testbed, mib: int, ssh_options: str = "") -> float:
+        """MiB/s of ``dd | ssh [SSH_OPTIONS] PEER 'cat > /dev/null'``: what ssh, as migration uses
+        it, carries (``ssh_options``, e.g. ``-c aes128-ctr``: another cipher than ssh's choice)."""
         peer = self.name(self.peer(source))
-        result = source.run(f"dd if=/dev/zero bs=1M count={mib} status=none | ssh {peer} 'cat > /dev/null'",
-                            timeout_s=1200, check=True)
+        result = source.run(f"dd if=/dev/zero bs=1M count={mib} status=none | ssh {ssh_options} {peer} "
+                            "'cat > /dev/null'", timeout_s=1200, check=True)
         return mib / result.wall_s
 
     def measure_tcp(self, source: Testbed, mib: int, port: int = 5201) -> float:

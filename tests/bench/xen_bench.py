@@ -65,6 +65,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from softpage_testbed import (
     DEFAULT_GUEST_KERNEL,
@@ -93,6 +94,8 @@ KERNEL_AND_WORKLOAD_MB = 160
 DOM0_TOOLS = "/tmp/softpage-bench"
 BENCH_STATS = "/tmp/bench-stats.json"
 """softpage's per-round records of the last migration (``--stats``)."""
+RunRow = TypeVar("RunRow")
+"""A dataclass whose instances are rows of a runs.csv (``Run``, or another bench's)."""
 TRIPLE_FAULT_RETRIES = 3
 """1 GiB guests triple-fault under TCG far more often than the e2e suite's 256 MiB ones: twice in
 one run of a step on 2026-11-30 (the retried run was hit too)."""
@@ -147,9 +150,10 @@ def install_dom0_tools(testbed: Testbed) -> None:
         testbed.write_file(f"{DOM0_TOOLS}/{name}", (REPO / "tests/bench/dom0" / name).read_text())
 
 
-def receiver_command(receive: str = "xl migrate-receive") -> str:
-    """The receiver every method migrates to: ``receive`` behind the tap, under measure.py."""
-    return (f"python3 {DOM0_TOOLS}/measure.py - /tmp/bench-recv.json -- "
+def receiver_command(receive: str = "xl migrate-receive", watch: str = "-") -> str:
+    """The receiver every method migrates to: ``receive`` behind the tap, under measure.py
+    (``watch``: its first argument, ``incoming`` on another host than the sender's)."""
+    return (f"python3 {DOM0_TOOLS}/measure.py {watch} /tmp/bench-recv.json -- "
             f"sh -c 'python3 {DOM0_TOOLS}/tap.py /tmp/bench-tap.json | {receive}'")
 
 
@@ -340,27 +344,33 @@ def keep_round_stats(out: Path, run: Run, measured: dict[str, object]) -> None:
     (folder / f"{run.anon_mb}-{run.method}-{run.repetition}.jsonl").write_text(lines)
 
 
-def median(runs: list[Run], field: str) -> float | None:
+def median(runs: list[Any], field: str) -> float | None:
     values = [getattr(run, field) for run in runs if getattr(run, field) is not None]
     return statistics.median(values) if values else None
 
 
-def summarise(runs: list[Run]) -> list[dict[str, object]]:
+SUMMARY_FIELDS = ("pages_data", "stream_bytes", "wall_s", "downtime_s", "suspended_s", "sender_cpu_s",
+                  "dom0_cpu_s", "rounds", "guest_scan_ms", "early_drop_s", "guest_drop_ms",
+                  "guest_final_scan_ms", "guest_dropped_cache_pages", "guest_dropped_slab_pages",
+                  "guest_reinit_ms", "guest_reinit_pages")
+
+
+def summarise(runs: list[Any], methods: tuple[str, ...] = METHODS, fields: tuple[str, ...] = SUMMARY_FIELDS,
+              compared: tuple[str, ...] = COMPARED_WITH_STOCK) -> list[dict[str, object]]:
+    """Medians of ``fields`` per step (``anon_mb``) and method of ``runs`` (``Run``s, or another
+    bench's with those attributes), and for the ``compared`` ones the ratio to stock's median."""
     rows = []
     for anon_mb in sorted({run.anon_mb for run in runs}):
         stock = [run for run in runs if run.anon_mb == anon_mb and run.method == "stock"]
-        for method in METHODS:
+        for method in methods:
             chosen = [run for run in runs if run.anon_mb == anon_mb and run.method == method]
             if not chosen:
                 continue
             row: dict[str, object] = {"anon_mb": anon_mb, "method": method, "runs": len(chosen)}
-            for field in ("pages_data", "stream_bytes", "wall_s", "downtime_s", "suspended_s", "sender_cpu_s",
-                          "dom0_cpu_s", "rounds", "guest_scan_ms", "early_drop_s", "guest_drop_ms",
-                          "guest_final_scan_ms", "guest_dropped_cache_pages", "guest_dropped_slab_pages",
-                          "guest_reinit_ms", "guest_reinit_pages"):
+            for field in fields:
                 row[field] = median(chosen, field)
                 base = median(stock, field)
-                if field in COMPARED_WITH_STOCK:
+                if field in compared:
                     value = row[field]
                     row[f"{field}_vs_stock"] = (value / base if isinstance(value, float | int) and base
                                                 else None)
@@ -368,12 +378,14 @@ def summarise(runs: list[Run]) -> list[dict[str, object]]:
     return rows
 
 
-def markdown(rows: list[dict[str, object]], header: str) -> str:
-    def cell(value: object, digits: int = 2) -> str:
-        if value is None:
-            return "-"
-        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+def cell(value: object, digits: int = 2) -> str:
+    """A Markdown table cell: "-" for nothing measured, floats to ``digits``."""
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
+
+def markdown(rows: list[dict[str, object]], header: str) -> str:
     lines = [header, "",
              "| user MB | method | pages with data | x stock | MiB sent | time s | x stock | downtime s "
              "| x stock | suspended s | sender CPU s | dom0 CPU s | x stock | rounds | guest scan ms "
@@ -418,16 +430,21 @@ def plot(rows: list[dict[str, object]], out: Path) -> None:
 
 def load_runs(path: Path) -> list[Run]:
     """The runs an earlier, interrupted sweep wrote to ``path`` (none if there is no such file)."""
+    return read_runs(path, Run)
+
+
+def read_runs(path: Path, kind: type[RunRow]) -> list[RunRow]:
+    """The rows of ``kind`` (a dataclass) that an earlier, interrupted sweep wrote to ``path``."""
     if not path.exists():
         return []
     with open(path, newline="", encoding="utf-8") as runs_file:
         reader = csv.DictReader(runs_file)
         rows = list(reader)
-    fields = {field.name: field.type for field in dataclasses.fields(Run)}
+    fields = {field.name: field.type for field in dataclasses.fields(kind)}  # type: ignore[arg-type]
     if list(reader.fieldnames or []) != list(fields):
         raise SystemExit(f"{path} has the columns of another version of the bench: continue it "
                          "with that version, or start a new folder")
-    return [Run(**row_values(row, fields)) for row in rows]  # type: ignore[arg-type]
+    return [kind(**row_values(row, fields)) for row in rows]
 
 
 def row_values(row: dict[str, str], fields: dict[str, object]) -> dict[str, object]:
@@ -446,10 +463,11 @@ def row_values(row: dict[str, str], fields: dict[str, object]) -> dict[str, obje
     return values
 
 
-def append_run(path: Path, run: Run) -> None:
+def append_run(path: Path, run: Any) -> None:
+    """One run (a dataclass: ``Run``, or another bench's) as a row of the CSV at ``path``."""
     new_file = not path.exists()
     with open(path, "a", newline="", encoding="utf-8") as runs_file:
-        writer = csv.DictWriter(runs_file, fieldnames=[field.name for field in dataclasses.fields(Run)])
+        writer = csv.DictWriter(runs_file, fieldnames=[field.name for field in dataclasses.fields(run)])
         if new_file:
             writer.writeheader()
         writer.writerow(asdict(run))
@@ -467,10 +485,10 @@ def write_summary(runs: list[Run], out: Path, header: str) -> str:
     return table
 
 
-def output_dir(guest_mb: int) -> Path:
-    """A new results/bench-DATE/, or SOFTPAGE_BENCH_OUT to continue a sweep of the same guest size."""
+def output_dir(guest_mb: int, prefix: str = "bench") -> Path:
+    """A new results/PREFIX-DATE/, or SOFTPAGE_BENCH_OUT to continue a sweep of the same guest size."""
     chosen = os.environ.get("SOFTPAGE_BENCH_OUT")
-    out = Path(chosen) if chosen else REPO / "results" / time.strftime("bench-%Y%m%d-%H%M%S")
+    out = Path(chosen) if chosen else REPO / "results" / time.strftime(f"{prefix}-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     meta = out / "sweep.json"
     if meta.exists():

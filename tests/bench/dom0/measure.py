@@ -2,6 +2,10 @@
 
     measure.py SOURCE_DOMID SUMMARY.json -- COMMAND...
     measure.py - SUMMARY.json -- COMMAND...       (no downtime watch: for the receiver side)
+    measure.py incoming SUMMARY.json -- COMMAND...
+        (the receiver side on another host: only ``running_at``, the first poll where a domain
+        created after the start runs unpaused; tests/bench/link_bench.py relates it to the
+        sender's moments through the offset between the two dom0s' clocks)
 
 Wall time; CPU time of the command's process tree (user + system, from the rusage of waited-for
 children; the receiver's share is measured by its own wrapper and subtracted by the caller);
@@ -15,8 +19,8 @@ unpaused:
   suspends (softpage.ko drops its caches then).
 * ``suspended_s`` starts at the first poll where Xen shows the source shut down for suspend.
 The moments themselves, on dom0's monotonic clock (``time.monotonic()``), go beside as
-``started_at``, ``ended_at``, ``requested_at`` and ``running_at``: what a time line of the guest's
-service (tests/bench/guestview_bench.py) is aligned on.
+``started_at``, ``ended_at``, ``requested_at``, ``suspended_at`` and ``running_at``: what a time
+line of the guest's service (tests/bench/guestview_bench.py) is aligned on.
 """
 
 from __future__ import annotations
@@ -59,15 +63,38 @@ def watch_incoming(source: int, stop: threading.Event, result: dict[str, float |
                     result["suspended_at"] = now
             except OSError:
                 pass  # the source is gone (destroyed after the handover)
-            if result["suspended_at"] is not None:
-                for domid in range(source + 1, source + 1 + WATCHED_NEW_DOMAINS):
-                    try:
-                        state = ctrl.domain_state(domid)
-                    except OSError:
-                        continue
-                    if not state.paused and not state.shutdown and not state.dying:
-                        result["running_at"] = now
-                        return
+            if result["suspended_at"] is not None and runs_above(ctrl, source):
+                result["running_at"] = now
+                return
+            time.sleep(POLL_S)
+
+
+def runs_above(ctrl: XenCtrl, newest: int) -> bool:
+    """Whether one of the next domains created after ``newest`` runs unpaused."""
+    for domid in range(newest + 1, newest + 1 + WATCHED_NEW_DOMAINS):
+        try:
+            state = ctrl.domain_state(domid)
+        except OSError:
+            continue
+        if not state.paused and not state.shutdown and not state.dying:
+            return True
+    return False
+
+
+def newest_domid() -> int:
+    """The highest domid that exists now (``xl list``): Xen gives a new domain a higher one."""
+    listing = subprocess.run(["xl", "list"], capture_output=True, text=True, check=True).stdout
+    return max(int(line.split()[1]) for line in listing.splitlines()[1:] if line.strip())
+
+
+def watch_new_domain(newest: int, stop: threading.Event, result: dict[str, float | None]) -> None:
+    """The first poll where a domain above ``newest`` (the incoming copy) runs unpaused."""
+    with XenCtrl.open() as ctrl:
+        while not stop.is_set():
+            now = time.monotonic()
+            if runs_above(ctrl, newest):
+                result["running_at"] = now
+                return
             time.sleep(POLL_S)
 
 
@@ -92,12 +119,16 @@ def dom0_busy_s() -> float:
 def main() -> int:
     source, summary_path, separator, *command = sys.argv[1:]
     if separator != "--" or not command:
-        print("usage: measure.py SOURCE_DOMID SUMMARY.json -- COMMAND...", file=sys.stderr)
+        print("usage: measure.py SOURCE_DOMID|-|incoming SUMMARY.json -- COMMAND...", file=sys.stderr)
         return 2
     times: dict[str, float | None] = {"requested_at": None, "suspended_at": None, "running_at": None}
     stop = threading.Event()
     watchers = []
-    if source != "-":
+    if source == "incoming":
+        watcher = threading.Thread(target=watch_new_domain, args=(newest_domid(), stop, times), daemon=True)
+        watcher.start()
+        watchers.append(watcher)
+    elif source != "-":
         for target in (watch_suspend_request, watch_incoming):
             watcher = threading.Thread(target=target, args=(int(source), stop, times), daemon=True)
             watcher.start()
@@ -113,9 +144,9 @@ def main() -> int:
     for watcher in watchers:
         watcher.join(timeout=5)
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    measured = downtimes(times) if source != "-" else {}
-    moments = {"started_at": started, "ended_at": started + wall,
-               "requested_at": times["requested_at"], "running_at": times["running_at"]}
+    measured = downtimes(times) if source not in ("-", "incoming") else {}
+    moments = {"started_at": started, "ended_at": started + wall, "requested_at": times["requested_at"],
+               "suspended_at": times["suspended_at"], "running_at": times["running_at"]}
     with open(summary_path, "w", encoding="utf-8") as summary:
         json.dump({"rc": completed.returncode, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
                    "dom0_cpu_s": dom0_cpu, **measured, **moments}, summary)

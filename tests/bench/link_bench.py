@@ -1,0 +1,621 @@
+#!/usr/bin/env python3
+"""`make bench-link`: stock `xl migrate` against softpage between two hosts across a shaped link
+(issue 19), with a neighbour guest on the source host whose throughput says what a migration
+costs the host's other tenants.
+
+A ``TestbedPair`` (host-a, host-b: Xen 4.17.7 on Debian 12 unless SOFTPAGE_BENCH_XEN says
+otherwise) boots with its link shaped by ``tc netem`` on both ends (SOFTPAGE_LINK_RATE, default
+LINK_RATE; SOFTPAGE_LINK_DELAY ms one way, default LINK_DELAY_MS). A PVH guest
+(SOFTPAGE_BENCH_GUEST_MB, default GUEST_MB) with SOFTPAGE_BENCH_ANON_MB of user allocation per
+step (default "0") and as much page cache from its data disk as the rest holds runs on host-a;
+for each step it goes to host-b SOFTPAGE_BENCH_REPS times (default 3) by each method,
+interleaved:
+
+    stock      xl migrate -s "" GUEST "<to host-b>"
+    no-prune   softpage migrate --no-prune -s "" GUEST "<to host-b>"
+    prune      softpage migrate -s "" GUEST "<to host-b>"        (the default --prune)
+
+One transport for all, SOFTPAGE_LINK_TRANSPORT: ``tcp`` (the default) is one plain TCP
+connection (tests/bench/dom0/tcp_pipe.py: ``tcp_pipe.py connect host-b PORT`` on host-a, the
+receiver under ``tcp_pipe.py serve`` on host-b); ``ssh`` is ``ssh [SOFTPAGE_LINK_SSH_OPTIONS]
+host-b '<receiver>'``, as users run migrations. In a TCG dom0 ssh carries a fifth of what TCP
+does, whatever the cipher (0.43 against 2.04 MiB/s at load 10, 2026-12-06; testbed/README.md
+"The bench across the link"): to make the wire the bottleneck at a rate that fits the time, the
+bench runs over TCP. The receiver is xen_bench's (tap.py counting the stream's bytes and pages in
+front of `xl migrate-receive`, under measure.py) on host-b.
+
+After each measured migration the guest must run on on host-b (heartbeats, no second boot) and
+goes back to host-a unmeasured (`softpage migrate`, pruning, the same transport), where it
+passes the workload's full check (SOFTPAGE_BENCH_CHECK=step: its files are only read back into
+the page cache, and the full check runs once per step). Going back with the
+default prune drops the cache that is cold by then, so the check reads it in once more: each
+measured migration starts with the step's page cache, read once QUIET_S before it.
+
+Measured per migration:
+* pages with data and stream bytes (the tap on host-b); bytes on the wire: the link NIC's tx and
+  rx counters on both hosts (ssh, TCP, IP, Ethernet included);
+* migration time: the sender's wall time on host-a;
+* downtime: from the suspend request (seen on host-a) to the incoming copy running unpaused (seen
+  on host-b), with the two dom0 clocks related through an offset measured over the link right
+  before and right after the migration (tests/bench/dom0/clock_offset.py: the shortest of 20 UDP
+  round trips, midpoint), their mean applied; the round trip bounds the error;
+* dom0 CPU on both hosts: each dom0's busy time while its side ran (the sender on host-a, the
+  receiver on host-b: measure.py);
+* the neighbour: a second guest on host-a running `workload spin` (testbed/guest/workload.c),
+  which prints the pages it rewrote each second; its rate while the migration ran against its
+  rate in the SOFTPAGE_BENCH_QUIET_S seconds (default QUIET_S) of quiet just before.
+
+A run that fails (a guest triple fault under TCG, a migration error) is written to failures.txt,
+the guest is started again on host-a, and the bench goes on with the next run (at most
+MAX_FAILURES). Each run is appended to results/link-bench-DATE/runs.csv as it finishes, and the
+summary (medians, ratios to stock, the targets of issue 19) rewritten into README.md after every
+run; SOFTPAGE_BENCH_OUT=DIR continues a sweep in DIR.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from softpage_testbed import (
+    CONSOLE_LOG_DIR,
+    XEN_PVH_VERSION,
+    Guest,
+    GuestSpec,
+    LinkShape,
+    Testbed,
+    TestbedConfig,
+    TestbedError,
+    TestbedPair,
+    booted_pair,
+)
+from tests.bench import xen_bench
+from tests.bench.xen_bench import (
+    BENCH_STATS,
+    DOM0_TOOLS,
+    PRUNING_METHODS,
+    REPO,
+    Run,
+    append_run,
+    bench_guest,
+    bench_guest_kernel,
+    cell,
+    check_guest,
+    environment_list,
+    guest_suspend_counters,
+    install_dom0_tools,
+    keep_round_stats,
+    measured_sender_command,
+    output_dir,
+    read_runs,
+    receiver_command,
+    start_guest,
+    to_run,
+    warm_cache,
+)
+
+LINK_METHODS = ("stock", "no-prune", "prune")
+DOM0_PROFILE = "/etc/profile.d/softpage.sh"
+TRANSPORTS = ("tcp", "ssh")
+FIRST_PORT = 5400
+"""Every clock probe and TCP stream of a run gets a port of its own from here on."""
+ACCEPT_S = 900.0
+"""How long a TCP receiver waits for its sender before it gives up."""
+GUEST_MB = 256
+LINK_RATE = "8mbit"
+LINK_DELAY_MS = 5.0
+SSH_CIPHERS = ("-c aes128-ctr -m umac-64-etm@openssh.com",)
+"""A cheaper cipher and MAC measured beside ssh's own choice (chacha20-poly1305) at the start."""
+PROBE_MIB = 16
+NEIGHBOUR_MB = 128
+"""The neighbour guest's memory; it spins over NEIGHBOUR_SPIN_MB of it."""
+NEIGHBOUR_SPIN_MB = 32
+NEIGHBOUR = "neighbour"
+QUIET_S = 75.0
+"""The quiet before each measured migration: the neighbour's rate without one, and time for the
+page cache the guest read back after its return to turn cold (softpage's default
+``--prune cache=cold``: a file read once is cold 30-60 s after the read, docs/design.md), as in
+the single-host bench's guest whose cache was read once at its start."""
+CLOCK_PROBES = 20
+MAX_FAILURES = 3
+SPIN_LINE = re.compile(r"WORKLOAD SPIN seq=(\d+) pages=(\d+) seconds=([0-9.]+)")
+"""workload.c's spin mode, one line a second (its header comment owns the format)."""
+
+TARGETS = {
+    # issue 19, at 0 MB of user allocation, ratios to stock in the same run
+    "prune": {"pages_data": 0.08, "wall_s": 0.25, "wire_bytes": 0.08, "dom0_cpu_a_s": 0.3,
+              "dom0_cpu_b_s": 0.3, "neighbour_loss": 0.3, "downtime_s": 1.0},
+    "no-prune": {"pages_data": 1.05, "wall_s": 1.05, "wire_bytes": 1.05, "dom0_cpu_a_s": 1.05,
+                 "dom0_cpu_b_s": 1.05, "neighbour_loss": 1.05, "downtime_s": 1.05},
+}
+COMPARED_WITH_STOCK = ("pages_data", "stream_bytes", "wire_bytes", "wall_s", "downtime_s",
+                       "dom0_cpu_a_s", "dom0_cpu_b_s", "neighbour_loss")
+SUMMARY_FIELDS = (*COMPARED_WITH_STOCK, "suspended_s", "pages_xalloc", "rounds", "early_drop_s",
+                  "neighbour_without", "neighbour_during", "clock_rtt_s", "load_1min")
+
+
+@dataclass
+class LinkRun:
+    anon_mb: int
+    cache_mb: int
+    method: str
+    repetition: int
+    wall_s: float
+    """The sender's wall time on host-a."""
+    downtime_s: float | None
+    """Suspend request on host-a to the incoming copy running on host-b (clock offset applied)."""
+    suspended_s: float | None
+    """From the source shut down for suspend (as host-a's Xen shows it) to the same moment."""
+    pages_data: int
+    pages_xalloc: int
+    stream_bytes: int
+    wire_bytes: int
+    """Both directions on the link as host-a's NIC counted them (wire_a_tx + wire_a_rx)."""
+    wire_a_tx: int
+    wire_a_rx: int
+    wire_b_tx: int
+    wire_b_rx: int
+    dom0_cpu_a_s: float | None
+    """host-a's dom0 busy time while the sender ran."""
+    dom0_cpu_b_s: float | None
+    """host-b's dom0 busy time while the receiver ran."""
+    receiver_wall_s: float
+    rounds: int | None
+    early_drop_s: float | None
+    neighbour_without: float | None
+    """The neighbour's pages/s in the quiet before the migration."""
+    neighbour_during: float | None
+    """Its pages/s while the sender ran."""
+    neighbour_loss: float | None
+    """1 - during / without: the share of its throughput the migration took."""
+    clock_offset_s: float
+    """host-b's monotonic clock minus host-a's (mean of before and after)."""
+    clock_drift_s: float
+    """The offset after the migration minus the one before."""
+    clock_rtt_s: float
+    """The longer of the two best round trips: the offset is good to half of it."""
+    load_1min: float
+    """This machine's load average when the run ended (other testbeds share its 2 cores)."""
+
+
+# -- pure parts -------------------------------------------------------------------------------
+
+def spin_rate(console_text: str) -> float | None:
+    """The neighbour's pages per second over the complete ``WORKLOAD SPIN`` lines of a slice of
+    its console log (a slice may cut a line at either end: only whole lines count)."""
+    pages = seconds = 0.0
+    for line in console_text.replace("\r", "").split("\n")[:-1]:
+        match = SPIN_LINE.fullmatch(line.strip())
+        if match:
+            pages += int(match.group(2))
+            seconds += float(match.group(3))
+    return pages / seconds if seconds > 0 else None
+
+
+def throughput_loss(without: float | None, during: float | None) -> float | None:
+    if without is None or during is None or without <= 0:
+        return None
+    return 1.0 - during / without
+
+
+def cross_host_interval(start_on_a: float | None, end_on_b: float | None, offset_before: float,
+                        offset_after: float) -> float | None:
+    """Seconds from a moment on host-a's clock to one on host-b's, given host-b's clock minus
+    host-a's measured before and after (their mean: the drift in between is reported beside)."""
+    if start_on_a is None or end_on_b is None:
+        return None
+    return end_on_b - (offset_before + offset_after) / 2 - start_on_a
+
+
+def link_delta(before: tuple[int, int], after: tuple[int, int]) -> tuple[int, int]:
+    """(tx, rx) bytes between two readings of a NIC's counters."""
+    tx, rx = after[0] - before[0], after[1] - before[1]
+    if tx < 0 or rx < 0:
+        raise ValueError(f"expected growing link counters, got {before} then {after}")
+    return tx, rx
+
+
+def summarise(runs: list[LinkRun]) -> list[dict[str, object]]:
+    """Medians per step and method, and each method's ratio to stock's median (the neighbour's
+    loss: its loss over stock's)."""
+    return xen_bench.summarise(runs, LINK_METHODS, SUMMARY_FIELDS, COMPARED_WITH_STOCK)
+
+
+Verdict = tuple[str, str, float | None, float, bool]
+"""(method, measure, ratio to stock, limit, met)."""
+
+
+def targets(rows: list[dict[str, object]], anon_mb: int = 0) -> list[Verdict]:
+    """Issue 19's targets at ``anon_mb``: (method, measure, ratio to stock, limit, met); a ratio
+    not measured is not met."""
+    verdicts = []
+    for row in rows:
+        if row["anon_mb"] != anon_mb or row["method"] not in TARGETS:
+            continue
+        for field, limit in TARGETS[str(row["method"])].items():
+            ratio = row.get(f"{field}_vs_stock")
+            value = float(ratio) if isinstance(ratio, float | int) else None
+            verdicts.append((str(row["method"]), field, value, limit, value is not None and value <= limit))
+    return verdicts
+
+
+def markdown(rows: list[dict[str, object]], verdicts: list[Verdict]) -> str:
+    def mib(value: object) -> object:
+        return value / 2**20 if isinstance(value, float | int) else None
+
+    lines = ["| user MB | method | runs | pages with data | x stock | stream MiB | wire MiB | x stock "
+             "| time s | x stock | downtime s | x stock | dom0 CPU A s | x stock | dom0 CPU B s | x stock "
+             "| neighbour pages/s quiet | during | loss | x stock | load |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+             "---:|---:|"]
+    for row in rows:
+        lines.append(
+            f"| {row['anon_mb']} | {row['method']} | {row['runs']} | {cell(row['pages_data'], 0)} | "
+            f"{cell(row['pages_data_vs_stock'])} | {cell(mib(row['stream_bytes']), 1)} | "
+            f"{cell(mib(row['wire_bytes']), 1)} | {cell(row['wire_bytes_vs_stock'])} | "
+            f"{cell(row['wall_s'], 1)} | {cell(row['wall_s_vs_stock'])} | {cell(row['downtime_s'])} | "
+            f"{cell(row['downtime_s_vs_stock'])} | {cell(row['dom0_cpu_a_s'], 1)} | "
+            f"{cell(row['dom0_cpu_a_s_vs_stock'])} | {cell(row['dom0_cpu_b_s'], 1)} | "
+            f"{cell(row['dom0_cpu_b_s_vs_stock'])} | {cell(row['neighbour_without'], 0)} | "
+            f"{cell(row['neighbour_during'], 0)} | {cell(row['neighbour_loss'])} | "
+            f"{cell(row['neighbour_loss_vs_stock'])} | {cell(row['load_1min'], 1)} |")
+    lines += ["", "Targets of issue 19 (ratio to stock at 0 MB of user allocation):", ""]
+    lines += [f"- {method} {field}: {cell(ratio)} (target <= {limit:g}): {'met' if met else 'MISSED'}"
+              for method, field, ratio, limit, met in verdicts]
+    if not verdicts:
+        lines.append("- none measured yet: no softpage run at 0 MB of user allocation")
+    return "\n".join(lines) + "\n"
+
+
+# -- on the pair --------------------------------------------------------------------------------
+
+def link_counters(pair: TestbedPair, testbed: Testbed) -> tuple[int, int]:
+    """(tx, rx) bytes the host's link NIC counted since boot."""
+    statistics_dir = f"/sys/class/net/{pair.plan.device}/statistics"
+    text = testbed.run(f"cat {statistics_dir}/tx_bytes {statistics_dir}/rx_bytes", check=True).stdout
+    tx, rx = (int(value) for value in text.split())
+    return tx, rx
+
+
+class Transport:
+    """How a migration reaches the other host (SOFTPAGE_LINK_TRANSPORT), the same for every method
+    and for the way back."""
+
+    def __init__(self, kind: str, ssh_options: str) -> None:
+        if kind not in TRANSPORTS:
+            raise SystemExit(f"SOFTPAGE_LINK_TRANSPORT={kind}: expected one of {', '.join(TRANSPORTS)}")
+        self.kind = kind
+        self.ssh_options = ssh_options
+        self.ports = itertools.count(FIRST_PORT)
+
+    def describe(self) -> str:
+        if self.kind == "ssh":
+            return f"`{shlex.join(['ssh', *shlex.split(self.ssh_options)])}`"
+        return "one plain TCP connection (tests/bench/dom0/tcp_pipe.py)"
+
+    def sender_rune(self, pair: TestbedPair, destination: Testbed, receive: str) -> str:
+        """The HOST argument of ``xl migrate -s ""`` / ``softpage migrate -s ""`` that runs the
+        ``receive`` command on ``destination`` (for TCP, started there now)."""
+        name = pair.name(destination)
+        if self.kind == "ssh":
+            # ssh runs the receiver in a shell that is no login shell: dom0's profile (testbed/
+            # dom0/configure.sh) puts the payload's softpage, which tap.py and measure.py import,
+            # on its path
+            return shlex.join(["ssh", *shlex.split(self.ssh_options), name, f". {DOM0_PROFILE}; {receive}"])
+        port = next(self.ports)
+        destination.run(f"nohup python3 {DOM0_TOOLS}/tcp_pipe.py serve {port} {ACCEPT_S:g} -- sh -c "
+                        f"{shlex.quote(receive)} > /tmp/tcp-pipe-{port}.log 2>&1 &", check=True)
+        return f"python3 {DOM0_TOOLS}/tcp_pipe.py connect {name} {port}"
+
+
+def clock_offset(pair: TestbedPair, port: int) -> tuple[float, float]:
+    """(host-b's monotonic clock minus host-a's, the best round trip), over the link."""
+    tool = f"{DOM0_TOOLS}/clock_offset.py"
+    pair.b.run(f"nohup python3 {tool} serve {port} 30 > /dev/null 2>&1 &", check=True)
+    result = pair.a.run(["python3", tool, "probe", pair.name(pair.b), str(port), str(CLOCK_PROBES)],
+                        timeout_s=300, check=True)
+    measured = json.loads(result.stdout)
+    return float(measured["offset_s"]), float(measured["rtt_s"])
+
+
+def console_size(testbed: Testbed, name: str) -> int:
+    return int(testbed.run(["stat", "-c", "%s", f"{CONSOLE_LOG_DIR}/guest-{name}.log"], check=True).stdout)
+
+
+def console_slice(testbed: Testbed, name: str, start: int, end: int) -> str:
+    return testbed.run(f"tail -c +{start + 1} {CONSOLE_LOG_DIR}/guest-{name}.log | head -c {end - start}",
+                       check=True).stdout
+
+
+def ensure_neighbour(testbed: Testbed, spin_mb: int, notes: list[str]) -> None:
+    """The neighbour runs on ``testbed``: started again if it died (its spinning vCPU exits to Xen
+    at every tick, and under TCG's nested SVM any exit can end in a triple fault)."""
+    if NEIGHBOUR in testbed.domains():
+        return
+    notes.append(f"{time.strftime('%H:%M:%S')} the neighbour was gone (Xen's log: "
+                 f"{testbed.triple_faults()} guest triple faults so far); started again")
+    print(f"link_bench: {notes[-1]}", file=sys.stderr, flush=True)
+    start_neighbour(testbed, spin_mb)
+
+
+def start_neighbour(testbed: Testbed, spin_mb: int) -> Guest:
+    """The neighbour guest, its workload idle (no user memory, no cache, no dirtying), then
+    `workload spin` typed into its shell."""
+    spec = GuestSpec(name=NEIGHBOUR, guest_type="pvh", memory_mb=NEIGHBOUR_MB, anon_mb=0, cache_mb=0,
+                     dirty_rate=0, load_kmod=False, data_disk=False, kernel=bench_guest_kernel())
+    guest = testbed.create_guest(spec, timeout_s=900)
+    guest.console_command(f"/bin/workload spin --mb {spin_mb} &")
+    guest.wait_for(r"WORKLOAD SPIN seq=\d+ ", timeout_s=300)
+    return guest
+
+
+def read_remote_json(testbed: Testbed, path: str, timeout_s: float = 120) -> dict[str, object]:
+    """A JSON summary a dom0 tool writes when its command ended, which may be after the sender's
+    end (stock xl does not wait for its receiver)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = testbed.run(["cat", path])
+        if result.ok and result.stdout.strip():
+            loaded = json.loads(result.stdout)
+            assert isinstance(loaded, dict)
+            return loaded
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} on {testbed.config.link.host if testbed.config.link else '?'}: "
+                               f"not written {timeout_s:.0f} s after the sender ended")
+        time.sleep(2)
+
+
+def measured_migration(pair: TestbedPair, guest: Guest, method: str, transport: Transport,
+                       quiet_s: float) -> tuple[dict[str, object], dict[str, float | int | None]]:
+    """One measured migration of ``guest`` from host-a to host-b by ``method``, with the quiet
+    window of the neighbour before it; returns xen_bench's measured dict and this bench's
+    cross-host measures."""
+    pair.a.run(["rm", "-f", "/tmp/bench-send.json", BENCH_STATS], check=True)
+    pair.b.run(["rm", "-f", "/tmp/bench-recv.json", "/tmp/bench-tap.json"], check=True)
+    quiet_start = console_size(pair.a, NEIGHBOUR)
+    time.sleep(quiet_s)
+    quiet_end = console_size(pair.a, NEIGHBOUR)
+    offset_before, rtt_before = clock_offset(pair, next(transport.ports))
+    rune = transport.sender_rune(pair, pair.b, receiver_command(watch="incoming"))
+    command = measured_sender_command(method, guest, rune)
+    counters_before = {name: link_counters(pair, testbed) for name, testbed in (("a", pair.a), ("b", pair.b))}
+    during_start = console_size(pair.a, NEIGHBOUR)
+    result = pair.a.run(command, timeout_s=7200)
+    during_end = console_size(pair.a, NEIGHBOUR)
+    if not result.ok:
+        raise RuntimeError(f"{method} migration failed (rc {result.rc}): {result.stderr[-3000:]}")
+    measured: dict[str, object] = {
+        "send": read_remote_json(pair.a, "/tmp/bench-send.json"),
+        "recv": read_remote_json(pair.b, "/tmp/bench-recv.json"),
+        "tap": read_remote_json(pair.b, "/tmp/bench-tap.json"),
+    }
+    counters_after = {name: link_counters(pair, testbed) for name, testbed in (("a", pair.a), ("b", pair.b))}
+    offset_after, rtt_after = clock_offset(pair, next(transport.ports))
+    if method != "stock":
+        lines = pair.a.run(["cat", BENCH_STATS], check=True).stdout.splitlines()
+        measured["stats"] = [json.loads(line) for line in lines]
+    send, recv = measured["send"], measured["recv"]
+    assert isinstance(send, dict) and isinstance(recv, dict)
+    a_tx, a_rx = link_delta(counters_before["a"], counters_after["a"])
+    b_tx, b_rx = link_delta(counters_before["b"], counters_after["b"])
+    without = during = None
+    if NEIGHBOUR in pair.a.domains():  # else it died in the window (a triple fault under TCG)
+        without = spin_rate(console_slice(pair.a, NEIGHBOUR, quiet_start, quiet_end))
+        during = spin_rate(console_slice(pair.a, NEIGHBOUR, during_start, during_end))
+    # the sender's own downtimes looked for the incoming copy on host-a: replaced by the
+    # cross-host ones
+    send["downtime_s"] = cross_host_interval(send.get("requested_at"), recv.get("running_at"),  # type: ignore[arg-type]
+                                             offset_before, offset_after)
+    send["suspended_s"] = cross_host_interval(send.get("suspended_at"), recv.get("running_at"),  # type: ignore[arg-type]
+                                              offset_before, offset_after)
+    extra: dict[str, float | int | None] = {
+        "wire_a_tx": a_tx, "wire_a_rx": a_rx, "wire_b_tx": b_tx, "wire_b_rx": b_rx,
+        "dom0_cpu_b_s": recv.get("dom0_cpu_s"),  # type: ignore[dict-item]
+        "receiver_wall_s": float(str(recv["wall_s"])),
+        "neighbour_without": without, "neighbour_during": during,
+        "clock_offset_s": (offset_before + offset_after) / 2, "clock_drift_s": offset_after - offset_before,
+        "clock_rtt_s": max(rtt_before, rtt_after),
+    }
+    return measured, extra
+
+
+def to_link_run(run: Run, extra: dict[str, float | int | None]) -> LinkRun:
+    def measured(name: str) -> float | None:
+        value = extra[name]
+        return None if value is None else float(value)
+
+    def counted(name: str) -> int:
+        return int(extra[name] or 0)
+
+    without, during = measured("neighbour_without"), measured("neighbour_during")
+    return LinkRun(
+        anon_mb=run.anon_mb, cache_mb=run.cache_mb, method=run.method, repetition=run.repetition,
+        wall_s=run.wall_s, downtime_s=run.downtime_s, suspended_s=run.suspended_s,
+        pages_data=run.pages_data, pages_xalloc=run.pages_xalloc, stream_bytes=run.stream_bytes,
+        wire_bytes=counted("wire_a_tx") + counted("wire_a_rx"), wire_a_tx=counted("wire_a_tx"),
+        wire_a_rx=counted("wire_a_rx"), wire_b_tx=counted("wire_b_tx"), wire_b_rx=counted("wire_b_rx"),
+        dom0_cpu_a_s=run.dom0_cpu_s, dom0_cpu_b_s=measured("dom0_cpu_b_s"),
+        receiver_wall_s=measured("receiver_wall_s") or 0.0, rounds=run.rounds, early_drop_s=run.early_drop_s,
+        neighbour_without=without, neighbour_during=during, neighbour_loss=throughput_loss(without, during),
+        clock_offset_s=measured("clock_offset_s") or 0.0, clock_drift_s=measured("clock_drift_s") or 0.0,
+        clock_rtt_s=measured("clock_rtt_s") or 0.0, load_1min=os.getloadavg()[0],
+    )
+
+
+def boots_seen(testbed: Testbed, guest: Guest) -> int:
+    """How often this host's console logs saw the guest boot (0 where it only ever arrived)."""
+    return Guest(testbed, guest.spec).boot_count()
+
+
+def arrive(source: Testbed, destination: Testbed, guest: Guest, heartbeat: int, boots: int) -> Guest:
+    """The guest left ``source`` and runs on ``destination``, not booted again there."""
+    if guest.name in source.domains():
+        raise RuntimeError(f"{guest.name} still on the source after its migration: {source.domains()}")
+    arrived = Guest(destination, guest.spec)
+    arrived.wait_for_heartbeat(heartbeat + 2, timeout_s=300)
+    if boots_seen(destination, guest) != boots:
+        raise RuntimeError(f"{guest.name} booted again on the destination")
+    return arrived
+
+
+def one_run(pair: TestbedPair, guest: Guest, method: str, repetition: int, transport: Transport,
+            quiet_s: float, full_check: bool) -> tuple[Guest, LinkRun, Run, dict[str, object]]:
+    """host-a -> host-b measured, then back unmeasured; returns the guest on host-a again."""
+    heartbeat, boots_b = guest.heartbeat(), boots_seen(pair.b, guest)
+    measured, extra = measured_migration(pair, guest, method, transport, quiet_s)
+    on_b = arrive(pair.a, pair.b, guest, heartbeat, boots_b)
+    token = f"{guest.spec.anon_mb}-{method}-{repetition}"
+    if method in PRUNING_METHODS:
+        measured["guest_counters"] = guest_suspend_counters(on_b, token)
+    run = to_run(guest.spec.anon_mb, guest.spec.cache_mb, method, repetition, measured)
+    heartbeat, boots_a = on_b.heartbeat(), boots_seen(pair.a, guest)
+    back = pair.b.run(["python3", "-m", "softpage", "migrate", "-q", "-s", "", guest.name,
+                       transport.sender_rune(pair, pair.a, "xl migrate-receive")], timeout_s=3600)
+    if not back.ok:
+        raise RuntimeError(f"the migration back to host-a failed (rc {back.rc}): {back.stderr[-3000:]}")
+    on_a = arrive(pair.b, pair.a, guest, heartbeat, boots_a)
+    if full_check:
+        check_guest(on_a, f"after {method} and back")
+    else:
+        warm_cache(on_a, token)
+    return on_a, to_link_run(run, extra), run, measured
+
+
+def start_again(pair: TestbedPair, spec: GuestSpec, failures: list[str]) -> Guest:
+    """After a failed run: the guest gone from both hosts, a fresh one on host-a (or the end)."""
+    print(f"link_bench: FAILED {failures[-1]}", file=sys.stderr, flush=True)
+    if len(failures) >= MAX_FAILURES:
+        raise SystemExit(f"link_bench: {len(failures)} failed runs, stopping")
+    for testbed in pair.testbeds:
+        # its console logs too: a new guest's heartbeats start again at 0
+        testbed.run(f"xl destroy {spec.name}; rm -f {CONSOLE_LOG_DIR}/guest-{spec.name}*.log", timeout_s=300)
+    return start_guest(pair.a, spec)
+
+
+def measure_transports(pair: TestbedPair, mib: int, ssh_options: str) -> str:
+    """What the unshaped link carries from host-a to host-b: plain TCP, ssh with its own choice of
+    cipher, with SSH_CIPHERS, and with ``ssh_options``."""
+    measured = [f"TCP {pair.measure_tcp(pair.a, mib):.2f} MiB/s"]
+    for options in dict.fromkeys(("", *SSH_CIPHERS, ssh_options)):
+        rate = pair.measure_ssh(pair.a, mib, options)
+        measured.append(f"`ssh {options}`".replace(" `", "`") + f" {rate:.2f} MiB/s")
+    summary = f"{mib} MiB each, " + ", ".join(measured) + f" (load `{machine_load()}`)"
+    print(f"link_bench: {summary}", file=sys.stderr, flush=True)
+    return summary
+
+
+def machine_load() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+
+
+def write_readme(out: Path, header: str, runs: list[LinkRun], failures: list[str], notes: list[str]) -> str:
+    rows = summarise(runs)
+    table = markdown(rows, targets(rows))
+    failed = "".join(f"- {failure}\n" for failure in failures) or "- none\n"
+    noted = "".join(f"- {note}\n" for note in notes) or "- none\n"
+    (out / "README.md").write_text(f"{header}\n\n## Medians\n\n{table}\n## Failed runs (not in the table)\n\n"
+                                   f"{failed}\n## Notes\n\n{noted}")
+    return table
+
+
+def main() -> int:
+    guest_mb = int(os.environ.get("SOFTPAGE_BENCH_GUEST_MB", str(GUEST_MB)))
+    steps = environment_list("SOFTPAGE_BENCH_ANON_MB", "0")
+    repetitions = int(os.environ.get("SOFTPAGE_BENCH_REPS", "3"))
+    full_check = os.environ.get("SOFTPAGE_BENCH_CHECK", "each") != "step"
+    ssh_options = os.environ.get("SOFTPAGE_LINK_SSH_OPTIONS", "")
+    transport = Transport(os.environ.get("SOFTPAGE_LINK_TRANSPORT", "tcp"), ssh_options)
+    quiet_s = float(os.environ.get("SOFTPAGE_BENCH_QUIET_S", str(QUIET_S)))
+    spin_mb = int(os.environ.get("SOFTPAGE_BENCH_NEIGHBOUR_MB", str(NEIGHBOUR_SPIN_MB)))
+    xen_version = os.environ.get("SOFTPAGE_BENCH_XEN", XEN_PVH_VERSION)
+    os.environ.setdefault("SOFTPAGE_LINK_RATE", LINK_RATE)
+    os.environ.setdefault("SOFTPAGE_LINK_DELAY", f"{LINK_DELAY_MS:g}")
+    shape = LinkShape.from_env()
+    # the data disk as large as the guest; each host holds dom0, one copy of the guest and the
+    # neighbour (no localhost migration: no second copy)
+    os.environ.setdefault("SOFTPAGE_DATA_MB", str(guest_mb))
+    os.environ.setdefault("SOFTPAGE_QEMU_MEM_MB", str(1024 + guest_mb + NEIGHBOUR_MB + 768))
+    out = output_dir(guest_mb, prefix="link-bench")
+    runs_path = out / "runs.csv"
+    runs = read_runs(runs_path, LinkRun)
+    failures_path = out / "failures.txt"
+    failures = failures_path.read_text().splitlines() if failures_path.exists() else []
+    notes_path = out / "notes.txt"
+    notes = notes_path.read_text().splitlines() if notes_path.exists() else []
+    done = {(run.anon_mb, run.method, run.repetition) for run in runs}
+    started = time.monotonic()
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=False).stdout.strip()
+    config = TestbedConfig.from_env(xen_version)
+    probe_mib = int(os.environ.get("SOFTPAGE_BENCH_PROBE_MIB", str(PROBE_MIB)))
+    with booted_pair(config, config, Path(tempfile.mkdtemp(prefix="softpage-link-bench-"))) as pair:
+        for testbed in pair.testbeds:
+            install_dom0_tools(testbed)
+            for tool in ("clock_offset.py", "tcp_pipe.py"):
+                testbed.write_file(f"{DOM0_TOOLS}/{tool}", (REPO / "tests/bench/dom0" / tool).read_text())
+        carried = measure_transports(pair, probe_mib, ssh_options) if probe_mib else "not measured"
+        (out / "transport.txt").write_text(carried + "\n")
+        pair.apply_shape(shape)
+        xen_info = "; ".join(" ".join(line.split()) for line in
+                             pair.a.run("xl info | grep -E '^(xen_version|nr_cpus)'").stdout.splitlines())
+        header = (f"# Across the link: stock `xl migrate` vs softpage, host-a to host-b "
+                  f"({time.strftime('%Y-%m-%d %H:%M')} UTC, commit {commit})\n\n"
+                  f"`make bench-link` (tests/bench/link_bench.py): a PVH guest of {guest_mb} MiB on Linux "
+                  f"{bench_guest_kernel()}, user allocation steps {steps} MB, up to {repetitions} "
+                  f"interleaved repetitions, medians; Xen {xen_version} ({config.platform.release} dom0) on "
+                  f"both hosts, {xen_info}, under QEMU TCG on this machine ({os.cpu_count()} cores, shared "
+                  f"with other testbeds: load at start `{machine_load()}`). "
+                  f"Link: {shape.tc_arguments() if shape else 'unshaped'} "
+                  f"on both ends' egress; transport {transport.describe()}; unshaped, host-a to host-b: "
+                  f"{carried}. Neighbour: a {NEIGHBOUR_MB} MiB PVH "
+                  f"guest on host-a spinning over {spin_mb} MiB; quiet window {quiet_s:g} s before each run.")
+        neighbour = start_neighbour(pair.a, spin_mb)
+        for anon_mb in steps:
+            todo = [(repetition, method) for repetition in range(repetitions) for method in LINK_METHODS
+                    if (anon_mb, method, repetition) not in done]
+            if not todo:
+                continue
+            spec = bench_guest(f"link{anon_mb}", guest_mb, anon_mb)
+            guest = start_guest(pair.a, spec)
+            for repetition, method in todo:
+                ensure_neighbour(pair.a, spin_mb, notes)
+                notes_path.write_text("".join(f"{note}\n" for note in notes))
+                try:
+                    guest, link_run, run, measured = one_run(pair, guest, method, repetition, transport,
+                                                             quiet_s, full_check)
+                except (RuntimeError, TestbedError) as error:
+                    failures.append(f"{time.strftime('%H:%M:%S')} user {anon_mb} MB, {method} #{repetition}: "
+                                    f"{str(error)[:300]}".replace("\n", " "))
+                    failures_path.write_text("\n".join(failures) + "\n")
+                    guest = start_again(pair, spec, failures)
+                    continue
+                runs.append(link_run)
+                append_run(runs_path, link_run)
+                keep_round_stats(out, run, measured)
+                write_readme(out, header, runs, failures, notes)
+                print(f"link_bench: user {anon_mb} MB, {method} #{repetition}: {link_run.wall_s:.1f} s, "
+                      f"{link_run.pages_data} pages with data, "
+                      f"{link_run.wire_bytes / 2**20:.1f} MiB on the wire, "
+                      f"downtime {link_run.downtime_s}, neighbour loss {link_run.neighbour_loss}, "
+                      f"load {link_run.load_1min:.1f}", file=sys.stderr, flush=True)
+            if not full_check:
+                check_guest(guest, f"after the last migration of the {anon_mb} MB step")
+            guest.destroy()
+        neighbour.destroy()
+    table = write_readme(out, header, runs, failures, notes) if runs else "no runs\n"
+    print("\n" + table)
+    print(f"results in {out} ({time.monotonic() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

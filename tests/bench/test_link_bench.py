@@ -1,0 +1,181 @@
+"""The pure parts of the bench across the link (tests/bench/link_bench.py): the neighbour's
+throughput lines, the clock offset between two dom0s, the link counters, the summary and the
+targets of issue 19."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.bench.dom0.clock_offset import best_offset
+from tests.bench.link_bench import (
+    LINK_METHODS,
+    LinkRun,
+    cross_host_interval,
+    link_delta,
+    markdown,
+    spin_rate,
+    summarise,
+    targets,
+    throughput_loss,
+    to_link_run,
+)
+from tests.bench.xen_bench import REPO, Run
+
+
+def test_spin_rate_counts_whole_lines_only() -> None:
+    text = ("AD SPIN seq=3 pages=999999 seconds=0.001\n"  # cut at the slice's start
+            "WORKLOAD SPIN seq=4 pages=1000 seconds=1.000\r\n"
+            "HEARTBEAT 7 up=12.0\n"
+            "WORKLOAD SPIN seq=5 pages=3000 seconds=1.000\n"
+            "WORKLOAD SPIN seq=6 pages=77")  # cut at the slice's end
+    assert spin_rate(text) == pytest.approx(2000.0)
+
+
+def test_spin_rate_without_lines_is_none() -> None:
+    assert spin_rate("") is None
+    assert spin_rate("HEARTBEAT 1 up=3.0\n") is None
+
+
+def test_workload_spin_prints_what_the_bench_parses(tmp_path: Path) -> None:
+    """workload.c owns the line format; the bench's parser must read what it prints."""
+    binary = tmp_path / "workload"
+    subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(binary),
+                    str(REPO / "testbed/guest/workload.c")], check=True)
+    spin = subprocess.Popen([str(binary), "spin", "--mb", "4"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert spin.stdout is not None
+        lines = [spin.stdout.readline() for _ in range(3)]
+    finally:
+        spin.kill()
+        spin.wait()
+    assert lines[0] == "WORKLOAD SPIN READY mb=4\n"
+    rate = spin_rate("".join(lines[1:]))
+    assert rate is not None and rate > 0
+    usage = subprocess.run([str(binary), "spin", "--mb", "0"], capture_output=True, text=True, check=False)
+    assert usage.returncode == 2, usage
+
+
+def test_throughput_loss() -> None:
+    assert throughput_loss(1000.0, 750.0) == pytest.approx(0.25)
+    assert throughput_loss(1000.0, 1100.0) == pytest.approx(-0.1)
+    assert throughput_loss(None, 10.0) is None
+    assert throughput_loss(0.0, 10.0) is None
+    assert throughput_loss(10.0, None) is None
+
+
+def test_best_offset_takes_the_shortest_round_trip() -> None:
+    # host-b's clock runs 100 s ahead; the second probe queued 0.4 s on its way back
+    samples = [(10.0, 110.05, 10.1), (20.0, 120.01, 20.42), (30.0, 130.02, 30.04)]
+    offset, rtt = best_offset(samples)
+    assert rtt == pytest.approx(0.04)
+    assert offset == pytest.approx(100.0)
+
+
+def test_best_offset_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        best_offset([])
+    with pytest.raises(ValueError, match="after its probe"):
+        best_offset([(5.0, 1.0, 4.0)])
+
+
+def test_cross_host_interval_applies_the_mean_offset() -> None:
+    # suspend requested at 50 on host-a; running at 1052.5 on host-b, whose clock is 1000 ahead
+    # (999.8 before, 1000.2 after)
+    assert cross_host_interval(50.0, 1052.5, 999.8, 1000.2) == pytest.approx(2.5)
+    assert cross_host_interval(None, 1052.5, 0.0, 0.0) is None
+    assert cross_host_interval(50.0, None, 0.0, 0.0) is None
+
+
+def test_link_delta() -> None:
+    assert link_delta((100, 200), (1100, 260)) == (1000, 60)
+    with pytest.raises(ValueError, match="growing"):
+        link_delta((100, 200), (50, 260))
+
+
+def run(method: str, repetition: int, scale: float, loss: float | None = 0.5) -> LinkRun:
+    return LinkRun(
+        anon_mb=0, cache_mb=96, method=method, repetition=repetition, wall_s=100.0 * scale,
+        downtime_s=2.0, suspended_s=1.5, pages_data=int(60000 * scale), pages_xalloc=0,
+        stream_bytes=int(250e6 * scale), wire_bytes=int(260e6 * scale), wire_a_tx=int(258e6 * scale),
+        wire_a_rx=int(2e6 * scale), wire_b_tx=int(2e6 * scale), wire_b_rx=int(258e6 * scale),
+        dom0_cpu_a_s=80.0 * scale, dom0_cpu_b_s=60.0 * scale, receiver_wall_s=100.0 * scale,
+        rounds=None, early_drop_s=None, neighbour_without=1000.0,
+        neighbour_during=None if loss is None else 1000.0 * (1 - loss * scale),
+        neighbour_loss=None if loss is None else loss * scale, clock_offset_s=10.0, clock_drift_s=0.001,
+        clock_rtt_s=0.01, load_1min=5.0)
+
+
+def test_summary_ratios_and_targets() -> None:
+    runs = [run("stock", r, 1.0) for r in range(3)]
+    runs += [run("no-prune", r, 1.0 + 0.01 * r) for r in range(3)]  # median 1.01
+    runs += [run("prune", r, s) for r, s in enumerate((0.05, 0.07, 0.5))]  # median 0.07
+    rows = summarise(runs)
+    assert [row["method"] for row in rows] == list(LINK_METHODS)
+    prune = rows[2]
+    assert prune["runs"] == 3
+    assert prune["wall_s_vs_stock"] == pytest.approx(0.07)
+    assert prune["neighbour_loss_vs_stock"] == pytest.approx(0.07)
+    assert prune["downtime_s_vs_stock"] == pytest.approx(1.0)
+    verdicts = {(method, field): (ratio, met) for method, field, ratio, _limit, met in targets(rows)}
+    assert verdicts[("prune", "pages_data")][1] is True
+    assert verdicts[("prune", "downtime_s")][1] is True
+    assert verdicts[("no-prune", "wall_s")] == (pytest.approx(1.01), True)
+    table = markdown(rows, targets(rows))
+    assert "MISSED" not in table and "prune wire_bytes: 0.07 (target <= 0.08): met" in table
+
+
+def test_a_missed_or_unmeasured_target_is_not_met() -> None:
+    runs = [run("stock", 0, 1.0, loss=None), run("prune", 0, 0.5, loss=None)]
+    verdicts = {(method, field): met for method, field, _ratio, _limit, met in targets(summarise(runs))}
+    assert verdicts[("prune", "wall_s")] is False  # 0.5 > 0.25
+    assert verdicts[("prune", "neighbour_loss")] is False  # not measured
+    assert "MISSED" in markdown(summarise(runs), targets(summarise(runs)))
+
+
+def test_targets_only_at_the_asked_step() -> None:
+    runs = [dataclasses.replace(run("stock", 0, 1.0), anon_mb=64),
+            dataclasses.replace(run("prune", 0, 0.05), anon_mb=64)]
+    assert targets(summarise(runs)) == []
+    assert "none measured yet" in markdown(summarise(runs), [])
+
+
+
+def test_to_link_run_adds_the_cross_host_measures() -> None:
+    base = Run(anon_mb=0, cache_mb=96, method="prune", repetition=1, wall_s=50.0, downtime_s=3.0,
+               suspended_s=2.5, sender_cpu_s=None, stream_bytes=40_000_000, pages_data=9000,
+               pages_xalloc=50000, rounds=4, guest_scan_ms=None, guest_drop_ms=None,
+               guest_final_scan_ms=None, early_drop_s=0.5, dom0_cpu_s=20.0)
+    extra: dict[str, float | int | None] = {
+        "wire_a_tx": 41_000_000, "wire_a_rx": 900_000, "wire_b_tx": 900_000, "wire_b_rx": 41_000_000,
+        "dom0_cpu_b_s": 15.0, "receiver_wall_s": 49.0, "neighbour_without": 800.0,
+        "neighbour_during": 600.0, "clock_offset_s": 12.5, "clock_drift_s": 0.002, "clock_rtt_s": 0.02}
+    link_run = to_link_run(base, extra)
+    assert link_run.wire_bytes == 41_900_000
+    assert link_run.dom0_cpu_a_s == 20.0 and link_run.dom0_cpu_b_s == 15.0
+    assert link_run.neighbour_loss == pytest.approx(0.25)
+    assert (link_run.downtime_s, link_run.pages_data, link_run.rounds) == (3.0, 9000, 4)
+    assert link_run.clock_rtt_s == 0.02
+    unmeasured = to_link_run(base, {**extra, "neighbour_during": None, "dom0_cpu_b_s": None})
+    assert unmeasured.neighbour_loss is None and unmeasured.dom0_cpu_b_s is None
+
+
+def test_tcp_pipe_carries_the_stream_and_the_answers() -> None:
+    """tcp_pipe.py on this machine's loopback: the stream one way, the receiver's answer back."""
+    tool = str(REPO / "tests/bench/dom0/tcp_pipe.py")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    receiver = subprocess.Popen(["python3", tool, "serve", str(port), "30", "--", "sh", "-c",
+                                 'echo "received $(wc -c) bytes"'])
+    try:
+        sender = subprocess.run(["python3", tool, "connect", "127.0.0.1", str(port)], input=bytes(3 << 20),
+                                capture_output=True, timeout=60, check=True)
+        assert sender.stdout.decode().split() == ["received", str(3 << 20), "bytes"]
+        assert receiver.wait(timeout=30) == 0
+    finally:
+        receiver.kill()
