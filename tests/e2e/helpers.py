@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import sys
 from collections.abc import Callable, Iterator
 
 from softpage_testbed import (
@@ -115,6 +116,8 @@ def save_and_restore_repeatedly(testbed: Testbed, guest: Guest, domain_header: s
         assert [r["kind"] for r in rounds] == ["final"], rounds
         assert int(totals["pages_xalloc"]) > 2048, (attempt, totals)  # type: ignore[call-overload]
         size = int(testbed.run(["stat", "-c", "%s", image], check=True).stdout)
+        print(f"save {attempt + 1} of {repeat}: {result.wall_s:.1f} s, image {size} bytes, helper: {totals}",
+              file=sys.stderr)
         assert size < PRUNE_GUEST["memory_mb"] << 20
         if attempt == 0:
             verified = verify(testbed, image)

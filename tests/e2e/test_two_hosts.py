@@ -2,16 +2,18 @@
 DOMAIN HOST` over ssh, as users run them, between two testbeds (``TestbedPair``: host-a and
 host-b, testbed/softpage_testbed/pair.py).
 
-The pair boots once per module (one pair at a time: 2 cores of TCG fit no more) after the
-single-host testbed of the session is shut down. A guest "arrived" when it is gone from the
-source, its heartbeat moves on on the destination, it did not boot again there, and the
-workload's full check (every anonymous byte, every cached file) passes there.
+A pair boots once per session (one pair at a time: 2 cores of TCG fit no more, conftest.py's
+``PairPool``) after the single-host testbed of the session is shut down. A guest "arrived" when
+it is gone from the source, its heartbeat moves on on the destination, it did not boot again
+there, and the workload's full check (every anonymous byte, every cached file) passes there.
 
 `make test` runs the pruned migration there and back (and the shared disk's check, which costs no
-migration); the cut link, the plain and stock migrations, the link's measurement and the
-cross-version pair (Debian 12 / Xen 4.17.7 to Debian 13 / Xen 4.20.4) are `matrix_only` (each
-costs minutes of TCG: ssh carries about 2 MiB/s there; the three `make test` tests took 17 min 44 s
-on 2026-12-05, with other testbeds running).
+migration); the cut link, the plain and stock migrations, the link's measurement, the
+cross-version pair (Debian 12 / Xen 4.17.7 to Debian 13 / Xen 4.20.4) and the PV guest on the
+Xen 4.17.5 pair (``pv_pair``; booted on the libvirt CPU, so that test_libvirt.py's `virsh
+migrate --live` shares the boot) are `matrix_only` (each costs minutes of TCG: ssh carries about
+2 MiB/s there; the three `make test` tests took 17 min 44 s on 2026-12-05, with other testbeds
+running).
 """
 
 from __future__ import annotations
