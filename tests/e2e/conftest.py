@@ -9,6 +9,8 @@ Fixtures:
                        12's 6.1, Debian 13's 6.12) and starts its guests with it.
   ``testbed_pool``     the session object behind both: it boots one hypervisor at a time (TCG
                        on 2 cores cannot afford two) and reuses a boot across tests.
+  ``pair_pool``        the same for two hosts at once (``TestbedPair``), after every single-host
+                       test; ``pv_pair`` (both Xen 4.17.5) is one, test_two_hosts.py has the others.
 
 Each test starts with no guests; the fixtures destroy what a test created. When a test fails,
 the serial log, ``xl dmesg``, dom0 dmesg and /var/log/xen are kept under
@@ -44,9 +46,11 @@ from softpage_testbed import (
     XEN_TRIXIE_VERSION,
     Dom0Hung,
     GuestTripleFault,
+    LinkShape,
     Testbed,
     TestbedConfig,
     TestbedError,
+    TestbedPair,
     build_payload,
     build_testbed,
 )
@@ -110,7 +114,7 @@ TESTBED_CPU_MARKER = "testbed_cpu"
 FULL_MATRIX = "full"
 
 
-PAIR_FIXTURES = ("pvh_pair", "upgrade_pair")
+PAIR_FIXTURES = ("pvh_pair", "upgrade_pair", "pv_pair")
 """tests/e2e/test_two_hosts.py: two hosts at once, booted after every single-host test."""
 PAIR = "pair"
 
@@ -263,3 +267,74 @@ def guest_kernel(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def xen_pv_testbed(request: pytest.FixtureRequest, testbed_pool: TestbedPool) -> Iterator[Testbed]:
     yield from _testbed_for_test(request, testbed_pool, XEN_PV_VERSION)
+
+
+class PairPool:
+    """At most one booted pair, kept across tests (and test modules) that ask for the same one."""
+
+    def __init__(self, pool: TestbedPool) -> None:
+        self.pool = pool
+        self.current: TestbedPair | None = None
+        self.key: tuple[str, str, str | None] = ("", "", None)
+
+    def get(self, version_a: str, version_b: str, cpu_model: str | None = None) -> TestbedPair:
+        """host-a on ``version_a``, host-b on ``version_b``, both with QEMU's ``cpu_model``
+        (None: TestbedConfig's default)."""
+        key = (version_a, version_b, cpu_model)
+        if self.current is not None:
+            if self.key == key and all(tb.alive() for tb in self.current.testbeds):
+                return self.current
+            self.close()
+        self.pool.close()  # the session's single host: no third QEMU
+        configs = [TestbedConfig.from_env(version) for version in (version_a, version_b)]
+        if cpu_model is not None:
+            configs = [dataclasses.replace(config, cpu_model=cpu_model) for config in configs]
+        work_dir = self.pool.work_dir / f"pair-{version_a}-{version_b}-{time.strftime('%H%M%S')}"
+        pair = TestbedPair(configs[0], configs[1], self.pool.payload(), work_dir, LinkShape.from_env())
+        pair.boot()
+        self.current, self.key = pair, key
+        return pair
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.shutdown()
+            self.current = None
+
+
+@pytest.fixture(scope="session")
+def pair_pool(testbed_pool: TestbedPool) -> Iterator[PairPool]:
+    pairs = PairPool(testbed_pool)
+    try:
+        yield pairs
+    finally:
+        pairs.close()
+
+
+def pair_for_test(request: pytest.FixtureRequest, pairs: PairPool, version_a: str,
+                  version_b: str) -> Iterator[TestbedPair]:
+    """The pair (with the CPU of the test's ``testbed_cpu`` marker), its link up and no guests;
+    the logs of both hosts kept when the test failed."""
+    pair = pairs.get(version_a, version_b, _cpu_model_of(request.node))
+    for testbed in pair.testbeds:
+        testbed.destroy_all_guests()
+        pair.set_link(testbed, up=True)
+    yield pair
+    reports = [getattr(request.node, f"softpage_report_{when}", None) for when in ("setup", "call")]
+    failed = [report for report in reports if report is not None and report.failed]
+    if failed:
+        log_dir = log_dir_for(request.node)
+        for testbed in pair.testbeds:
+            testbed.collect_logs(log_dir / pair.name(testbed))
+        (log_dir / "failure.txt").write_text("\n\n".join(report.longreprtext for report in failed))
+    try:
+        for testbed in pair.testbeds:
+            pair.set_link(testbed, up=True)
+            testbed.destroy_all_guests()
+    except TestbedError:
+        pairs.close()  # the next test boots a fresh pair
+
+
+@pytest.fixture
+def pv_pair(request: pytest.FixtureRequest, pair_pool: PairPool) -> Iterator[TestbedPair]:
+    """host-a and host-b, both Xen 4.17.5 on Debian 12: PV guests live-migrate between them."""
+    yield from pair_for_test(request, pair_pool, XEN_PV_VERSION, XEN_PV_VERSION)

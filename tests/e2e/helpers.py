@@ -7,11 +7,21 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import sys
 from collections.abc import Callable, Iterator
 
 from softpage.abi import PAGE_SIZE
 from softpage.stream.records import LIBXC_RECORD_HEADER, MAX_BATCH_SIZE, PAGE_DATA_HEADER
-from softpage_testbed import CommandResult, ConsoleGuest, Guest, GuestSpec, Testbed
+from softpage_testbed import (
+    BOOT_MARKER,
+    CONSOLE_LOG_DIR,
+    CommandResult,
+    ConsoleGuest,
+    Guest,
+    GuestSpec,
+    Testbed,
+    TestbedPair,
+)
 
 # 256 MiB with 48 MiB of anonymous memory and 64 MiB of page cache: about half the guest is
 # free or clean cache, which is what pruning must skip.
@@ -108,6 +118,8 @@ def save_and_restore_repeatedly(testbed: Testbed, guest: Guest, domain_header: s
         assert [r["kind"] for r in rounds] == ["final"], rounds
         assert int(totals["pages_xalloc"]) > 2048, (attempt, totals)  # type: ignore[call-overload]
         size = int(testbed.run(["stat", "-c", "%s", image], check=True).stdout)
+        print(f"save {attempt + 1} of {repeat}: {result.wall_s:.1f} s, image {size} bytes, helper: {totals}",
+              file=sys.stderr)
         assert size < PRUNE_GUEST["memory_mb"] << 20
         if attempt == 0:
             verified = verify(testbed, image)
@@ -142,6 +154,40 @@ def assert_stream_carries_only_data_pages(size: int, rounds: list[dict[str, obje
             + STREAM_RECORDS_SLACK)
     assert data <= size <= most, (f"stream of {size} bytes; the sender counted {data_pages} pages "
                                   f"with data ({data} bytes) and {entries} entries: at most {most}")
+
+
+# -- two hosts (TestbedPair) --------------------------------------------------------------------
+
+def forget_console_logs(pair: TestbedPair, name: str) -> None:
+    for testbed in pair.testbeds:
+        testbed.run(f"rm -f {CONSOLE_LOG_DIR}/guest-{name}*.log", check=True)
+
+
+def boots_seen(testbed: Testbed, spec: GuestSpec) -> int:
+    """How often this host's console logs saw the guest boot (0 where it only ever arrived)."""
+    return Guest(testbed, spec).console_log().count(BOOT_MARKER)
+
+
+def assert_arrived(source: Testbed, destination: Testbed, spec: GuestSpec, heartbeat_before: int,
+                   boots_before: int) -> Guest:
+    """The guest left ``source`` and runs on ``destination``, intact and not rebooted."""
+    assert spec.name not in source.domains(), source.domains()
+    guest = Guest(destination, spec)
+    guest.wait_for_heartbeat(heartbeat_before + 2, timeout_s=180)
+    assert boots_seen(destination, spec) == boots_before, "the guest booted again on the destination"
+    assert not [name for name in destination.domains() if "--" in name], destination.domains()
+    after = guest.verify()
+    assert after.ok, after.line
+    assert int(after.fields["anon_pages"]) == spec.anon_mb * 256
+    return guest
+
+
+def assert_pruned(testbed: Testbed) -> dict[str, object]:
+    rounds, totals = read_stats(testbed)
+    # Free memory and clean cache of the 256 MiB guest: far more than 8 MiB go without data.
+    assert int(totals["pages_xalloc"]) > 2048, totals  # type: ignore[call-overload]
+    assert rounds[-1]["kind"] == "final", rounds
+    return totals
 
 
 DEBS = "/opt/softpage/debs"

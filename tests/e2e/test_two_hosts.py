@@ -2,42 +2,52 @@
 DOMAIN HOST` over ssh, as users run them, between two testbeds (``TestbedPair``: host-a and
 host-b, testbed/softpage_testbed/pair.py).
 
-The pair boots once per module (one pair at a time: 2 cores of TCG fit no more) after the
-single-host testbed of the session is shut down. A guest "arrived" when it is gone from the
-source, its heartbeat moves on on the destination, it did not boot again there, and the
-workload's full check (every anonymous byte, every cached file) passes there.
+A pair boots once per session (one pair at a time: 2 cores of TCG fit no more, conftest.py's
+``PairPool``) after the single-host testbed of the session is shut down. A guest "arrived" when
+it is gone from the source, its heartbeat moves on on the destination, it did not boot again
+there, and the workload's full check (every anonymous byte, every cached file) passes there.
 
 `make test` runs the pruned migration there and back (and the shared disk's check, which costs no
-migration); the cut link, the plain and stock migrations, the link's measurement and the
-cross-version pair (Debian 12 / Xen 4.17.7 to Debian 13 / Xen 4.20.4) are `matrix_only` (each
-costs minutes of TCG: ssh carries about 2 MiB/s there; the three `make test` tests took 17 min 44 s
-on 2026-12-05, with other testbeds running).
+migration); the cut link, the plain and stock migrations, the link's measurement, the
+cross-version pair (Debian 12 / Xen 4.17.7 to Debian 13 / Xen 4.20.4) and the PV guest on the
+Xen 4.17.5 pair (``pv_pair``; booted on the libvirt CPU, so that test_libvirt.py's `virsh
+migrate --live` shares the boot) are `matrix_only` (each costs minutes of TCG: ssh carries about
+2 MiB/s there; the three `make test` tests took 17 min 44 s on 2026-12-05, with other testbeds
+running).
 """
 
 from __future__ import annotations
 
 import re
 import shlex
+import sys
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from softpage_testbed import (
-    BOOT_MARKER,
-    CONSOLE_LOG_DIR,
+    LIBVIRT_CPU_MODEL,
     XEN_PVH_VERSION,
     XEN_TRIXIE_VERSION,
     Guest,
-    GuestSpec,
     LinkShape,
     Testbed,
-    TestbedConfig,
-    TestbedError,
     TestbedPair,
 )
-from tests.e2e.conftest import TestbedPool, log_dir_for
-from tests.e2e.helpers import STATS, domid, read_stats, softpage, start_guest, wait_for_module
+from tests.e2e.conftest import PairPool, pair_for_test
+from tests.e2e.helpers import (
+    STATS,
+    assert_arrived,
+    assert_pruned,
+    boots_seen,
+    domid,
+    forget_console_logs,
+    read_stats,
+    softpage,
+    start_guest,
+    wait_for_module,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -48,87 +58,19 @@ PEER_GONE_S = 120.0
 up after 20 s (dom0/configure.sh), the restore's cleanup under TCG takes the rest."""
 
 
-class PairPool:
-    """At most one booted pair, kept across the tests of this module."""
-
-    def __init__(self, pool: TestbedPool) -> None:
-        self.pool = pool
-        self.current: TestbedPair | None = None
-        self.versions: tuple[str, str] = ("", "")
-
-    def get(self, version_a: str, version_b: str) -> TestbedPair:
-        if self.current is not None:
-            if self.versions == (version_a, version_b) and all(tb.alive() for tb in self.current.testbeds):
-                return self.current
-            self.close()
-        self.pool.close()  # the session's single host: no third QEMU
-        work_dir = self.pool.work_dir / f"pair-{version_a}-{version_b}-{time.strftime('%H%M%S')}"
-        pair = TestbedPair(TestbedConfig.from_env(version_a), TestbedConfig.from_env(version_b),
-                           self.pool.payload(), work_dir, LinkShape.from_env())
-        pair.boot()
-        self.current, self.versions = pair, (version_a, version_b)
-        return pair
-
-    def close(self) -> None:
-        if self.current is not None:
-            self.current.shutdown()
-            self.current = None
-
-
-@pytest.fixture(scope="module")
-def pair_pool(testbed_pool: TestbedPool) -> Iterator[PairPool]:
-    pairs = PairPool(testbed_pool)
-    try:
-        yield pairs
-    finally:
-        pairs.close()
-
-
-def _pair_for_test(request: pytest.FixtureRequest, pairs: PairPool, version_a: str,
-                   version_b: str) -> Iterator[TestbedPair]:
-    pair = pairs.get(version_a, version_b)
-    for testbed in pair.testbeds:
-        testbed.destroy_all_guests()
-        pair.set_link(testbed, up=True)
-    yield pair
-    reports = [getattr(request.node, f"softpage_report_{when}", None) for when in ("setup", "call")]
-    failed = [report for report in reports if report is not None and report.failed]
-    if failed:
-        log_dir = log_dir_for(request.node)
-        for testbed in pair.testbeds:
-            testbed.collect_logs(log_dir / pair.name(testbed))
-        (log_dir / "failure.txt").write_text("\n\n".join(report.longreprtext for report in failed))
-    try:
-        for testbed in pair.testbeds:
-            pair.set_link(testbed, up=True)
-            testbed.destroy_all_guests()
-    except TestbedError:
-        pairs.close()  # the next test boots a fresh pair
-
-
 @pytest.fixture
 def pvh_pair(request: pytest.FixtureRequest, pair_pool: PairPool) -> Iterator[TestbedPair]:
     """host-a and host-b, both Xen 4.17.7 on Debian 12."""
-    yield from _pair_for_test(request, pair_pool, XEN_PVH_VERSION, XEN_PVH_VERSION)
+    yield from pair_for_test(request, pair_pool, XEN_PVH_VERSION, XEN_PVH_VERSION)
 
 
 @pytest.fixture
 def upgrade_pair(request: pytest.FixtureRequest, pair_pool: PairPool) -> Iterator[TestbedPair]:
     """host-a Xen 4.17.7 on Debian 12, host-b Xen 4.20.4 on Debian 13: the rolling upgrade."""
-    yield from _pair_for_test(request, pair_pool, XEN_PVH_VERSION, XEN_TRIXIE_VERSION)
+    yield from pair_for_test(request, pair_pool, XEN_PVH_VERSION, XEN_TRIXIE_VERSION)
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-def forget_console_logs(pair: TestbedPair, name: str) -> None:
-    for testbed in pair.testbeds:
-        testbed.run(f"rm -f {CONSOLE_LOG_DIR}/guest-{name}*.log", check=True)
-
-
-def boots_seen(testbed: Testbed, spec: GuestSpec) -> int:
-    """How often this host's console logs saw the guest boot (0 where it only ever arrived)."""
-    return Guest(testbed, spec).console_log().count(BOOT_MARKER)
-
 
 def migrate_softpage(pair: TestbedPair, source: Testbed, guest_name: str, *options: str) -> None:
     destination = pair.name(pair.peer(source))
@@ -142,20 +84,6 @@ def migrate_stock(pair: TestbedPair, source: Testbed, guest_name: str) -> None:
     assert result.ok, f"xl migrate {guest_name} {destination}: {result.stderr[-3000:]}"
 
 
-def assert_arrived(source: Testbed, destination: Testbed, spec: GuestSpec, heartbeat_before: int,
-                   boots_before: int) -> Guest:
-    """The guest left ``source`` and runs on ``destination``, intact and not rebooted."""
-    assert spec.name not in source.domains(), source.domains()
-    guest = Guest(destination, spec)
-    guest.wait_for_heartbeat(heartbeat_before + 2, timeout_s=180)
-    assert boots_seen(destination, spec) == boots_before, "the guest booted again on the destination"
-    assert not [name for name in destination.domains() if "--" in name], destination.domains()
-    after = guest.verify()
-    assert after.ok, after.line
-    assert int(after.fields["anon_pages"]) == spec.anon_mb * 256
-    return guest
-
-
 def move(pair: TestbedPair, guest: Guest, how: str, *options: str) -> Guest:
     """Migrate ``guest`` to the other host with ``how`` ("softpage" or "xl"); returns it there."""
     source, destination = guest.testbed, pair.peer(guest.testbed)
@@ -165,14 +93,6 @@ def move(pair: TestbedPair, guest: Guest, how: str, *options: str) -> Guest:
     else:
         migrate_stock(pair, source, guest.name)
     return assert_arrived(source, destination, guest.spec, heartbeat, boots)
-
-
-def assert_pruned(testbed: Testbed) -> dict[str, object]:
-    rounds, totals = read_stats(testbed)
-    # Free memory and clean cache of the 256 MiB guest: far more than 8 MiB go without data.
-    assert int(totals["pages_xalloc"]) > 2048, totals  # type: ignore[call-overload]
-    assert rounds[-1]["kind"] == "final", rounds
-    return totals
 
 
 def wait_until_no_guest(testbed: Testbed, timeout_s: float = PEER_GONE_S) -> list[str]:
@@ -289,6 +209,28 @@ def test_pair_guests_use_the_shared_disk_path(pvh_pair: TestbedPair) -> None:
         assert re.fullmatch(r"/dev/vd[a-z]", device), device
         assert testbed.run(["blockdev", "--getro", device], check=True).stdout.strip() == "1"
 
+
+
+# -- PV guests between two Xen 4.17.5 hosts (shadow paging: PV log-dirty) ----------------------
+
+@pytest.mark.matrix_only
+@pytest.mark.testbed_cpu(LIBVIRT_CPU_MODEL)  # one pair boot serves this and test_libvirt's live migration
+def test_pv_guest_migrates_over_ssh_both_ways_on_xen_4_17_5(pv_pair: TestbedPair) -> None:
+    """A PV guest with the module, on the 4.17.5 pair: `softpage migrate guest host-b` (pruning)
+    there and back, then stock `xl migrate guest host-b` there and back, default ssh; the guest
+    arrives intact each time and the module re-publishes after the pruned ones."""
+    pair = pv_pair
+    forget_console_logs(pair, "sp-2h-pv")
+    guest = start_guest(pair.a, "sp-2h-pv", guest_type="pv")
+    for how in ("softpage", "xl"):
+        for _ in range(2):
+            source = guest.testbed
+            guest = move(pair, guest, how)
+            if how == "softpage":
+                totals = assert_pruned(source)
+                print(f"PV {pair.name(source)} -> {pair.name(guest.testbed)}: {totals}", file=sys.stderr)
+            assert wait_for_module(guest) == "ready"
+    assert guest.testbed is pair.a
 
 # -- cross-version: Debian 12 / Xen 4.17.7 to Debian 13 / Xen 4.20.4 ---------------------------
 
