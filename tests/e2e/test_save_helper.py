@@ -52,23 +52,36 @@ def stream_bytes(testbed: Testbed) -> int:
     return int(testbed.run(["cat", STREAM_COUNTER], check=True).stdout.strip() or 0)
 
 
+def migrate_through_the_helper(testbed: Testbed, guest: Guest, attempt: int
+                               ) -> tuple[int, CommandResult, list[dict[str, object]], dict[str, object]]:
+    """``xl migrate`` of ``guest`` to localhost through the helper, which must succeed: the guest's
+    heartbeat before it, xl's result and the helper's stats (rounds, totals)."""
+    heartbeat = guest.heartbeat()
+    result = xl_with_helper(testbed, "migrate", "-s", "", guest.name, RECEIVER)
+    assert result.ok, f"migration {attempt}: {result.stderr[-3000:]}"
+    rounds, totals = read_stats(testbed)
+    return heartbeat, result, rounds, totals
+
+
+def assert_pruned_through_the_helper(testbed: Testbed, result: CommandResult, rounds: list[dict[str, object]],
+                                     totals: dict[str, object], attempt: int) -> None:
+    # xl prints the helper's summary from libxl's log (INFO is shown by default).
+    assert "softpage-save-helper: info: softpage:" in result.stderr, result.stderr[-3000:]
+    assert int(totals["pages_xalloc"]) > 2048, (attempt, totals)  # type: ignore[call-overload]
+    assert rounds[-1]["kind"] == "final" and totals["guest_drop_outcome"] == "done", (attempt, rounds, totals)
+    # The whole xl stream (xl's and libxl's records around the helper's) holds the data of the
+    # pages the helper counted with data and no more: the soft pages went without data.
+    assert_stream_carries_only_data_pages(stream_bytes(testbed), rounds, totals)
+
+
 def test_xl_migrate_with_the_helper_prunes_and_the_guest_survives(xen_pvh_testbed: Testbed) -> None:
     guest = start_guest(xen_pvh_testbed, "helper-mig")
     for attempt in range(REPEAT):
         source_domid = domid(guest)
-        heartbeat = guest.heartbeat()
-        result = xl_with_helper(xen_pvh_testbed, "migrate", "-s", "", guest.name, RECEIVER)
-        assert result.ok, f"migration {attempt}: {result.stderr[-3000:]}"
+        heartbeat, result, rounds, totals = migrate_through_the_helper(xen_pvh_testbed, guest, attempt)
         assert "Migration successful." in result.stderr
-        # xl prints the helper's summary from libxl's log (INFO is shown by default).
-        assert "softpage-save-helper: info: softpage:" in result.stderr, result.stderr[-3000:]
-        rounds, totals = read_stats(xen_pvh_testbed)
-        assert int(totals["pages_xalloc"]) > 2048, (attempt, totals)  # type: ignore[call-overload]
-        assert rounds[0]["snapshot_used"] and rounds[-1]["kind"] == "final", rounds
-        assert totals["guest_drop_outcome"] == "done", (attempt, totals)
-        # The whole xl stream (xl's and libxl's records around the helper's) holds the data of the
-        # pages the helper counted with data and no more: the soft pages went without data.
-        assert_stream_carries_only_data_pages(stream_bytes(xen_pvh_testbed), rounds, totals)
+        assert rounds[0]["snapshot_used"], rounds
+        assert_pruned_through_the_helper(xen_pvh_testbed, result, rounds, totals, attempt)
         assert_survived(guest, heartbeat)
         assert domid(guest) != source_domid
         assert wait_for_module(guest) == "ready"
@@ -78,11 +91,8 @@ def test_xl_migrate_with_the_helper_prunes_and_the_guest_survives(xen_pvh_testbe
 def test_xl_migrate_with_the_helper_sends_a_guest_without_the_module_plain(xen_pvh_testbed: Testbed) -> None:
     guest = start_guest(xen_pvh_testbed, "helper-plain", load_kmod=False)
     for attempt in range(REPEAT):
-        heartbeat = guest.heartbeat()
-        result = xl_with_helper(xen_pvh_testbed, "migrate", "-s", "", guest.name, RECEIVER)
-        assert result.ok, f"migration {attempt}: {result.stderr[-3000:]}"
+        heartbeat, result, _, totals = migrate_through_the_helper(xen_pvh_testbed, guest, attempt)
         assert "publishes no soft pages" in result.stderr, result.stderr[-3000:]
-        _, totals = read_stats(xen_pvh_testbed)
         assert totals["pages_xalloc"] == 0 and totals["pages_skipped"] == 0, (attempt, totals)
         assert_survived(guest, heartbeat)
 
@@ -105,18 +115,11 @@ def test_an_hvm_guest_migrates_and_saves_through_the_helper(xen_pvh_testbed: Tes
     guest = start_guest(xen_pvh_testbed, "helper-hvm", guest_type="hvm")
     assert device_model_runs(guest), "no device model runs for the HVM guest"
     for attempt in range(REPEAT):
-        heartbeat = guest.heartbeat()
-        result = xl_with_helper(xen_pvh_testbed, "migrate", "-s", "", guest.name, RECEIVER)
-        assert result.ok, f"migration {attempt}: {result.stderr[-3000:]}"
-        assert "softpage-save-helper: info: softpage:" in result.stderr, result.stderr[-3000:]
-        rounds, totals = read_stats(xen_pvh_testbed)
-        assert int(totals["pages_xalloc"]) > 2048, (attempt, totals)  # type: ignore[call-overload]
-        assert rounds[-1]["kind"] == "final" and totals["guest_drop_outcome"] == "done", (rounds, totals)
-        size = stream_bytes(xen_pvh_testbed)
+        heartbeat, result, rounds, totals = migrate_through_the_helper(xen_pvh_testbed, guest, attempt)
         print(f"HVM migration {attempt} through the helper: {totals['pages_data']} pages with data, "
-              f"{totals['pages_xalloc']} XALLOC, {len(rounds)} rounds, a stream of {size} bytes",
-              file=sys.stderr)
-        assert_stream_carries_only_data_pages(size, rounds, totals)
+              f"{totals['pages_xalloc']} XALLOC, {len(rounds)} rounds, a stream of "
+              f"{stream_bytes(xen_pvh_testbed)} bytes", file=sys.stderr)
+        assert_pruned_through_the_helper(xen_pvh_testbed, result, rounds, totals, attempt)
         assert_survived(guest, heartbeat)
         assert wait_for_module(guest) == "ready"
         assert device_model_runs(guest), "the migrated HVM guest has no device model"
