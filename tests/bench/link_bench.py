@@ -84,6 +84,7 @@ from tests.bench.xen_bench import (
     DOM0_TOOLS,
     PRUNING_METHODS,
     REPO,
+    MigrationRun,
     Run,
     append_run,
     bench_guest,
@@ -98,6 +99,7 @@ from tests.bench.xen_bench import (
     output_dir,
     read_runs,
     receiver_command,
+    runs_to_do,
     start_guest,
     to_run,
     warm_cache,
@@ -144,17 +146,9 @@ SUMMARY_FIELDS = (*COMPARED_WITH_STOCK, "suspended_s", "pages_xalloc", "rounds",
 
 
 @dataclass
-class LinkRun:
-    anon_mb: int
-    cache_mb: int
-    method: str
-    repetition: int
-    wall_s: float
-    """The sender's wall time on host-a."""
-    downtime_s: float | None
-    """Suspend request on host-a to the incoming copy running on host-b (clock offset applied)."""
-    suspended_s: float | None
-    """From the source shut down for suspend (as host-a's Xen shows it) to the same moment."""
+class LinkRun(MigrationRun):
+    """A migration from host-a to host-b (``MigrationRun``'s fields first)."""
+
     pages_data: int
     pages_xalloc: int
     stream_bytes: int
@@ -580,8 +574,7 @@ def main() -> int:
                   f"guest on host-a spinning over {spin_mb} MiB; quiet window {quiet_s:g} s before each run.")
         neighbour = start_neighbour(pair.a, spin_mb)
         for anon_mb in steps:
-            todo = [(repetition, method) for repetition in range(repetitions) for method in LINK_METHODS
-                    if (anon_mb, method, repetition) not in done]
+            todo = runs_to_do(done, anon_mb, repetitions, LINK_METHODS)
             if not todo:
                 continue
             spec = bench_guest(f"link{anon_mb}", guest_mb, anon_mb)

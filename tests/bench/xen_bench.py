@@ -102,16 +102,25 @@ one run of a step on 2026-11-30 (the retried run was hit too)."""
 
 
 @dataclass
-class Run:
+class MigrationRun:
+    """What every bench's run of one migration records first (its CSV's first columns)."""
+
     anon_mb: int
     cache_mb: int
     method: str
     repetition: int
     wall_s: float
+    """The sender's wall time."""
     downtime_s: float | None
-    """From the suspend request (user space frozen from then on) to the incoming copy running."""
+    """From the suspend request (user space frozen from then on) to the incoming copy running
+    (across two hosts: the request on the source, the copy on the destination, the offset of
+    their clocks applied)."""
     suspended_s: float | None
     """From the source shut down for suspend, as Xen shows it, to the incoming copy running."""
+
+
+@dataclass
+class Run(MigrationRun):
     sender_cpu_s: float | None
     stream_bytes: int
     pages_data: int
@@ -510,6 +519,14 @@ def chosen_methods(text: str) -> tuple[str, ...]:
     return tuple(method for method in METHODS if method in named | {"stock"})
 
 
+def runs_to_do(done: set[tuple[int, str, int]], anon_mb: int, repetitions: int,
+               methods: tuple[str, ...]) -> list[tuple[int, str]]:
+    """The step's (repetition, method) runs not in ``done`` ((anon_mb, method, repetition)), in
+    the order they run: interleaved, every method once per repetition."""
+    return [(repetition, method) for repetition in range(repetitions) for method in methods
+            if (anon_mb, method, repetition) not in done]
+
+
 def main() -> int:
     guest_mb = int(os.environ.get("SOFTPAGE_BENCH_GUEST_MB", "1024"))
     steps = environment_list("SOFTPAGE_BENCH_ANON_MB", "0,200,400,600,800")
@@ -542,8 +559,7 @@ def main() -> int:
                   "this machine "
                   f"({os.cpu_count()} cores). {xen_info.strip()}".replace("\n", "; "))
         for anon_mb in steps:
-            todo = [(repetition, method) for repetition in range(repetitions) for method in methods
-                    if (anon_mb, method, repetition) not in done]
+            todo = runs_to_do(done, anon_mb, repetitions, methods)
             if not todo:
                 continue
             spec = bench_guest(f"bench{anon_mb}", guest_mb, anon_mb)
