@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
+import re
 import shlex
 import socket
 import sys
@@ -46,6 +48,11 @@ LINK_HOSTS_FILE = REPO_DIR / "testbed" / "dom0" / "link-hosts"
 SHARED_DATA_DISK = f"/dev/disk/by-id/virtio-{DATA_DISK_SERIAL}"
 """The data disk as a guest's xl config names it on a pair: the same path on both hosts."""
 LINK_UP_TIMEOUT_S = 180.0
+QUEUE_S = 0.1
+"""The link's queue beyond its delay line, in seconds of the shaped rate (``LinkShape``)."""
+MIN_QUEUE_PACKETS = 64
+FRAME_BYTES = 1514
+_RATE_UNITS = {"bit": 1.0, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,10 +123,27 @@ class LinkShape:
             return None
         return cls(rate, float(os.environ.get("SOFTPAGE_LINK_DELAY", "0") or 0))
 
+    def bits_per_s(self) -> float:
+        """The rate in bits per second, from tc's bit notation (``bit``, ``kbit``, ``mbit``,
+        ``gbit``; SI prefixes, as tc reads them)."""
+        match = re.fullmatch(r"([0-9.]+)(bit|kbit|mbit|gbit)", self.rate.strip().lower())
+        if not match:
+            raise TestbedError(f"link rate {self.rate!r}: expected a number and bit, kbit, mbit "
+                               "or gbit (tc's notation), e.g. 100mbit")
+        return float(match.group(1)) * _RATE_UNITS[match.group(2)]
+
+    def queue_packets(self) -> int:
+        """netem's queue (``limit``, in packets): what the delay line holds at the full rate
+        plus QUEUE_S of backlog, as a router's buffer is sized in time. A fixed packet count
+        would scale wrong: 10,000 frames are 0.12 s at 1 Gbit/s but 15 s at 8 Mbit/s, and TCP
+        fills whatever queue there is, so a migration's last data would wait in it during the
+        downtime."""
+        bytes_per_s = self.bits_per_s() / 8
+        held_s = self.delay_ms / 1000 + QUEUE_S
+        return max(MIN_QUEUE_PACKETS, math.ceil(bytes_per_s * held_s / FRAME_BYTES))
+
     def tc_arguments(self) -> str:
-        # netem's queue (limit, in packets) must hold the bandwidth-delay product and a burst: at
-        # 1 Gbit/s and 50 ms that is about 4200 full frames.
-        return f"netem rate {self.rate} delay {self.delay_ms:g}ms limit 10000"
+        return f"netem rate {self.rate} delay {self.delay_ms:g}ms limit {self.queue_packets()}"
 
 
 class TestbedPair:

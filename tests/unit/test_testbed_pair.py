@@ -89,3 +89,19 @@ def test_link_shape_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     shape = LinkShape.from_env()
     assert shape == LinkShape("100mbit", 2.5)
     assert shape is not None and shape.tc_arguments().startswith("netem rate 100mbit delay 2.5ms")
+
+
+@pytest.mark.parametrize(("rate", "delay_ms", "packets"), [
+    ("8mbit", 5, 70),         # 1 MB/s x 0.105 s = 105,000 bytes: 70 frames
+    ("1gbit", 50, 12_385),    # 125 MB/s x 0.15 s: the delay line and 0.1 s of backlog
+    ("100kbit", 0, 64),       # never fewer than MIN_QUEUE_PACKETS
+])
+def test_link_queue_is_sized_in_time(rate: str, delay_ms: float, packets: int) -> None:
+    shape = LinkShape(rate, delay_ms)
+    assert shape.queue_packets() == packets
+    assert shape.tc_arguments().endswith(f" limit {packets}")
+
+
+def test_link_rate_outside_tcs_bit_notation_is_refused() -> None:
+    with pytest.raises(TestbedError, match="expected a number and bit"):
+        LinkShape("8MB", 5).queue_packets()
