@@ -12,9 +12,9 @@ migration); the cut link, the plain and stock migrations, the link's measurement
 cross-version pair (Debian 12 / Xen 4.17.7 to Debian 13 / Xen 4.20.4) and the PV guest on the
 Xen 4.17.5 pair (``pv_pair``; booted on the libvirt CPU, so that test_libvirt.py's `virsh
 migrate --live` shares the boot) are `matrix_only` (each costs minutes of TCG: ssh carries about
-2 MiB/s there; the three `make test` tests took 17 min 44 s on 2026-12-05, with other testbeds
-running).
-"""
+2 MiB/s there). On an idle machine the two `make test` tests and the link's measurement took
+8 min 53 s with the pair's boot (2026-12-06); with other testbeds running, 17 min 44 s
+(2026-12-05)."""
 
 from __future__ import annotations
 
