@@ -578,7 +578,13 @@ def main() -> int:
             if not todo:
                 continue
             spec = bench_guest(f"link{anon_mb}", guest_mb, anon_mb)
-            guest = start_guest(pair.a, spec)
+            try:
+                guest = start_guest(pair.a, spec)
+            except TestbedError as error:  # a boot that triple-faults under TCG: once more
+                failures.append(f"{time.strftime('%H:%M:%S')} user {anon_mb} MB, starting the guest: "
+                                f"{str(error)[:300]}".replace("\n", " "))
+                failures_path.write_text("\n".join(failures) + "\n")
+                guest = start_again(pair, spec, failures)
             for repetition, method in todo:
                 ensure_neighbour(pair.a, spin_mb, notes)
                 notes_path.write_text("".join(f"{note}\n" for note in notes))
