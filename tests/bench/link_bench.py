@@ -129,6 +129,7 @@ page cache the guest read back after its return to turn cold (softpage's default
 the single-host bench's guest whose cache was read once at its start."""
 CLOCK_PROBES = 20
 MAX_FAILURES = 3
+MIGRATION_SLACK_S = 600.0
 SPIN_LINE = re.compile(r"WORKLOAD SPIN seq=(\d+) pages=(\d+) seconds=([0-9.]+)")
 """workload.c's spin mode, one line a second (its header comment owns the format)."""
 
@@ -368,6 +369,14 @@ def read_remote_json(testbed: Testbed, path: str, timeout_s: float = 120) -> dic
         time.sleep(2)
 
 
+def migration_timeout_s(memory_mb: int, shape: LinkShape | None) -> float:
+    """How long a measured migration may take before it counts as hung: three times the guest's
+    memory at the link's rate (1 MiB/s if unshaped), and MIGRATION_SLACK_S. A guest that
+    triple-faults under TCG in the middle of a migration leaves `xl migrate` waiting for ever."""
+    bytes_per_s = shape.bits_per_s() / 8 if shape else float(2**20)
+    return MIGRATION_SLACK_S + 3 * (memory_mb << 20) / bytes_per_s
+
+
 def measured_migration(pair: TestbedPair, guest: Guest, method: str, transport: Transport,
                        quiet_s: float) -> tuple[dict[str, object], dict[str, float | int | None]]:
     """One measured migration of ``guest`` from host-a to host-b by ``method``, with the quiet
@@ -383,7 +392,7 @@ def measured_migration(pair: TestbedPair, guest: Guest, method: str, transport: 
     command = measured_sender_command(method, guest, rune)
     counters_before = {name: link_counters(pair, testbed) for name, testbed in (("a", pair.a), ("b", pair.b))}
     during_start = console_size(pair.a, NEIGHBOUR)
-    result = pair.a.run(command, timeout_s=7200)
+    result = pair.a.run(command, timeout_s=migration_timeout_s(guest.spec.memory_mb, LinkShape.from_env()))
     during_end = console_size(pair.a, NEIGHBOUR)
     if not result.ok:
         raise RuntimeError(f"{method} migration failed (rc {result.rc}): {result.stderr[-3000:]}")

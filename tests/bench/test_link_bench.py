@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from softpage_testbed import LinkShape
 from tests.bench.dom0.clock_offset import best_offset
 from tests.bench.link_bench import (
     LINK_METHODS,
@@ -18,6 +19,7 @@ from tests.bench.link_bench import (
     cross_host_interval,
     link_delta,
     markdown,
+    migration_timeout_s,
     spin_rate,
     summarise,
     targets,
@@ -179,3 +181,9 @@ def test_tcp_pipe_carries_the_stream_and_the_answers() -> None:
         assert receiver.wait(timeout=30) == 0
     finally:
         receiver.kill()
+
+
+def test_a_hung_migration_times_out_after_three_guests_at_the_link_rate() -> None:
+    # 512 MiB at 40 Mbit/s (5,000,000 bytes/s) is 107.4 s; three times that and the slack
+    assert migration_timeout_s(512, LinkShape("40mbit", 5)) == pytest.approx(600 + 3 * 536_870_912 / 5e6)
+    assert migration_timeout_s(256, None) == pytest.approx(600 + 3 * 256)  # unshaped: 1 MiB/s
