@@ -331,12 +331,29 @@ def console_slice(testbed: Testbed, name: str, start: int, end: int) -> str:
                        check=True).stdout
 
 
+def neighbour_runs(testbed: Testbed) -> bool:
+    """`xl list NEIGHBOUR` names it in a live state (``r``, ``b`` or ``p``: not crashed, shut
+    down or dying)."""
+    result = testbed.run(["xl", "list", NEIGHBOUR])
+    lines = result.stdout.splitlines() if result.ok else []
+    return len(lines) == 2 and domain_is_live(lines[1])
+
+
+def domain_is_live(xl_list_line: str) -> bool:
+    """A line of `xl list` (name, id, memory, vCPUs, state, time) whose state has no ``s``, ``c``
+    or ``d`` set."""
+    fields = xl_list_line.split()
+    return len(fields) >= 5 and not set(fields[4]) & set("scd")
+
+
 def ensure_neighbour(testbed: Testbed, spin_mb: int, notes: list[str]) -> None:
-    """The neighbour runs on ``testbed``: started again if it died (its spinning vCPU exits to Xen
-    at every tick, and under TCG's nested SVM any exit can end in a triple fault)."""
-    if NEIGHBOUR in testbed.domains():
+    """The neighbour runs on ``testbed``: started again if it is gone or died. A guest that
+    crashed stays in `xl list` in state ``c`` (guests keep ``on_crash = "preserve"`` for the
+    logs), so its name alone does not say it runs."""
+    if neighbour_runs(testbed):
         return
-    notes.append(f"{time.strftime('%H:%M:%S')} the neighbour was gone (Xen's log: "
+    testbed.run(["xl", "destroy", NEIGHBOUR], timeout_s=120)
+    notes.append(f"{time.strftime('%H:%M:%S')} the neighbour was gone or dead (Xen's log: "
                  f"{testbed.triple_faults()} guest triple faults so far); started again")
     print(f"link_bench: {notes[-1]}", file=sys.stderr, flush=True)
     start_neighbour(testbed, spin_mb)

@@ -17,6 +17,7 @@ from tests.bench.link_bench import (
     LINK_METHODS,
     LinkRun,
     cross_host_interval,
+    domain_is_live,
     link_delta,
     markdown,
     migration_timeout_s,
@@ -187,3 +188,14 @@ def test_a_hung_migration_times_out_after_three_guests_at_the_link_rate() -> Non
     # 512 MiB at 40 Mbit/s (5,000,000 bytes/s) is 107.4 s; three times that and the slack
     assert migration_timeout_s(512, LinkShape("40mbit", 5)) == pytest.approx(600 + 3 * 536_870_912 / 5e6)
     assert migration_timeout_s(256, None) == pytest.approx(600 + 3 * 256)  # unshaped: 1 MiB/s
+
+
+@pytest.mark.parametrize(("line", "live"), [
+    ("neighbour                                    1   128     1     -b----      12.3", True),
+    ("neighbour                                    1   128     1     r-----      12.3", True),
+    ("neighbour                                    1   128     1     ---sc-     240.1", False),
+    ("neighbour                                    1   128     1     --p--d       0.1", False),
+    ("neighbour", False),
+])
+def test_a_crashed_neighbour_is_not_live(line: str, live: bool) -> None:
+    assert domain_is_live(line) is live
