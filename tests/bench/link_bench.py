@@ -264,7 +264,8 @@ def markdown(rows: list[dict[str, object]], verdicts: list[Verdict]) -> str:
             f"{cell(row['neighbour_during'], 0)} | {cell(row['neighbour_loss'])} | "
             f"{cell(row['neighbour_loss_vs_stock'])} | {cell(row['load_1min'], 1)} |")
     lines += ["", "Targets of issue 19 (ratio to stock at 0 MB of user allocation):", ""]
-    lines += [f"- {method} {field}: {cell(ratio)} (target <= {limit:g}): {'met' if met else 'MISSED'}"
+    lines += [f"- {method} {field}: {cell(ratio)} (target <= {limit:g}): "
+              f"{'not measured' if ratio is None else 'met' if met else 'MISSED'}"
               for method, field, ratio, limit, met in verdicts]
     if not verdicts:
         lines.append("- none measured yet: no softpage run at 0 MB of user allocation")
