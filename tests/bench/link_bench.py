@@ -23,8 +23,9 @@ does or less, whatever the cipher (0.43 against 2.04 MiB/s at load 10; 1.9-2.2 a
 12.5-17.1 MiB/s on an idle machine, 2026-12-06; testbed/README.md "The bench across the
 link"): to make the wire the bottleneck at a rate that fits the time, the bench runs over TCP.
 The default rate, LINK_RATE, is below what stock `xl migrate` reached over TCP on an idle
-machine at 40 Mbit/s (2.2 MiB/s, results/link-bench-20261206-063712). The receiver is xen_bench's (tap.py counting the stream's bytes and pages in
-front of `xl migrate-receive`, under measure.py) on host-b.
+machine at 40 Mbit/s (2.2 MiB/s, results/link-bench-20261206-063712). The receiver is
+xen_bench's (tap.py counting the stream's bytes and pages in front of `xl migrate-receive`,
+under measure.py) on host-b.
 
 After each measured migration the guest must run on on host-b (heartbeats, no second boot) and
 goes back to host-a unmeasured (`softpage migrate`, pruning, the same transport), where it
