@@ -52,7 +52,8 @@ A run that fails (a guest triple fault under TCG, a migration error) is written 
 the guest is started again on host-a, and the bench goes on with the next run (at most
 MAX_FAILURES). Each run is appended to results/link-bench-DATE/runs.csv as it finishes, and the
 summary (medians, ratios to stock, the targets of issue 19) rewritten into README.md after every
-run; SOFTPAGE_BENCH_OUT=DIR continues a sweep in DIR.
+run; SOFTPAGE_BENCH_OUT=DIR continues a sweep in DIR, and ``python -m tests.bench.link_bench
+--rewrite-readme DIR`` writes DIR's summary again with this code (its hand-written part kept).
 """
 
 from __future__ import annotations
@@ -140,12 +141,16 @@ SPIN_LINE = re.compile(r"WORKLOAD SPIN seq=(\d+) pages=(\d+) seconds=([0-9.]+)")
 TARGETS = {
     # issue 19, at 0 MB of user allocation, ratios to stock in the same run
     "prune": {"pages_data": 0.08, "wall_s": 0.25, "wire_bytes": 0.08, "dom0_cpu_a_s": 0.3,
-              "dom0_cpu_b_s": 0.3, "neighbour_loss": 0.3, "downtime_s": 1.0},
+              "dom0_cpu_b_s": 0.3, "neighbour_loss": 0.3, "neighbour_work_lost": 0.3, "downtime_s": 1.0},
     "no-prune": {"pages_data": 1.05, "wall_s": 1.05, "wire_bytes": 1.05, "dom0_cpu_a_s": 1.05,
-                 "dom0_cpu_b_s": 1.05, "neighbour_loss": 1.05, "downtime_s": 1.05},
+                 "dom0_cpu_b_s": 1.05, "neighbour_loss": 1.05, "neighbour_work_lost": 1.05,
+                 "downtime_s": 1.05},
 }
+"""The neighbour's loss is judged both ways: as the share of its rate while the migration runs
+(``neighbour_loss``) and as the work that share costs it over the migration's time
+(``neighbour_work_lost``)."""
 COMPARED_WITH_STOCK = ("pages_data", "stream_bytes", "wire_bytes", "wall_s", "downtime_s",
-                       "dom0_cpu_a_s", "dom0_cpu_b_s", "neighbour_loss")
+                       "dom0_cpu_a_s", "dom0_cpu_b_s", "neighbour_loss", "neighbour_work_lost")
 SUMMARY_FIELDS = (*COMPARED_WITH_STOCK, "suspended_s", "pages_xalloc", "rounds", "early_drop_s",
                   "neighbour_without", "neighbour_during", "clock_rtt_s", "load_1min")
 
@@ -184,6 +189,16 @@ class LinkRun(MigrationRun):
     """The longer of the two best round trips: the offset is good to half of it."""
     load_1min: float
     """This machine's load average when the run ended (other testbeds share its 2 cores)."""
+
+    @property
+    def neighbour_work_lost(self) -> float | None:
+        """The neighbour's pages not rewritten because of the migration: (without - during) x the
+        migration's time. ``neighbour_loss`` is a share of its rate while the migration runs; a
+        migration three times shorter at the same share costs the neighbour a third of the work,
+        and the issue's "migration noise" is that whole cost."""
+        if self.neighbour_without is None or self.neighbour_during is None:
+            return None
+        return (self.neighbour_without - self.neighbour_during) * self.wall_s
 
 
 # -- pure parts -------------------------------------------------------------------------------
@@ -251,11 +266,14 @@ def markdown(rows: list[dict[str, object]], verdicts: list[Verdict]) -> str:
     def mib(value: object) -> object:
         return value / 2**20 if isinstance(value, float | int) else None
 
+    def millions(value: object) -> object:
+        return value / 1e6 if isinstance(value, float | int) else None
+
     lines = ["| user MB | method | runs | pages with data | x stock | stream MiB | wire MiB | x stock "
              "| time s | x stock | downtime s | x stock | dom0 CPU A s | x stock | dom0 CPU B s | x stock "
-             "| neighbour pages/s quiet | during | loss | x stock | load |",
+             "| neighbour pages/s quiet | during | loss | x stock | work lost, M pages | x stock | load |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-             "---:|---:|"]
+             "---:|---:|---:|---:|"]
     for row in rows:
         lines.append(
             f"| {row['anon_mb']} | {row['method']} | {row['runs']} | {cell(row['pages_data'], 0)} | "
@@ -266,7 +284,8 @@ def markdown(rows: list[dict[str, object]], verdicts: list[Verdict]) -> str:
             f"{cell(row['dom0_cpu_a_s_vs_stock'])} | {cell(row['dom0_cpu_b_s'], 1)} | "
             f"{cell(row['dom0_cpu_b_s_vs_stock'])} | {cell(row['neighbour_without'], 0)} | "
             f"{cell(row['neighbour_during'], 0)} | {cell(row['neighbour_loss'])} | "
-            f"{cell(row['neighbour_loss_vs_stock'])} | {cell(row['load_1min'], 1)} |")
+            f"{cell(row['neighbour_loss_vs_stock'])} | {cell(millions(row['neighbour_work_lost']), 1)} | "
+            f"{cell(row['neighbour_work_lost_vs_stock'])} | {cell(row['load_1min'], 1)} |")
     lines += ["", "Targets of issue 19 (ratio to stock at 0 MB of user allocation):", ""]
     lines += [f"- {method} {field}: {cell(ratio)} (target <= {limit:g}): "
               f"{'not measured' if ratio is None else 'met' if met else 'MISSED'}"
@@ -555,7 +574,31 @@ def write_readme(out: Path, header: str, runs: list[LinkRun], failures: list[str
     return table
 
 
+HAND_WRITTEN = "\n## What this run is (written by hand"
+"""Where a results README's hand-written part starts: kept when the summary is written again."""
+
+
+def rewrite_readme(out: Path) -> str:
+    """The summary of results in ``out`` written again by this code (after a change to the
+    summary, or for a sweep an older version ran), from its runs.csv, failures.txt and notes.txt;
+    the header the bench wrote and the hand-written part after the notes stay as they are."""
+    readme = (out / "README.md").read_text()
+    header = readme.split("\n\n## Medians", 1)[0]
+    hand = readme[readme.index(HAND_WRITTEN):] if HAND_WRITTEN in readme else ""
+    lines = {name: (out / name).read_text().splitlines() if (out / name).exists() else []
+             for name in ("failures.txt", "notes.txt")}
+    table = write_readme(out, header, read_runs(out / "runs.csv", LinkRun), lines["failures.txt"],
+                         lines["notes.txt"])
+    if hand:
+        with (out / "README.md").open("a") as written:
+            written.write(hand)
+    return table
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--rewrite-readme"] and len(sys.argv) == 3:
+        print(rewrite_readme(Path(sys.argv[2])))
+        return 0
     guest_mb = int(os.environ.get("SOFTPAGE_BENCH_GUEST_MB", str(GUEST_MB)))
     steps = environment_list("SOFTPAGE_BENCH_ANON_MB", "0")
     repetitions = int(os.environ.get("SOFTPAGE_BENCH_REPS", "3"))

@@ -21,13 +21,14 @@ from tests.bench.link_bench import (
     link_delta,
     markdown,
     migration_timeout_s,
+    rewrite_readme,
     spin_rate,
     summarise,
     targets,
     throughput_loss,
     to_link_run,
 )
-from tests.bench.xen_bench import REPO, Run
+from tests.bench.xen_bench import REPO, Run, append_run
 
 
 def test_spin_rate_counts_whole_lines_only() -> None:
@@ -123,6 +124,8 @@ def test_summary_ratios_and_targets() -> None:
     assert prune["runs"] == 3
     assert prune["wall_s_vs_stock"] == pytest.approx(0.07)
     assert prune["neighbour_loss_vs_stock"] == pytest.approx(0.07)
+    # the work lost: the share of the rate times the time, both 0.07x stock's
+    assert prune["neighbour_work_lost_vs_stock"] == pytest.approx(0.07 * 0.07)
     assert prune["downtime_s_vs_stock"] == pytest.approx(1.0)
     verdicts = {(method, field): (ratio, met) for method, field, ratio, _limit, met in targets(rows)}
     assert verdicts[("prune", "pages_data")][1] is True
@@ -201,3 +204,33 @@ def test_a_hung_migration_times_out_after_three_guests_at_the_link_rate() -> Non
 ])
 def test_a_crashed_neighbour_is_not_live(line: str, live: bool) -> None:
     assert domain_is_live(line) is live
+
+
+def test_the_neighbours_work_lost_weighs_the_share_by_the_migrations_time() -> None:
+    stock = run("stock", 0, 1.0, loss=0.8)  # 100 s at 200 of 1000 pages/s: 80,000 pages lost
+    prune = dataclasses.replace(stock, method="prune", wall_s=30.0,
+                                neighbour_during=250.0, neighbour_loss=0.75)
+    assert stock.neighbour_work_lost == pytest.approx(80_000)
+    assert prune.neighbour_work_lost == pytest.approx(22_500)
+    rows = summarise([stock, prune])
+    assert rows[1]["neighbour_loss_vs_stock"] == pytest.approx(0.75 / 0.8)  # the rate: 0.94x
+    assert rows[1]["neighbour_work_lost_vs_stock"] == pytest.approx(22_500 / 80_000)  # the work: 0.28x
+    verdicts = {(method, field): met for method, field, _ratio, _limit, met in targets(rows)}
+    assert verdicts[("prune", "neighbour_loss")] is False
+    assert verdicts[("prune", "neighbour_work_lost")] is True
+    assert run("stock", 0, 1.0, loss=None).neighbour_work_lost is None
+
+
+def test_rewrite_readme_keeps_the_header_and_the_hand_written_part(tmp_path: Path) -> None:
+    for repetition in range(2):
+        for method, scale in (("stock", 1.0), ("prune", 0.2)):
+            append_run(tmp_path / "runs.csv", run(method, repetition, scale))
+    (tmp_path / "notes.txt").write_text("07:00:00 the neighbour was gone or dead\n")
+    (tmp_path / "README.md").write_text("# header\n\nthe bench's words\n\n## Medians\n\nold table\n"
+                                        "\n## What this run is (written by hand after it)\n\nhuman words\n")
+    rewrite_readme(tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert text.startswith("# header\n\nthe bench's words\n\n## Medians\n\n| user MB")
+    assert "old table" not in text and "work lost, M pages" in text
+    assert "- 07:00:00 the neighbour was gone or dead" in text and "## Failed runs" in text
+    assert text.endswith("## What this run is (written by hand after it)\n\nhuman words\n")
