@@ -171,11 +171,16 @@ class ConsoleGuest:
             " | xargs -r cat", timeout_s=60)
         return result.stdout.replace("\r", "")
 
+    def xl_state(self) -> str:
+        """The state column of `xl list NAME` (``-b----``, ``---sc-``), "" when Xen does not list
+        the domain."""
+        return self.testbed.run(f"xl list {shlex.quote(self.name)} | awk 'NR == 2 {{print $5}}'",
+                                timeout_s=60).stdout.strip()
+
     def stopped(self) -> bool:
         """True when Xen lists the domain as crashed or shut down (a triple fault under TCG turns
         into a preserved crash); False while it runs, is paused, or is not listed at all."""
-        state = self.testbed.run(f"xl list {shlex.quote(self.name)} | awk 'NR == 2 {{print $5}}'",
-                                 timeout_s=60).stdout.strip()
+        state = self.xl_state()
         return "s" in state or "c" in state
 
     def _wait(self, found: Callable[[], T | None], timeout_s: float, what: str,

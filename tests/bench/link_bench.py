@@ -355,32 +355,24 @@ def console_slice(testbed: Testbed, name: str, start: int, end: int) -> str:
                        check=True).stdout
 
 
-def neighbour_runs(testbed: Testbed) -> bool:
-    """`xl list NEIGHBOUR` names it in a live state (``r``, ``b`` or ``p``: not crashed, shut
-    down or dying)."""
-    result = testbed.run(["xl", "list", NEIGHBOUR])
-    lines = result.stdout.splitlines() if result.ok else []
-    return len(lines) == 2 and domain_is_live(lines[1])
+def live_state(xl_state: str) -> bool:
+    """An `xl list` state column (``Guest.xl_state``) of a domain that runs: listed, with no
+    ``s``, ``c`` or ``d`` set (shut down, crashed, dying)."""
+    return bool(xl_state) and not set(xl_state) & set("scd")
 
 
-def domain_is_live(xl_list_line: str) -> bool:
-    """A line of `xl list` (name, id, memory, vCPUs, state, time) whose state has no ``s``, ``c``
-    or ``d`` set."""
-    fields = xl_list_line.split()
-    return len(fields) >= 5 and not set(fields[4]) & set("scd")
-
-
-def ensure_neighbour(testbed: Testbed, spin_mb: int, notes: list[str]) -> None:
-    """The neighbour runs on ``testbed``: started again if it is gone or died. A guest that
-    crashed stays in `xl list` in state ``c`` (guests keep ``on_crash = "preserve"`` for the
+def ensure_neighbour(neighbour: Guest, spin_mb: int, notes: list[str]) -> Guest:
+    """The neighbour, running: ``neighbour`` itself, or a new one if it is gone or died. A guest
+    that crashed stays in `xl list` in state ``c`` (guests keep ``on_crash = "preserve"`` for the
     logs), so its name alone does not say it runs."""
-    if neighbour_runs(testbed):
-        return
-    testbed.run(["xl", "destroy", NEIGHBOUR], timeout_s=120)
+    if live_state(neighbour.xl_state()):
+        return neighbour
+    neighbour.destroy()
+    testbed = neighbour.testbed
     notes.append(f"{time.strftime('%H:%M:%S')} the neighbour was gone or dead (Xen's log: "
                  f"{testbed.triple_faults()} guest triple faults so far); started again")
     print(f"link_bench: {notes[-1]}", file=sys.stderr, flush=True)
-    start_neighbour(testbed, spin_mb)
+    return start_neighbour(testbed, spin_mb)
 
 
 def start_neighbour(testbed: Testbed, spin_mb: int) -> Guest:
@@ -537,8 +529,13 @@ def one_run(pair: TestbedPair, guest: Guest, method: str, repetition: int, trans
     return on_a, to_link_run(run, extra), run, measured
 
 
-def start_again(pair: TestbedPair, spec: GuestSpec, failures: list[str]) -> Guest:
-    """After a failed run: the guest gone from both hosts, a fresh one on host-a (or the end)."""
+def start_again(pair: TestbedPair, spec: GuestSpec, failures: list[str], failures_path: Path, what: str,
+                error: Exception) -> Guest:
+    """After a failed run or boot (``what``): the failure recorded in ``failures`` and
+    failures.txt, the guest gone from both hosts, a fresh one on host-a (or the end)."""
+    failures.append(f"{time.strftime('%H:%M:%S')} user {spec.anon_mb} MB, {what}: "
+                    f"{str(error)[:300]}".replace("\n", " "))
+    failures_path.write_text("\n".join(failures) + "\n")
     print(f"link_bench: FAILED {failures[-1]}", file=sys.stderr, flush=True)
     if len(failures) >= MAX_FAILURES:
         raise SystemExit(f"link_bench: {len(failures)} failed runs, stopping")
@@ -658,21 +655,15 @@ def main() -> int:
             try:
                 guest = start_guest(pair.a, spec)
             except TestbedError as error:  # a boot that triple-faults under TCG: once more
-                failures.append(f"{time.strftime('%H:%M:%S')} user {anon_mb} MB, starting the guest: "
-                                f"{str(error)[:300]}".replace("\n", " "))
-                failures_path.write_text("\n".join(failures) + "\n")
-                guest = start_again(pair, spec, failures)
+                guest = start_again(pair, spec, failures, failures_path, "starting the guest", error)
             for repetition, method in todo:
-                ensure_neighbour(pair.a, spin_mb, notes)
+                neighbour = ensure_neighbour(neighbour, spin_mb, notes)
                 notes_path.write_text("".join(f"{note}\n" for note in notes))
                 try:
                     guest, link_run, run, measured = one_run(pair, guest, method, repetition, transport,
                                                              quiet_s, full_check)
                 except (RuntimeError, TestbedError) as error:
-                    failures.append(f"{time.strftime('%H:%M:%S')} user {anon_mb} MB, {method} #{repetition}: "
-                                    f"{str(error)[:300]}".replace("\n", " "))
-                    failures_path.write_text("\n".join(failures) + "\n")
-                    guest = start_again(pair, spec, failures)
+                    guest = start_again(pair, spec, failures, failures_path, f"{method} #{repetition}", error)
                     continue
                 runs.append(link_run)
                 append_run(runs_path, link_run)
