@@ -93,7 +93,7 @@ from softpage_testbed import (
     run_wrk,
     wrk_command,
 )
-from tests.bench.xen_bench import DOM0_TOOLS, install_dom0_tools, migrate, row_values
+from tests.bench.xen_bench import DOM0_TOOLS, install_dom0_tools, migrate, read_runs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -604,14 +604,6 @@ def append_csv(path: Path, rows: list[dict[str, object]]) -> None:
         writer.writerows(rows)
 
 
-def load_runs(path: Path) -> list[MethodRun]:
-    if not path.exists():
-        return []
-    kinds = {field.name: field.type for field in dataclasses.fields(MethodRun)}
-    with open(path, newline="", encoding="utf-8") as runs_file:
-        return [MethodRun(**row_values(row, kinds)) for row in csv.DictReader(runs_file)]  # type: ignore[arg-type]
-
-
 def load_series(out: Path) -> tuple[dict[str, list[Second]], dict[str, list[tuple[float, int]]]]:
     seconds: dict[str, list[Second]] = {}
     disk: dict[str, list[tuple[float, int]]] = {}
@@ -783,7 +775,7 @@ def main() -> int:
     config = testbed_config(settings)
     out = output_dir(settings)
     runs_path = out / "runs.csv"
-    runs = load_runs(runs_path)
+    runs = read_runs(runs_path, MethodRun)
     todo = [method for method in settings.methods if method not in {run.method for run in runs}]
     if todo and BASELINE not in {run.method for run in runs} and todo[0] != BASELINE:
         raise SystemExit("guestview: the baseline runs first: the others' lost and slowed requests need it")

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from softpage.abi import PAGE_SIZE
 from softpage.stream.records import LIBXC_RECORD_HEADER, MAX_BATCH_SIZE, PAGE_DATA_HEADER
 from softpage_testbed import (
-    BOOT_MARKER,
     CONSOLE_LOG_DIR,
     CommandResult,
     ConsoleGuest,
@@ -165,7 +164,7 @@ def forget_console_logs(pair: TestbedPair, name: str) -> None:
 
 def boots_seen(testbed: Testbed, spec: GuestSpec) -> int:
     """How often this host's console logs saw the guest boot (0 where it only ever arrived)."""
-    return Guest(testbed, spec).console_log().count(BOOT_MARKER)
+    return Guest(testbed, spec).boot_count()
 
 
 def assert_arrived(source: Testbed, destination: Testbed, spec: GuestSpec, heartbeat_before: int,
