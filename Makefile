@@ -50,7 +50,7 @@ test-property: setup
 # A test during which Xen logged a guest triple fault (nested SVM under TCG) or dom0 stopped
 # answering runs once more, on a fresh boot when dom0 hung.
 test-e2e: setup testbed
-	$(PYTEST) -v -m e2e --reruns 1 --only-rerun GuestTripleFault --only-rerun Dom0Hung tests
+	$(PYTEST) -v -m e2e --reruns 1 --only-rerun GuestTripleFault --only-rerun Dom0Hung --durations=25 tests
 
 # make test runs a test on Xen 4.20.4 (Debian 13) or with a 6.12 guest only where it is marked
 # every_host / every_kernel (tests/e2e/conftest.py); the matrix runs the whole product.

@@ -59,9 +59,13 @@ def assert_saves_restores_and_migrates(guest: Guest) -> None:
     assert_survived(guest, heartbeat)
 
 
+# matrix_only: make test's own stock runs are test_kmod_e2e's stock migration and save/restore and
+# test_softpage_migrate's stock restores, each with the same full check.
+@pytest.mark.matrix_only
 def test_pvh_save_restore_then_live_migration_localhost(xen_pvh_testbed: Testbed) -> None:
     assert_saves_restores_and_migrates(start_guest(xen_pvh_testbed, "pvh-base", "pvh"))
 
 
+@pytest.mark.matrix_only  # make test: test_kmod_e2e's stock PV live migration on Xen 4.17.5
 def test_pv_save_restore_then_live_migration_localhost(xen_pv_testbed: Testbed) -> None:
     assert_saves_restores_and_migrates(start_guest(xen_pv_testbed, "pv-base", "pv"))
