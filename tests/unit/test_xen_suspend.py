@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -160,13 +159,19 @@ def test_a_guest_writing_its_keys_in_a_loop_cannot_make_dom0_queue_events() -> N
 
 
 def test_an_interrupt_before_the_ack_withdraws_the_request() -> None:
+    # Python's own SIGINT handler, whatever this process inherited: a shell starts a background
+    # job (`make test &`) with SIGINT ignored, and Python then leaves it so.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     store = MemoryStore({NODE: ""})
     guest = ScriptedGuest(store, ack=False)
-    interrupt = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT))
+    interrupt = threading.Timer(0.1, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
     interrupt.start()
-    with pytest.raises(KeyboardInterrupt):
-        suspend_guest(store, DOMID, guest.state, SuspendTimeouts(ack=5, suspended=5))
-    interrupt.join()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            suspend_guest(store, DOMID, guest.state, SuspendTimeouts(ack=5, suspended=5))
+    finally:
+        interrupt.join()
+        signal.signal(signal.SIGINT, previous)
     assert store.read(NODE) == ""  # a late guest will not suspend after all
     guest.stop()
 
