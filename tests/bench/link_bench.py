@@ -23,7 +23,10 @@ does or less, whatever the cipher (0.43 against 2.04 MiB/s at load 10; 1.9-2.2 a
 12.5-17.1 MiB/s on an idle machine, 2026-12-06; testbed/README.md "The bench across the
 link"): to make the wire the bottleneck at a rate that fits the time, the bench runs over TCP.
 The default rate, LINK_RATE, is below what stock `xl migrate` reached over TCP on an idle
-machine at 40 Mbit/s (2.2 MiB/s, results/link-bench-20261206-063712). The receiver is
+machine at 40 Mbit/s (2.2 MiB/s, results/link-bench-20261206-063712). Over TCP the
+connection's kernel buffers are sized to SOFTPAGE_LINK_BUFFER_S seconds of the shaped rate
+(default BUFFER_S; 0: the kernel's autotuning, megabytes, as before 2026-12-06): what the link has
+queued when a sender suspends its guest crosses in the downtime. The receiver is
 xen_bench's (tap.py counting the stream's bytes and pages in front of `xl migrate-receive`,
 under measure.py) on host-b.
 
@@ -41,7 +44,12 @@ Measured per migration:
 * downtime: from the suspend request (seen on host-a) to the incoming copy running unpaused (seen
   on host-b), with the two dom0 clocks related through an offset measured over the link right
   before and right after the migration (tests/bench/dom0/clock_offset.py: the shortest of 20 UDP
-  round trips, midpoint), their mean applied; the round trip bounds the error;
+  round trips, midpoint), their mean applied; the round trip bounds the error. Split in two at
+  the moment the stream's END record reached the tap on host-b: ``stream_end_s`` (what was still
+  on its way at the suspend, and the final round) and ``restore_s`` (the receiver's work after
+  the stream: the restore's end, devices, the ready/go exchange, the unpause); of the first,
+  ``receiver_wait_s`` is the tap's waiting for the receiver to take the stream (tap.py), the rest
+  the link's;
 * dom0 CPU on both hosts: each dom0's busy time while its side ran (the sender on host-a, the
   receiver on host-b: measure.py);
 * the neighbour: a second guest on host-a running `workload spin` (testbed/guest/workload.c),
@@ -132,6 +140,9 @@ QUIET_S = 75.0
 page cache the guest read back after its return to turn cold (softpage's default
 ``--prune cache=cold``: a file read once is cold 30-60 s after the read, docs/design.md), as in
 the single-host bench's guest whose cache was read once at its start."""
+BUFFER_S = 0.25
+"""The TCP transport's socket buffers, in seconds of the shaped link (tcp_pipe.py --buffer)."""
+MIN_BUFFER_BYTES = 64 << 10
 CLOCK_PROBES = 20
 MAX_FAILURES = 3
 MIGRATION_SLACK_S = 600.0
@@ -152,7 +163,8 @@ TARGETS = {
 COMPARED_WITH_STOCK = ("pages_data", "stream_bytes", "wire_bytes", "wall_s", "downtime_s",
                        "dom0_cpu_a_s", "dom0_cpu_b_s", "neighbour_loss", "neighbour_work_lost")
 SUMMARY_FIELDS = (*COMPARED_WITH_STOCK, "suspended_s", "pages_xalloc", "rounds", "early_drop_s",
-                  "neighbour_without", "neighbour_during", "clock_rtt_s", "load_1min")
+                  "neighbour_without", "neighbour_during", "clock_rtt_s", "load_1min",
+                  "stream_end_s", "receiver_wait_s", "restore_s")
 
 
 @dataclass
@@ -189,6 +201,13 @@ class LinkRun(MigrationRun):
     """The longer of the two best round trips: the offset is good to half of it."""
     load_1min: float
     """This machine's load average when the run ended (other testbeds share its 2 cores)."""
+    stream_end_s: float | None = None
+    """From the suspend request (host-a) to the stream's END record at host-b's tap: the first
+    part of ``downtime_s`` (None in runs before 2026-12-06's tap timeline)."""
+    receiver_wait_s: float | None = None
+    """Of ``stream_end_s``, the seconds the tap waited for the receiver to take the stream."""
+    restore_s: float | None = None
+    """From the END record at host-b's tap to the incoming copy running: the rest of the downtime."""
 
     @property
     def neighbour_work_lost(self) -> float | None:
@@ -228,6 +247,43 @@ def cross_host_interval(start_on_a: float | None, end_on_b: float | None, offset
     if start_on_a is None or end_on_b is None:
         return None
     return end_on_b - (offset_before + offset_after) / 2 - start_on_a
+
+
+def waited_by(timeline: list[list[float]], moment: float) -> float:
+    """The tap's cumulative wait for the receiver at ``moment`` (its clock), interpolated
+    between the samples of its timeline ([moment, bytes, cumulative wait], in time order)."""
+    if not timeline or moment <= timeline[0][0]:
+        return 0.0
+    for (start, _, waited_start), (end, _, waited_end) in itertools.pairwise(timeline):
+        if moment <= end:
+            share = (moment - start) / (end - start) if end > start else 1.0
+            return waited_start + share * (waited_end - waited_start)
+    return timeline[-1][2]
+
+
+def downtime_parts(requested_on_a: float | None, tap: dict[str, object], running_on_b: float | None,
+                   offset_before: float, offset_after: float) -> dict[str, float | None]:
+    """The downtime split at the stream's END record on host-b (``stream_end_s``,
+    ``restore_s``), and the tap's waits for the receiver within the first part."""
+    end_at = tap.get("end_at")
+    if not isinstance(end_at, float | int) or requested_on_a is None or running_on_b is None:
+        return {"stream_end_s": None, "receiver_wait_s": None, "restore_s": None}
+    timeline = tap.get("timeline")
+    samples = timeline if isinstance(timeline, list) else []
+    requested_on_b = requested_on_a + (offset_before + offset_after) / 2
+    return {
+        "stream_end_s": cross_host_interval(requested_on_a, float(end_at), offset_before, offset_after),
+        "receiver_wait_s": waited_by(samples, float(end_at)) - waited_by(samples, requested_on_b),
+        "restore_s": running_on_b - float(end_at),
+    }
+
+
+def transport_buffer_bytes(shape: LinkShape | None, buffer_s: float) -> int | None:
+    """The TCP transport's socket buffers: ``buffer_s`` seconds of the shaped rate, at least
+    MIN_BUFFER_BYTES; None (the kernel's autotuning) for an unshaped link or ``buffer_s`` 0."""
+    if shape is None or buffer_s <= 0:
+        return None
+    return max(MIN_BUFFER_BYTES, int(shape.bits_per_s() / 8 * buffer_s))
 
 
 def link_delta(before: tuple[int, int], after: tuple[int, int]) -> tuple[int, int]:
@@ -286,6 +342,13 @@ def markdown(rows: list[dict[str, object]], verdicts: list[Verdict]) -> str:
             f"{cell(row['neighbour_during'], 0)} | {cell(row['neighbour_loss'])} | "
             f"{cell(row['neighbour_loss_vs_stock'])} | {cell(millions(row['neighbour_work_lost']), 1)} | "
             f"{cell(row['neighbour_work_lost_vs_stock'])} | {cell(row['load_1min'], 1)} |")
+    lines += ["", "Where the downtime goes (medians, seconds; the stream's END record at host-b's tap splits "
+              "it; of the first part, the tap's waits for the receiver):", "",
+              "| user MB | method | downtime | suspend to END at host-b | of it, waiting for the receiver "
+              "| END to running |", "|---:|---|---:|---:|---:|---:|"]
+    lines += [f"| {row['anon_mb']} | {row['method']} | {cell(row['downtime_s'])} | "
+              f"{cell(row['stream_end_s'])} | {cell(row['receiver_wait_s'])} | {cell(row['restore_s'])} |"
+              for row in rows]
     lines += ["", "Targets of issue 19 (ratio to stock at 0 MB of user allocation):", ""]
     lines += [f"- {method} {field}: {cell(ratio)} (target <= {limit:g}): "
               f"{'not measured' if ratio is None else 'met' if met else 'MISSED'}"
@@ -309,17 +372,24 @@ class Transport:
     """How a migration reaches the other host (SOFTPAGE_LINK_TRANSPORT), the same for every method
     and for the way back."""
 
-    def __init__(self, kind: str, ssh_options: str) -> None:
+    def __init__(self, kind: str, ssh_options: str, buffer_bytes: int | None = None) -> None:
         if kind not in TRANSPORTS:
             raise SystemExit(f"SOFTPAGE_LINK_TRANSPORT={kind}: expected one of {', '.join(TRANSPORTS)}")
         self.kind = kind
         self.ssh_options = ssh_options
+        self.buffer_bytes = buffer_bytes
+        """tcp only: tcp_pipe.py --buffer (None: the kernel's autotuning)."""
         self.ports = itertools.count(FIRST_PORT)
 
     def describe(self) -> str:
         if self.kind == "ssh":
             return f"`{shlex.join(['ssh', *shlex.split(self.ssh_options)])}`"
-        return "one plain TCP connection (tests/bench/dom0/tcp_pipe.py)"
+        buffers = ("the kernel's socket buffers" if self.buffer_bytes is None
+                   else f"socket buffers of {self.buffer_bytes} bytes")
+        return f"one plain TCP connection (tests/bench/dom0/tcp_pipe.py), {buffers}"
+
+    def _buffer_option(self) -> str:
+        return "" if self.buffer_bytes is None else f" --buffer {self.buffer_bytes}"
 
     def sender_rune(self, pair: TestbedPair, destination: Testbed, receive: str) -> str:
         """The HOST argument of ``xl migrate -s ""`` / ``softpage migrate -s ""`` that runs the
@@ -331,9 +401,10 @@ class Transport:
             # on its path
             return shlex.join(["ssh", *shlex.split(self.ssh_options), name, f". {DOM0_PROFILE}; {receive}"])
         port = next(self.ports)
-        destination.run(f"nohup python3 {DOM0_TOOLS}/tcp_pipe.py serve {port} {ACCEPT_S:g} -- sh -c "
-                        f"{shlex.quote(receive)} > /tmp/tcp-pipe-{port}.log 2>&1 &", check=True)
-        return f"python3 {DOM0_TOOLS}/tcp_pipe.py connect {name} {port}"
+        destination.run(f"nohup python3 {DOM0_TOOLS}/tcp_pipe.py serve{self._buffer_option()} {port} "
+                        f"{ACCEPT_S:g} -- sh -c {shlex.quote(receive)} > /tmp/tcp-pipe-{port}.log 2>&1 &",
+                        check=True)
+        return f"python3 {DOM0_TOOLS}/tcp_pipe.py connect{self._buffer_option()} {name} {port}"
 
 
 def clock_offset(pair: TestbedPair, port: int) -> tuple[float, float]:
@@ -442,8 +513,8 @@ def measured_migration(pair: TestbedPair, guest: Guest, method: str, transport: 
     if method != "stock":
         lines = pair.a.run(["cat", BENCH_STATS], check=True).stdout.splitlines()
         measured["stats"] = [json.loads(line) for line in lines]
-    send, recv = measured["send"], measured["recv"]
-    assert isinstance(send, dict) and isinstance(recv, dict)
+    send, recv, tap = measured["send"], measured["recv"], measured["tap"]
+    assert isinstance(send, dict) and isinstance(recv, dict) and isinstance(tap, dict)
     a_tx, a_rx = link_delta(counters_before["a"], counters_after["a"])
     b_tx, b_rx = link_delta(counters_before["b"], counters_after["b"])
     without = during = None
@@ -463,13 +534,15 @@ def measured_migration(pair: TestbedPair, guest: Guest, method: str, transport: 
         "neighbour_without": without, "neighbour_during": during,
         "clock_offset_s": (offset_before + offset_after) / 2, "clock_drift_s": offset_after - offset_before,
         "clock_rtt_s": max(rtt_before, rtt_after),
+        **downtime_parts(send.get("requested_at"), tap, recv.get("running_at"),  # type: ignore[arg-type]
+                         offset_before, offset_after),
     }
     return measured, extra
 
 
 def to_link_run(run: Run, extra: dict[str, float | int | None]) -> LinkRun:
     def measured(name: str) -> float | None:
-        value = extra[name]
+        value = extra.get(name)
         return None if value is None else float(value)
 
     def counted(name: str) -> int:
@@ -487,6 +560,8 @@ def to_link_run(run: Run, extra: dict[str, float | int | None]) -> LinkRun:
         neighbour_without=without, neighbour_during=during, neighbour_loss=throughput_loss(without, during),
         clock_offset_s=measured("clock_offset_s") or 0.0, clock_drift_s=measured("clock_drift_s") or 0.0,
         clock_rtt_s=measured("clock_rtt_s") or 0.0, load_1min=os.getloadavg()[0],
+        stream_end_s=measured("stream_end_s"), receiver_wait_s=measured("receiver_wait_s"),
+        restore_s=measured("restore_s"),
     )
 
 
@@ -601,13 +676,15 @@ def main() -> int:
     repetitions = int(os.environ.get("SOFTPAGE_BENCH_REPS", "3"))
     full_check = os.environ.get("SOFTPAGE_BENCH_CHECK", "each") != "step"
     ssh_options = os.environ.get("SOFTPAGE_LINK_SSH_OPTIONS", "")
-    transport = Transport(os.environ.get("SOFTPAGE_LINK_TRANSPORT", "tcp"), ssh_options)
     quiet_s = float(os.environ.get("SOFTPAGE_BENCH_QUIET_S", str(QUIET_S)))
     spin_mb = int(os.environ.get("SOFTPAGE_BENCH_NEIGHBOUR_MB", str(NEIGHBOUR_SPIN_MB)))
     xen_version = os.environ.get("SOFTPAGE_BENCH_XEN", XEN_PVH_VERSION)
     os.environ.setdefault("SOFTPAGE_LINK_RATE", LINK_RATE)
     os.environ.setdefault("SOFTPAGE_LINK_DELAY", f"{LINK_DELAY_MS:g}")
     shape = LinkShape.from_env()
+    buffer_s = float(os.environ.get("SOFTPAGE_LINK_BUFFER_S", str(BUFFER_S)))
+    transport = Transport(os.environ.get("SOFTPAGE_LINK_TRANSPORT", "tcp"), ssh_options,
+                          transport_buffer_bytes(shape, buffer_s))
     # the data disk as large as the guest; each host holds dom0, one copy of the guest and the
     # neighbour (no localhost migration: no second copy)
     os.environ.setdefault("SOFTPAGE_DATA_MB", str(guest_mb))

@@ -17,6 +17,7 @@ from tests.bench.link_bench import (
     LINK_METHODS,
     LinkRun,
     cross_host_interval,
+    downtime_parts,
     link_delta,
     live_state,
     markdown,
@@ -27,8 +28,10 @@ from tests.bench.link_bench import (
     targets,
     throughput_loss,
     to_link_run,
+    transport_buffer_bytes,
+    waited_by,
 )
-from tests.bench.xen_bench import REPO, Run, append_run
+from tests.bench.xen_bench import REPO, Run, append_run, read_runs
 
 
 def test_spin_rate_counts_whole_lines_only() -> None:
@@ -172,21 +175,77 @@ def test_to_link_run_adds_the_cross_host_measures() -> None:
     assert unmeasured.neighbour_loss is None and unmeasured.dom0_cpu_b_s is None
 
 
-def test_tcp_pipe_carries_the_stream_and_the_answers() -> None:
+@pytest.mark.parametrize("buffer", [[], ["--buffer", "65536"]])
+def test_tcp_pipe_carries_the_stream_and_the_answers(buffer: list[str]) -> None:
     """tcp_pipe.py on this machine's loopback: the stream one way, the receiver's answer back."""
     tool = str(REPO / "tests/bench/dom0/tcp_pipe.py")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    receiver = subprocess.Popen(["python3", tool, "serve", str(port), "30", "--", "sh", "-c",
+    receiver = subprocess.Popen(["python3", tool, "serve", *buffer, str(port), "30", "--", "sh", "-c",
                                  'echo "received $(wc -c) bytes"'])
     try:
-        sender = subprocess.run(["python3", tool, "connect", "127.0.0.1", str(port)], input=bytes(3 << 20),
-                                capture_output=True, timeout=60, check=True)
+        sender = subprocess.run(["python3", tool, "connect", *buffer, "127.0.0.1", str(port)],
+                                input=bytes(3 << 20), capture_output=True, timeout=60, check=True)
         assert sender.stdout.decode().split() == ["received", str(3 << 20), "bytes"]
         assert receiver.wait(timeout=30) == 0
     finally:
         receiver.kill()
+
+
+def test_tcp_pipe_sizes_both_kernel_buffers() -> None:
+    from tests.bench.dom0.tcp_pipe import size_buffers
+    with socket.socket() as connection:
+        autotuned = connection.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        size_buffers(connection, None)
+        assert connection.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == autotuned
+        size_buffers(connection, 100_000)
+        # Linux doubles what it is given (socket(7))
+        assert connection.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 200_000
+        assert connection.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 200_000
+
+
+def test_the_transport_buffers_are_seconds_of_the_shaped_rate() -> None:
+    assert transport_buffer_bytes(LinkShape("16mbit", 5), 0.25) == 500_000
+    assert transport_buffer_bytes(LinkShape("1mbit", 5), 0.25) == 64 << 10  # at least 64 KiB
+    assert transport_buffer_bytes(LinkShape("16mbit", 5), 0) is None
+    assert transport_buffer_bytes(None, 0.25) is None
+
+
+def test_waited_by_interpolates_the_taps_timeline() -> None:
+    timeline = [[10.0, 0, 0.0], [11.0, 1 << 20, 0.5], [13.0, 2 << 20, 0.5], [14.0, 3 << 20, 1.5]]
+    assert waited_by(timeline, 9.0) == 0.0
+    assert waited_by(timeline, 10.5) == pytest.approx(0.25)
+    assert waited_by(timeline, 12.0) == pytest.approx(0.5)
+    assert waited_by(timeline, 13.5) == pytest.approx(1.0)
+    assert waited_by(timeline, 20.0) == pytest.approx(1.5)
+    assert waited_by([], 1.0) == 0.0
+
+
+def test_the_downtime_splits_at_the_streams_end_on_host_b() -> None:
+    # host-b's clock is 100 s ahead of host-a's; the suspend at 50 (a) = 150 (b)
+    tap = {"end_at": 156.0, "timeline": [[140.0, 0, 0.0], [150.0, 1, 1.0], [156.0, 2, 4.0]]}
+    parts = downtime_parts(50.0, tap, 160.5, 100.0, 100.0)
+    assert parts == {"stream_end_s": pytest.approx(6.0), "receiver_wait_s": pytest.approx(3.0),
+                     "restore_s": pytest.approx(4.5)}
+    assert downtime_parts(50.0, {"end_at": None}, 160.5, 100.0, 100.0)["restore_s"] is None
+    assert downtime_parts(None, tap, 160.5, 100.0, 100.0)["stream_end_s"] is None
+
+
+def test_an_older_sweeps_runs_are_read_and_continued(tmp_path: Path) -> None:
+    """A runs.csv written before the downtime's parts: read with those empty, and the next run
+    appended under today's columns."""
+    path = tmp_path / "runs.csv"
+    older = run("stock", 0, 1.0)
+    append_run(path, older)
+    lines = path.read_text().splitlines()
+    cut = len(",stream_end_s,receiver_wait_s,restore_s")
+    older_lines = [lines[0][:-cut], *(line[:-3] for line in lines[1:])]  # ",,," for three Nones
+    path.write_text("\n".join(older_lines) + "\n")
+    assert read_runs(path, LinkRun) == [older]
+    newer = dataclasses.replace(run("prune", 0, 0.2), stream_end_s=6.0, receiver_wait_s=3.0, restore_s=4.5)
+    append_run(path, newer)
+    assert read_runs(path, LinkRun) == [older, newer]
 
 
 def test_a_hung_migration_times_out_after_three_guests_at_the_link_rate() -> None:

@@ -450,7 +450,11 @@ def read_runs(path: Path, kind: type[RunRow]) -> list[RunRow]:
         reader = csv.DictReader(runs_file)
         rows = list(reader)
     fields = {field.name: field.type for field in dataclasses.fields(kind)}  # type: ignore[arg-type]
-    if list(reader.fieldnames or []) != list(fields):
+    # an older sweep's columns: all of today's but trailing ones that have defaults
+    columns = list(reader.fieldnames or [])
+    defaulted = [field.name for field in dataclasses.fields(kind)  # type: ignore[arg-type]
+                 if field.default is not dataclasses.MISSING]
+    if columns != list(fields)[:len(columns)] or not set(list(fields)[len(columns):]) <= set(defaulted):
         raise SystemExit(f"{path} has the columns of another version of the bench: continue it "
                          "with that version, or start a new folder")
     return [kind(**row_values(row, fields)) for row in rows]
@@ -473,10 +477,23 @@ def row_values(row: dict[str, str], fields: dict[str, object]) -> dict[str, obje
 
 
 def append_run(path: Path, run: Any) -> None:
-    """One run (a dataclass: ``Run``, or another bench's) as a row of the CSV at ``path``."""
+    """One run (a dataclass: ``Run``, or another bench's) as a row of the CSV at ``path``; an
+    older sweep's file (``read_runs``: fewer columns at the end) gets today's columns first, its
+    rows empty in the new ones."""
+    fieldnames = [field.name for field in dataclasses.fields(run)]
     new_file = not path.exists()
+    if not new_file:
+        with open(path, newline="", encoding="utf-8") as runs_file:
+            older = csv.DictReader(runs_file)
+            rows = list(older)
+            columns = list(older.fieldnames or [])
+        if columns != fieldnames:
+            with open(path, "w", newline="", encoding="utf-8") as runs_file:
+                writer = csv.DictWriter(runs_file, fieldnames=fieldnames, restval="")
+                writer.writeheader()
+                writer.writerows(rows)
     with open(path, "a", newline="", encoding="utf-8") as runs_file:
-        writer = csv.DictWriter(runs_file, fieldnames=[field.name for field in dataclasses.fields(run)])
+        writer = csv.DictWriter(runs_file, fieldnames=fieldnames)
         if new_file:
             writer.writeheader()
         writer.writerow(asdict(run))
