@@ -13,13 +13,13 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from softpage.abi import PAGE_SIZE
 from softpage.backend import EndOfCheckpoint, GuestType, StaticInfo, TscInfo
 from softpage.errors import StreamError
 from softpage.stream.reader import PageData, StreamParser, parse_stream
 from softpage.stream.receiver import RestoreModel
 from softpage.stream.writer import StreamWriter
 
-PAGE = 4096
 KINDS = {"data": 0x0000_0000, "pinned_l1": 0x9000_0000, "xalloc": 0xE000_0000, "xtab": 0xF000_0000,
          "broken": 0xD000_0000}
 WITH_DATA = {"data", "pinned_l1"}
@@ -36,7 +36,7 @@ Plan = list[list[Entry]]
 
 
 def content(pfn: int, round_index: int) -> bytes:
-    return (pfn.to_bytes(8, "little") + round_index.to_bytes(8, "little")) * (PAGE // 16)
+    return (pfn.to_bytes(8, "little") + round_index.to_bytes(8, "little")) * (PAGE_SIZE // 16)
 
 
 entries = st.tuples(st.integers(0, 2000), st.sampled_from(sorted(KINDS)))
@@ -87,7 +87,7 @@ def reference_restore(plan: Plan) -> tuple[dict[int, bytes], set[int]]:
         for pfn, kind in round_entries:
             named.add(pfn)
             if kind in POPULATES and pfn not in memory:
-                memory[pfn] = bytes(PAGE)
+                memory[pfn] = bytes(PAGE_SIZE)
             if kind in WITH_DATA:
                 memory[pfn] = content(pfn, round_index)
     return memory, named

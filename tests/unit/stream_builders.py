@@ -8,13 +8,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from softpage.abi import PAGE_SIZE
 from softpage.backend import EndOfCheckpoint, GuestType, StaticInfo, TscInfo
 from softpage.stream.handshake import PERMISSION_TO_GO, RECEIVER_BANNER, RECEIVER_READY, UNPAUSE_REPORT
 from softpage.stream.reader import read_records
 from softpage.stream.receiver import RestoreModel
 from softpage.stream.writer import StreamWriter
 
-PAGE = 4096
 NOTAB = 0x0000_0000
 XALLOC = 0xE000_0000
 XTAB = 0xF000_0000
@@ -51,7 +51,7 @@ class ByteSink:
 
 def page_of(pfn: int, generation: int = 0) -> bytes:
     """A page whose content names its pfn and generation."""
-    return (pfn.to_bytes(8, "little") + generation.to_bytes(8, "little")) * (PAGE // 16)
+    return (pfn.to_bytes(8, "little") + generation.to_bytes(8, "little")) * (PAGE_SIZE // 16)
 
 
 Entry = tuple[int, int, "bytes | None"]

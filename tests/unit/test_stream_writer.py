@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from softpage.abi import PAGE_SIZE
 from softpage.backend import EndOfCheckpoint, GuestType, PvStaticInfo, StaticInfo
 from softpage.errors import StreamError
 from softpage.stream.reader import PageData, parse_stream
@@ -23,8 +24,6 @@ from tests.unit.stream_builders import (
     build_stream,
     page_of,
 )
-
-PAGE = 4096
 
 
 def writer_in_memory_phase(sink: ByteSink | None = None) -> StreamWriter:
@@ -78,8 +77,8 @@ def test_a_pv_stream_needs_its_pv_records_rather_than_being_half_written() -> No
     [
         ([], [], b"", "at least one entry"),
         ([1], [0], b"", "expected 1 pages"),
-        ([1], [XALLOC], bytes(PAGE), "expected 0 pages"),
-        ([1, 2], [XTAB, BROKEN], bytes(PAGE), "expected 0 pages"),
+        ([1], [XALLOC], bytes(PAGE_SIZE), "expected 0 pages"),
+        ([1, 2], [XTAB, BROKEN], bytes(PAGE_SIZE), "expected 0 pages"),
         ([1 << 52], [XALLOC], b"", "pfns <= 0xfffffffffffff"),
         ([1], [0x5000_0000], b"", "known page type"),
         ([1], [0x0000_0001], b"", "XEN_DOMCTL_PFINFO"),
@@ -98,7 +97,7 @@ def test_add_page_enforces_the_entry_rules() -> None:
     with pytest.raises(StreamError, match="expected a page of data"):
         writer.add_page(1, 0)
     with pytest.raises(StreamError, match="expected no data for type XALLOC"):
-        writer.add_page(1, XALLOC, bytes(PAGE))
+        writer.add_page(1, XALLOC, bytes(PAGE_SIZE))
     with pytest.raises(StreamError, match="expected 4096 bytes"):
         writer.add_page(1, 0, bytes(100))
     with pytest.raises(StreamError, match="pfns >= 0"):
@@ -184,7 +183,7 @@ def test_writing_64k_pages_to_dev_null_is_fast() -> None:
     count = 64 * 1024
     pfns = np.arange(count, dtype=np.uint64)
     types = np.zeros(count, dtype=np.uint32)
-    data = np.ones(count * PAGE, dtype=np.uint8)  # touched, so no page faults are timed
+    data = np.ones(count * PAGE_SIZE, dtype=np.uint8)  # touched, so no page faults are timed
     fd = os.open(os.devnull, os.O_WRONLY)
     try:
         writer = StreamWriter.for_fd(fd)
@@ -194,7 +193,7 @@ def test_writing_64k_pages_to_dev_null_is_fast() -> None:
         elapsed = time.perf_counter() - started
     finally:
         os.close(fd)
-    megabytes_per_second = count * PAGE / elapsed / 1e6
+    megabytes_per_second = count * PAGE_SIZE / elapsed / 1e6
     print(f"\nwrite_pages: {count} pages in {elapsed * 1e3:.1f} ms = {megabytes_per_second:.0f} MB/s")
     assert writer.stats.page_records == 64
     # Generous floor for a shared 2-core box; measured rates are far above it.
