@@ -698,16 +698,25 @@ def retry_after_triple_faults(
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
+def remove_disk_images(work_dir: Path) -> None:
+    """The disk images a script's boot made under ``work_dir`` (the payload, copies of the distro
+    images, scratch disks: gigabytes), once its hosts are shut down; the logs stay."""
+    for image in work_dir.rglob("*.img"):
+        image.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def booted_testbed(config: TestbedConfig, work_dir: Path) -> Iterator[Testbed]:
-    """Build (cached) + payload + boot, for scripts: ``with booted_testbed(cfg, dir) as tb:``."""
+    """Build (cached) + payload + boot, for scripts: ``with booted_testbed(cfg, dir) as tb:``.
+    Its disk images under ``work_dir`` are removed afterwards, its logs kept."""
     build_testbed()
     payload = work_dir / "payload.img"
     work_dir.mkdir(parents=True, exist_ok=True)
     build_payload(payload)
     testbed = Testbed(config, payload, work_dir / f"xen-{config.xen_version}")
-    testbed.boot()
     try:
+        testbed.boot()
         yield testbed
     finally:
         testbed.shutdown()
+        remove_disk_images(work_dir)

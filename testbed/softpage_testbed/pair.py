@@ -42,6 +42,7 @@ from softpage_testbed.host import (
     TestbedConfig,
     build_payload,
     build_testbed,
+    remove_disk_images,
 )
 
 LINK_HOSTS_FILE = REPO_DIR / "testbed" / "dom0" / "link-hosts"
@@ -297,14 +298,16 @@ class TestbedPair:
 def booted_pair(config_a: TestbedConfig, config_b: TestbedConfig, work_dir: Path,
                 shape: LinkShape | None = None) -> Iterator[TestbedPair]:
     """Build (cached) + payload + boot both hosts, for scripts:
-    ``with booted_pair(cfg_a, cfg_b, dir) as pair: pair.a.run(...)``."""
+    ``with booted_pair(cfg_a, cfg_b, dir) as pair: pair.a.run(...)``. Their disk images under
+    ``work_dir`` are removed afterwards, their logs kept."""
     build_testbed()
     work_dir.mkdir(parents=True, exist_ok=True)
     payload = work_dir / "payload.img"
     build_payload(payload)
     pair = TestbedPair(config_a, config_b, payload, work_dir, shape)
-    pair.boot()
     try:
+        pair.boot()
         yield pair
     finally:
         pair.shutdown()
+        remove_disk_images(work_dir)

@@ -18,6 +18,7 @@ from softpage_testbed import (
     TestbedPair,
     read_link_hosts,
 )
+from softpage_testbed.host import remove_disk_images
 
 
 def fake_cache(tmp_path: Path) -> Path:
@@ -105,3 +106,14 @@ def test_link_queue_is_sized_in_time(rate: str, delay_ms: float, packets: int) -
 def test_link_rate_outside_tcs_bit_notation_is_refused() -> None:
     with pytest.raises(TestbedError, match="expected a number and bit"):
         LinkShape("8MB", 5).queue_packets()
+
+
+def test_a_scripts_disk_images_go_and_its_logs_stay(tmp_path: Path) -> None:
+    """booted_testbed / booted_pair leave their logs behind, not gigabytes of images."""
+    for name in ("payload.img", "distro-bookworm.img", "host-a/scratch.img", "host-a/serial.log",
+                 "host-b/qemu.out"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    remove_disk_images(tmp_path)
+    assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*") if path.is_file()) == [
+        "host-a/serial.log", "host-b/qemu.out"]
