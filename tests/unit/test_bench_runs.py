@@ -39,9 +39,18 @@ def test_runs_of_another_bench_version_are_not_continued(tmp_path: Path) -> None
     path = tmp_path / "runs.csv"
     xen_bench.append_run(path, run("stock", 0))
     lines = path.read_text().splitlines()
-    path.write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")  # one column less
+    # the first column gone: not an older sweep (those lack only trailing columns with defaults)
+    path.write_text("\n".join(line.split(",", 1)[1] for line in lines) + "\n")
     with pytest.raises(SystemExit, match="another version of the bench"):
         xen_bench.load_runs(path)
+
+
+def test_an_older_sweep_without_the_newest_columns_is_continued(tmp_path: Path) -> None:
+    path = tmp_path / "runs.csv"
+    xen_bench.append_run(path, run("stock", 0))
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")  # the last one gone
+    assert xen_bench.load_runs(path) == [run("stock", 0)]
 
 
 def test_dom0_cpu_is_compared_with_stock() -> None:
