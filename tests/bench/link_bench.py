@@ -270,11 +270,13 @@ def downtime_parts(requested_on_a: float | None, tap: dict[str, object], running
         return {"stream_end_s": None, "receiver_wait_s": None, "restore_s": None}
     timeline = tap.get("timeline")
     samples = timeline if isinstance(timeline, list) else []
-    requested_on_b = requested_on_a + (offset_before + offset_after) / 2
+    stream_end_s = cross_host_interval(requested_on_a, end_at, offset_before, offset_after)
+    assert stream_end_s is not None  # both moments are known
     return {
-        "stream_end_s": cross_host_interval(requested_on_a, float(end_at), offset_before, offset_after),
-        "receiver_wait_s": waited_by(samples, float(end_at)) - waited_by(samples, requested_on_b),
-        "restore_s": running_on_b - float(end_at),
+        "stream_end_s": stream_end_s,
+        # the suspend request on host-b's clock: the END, stream_end_s earlier
+        "receiver_wait_s": waited_by(samples, end_at) - waited_by(samples, end_at - stream_end_s),
+        "restore_s": running_on_b - end_at,
     }
 
 

@@ -484,10 +484,10 @@ def append_run(path: Path, run: Any) -> None:
     new_file = not path.exists()
     if not new_file:
         with open(path, newline="", encoding="utf-8") as runs_file:
-            older = csv.DictReader(runs_file)
-            rows = list(older)
-            columns = list(older.fieldnames or [])
+            columns = next(csv.reader(runs_file), [])
         if columns != fieldnames:
+            with open(path, newline="", encoding="utf-8") as runs_file:
+                rows = list(csv.DictReader(runs_file))
             with open(path, "w", newline="", encoding="utf-8") as runs_file:
                 writer = csv.DictWriter(runs_file, fieldnames=fieldnames, restval="")
                 writer.writeheader()

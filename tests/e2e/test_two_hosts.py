@@ -106,15 +106,23 @@ def wait_until_no_guest(testbed: Testbed, timeout_s: float = PEER_GONE_S) -> lis
 
 # -- the tests --------------------------------------------------------------------------------
 
+def move_pruned(pair: TestbedPair, guest: Guest) -> Guest:
+    """``softpage migrate`` (pruning) to the other host: pruned, arrived, the module re-published
+    there."""
+    source = guest.testbed
+    guest = move(pair, guest, "softpage")
+    print(f"{pair.name(source)} -> {pair.name(guest.testbed)}: {assert_pruned(source)}")
+    assert wait_for_module(guest) == "ready"
+    return guest
+
+
 def test_softpage_migrate_over_ssh(pvh_pair: TestbedPair) -> None:
     """`softpage migrate guest host-b` with the default ssh transport, pruning: the guest arrives
     intact and the module re-publishes on host-b. (make test's one migration between two hosts.)"""
     pair = pvh_pair
     forget_console_logs(pair, "sp-2h-one")
-    guest = move(pair, start_guest(pair.a, "sp-2h-one"), "softpage")
-    print(f"host-a -> host-b: {assert_pruned(pair.a)}")
+    guest = move_pruned(pair, start_guest(pair.a, "sp-2h-one"))
     assert guest.testbed is pair.b
-    assert wait_for_module(guest) == "ready"
 
 
 @pytest.mark.matrix_only
@@ -123,16 +131,8 @@ def test_softpage_migrate_over_ssh_there_and_back(pvh_pair: TestbedPair) -> None
     host-a: the module re-publishes on each host, the guest arrives intact both times."""
     pair = pvh_pair
     forget_console_logs(pair, "sp-2h")
-    guest = start_guest(pair.a, "sp-2h")
-    guest = move(pair, guest, "softpage")
-    totals = assert_pruned(pair.a)
-    print(f"host-a -> host-b: {totals}")
-    assert wait_for_module(guest) == "ready"
-    guest = move(pair, guest, "softpage")
-    totals = assert_pruned(pair.b)
-    print(f"host-b -> host-a: {totals}")
+    guest = move_pruned(pair, move_pruned(pair, start_guest(pair.a, "sp-2h")))
     assert guest.testbed is pair.a
-    assert wait_for_module(guest) == "ready"
 
 
 @pytest.mark.matrix_only
