@@ -485,6 +485,20 @@ class Testbed:
         self.disk_rate = bytes_per_s
         self.check_disk_rate(bytes_per_s)
 
+    def qemu_cpu_s(self) -> float | None:
+        """CPU seconds this host's QEMU process (all its threads: the vCPUs, I/O, the network)
+        has taken from this machine so far, user and system (proc(5): stat's utime and stime,
+        fields 14 and 15); None when it does not run. Two hosts on one machine share its cores:
+        what one takes, the other's guests lose."""
+        if self._qemu is None or self._qemu.poll() is not None:
+            return None
+        try:
+            stat = Path(f"/proc/{self._qemu.pid}/stat").read_text()
+        except OSError:
+            return None
+        after_name = stat.rsplit(")", 1)[1].split()  # from field 3, the state
+        return (int(after_name[14 - 3]) + int(after_name[15 - 3])) / os.sysconf("SC_CLK_TCK")
+
     def alive(self) -> bool:
         if self.hung or self._qemu is None or self._qemu.poll() is not None or self._agent is None:
             return False

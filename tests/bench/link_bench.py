@@ -54,7 +54,15 @@ Measured per migration:
   receiver on host-b: measure.py);
 * the neighbour: a second guest on host-a running `workload spin` (testbed/guest/workload.c),
   which prints the pages it rewrote each second; its rate while the migration ran against its
-  rate in the SOFTPAGE_BENCH_QUIET_S seconds (default QUIET_S) of quiet just before.
+  rate in the SOFTPAGE_BENCH_QUIET_S seconds (default QUIET_S) of quiet just before;
+* this machine's cores each host's QEMU took while the sender ran (``Testbed.qemu_cpu_s``): the
+  two hosts share this machine's cores, and the neighbour is a guest of one of them.
+
+Once per sweep, before the first run, ``neighbour_control`` measures the neighbour's rate with no
+migration: quiet, while host-a's dom0 keeps one vCPU busy, while host-b's does (SOFTPAGE_BENCH_CONTROL_S
+seconds each, default CONTROL_S; 0: not measured), into control.txt and the README's notes: what
+the neighbour loses to its own host's dom0 working, and what it loses to the other host's QEMU on
+this machine's shared cores, which no real pair of hosts has.
 
 A run that fails (a guest triple fault under TCG, a migration error) is written to failures.txt,
 the guest is started again on host-a, and the bench goes on with the next run (at most
@@ -140,6 +148,10 @@ QUIET_S = 75.0
 page cache the guest read back after its return to turn cold (softpage's default
 ``--prune cache=cold``: a file read once is cold 30-60 s after the read, docs/design.md), as in
 the single-host bench's guest whose cache was read once at its start."""
+CONTROL_S = 60.0
+"""Each window of the neighbour's control (``neighbour_control``; SOFTPAGE_BENCH_CONTROL_S, 0: none)."""
+BURN_ONE_CPU = "timeout {seconds:g} sh -c 'while :; do :; done'"
+"""One dom0 vCPU kept busy for a while: the control's stand-in for a migration's dom0 work."""
 BUFFER_S = 0.25
 """The TCP transport's socket buffers, in seconds of the shaped link (tcp_pipe.py --buffer)."""
 MIN_BUFFER_BYTES = 64 << 10
@@ -164,7 +176,7 @@ COMPARED_WITH_STOCK = ("pages_data", "stream_bytes", "wire_bytes", "wall_s", "do
                        "dom0_cpu_a_s", "dom0_cpu_b_s", "neighbour_loss", "neighbour_work_lost")
 SUMMARY_FIELDS = (*COMPARED_WITH_STOCK, "suspended_s", "pages_xalloc", "rounds", "early_drop_s",
                   "neighbour_without", "neighbour_during", "clock_rtt_s", "load_1min",
-                  "stream_end_s", "receiver_wait_s", "restore_s")
+                  "stream_end_s", "receiver_wait_s", "restore_s", "qemu_cores_a", "qemu_cores_b")
 
 
 @dataclass
@@ -208,6 +220,12 @@ class LinkRun(MigrationRun):
     """Of ``stream_end_s``, the seconds the tap waited for the receiver to take the stream."""
     restore_s: float | None = None
     """From the END record at host-b's tap to the incoming copy running: the rest of the downtime."""
+    qemu_cores_a: float | None = None
+    """This machine's cores host-a's QEMU took while the sender ran (its CPU seconds over the
+    sender's wall time; None in runs before 2026-12-06's afternoon). The neighbour is one of its
+    vCPUs' guests: what the two QEMUs take beyond this machine's two cores, it waits for."""
+    qemu_cores_b: float | None = None
+    """The same for host-b's QEMU over the same interval."""
 
     @property
     def neighbour_work_lost(self) -> float | None:
@@ -288,6 +306,13 @@ def transport_buffer_bytes(shape: LinkShape | None, buffer_s: float) -> int | No
     return max(MIN_BUFFER_BYTES, int(shape.bits_per_s() / 8 * buffer_s))
 
 
+def cores_taken(before: list[float | None], after: list[float | None], wall_s: float) -> list[float | None]:
+    """Per host, the cores its QEMU took over ``wall_s``: CPU seconds between two readings of
+    ``Testbed.qemu_cpu_s`` over the wall time (None where either reading is missing)."""
+    return [None if start is None or end is None or wall_s <= 0 else (end - start) / wall_s
+            for start, end in zip(before, after, strict=True)]
+
+
 def link_delta(before: tuple[int, int], after: tuple[int, int]) -> tuple[int, int]:
     """(tx, rx) bytes between two readings of a NIC's counters."""
     tx, rx = after[0] - before[0], after[1] - before[1]
@@ -351,6 +376,13 @@ def markdown(rows: list[dict[str, object]], verdicts: list[Verdict]) -> str:
     lines += [f"| {row['anon_mb']} | {row['method']} | {cell(row['downtime_s'])} | "
               f"{cell(row['stream_end_s'])} | {cell(row['receiver_wait_s'])} | {cell(row['restore_s'])} |"
               for row in rows]
+    if any(row.get("qemu_cores_a") is not None for row in rows):
+        lines += ["", "Where the neighbour's rate goes (medians: this machine's cores each host's QEMU took "
+                  "while the sender ran; the machine has " f"{os.cpu_count()}):", "",
+                  "| user MB | method | neighbour loss | QEMU host-a cores | QEMU host-b cores |",
+                  "|---:|---|---:|---:|---:|"]
+        lines += [f"| {row['anon_mb']} | {row['method']} | {cell(row['neighbour_loss'])} | "
+                  f"{cell(row['qemu_cores_a'])} | {cell(row['qemu_cores_b'])} |" for row in rows]
     lines += ["", "Targets of issue 19 (ratio to stock at 0 MB of user allocation):", ""]
     lines += [f"- {method} {field}: {cell(ratio)} (target <= {limit:g}): "
               f"{'not measured' if ratio is None else 'met' if met else 'MISSED'}"
@@ -448,6 +480,36 @@ def ensure_neighbour(neighbour: Guest, spin_mb: int, notes: list[str]) -> Guest:
     return start_neighbour(testbed, spin_mb)
 
 
+def neighbour_control(pair: TestbedPair, window_s: float) -> list[str]:
+    """The neighbour's rate with no migration, in three windows of ``window_s``: quiet; while
+    host-a's dom0 keeps one vCPU busy (BURN_ONE_CPU); while host-b's dom0 does; with each the
+    cores each host's QEMU took from this machine. A migration costs the neighbour rate in two
+    ways: its own host's dom0 works (the sender, which a real host shares with its guests too),
+    and, on this testbed only, the other host's QEMU takes this machine's cores (the receiver:
+    two hosts on one 2-core machine). Comparing the migrations' losses with these two tells the
+    two apart. Returns one line per window."""
+    lines = []
+    quiet = None
+    for label, busy in (("quiet", None), ("host-a's dom0 busy on one vCPU", pair.a),
+                        ("host-b's dom0 busy on one vCPU", pair.b)):
+        start = console_size(pair.a, NEIGHBOUR)
+        before, began = [testbed.qemu_cpu_s() for testbed in pair.testbeds], time.monotonic()
+        if busy is None:
+            time.sleep(window_s)
+        else:
+            busy.run(BURN_ONE_CPU.format(seconds=window_s), timeout_s=window_s + 120)
+        after = [testbed.qemu_cpu_s() for testbed in pair.testbeds]
+        cores = cores_taken(before, after, time.monotonic() - began)
+        rate = spin_rate(console_slice(pair.a, NEIGHBOUR, start, console_size(pair.a, NEIGHBOUR)))
+        quiet = rate if busy is None else quiet
+        loss = throughput_loss(quiet, rate)
+        lines.append(f"{time.strftime('%H:%M:%S')} neighbour control, {label} for {window_s:g} s: "
+                     f"{cell(rate, 0)} pages/s (loss {cell(loss)}); QEMU cores host-a {cell(cores[0])}, "
+                     f"host-b {cell(cores[1])}")
+        print(f"link_bench: {lines[-1]}", file=sys.stderr, flush=True)
+    return lines
+
+
 def start_neighbour(testbed: Testbed, spin_mb: int) -> Guest:
     """The neighbour guest, its workload idle (no user memory, no cache, no dirtying), then
     `workload spin` typed into its shell. A PV guest: as a PVH guest it triple-faulted within
@@ -501,7 +563,10 @@ def measured_migration(pair: TestbedPair, guest: Guest, method: str, transport: 
     command = measured_sender_command(method, guest, rune)
     counters_before = {name: link_counters(pair, testbed) for name, testbed in (("a", pair.a), ("b", pair.b))}
     during_start = console_size(pair.a, NEIGHBOUR)
+    qemu_before, began = [testbed.qemu_cpu_s() for testbed in pair.testbeds], time.monotonic()
     result = pair.a.run(command, timeout_s=migration_timeout_s(guest.spec.memory_mb, LinkShape.from_env()))
+    qemu_cores = cores_taken(qemu_before, [testbed.qemu_cpu_s() for testbed in pair.testbeds],
+                             time.monotonic() - began)
     during_end = console_size(pair.a, NEIGHBOUR)
     if not result.ok:
         raise RuntimeError(f"{method} migration failed (rc {result.rc}): {result.stderr[-3000:]}")
@@ -536,6 +601,7 @@ def measured_migration(pair: TestbedPair, guest: Guest, method: str, transport: 
         "neighbour_without": without, "neighbour_during": during,
         "clock_offset_s": (offset_before + offset_after) / 2, "clock_drift_s": offset_after - offset_before,
         "clock_rtt_s": max(rtt_before, rtt_after),
+        "qemu_cores_a": qemu_cores[0], "qemu_cores_b": qemu_cores[1],
         **downtime_parts(send.get("requested_at"), tap, recv.get("running_at"),  # type: ignore[arg-type]
                          offset_before, offset_after),
     }
@@ -563,7 +629,8 @@ def to_link_run(run: Run, extra: dict[str, float | int | None]) -> LinkRun:
         clock_offset_s=measured("clock_offset_s") or 0.0, clock_drift_s=measured("clock_drift_s") or 0.0,
         clock_rtt_s=measured("clock_rtt_s") or 0.0, load_1min=os.getloadavg()[0],
         stream_end_s=measured("stream_end_s"), receiver_wait_s=measured("receiver_wait_s"),
-        restore_s=measured("restore_s"),
+        restore_s=measured("restore_s"), qemu_cores_a=measured("qemu_cores_a"),
+        qemu_cores_b=measured("qemu_cores_b"),
     )
 
 
@@ -680,6 +747,7 @@ def main() -> int:
     ssh_options = os.environ.get("SOFTPAGE_LINK_SSH_OPTIONS", "")
     quiet_s = float(os.environ.get("SOFTPAGE_BENCH_QUIET_S", str(QUIET_S)))
     spin_mb = int(os.environ.get("SOFTPAGE_BENCH_NEIGHBOUR_MB", str(NEIGHBOUR_SPIN_MB)))
+    control_s = float(os.environ.get("SOFTPAGE_BENCH_CONTROL_S", str(CONTROL_S)))
     xen_version = os.environ.get("SOFTPAGE_BENCH_XEN", XEN_PVH_VERSION)
     os.environ.setdefault("SOFTPAGE_LINK_RATE", LINK_RATE)
     os.environ.setdefault("SOFTPAGE_LINK_DELAY", f"{LINK_DELAY_MS:g}")
@@ -726,6 +794,12 @@ def main() -> int:
                   f"{carried}. Neighbour: a {NEIGHBOUR_MB} MiB PV "
                   f"guest on host-a spinning over {spin_mb} MiB; quiet window {quiet_s:g} s before each run.")
         neighbour = start_neighbour(pair.a, spin_mb)
+        if control_s > 0:
+            control = neighbour_control(pair, control_s)
+            notes += control
+            with (out / "control.txt").open("a") as written:
+                written.write("".join(f"{line}\n" for line in control))
+            notes_path.write_text("".join(f"{note}\n" for note in notes))
         for anon_mb in steps:
             todo = runs_to_do(done, anon_mb, repetitions, LINK_METHODS)
             if not todo:
@@ -757,7 +831,7 @@ def main() -> int:
                 check_guest(guest, f"after the last migration of the {anon_mb} MB step")
             guest.destroy()
         neighbour.destroy()
-    table = write_readme(out, header, runs, failures, notes) if runs else "no runs\n"
+    table = write_readme(out, header, runs, failures, notes)
     print("\n" + table)
     print(f"results in {out} ({time.monotonic() - started:.0f} s)")
     return 0

@@ -16,6 +16,7 @@ from tests.bench.dom0.clock_offset import best_offset
 from tests.bench.link_bench import (
     LINK_METHODS,
     LinkRun,
+    cores_taken,
     cross_host_interval,
     downtime_parts,
     link_delta,
@@ -173,6 +174,23 @@ def test_to_link_run_adds_the_cross_host_measures() -> None:
     assert link_run.clock_rtt_s == 0.02
     unmeasured = to_link_run(base, {**extra, "neighbour_during": None, "dom0_cpu_b_s": None})
     assert unmeasured.neighbour_loss is None and unmeasured.dom0_cpu_b_s is None
+    assert link_run.qemu_cores_a is None  # not in extra: an older run
+    cores = to_link_run(base, {**extra, "qemu_cores_a": 1.2, "qemu_cores_b": 0.7})
+    assert (cores.qemu_cores_a, cores.qemu_cores_b) == (1.2, 0.7)
+
+
+def test_cores_taken_is_cpu_seconds_over_wall_time() -> None:
+    assert cores_taken([10.0, 5.0], [25.0, 12.5], 10.0) == [1.5, 0.75]
+    assert cores_taken([None, 5.0], [25.0, None], 10.0) == [None, None]
+    assert cores_taken([1.0], [2.0], 0.0) == [None]
+
+
+def test_the_qemu_cores_table_only_when_measured() -> None:
+    older = [run("stock", 0, 1.0), run("prune", 0, 0.2)]
+    assert "Where the neighbour's rate goes" not in markdown(summarise(older), targets(summarise(older)))
+    newer = [dataclasses.replace(link_run, qemu_cores_a=1.1, qemu_cores_b=0.9) for link_run in older]
+    table = markdown(summarise(newer), targets(summarise(newer)))
+    assert "| 0 | prune | 0.10 | 1.10 | 0.90 |" in table
 
 
 @pytest.mark.parametrize("buffer", [[], ["--buffer", "65536"]])
@@ -239,8 +257,10 @@ def test_an_older_sweeps_runs_are_read_and_continued(tmp_path: Path) -> None:
     older = run("stock", 0, 1.0)
     append_run(path, older)
     lines = path.read_text().splitlines()
-    cut = len(",stream_end_s,receiver_wait_s,restore_s")
-    older_lines = [lines[0][:-cut], *(line[:-3] for line in lines[1:])]  # ",,," for three Nones
+    header = lines[0].split(",")
+    newer_columns = len(header) - header.index("stream_end_s")  # all None in ``older``: empty
+    assert all(line.endswith("," * newer_columns) for line in lines[1:])
+    older_lines = [",".join(header[:-newer_columns]), *(line[:-newer_columns] for line in lines[1:])]
     path.write_text("\n".join(older_lines) + "\n")
     assert read_runs(path, LinkRun) == [older]
     newer = dataclasses.replace(run("prune", 0, 0.2), stream_end_s=6.0, receiver_wait_s=3.0, restore_s=4.5)
