@@ -8,8 +8,9 @@ otherwise) boots with its link shaped by ``tc netem`` on both ends (SOFTPAGE_LIN
 LINK_RATE; SOFTPAGE_LINK_DELAY ms one way, default LINK_DELAY_MS). A PVH guest
 (SOFTPAGE_BENCH_GUEST_MB, default GUEST_MB) with SOFTPAGE_BENCH_ANON_MB of user allocation per
 step (default "0") and as much page cache from its data disk as the rest holds runs on host-a;
-for each step it goes to host-b SOFTPAGE_BENCH_REPS times (default 3) by each method,
-interleaved:
+for each step it goes to host-b SOFTPAGE_BENCH_REPS times (default 3) by each method
+(SOFTPAGE_BENCH_METHODS, default all three; stock is always added unless the sweep continued in
+SOFTPAGE_BENCH_OUT has a stock run at that step already), interleaved:
 
     stock      xl migrate -s "" GUEST "<to host-b>"
     no-prune   softpage migrate --no-prune -s "" GUEST "<to host-b>"
@@ -319,6 +320,20 @@ def link_delta(before: tuple[int, int], after: tuple[int, int]) -> tuple[int, in
     if tx < 0 or rx < 0:
         raise ValueError(f"expected growing link counters, got {before} then {after}")
     return tx, rx
+
+
+def step_methods(text: str, runs: list[LinkRun], anon_mb: int) -> tuple[str, ...]:
+    """SOFTPAGE_BENCH_METHODS at step ``anon_mb``: the named methods in LINK_METHODS' order, with
+    stock added unless ``runs`` (the sweep being continued) already has a stock run at that step:
+    every ratio is to stock in the same sweep, so a continuation may add runs of the others."""
+    named = {name.strip() for name in text.split(",") if name.strip()}
+    unknown = named - set(LINK_METHODS)
+    if unknown:
+        raise SystemExit(f"SOFTPAGE_BENCH_METHODS: unknown {', '.join(sorted(unknown))}; "
+                         f"expected some of {', '.join(LINK_METHODS)}")
+    if not any(run.anon_mb == anon_mb and run.method == "stock" for run in runs):
+        named.add("stock")
+    return tuple(method for method in LINK_METHODS if method in named)
 
 
 def summarise(runs: list[LinkRun]) -> list[dict[str, object]]:
@@ -743,6 +758,7 @@ def main() -> int:
     guest_mb = int(os.environ.get("SOFTPAGE_BENCH_GUEST_MB", str(GUEST_MB)))
     steps = environment_list("SOFTPAGE_BENCH_ANON_MB", "0")
     repetitions = int(os.environ.get("SOFTPAGE_BENCH_REPS", "3"))
+    methods = os.environ.get("SOFTPAGE_BENCH_METHODS", ",".join(LINK_METHODS))
     full_check = os.environ.get("SOFTPAGE_BENCH_CHECK", "each") != "step"
     ssh_options = os.environ.get("SOFTPAGE_LINK_SSH_OPTIONS", "")
     quiet_s = float(os.environ.get("SOFTPAGE_BENCH_QUIET_S", str(QUIET_S)))
@@ -801,7 +817,7 @@ def main() -> int:
                 written.write("".join(f"{line}\n" for line in control))
             notes_path.write_text("".join(f"{note}\n" for note in notes))
         for anon_mb in steps:
-            todo = runs_to_do(done, anon_mb, repetitions, LINK_METHODS)
+            todo = runs_to_do(done, anon_mb, repetitions, step_methods(methods, runs, anon_mb))
             if not todo:
                 continue
             spec = bench_guest(f"link{anon_mb}", guest_mb, anon_mb)

@@ -25,6 +25,7 @@ from tests.bench.link_bench import (
     migration_timeout_s,
     rewrite_readme,
     spin_rate,
+    step_methods,
     summarise,
     targets,
     throughput_loss,
@@ -313,3 +314,13 @@ def test_rewrite_readme_keeps_the_header_and_the_hand_written_part(tmp_path: Pat
     assert "old table" not in text and "work lost, M pages" in text
     assert "- 07:00:00 the neighbour was gone or dead" in text and "## Failed runs" in text
     assert text.endswith("## What this run is (written by hand after it)\n\nhuman words\n")
+
+
+def test_a_continuation_may_leave_stock_out_once_the_sweep_has_it() -> None:
+    assert step_methods("prune", [], 0) == ("stock", "prune")
+    assert step_methods("prune", [run("stock", 0, 1.0)], 0) == ("prune",)
+    other_step = dataclasses.replace(run("stock", 0, 1.0), anon_mb=64)
+    assert step_methods("prune", [other_step], 0) == ("stock", "prune")
+    assert step_methods("prune,no-prune,stock", [], 0) == LINK_METHODS
+    with pytest.raises(SystemExit, match="unknown cache=all"):
+        step_methods("cache=all", [], 0)
