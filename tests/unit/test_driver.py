@@ -595,3 +595,12 @@ def test_cold_cache_used_again_after_its_report_is_kept_and_sent() -> None:
     used = reported[0] & (guest.kind == PageKind.CACHE)
     assert used.any() and not (guest.kind[reported[0]] == PageKind.HELD).any()
     assert final.pages_data >= int(np.count_nonzero(used))
+
+
+def test_the_report_timeout_grows_with_the_guest() -> None:
+    """A report scans the guest's whole memory map: the wait is per GiB, one GiB at least."""
+    options = DriverOptions(snapshot_timeout=10.0)
+    assert options.report_timeout(256 << 10) == 10.0
+    assert options.report_timeout(1 << 20) == 10.0
+    assert options.report_timeout(2 << 20) == 20.0
+    assert DriverOptions(snapshot_timeout=0.0).report_timeout(4 << 20) == 0.0

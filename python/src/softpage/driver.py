@@ -402,7 +402,7 @@ class MigrationSession:
             return None, None
         request_id = self._requests.next()
         self.channel.request(request_id)
-        return self._read_snapshot(request_id, self.options.snapshot_timeout), request_id
+        return self._read_snapshot(request_id, self.options.report_timeout(self.domain.max_memkb)), request_id
 
     def _read_snapshot(self, request_id: int, timeout: float) -> SoftSnapshot | None:
         if self.channel is None:

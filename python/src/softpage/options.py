@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from softpage.categories import PRUNABLE, CacheMode, Category
 from softpage.policy import PrecopyPolicy
 
+KIB_PER_GIB = 1 << 20
+
 
 @dataclass(frozen=True)
 class DriverOptions:
@@ -16,8 +18,13 @@ class DriverOptions:
     cache: CacheMode = CacheMode.COLD
     """Which page cache the guest reports soft and drops at suspend (``--prune cache=MODE``)."""
     policy: PrecopyPolicy = field(default_factory=PrecopyPolicy)
-    snapshot_timeout: float = 5.0
-    """Seconds to wait for each precopy snapshot before sending that round in full."""
+    snapshot_timeout: float = 10.0
+    """Seconds per GiB of the guest's memory (at least one GiB counted) to wait for each precopy
+    report before sending that round in full (``report_timeout``). A report is a scan of the
+    guest's whole memory map, so its time grows with the guest: a 2 GiB guest with its memory
+    full of page cache, under TCG beside a busy neighbour, did not answer its first request
+    within a flat 5 s, and the 2 GiB it could have pruned went out in full (22 minutes on a
+    16 Mbit/s link; results/link-bench-20261206-125045). Later reports of that guest took 0.2 s."""
     final_snapshot_timeout: float = 2.0
     """Seconds to wait for the FINAL report once the domain is suspended."""
     drop_timeout: float = 30.0
@@ -30,3 +37,8 @@ class DriverOptions:
     0.38 s), and the dirty pages of a late round are rarely soft (7 of 425). 0: always ask."""
     live: bool = True
     """False: suspend first and send everything once (``xl save`` without live)."""
+
+    def report_timeout(self, max_memkb: int) -> float:
+        """Seconds to wait for a precopy report from a guest of ``max_memkb`` KiB:
+        ``snapshot_timeout`` for each GiB, and for one GiB at least."""
+        return self.snapshot_timeout * max(1.0, max_memkb / KIB_PER_GIB)

@@ -109,8 +109,9 @@ def add_driver_options(parser: argparse.ArgumentParser) -> None:
                         help=f"live rounds at most (default {SPP_MAX_ITERATIONS}, as xl)")
     parser.add_argument("--dirty-target", type=int, default=SPP_TARGET_DIRTY_COUNT, metavar="N",
                         help=f"stop and copy below N dirty pages (default {SPP_TARGET_DIRTY_COUNT}, as xl)")
-    parser.add_argument("--snapshot-timeout", type=float, default=5.0, metavar="SECONDS",
-                        help="how long to wait for each soft-page report (default 5)")
+    parser.add_argument("--snapshot-timeout", type=float, default=DriverOptions.snapshot_timeout,
+                        metavar="SECONDS", help="how long to wait for each soft-page report, per GiB of "
+                        f"the guest's memory (at least one GiB; default {DriverOptions.snapshot_timeout:g})")
     parser.add_argument("--drop-timeout", type=float, default=DriverOptions.drop_timeout, metavar="SECONDS",
                         help="how long the guest may take to drop its caches while it still runs, right "
                         f"before the suspend (default {DriverOptions.drop_timeout:g}; 0: no early drop, "
