@@ -688,6 +688,18 @@ def one_run(pair: TestbedPair, guest: Guest, method: str, repetition: int, trans
     return on_a, to_link_run(run, extra), run, measured
 
 
+def keep_console_logs(pair: TestbedPair, name: str, folder: Path) -> None:
+    """The guest's console logs on both hosts (its kernel's messages: what it was doing when a
+    run failed) and the tail of each Xen's log, into ``folder``, before a fresh guest's start
+    removes them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for host, testbed in (("host-a", pair.a), ("host-b", pair.b)):
+        logs = testbed.run(f"tail -c 200000 {CONSOLE_LOG_DIR}/guest-{name}.log", timeout_s=120)
+        (folder / f"{host}-guest-{name}.log").write_text(logs.stdout)
+        xen_log = testbed.run("xl dmesg | tail -n 300", timeout_s=120)
+        (folder / f"{host}-xl-dmesg.log").write_text(xen_log.stdout)
+
+
 def start_again(pair: TestbedPair, spec: GuestSpec, failures: list[str], failures_path: Path, what: str,
                 error: Exception) -> Guest:
     """After a failed run or boot (``what``): the failure recorded in ``failures`` and
@@ -696,6 +708,7 @@ def start_again(pair: TestbedPair, spec: GuestSpec, failures: list[str], failure
                     f"{str(error)[:300]}".replace("\n", " "))
     failures_path.write_text("\n".join(failures) + "\n")
     print(f"link_bench: FAILED {failures[-1]}", file=sys.stderr, flush=True)
+    keep_console_logs(pair, spec.name, failures_path.parent / f"failed-{len(failures)}")
     if len(failures) >= MAX_FAILURES:
         raise SystemExit(f"link_bench: {len(failures)} failed runs, stopping")
     for testbed in pair.testbeds:
