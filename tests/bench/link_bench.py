@@ -690,10 +690,11 @@ def one_run(pair: TestbedPair, guest: Guest, method: str, repetition: int, trans
 
 
 def keep_console_logs(pair: TestbedPair, name: str, folder: Path) -> None:
-    """The guest's console logs on both hosts (its kernel's messages: what it was doing when a
-    run failed) and the tail of each Xen's log, into ``folder``, before a fresh guest's start
-    removes them."""
+    """The guest's console logs on both hosts (what it was doing when a run failed), the tail of
+    each Xen's log and softpage's --stats of the failed migration (if it wrote any), into
+    ``folder``, before a fresh guest's start removes them."""
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "softpage-stats.jsonl").write_text(pair.a.run(["cat", BENCH_STATS]).stdout)
     for host, testbed in (("host-a", pair.a), ("host-b", pair.b)):
         logs = testbed.run(f"tail -c 200000 {CONSOLE_LOG_DIR}/guest-{name}.log", timeout_s=120)
         (folder / f"{host}-guest-{name}.log").write_text(logs.stdout)
