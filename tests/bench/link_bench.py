@@ -113,6 +113,7 @@ from tests.bench.xen_bench import (
     bench_guest_kernel,
     cell,
     check_guest,
+    chosen_methods,
     environment_list,
     guest_suspend_counters,
     install_dom0_tools,
@@ -308,6 +309,11 @@ def transport_buffer_bytes(shape: LinkShape | None, buffer_s: float) -> int | No
     return max(MIN_BUFFER_BYTES, int(shape.bits_per_s() / 8 * buffer_s))
 
 
+def qemu_cpu_s(pair: TestbedPair) -> list[float | None]:
+    """Each host's ``Testbed.qemu_cpu_s`` now, host-a first."""
+    return [testbed.qemu_cpu_s() for testbed in pair.testbeds]
+
+
 def cores_taken(before: list[float | None], after: list[float | None], wall_s: float) -> list[float | None]:
     """Per host, the cores its QEMU took over ``wall_s``: CPU seconds between two readings of
     ``Testbed.qemu_cpu_s`` over the wall time (None where either reading is missing)."""
@@ -327,14 +333,8 @@ def step_methods(text: str, runs: list[LinkRun], anon_mb: int) -> tuple[str, ...
     """SOFTPAGE_BENCH_METHODS at step ``anon_mb``: the named methods in LINK_METHODS' order, with
     stock added unless ``runs`` (the sweep being continued) already has a stock run at that step:
     every ratio is to stock in the same sweep, so a continuation may add runs of the others."""
-    named = {name.strip() for name in text.split(",") if name.strip()}
-    unknown = named - set(LINK_METHODS)
-    if unknown:
-        raise SystemExit(f"SOFTPAGE_BENCH_METHODS: unknown {', '.join(sorted(unknown))}; "
-                         f"expected some of {', '.join(LINK_METHODS)}")
-    if not any(run.anon_mb == anon_mb and run.method == "stock" for run in runs):
-        named.add("stock")
-    return tuple(method for method in LINK_METHODS if method in named)
+    has_stock = any(run.anon_mb == anon_mb and run.method == "stock" for run in runs)
+    return chosen_methods(text, LINK_METHODS, with_stock=not has_stock)
 
 
 def summarise(runs: list[LinkRun]) -> list[dict[str, object]]:
@@ -509,13 +509,12 @@ def neighbour_control(pair: TestbedPair, window_s: float) -> list[str]:
     for label, busy in (("quiet", None), ("host-a's dom0 busy on one vCPU", pair.a),
                         ("host-b's dom0 busy on one vCPU", pair.b)):
         start = console_size(pair.a, NEIGHBOUR)
-        before, began = [testbed.qemu_cpu_s() for testbed in pair.testbeds], time.monotonic()
+        before, began = qemu_cpu_s(pair), time.monotonic()
         if busy is None:
             time.sleep(window_s)
         else:
             busy.run(BURN_ONE_CPU.format(seconds=window_s), timeout_s=window_s + 120)
-        after = [testbed.qemu_cpu_s() for testbed in pair.testbeds]
-        cores = cores_taken(before, after, time.monotonic() - began)
+        cores = cores_taken(before, qemu_cpu_s(pair), time.monotonic() - began)
         rate = spin_rate(console_slice(pair.a, NEIGHBOUR, start, console_size(pair.a, NEIGHBOUR)))
         quiet = rate if busy is None else quiet
         loss = throughput_loss(quiet, rate)
@@ -579,10 +578,9 @@ def measured_migration(pair: TestbedPair, guest: Guest, method: str, transport: 
     command = measured_sender_command(method, guest, rune)
     counters_before = {name: link_counters(pair, testbed) for name, testbed in (("a", pair.a), ("b", pair.b))}
     during_start = console_size(pair.a, NEIGHBOUR)
-    qemu_before, began = [testbed.qemu_cpu_s() for testbed in pair.testbeds], time.monotonic()
+    qemu_before, began = qemu_cpu_s(pair), time.monotonic()
     result = pair.a.run(command, timeout_s=migration_timeout_s(guest.spec.memory_mb, LinkShape.from_env()))
-    qemu_cores = cores_taken(qemu_before, [testbed.qemu_cpu_s() for testbed in pair.testbeds],
-                             time.monotonic() - began)
+    qemu_cores = cores_taken(qemu_before, qemu_cpu_s(pair), time.monotonic() - began)
     during_end = console_size(pair.a, NEIGHBOUR)
     if not result.ok:
         raise RuntimeError(f"{method} migration failed (rc {result.rc}): {result.stderr[-3000:]}")
@@ -689,7 +687,7 @@ def one_run(pair: TestbedPair, guest: Guest, method: str, repetition: int, trans
     return on_a, to_link_run(run, extra), run, measured
 
 
-def keep_console_logs(pair: TestbedPair, name: str, folder: Path) -> None:
+def keep_failure_logs(pair: TestbedPair, name: str, folder: Path) -> None:
     """The guest's console logs on both hosts (what it was doing when a run failed), the tail of
     each Xen's log and softpage's --stats of the failed migration (if it wrote any), into
     ``folder``, before a fresh guest's start removes them."""
@@ -710,7 +708,7 @@ def start_again(pair: TestbedPair, spec: GuestSpec, failures: list[str], failure
                     f"{str(error)[:300]}".replace("\n", " "))
     failures_path.write_text("\n".join(failures) + "\n")
     print(f"link_bench: FAILED {failures[-1]}", file=sys.stderr, flush=True)
-    keep_console_logs(pair, spec.name, failures_path.parent / f"failed-{len(failures)}")
+    keep_failure_logs(pair, spec.name, failures_path.parent / f"failed-{len(failures)}")
     if len(failures) >= MAX_FAILURES:
         raise SystemExit(f"link_bench: {len(failures)} failed runs, stopping")
     for testbed in pair.testbeds:

@@ -526,14 +526,17 @@ def output_dir(guest_mb: int, prefix: str = "bench") -> Path:
     return out
 
 
-def chosen_methods(text: str) -> tuple[str, ...]:
-    """SOFTPAGE_BENCH_METHODS, in METHODS' order, with stock always in."""
+def chosen_methods(text: str, methods: tuple[str, ...] = METHODS, with_stock: bool = True) -> tuple[str, ...]:
+    """SOFTPAGE_BENCH_METHODS, some of ``methods`` in their order, with stock added unless
+    ``with_stock`` is False (a continued sweep that has its stock run already)."""
     named = {name.strip() for name in text.split(",") if name.strip()}
-    unknown = named - set(METHODS)
+    unknown = named - set(methods)
     if unknown:
         raise SystemExit(f"SOFTPAGE_BENCH_METHODS: unknown {', '.join(sorted(unknown))}; "
-                         f"expected some of {', '.join(METHODS)}")
-    return tuple(method for method in METHODS if method in named | {"stock"})
+                         f"expected some of {', '.join(methods)}")
+    if with_stock:
+        named.add("stock")
+    return tuple(method for method in methods if method in named)
 
 
 def runs_to_do(done: set[tuple[int, str, int]], anon_mb: int, repetitions: int,
