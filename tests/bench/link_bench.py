@@ -690,13 +690,16 @@ def one_run(pair: TestbedPair, guest: Guest, method: str, repetition: int, trans
 def keep_failure_logs(pair: TestbedPair, name: str, folder: Path) -> None:
     """The guest's console logs on both hosts (what it was doing when a run failed), the tail of
     each Xen's log, softpage's --stats of the failed migration (if it wrote any) and the guest's
-    xenstore keys on host-a (the early drop's and the suspend request's state as dom0 left them),
-    into ``folder``, before a fresh guest's start removes them."""
+    xenstore keys on host-a (the early drop's and the suspend request's state as dom0 left them)
+    and host-a's dom0 and xenstored logs, into ``folder``, before a fresh guest's start removes them."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "softpage-stats.jsonl").write_text(pair.a.run(["cat", BENCH_STATS]).stdout)
     keys = pair.a.run(f"domid=$(xl domid {name}) && for dir in data control; do "
                       f"xenstore-ls -fp /local/domain/$domid/$dir; done", timeout_s=120)
     (folder / "host-a-guest-xenstore.txt").write_text(keys.stdout + keys.stderr)
+    dom0_logs = pair.a.run("dmesg | tail -n 100; ls -l /var/log/xen; tail -n 100 /var/log/xen/xenstored*.log",
+                           timeout_s=120)
+    (folder / "host-a-dom0-logs.txt").write_text(dom0_logs.stdout + dom0_logs.stderr)
     for host, testbed in (("host-a", pair.a), ("host-b", pair.b)):
         logs = testbed.run(f"tail -c 200000 {CONSOLE_LOG_DIR}/guest-{name}.log", timeout_s=120)
         (folder / f"{host}-guest-{name}.log").write_text(logs.stdout)
