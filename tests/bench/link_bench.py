@@ -708,16 +708,18 @@ def keep_failure_logs(pair: TestbedPair, name: str, folder: Path) -> None:
 
 
 def start_again(pair: TestbedPair, spec: GuestSpec, failures: list[str], failures_path: Path, what: str,
-                error: Exception) -> Guest:
+                error: Exception, limit: int) -> Guest:
     """After a failed run or boot (``what``): the failure recorded in ``failures`` and
-    failures.txt, the guest gone from both hosts, a fresh one on host-a (or the end)."""
+    failures.txt, the guest gone from both hosts, a fresh one on host-a, or the end once
+    ``failures`` holds ``limit`` (the failures of a continued sweep's earlier sessions and
+    MAX_FAILURES of this one)."""
     failures.append(f"{time.strftime('%H:%M:%S')} user {spec.anon_mb} MB, {what}: "
                     f"{str(error)[:300]}".replace("\n", " "))
     failures_path.write_text("\n".join(failures) + "\n")
     print(f"link_bench: FAILED {failures[-1]}", file=sys.stderr, flush=True)
     keep_failure_logs(pair, spec.name, failures_path.parent / f"failed-{len(failures)}")
-    if len(failures) >= MAX_FAILURES:
-        raise SystemExit(f"link_bench: {len(failures)} failed runs, stopping")
+    if len(failures) >= limit:
+        raise SystemExit(f"link_bench: {MAX_FAILURES} failed runs, stopping")
     for testbed in pair.testbeds:
         # its console logs too: a new guest's heartbeats start again at 0
         testbed.run(f"xl destroy {spec.name}; rm -f {CONSOLE_LOG_DIR}/guest-{spec.name}*.log", timeout_s=300)
@@ -800,6 +802,7 @@ def main() -> int:
     runs = read_runs(runs_path, LinkRun)
     failures_path = out / "failures.txt"
     failures = failures_path.read_text().splitlines() if failures_path.exists() else []
+    failure_limit = len(failures) + MAX_FAILURES
     notes_path = out / "notes.txt"
     notes = notes_path.read_text().splitlines() if notes_path.exists() else []
     done = {(run.anon_mb, run.method, run.repetition) for run in runs}
@@ -844,7 +847,8 @@ def main() -> int:
             try:
                 guest = start_guest(pair.a, spec)
             except TestbedError as error:  # a boot that triple-faults under TCG: once more
-                guest = start_again(pair, spec, failures, failures_path, "starting the guest", error)
+                guest = start_again(pair, spec, failures, failures_path, "starting the guest", error,
+                                    failure_limit)
             for repetition, method in todo:
                 neighbour = ensure_neighbour(neighbour, spin_mb, notes)
                 notes_path.write_text("".join(f"{note}\n" for note in notes))
@@ -852,7 +856,8 @@ def main() -> int:
                     guest, link_run, run, measured = one_run(pair, guest, method, repetition, transport,
                                                              quiet_s, full_check)
                 except (RuntimeError, TestbedError) as error:
-                    guest = start_again(pair, spec, failures, failures_path, f"{method} #{repetition}", error)
+                    guest = start_again(pair, spec, failures, failures_path, f"{method} #{repetition}", error,
+                                        failure_limit)
                     continue
                 runs.append(link_run)
                 append_run(runs_path, link_run)
