@@ -1060,6 +1060,10 @@ static void softpage_drop_work(struct work_struct *work)
 		sp->stats.early_drops++;
 		sp->early_dropped = !sp->stats.drop_error;
 		sp->early_drop_left = softpage_droppable_pages();
+		dev_info(sp->dev, "early drop %llu: dropped %llu cache and %llu slab pages in %llu ms\n",
+			 drop_id, sp->stats.dropped_cache_pages,
+			 sp->stats.dropped_slab_pages,
+			 sp->stats.early_drop_ns / NSEC_PER_MSEC);
 	}
 	err = xenbus_printf(XBT_NIL, SOFTPAGE_XS_DIR, SOFTPAGE_XS_DROPPED,
 			    "%llu", drop_id);
