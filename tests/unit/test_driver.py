@@ -604,3 +604,13 @@ def test_the_report_timeout_grows_with_the_guest() -> None:
     assert options.report_timeout(1 << 20) == 10.0
     assert options.report_timeout(2 << 20) == 20.0
     assert DriverOptions(snapshot_timeout=0.0).report_timeout(4 << 20) == 0.0
+
+
+def test_the_early_drop_wait_grows_with_the_guest() -> None:
+    """The drop frees every page of clean cache: the wait is per GiB, one GiB at least, and 0
+    still means no early drop."""
+    options = DriverOptions(drop_timeout=30.0)
+    assert options.drop_wait(256 << 10) == 30.0
+    assert options.drop_wait(1 << 20) == 30.0
+    assert options.drop_wait(2 << 20) == 60.0
+    assert DriverOptions(drop_timeout=0.0).drop_wait(4 << 20) == 0.0

@@ -380,7 +380,7 @@ class MigrationSession:
         """Have the guest drop its caches while it still runs, so that its ``.freeze``
         finds little left to drop: this wait comes before the suspend request, outside
         the downtime. True if the guest says it dropped them."""
-        timeout = self.options.drop_timeout
+        timeout = self.options.drop_wait(self.domain.max_memkb)
         if timeout <= 0:
             return False
         started = time.monotonic()

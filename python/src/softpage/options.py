@@ -28,8 +28,12 @@ class DriverOptions:
     final_snapshot_timeout: float = 2.0
     """Seconds to wait for the FINAL report once the domain is suspended."""
     drop_timeout: float = 30.0
-    """Seconds to wait for the guest's early drop of its caches, asked for right before the
-    suspend request so that the drop is not downtime; 0: no early drop (the guest drops at suspend)."""
+    """Seconds per GiB of the guest's memory (at least one GiB counted) to wait for the guest's
+    early drop of its caches, asked for right before the suspend request so that the drop is not
+    downtime (``drop_wait``); 0: no early drop (the guest drops at suspend). The drop frees every
+    page of clean cache, so its time grows with the guest: a 2 GiB guest's drops of 1.9 GiB of
+    cache took 20.8-27.7 s on the two-host testbed, against a flat 30 s then
+    (results/link-bench-20261206-125045)."""
     snapshot_min_candidates: int = 1024
     """A live round over fewer dirty pages goes out without asking the guest for a report: the
     report costs the guest a scan of its memory map and the sender that wait (0.4-0.7 s for 1 GiB
@@ -41,4 +45,13 @@ class DriverOptions:
     def report_timeout(self, max_memkb: int) -> float:
         """Seconds to wait for a precopy report from a guest of ``max_memkb`` KiB:
         ``snapshot_timeout`` for each GiB, and for one GiB at least."""
-        return self.snapshot_timeout * max(1.0, max_memkb / KIB_PER_GIB)
+        return self.snapshot_timeout * _gib_at_least_one(max_memkb)
+
+    def drop_wait(self, max_memkb: int) -> float:
+        """Seconds to wait for the early drop of a guest of ``max_memkb`` KiB:
+        ``drop_timeout`` for each GiB, and for one GiB at least."""
+        return self.drop_timeout * _gib_at_least_one(max_memkb)
+
+
+def _gib_at_least_one(max_memkb: int) -> float:
+    return max(1.0, max_memkb / KIB_PER_GIB)

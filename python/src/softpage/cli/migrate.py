@@ -114,7 +114,8 @@ def add_driver_options(parser: argparse.ArgumentParser) -> None:
                         f"the guest's memory (at least one GiB; default {DriverOptions.snapshot_timeout:g})")
     parser.add_argument("--drop-timeout", type=float, default=DriverOptions.drop_timeout, metavar="SECONDS",
                         help="how long the guest may take to drop its caches while it still runs, right "
-                        f"before the suspend (default {DriverOptions.drop_timeout:g}; 0: no early drop, "
+                        "before the suspend, per GiB of the guest's memory (at least one GiB; default "
+                        f"{DriverOptions.drop_timeout:g}; 0: no early drop, "
                         "the guest drops them at suspend, in the downtime)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no per-round progress")
 
