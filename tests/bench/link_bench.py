@@ -743,12 +743,17 @@ def machine_load() -> str:
 
 
 def write_readme(out: Path, header: str, runs: list[LinkRun], failures: list[str], notes: list[str]) -> str:
+    """The summary under ``header``; the hand-written part of a README already in ``out`` (a
+    continued sweep's) is kept after it."""
     rows = summarise(runs)
     table = markdown(rows, targets(rows))
     failed = "".join(f"- {failure}\n" for failure in failures) or "- none\n"
     noted = "".join(f"- {note}\n" for note in notes) or "- none\n"
-    (out / "README.md").write_text(f"{header}\n\n## Medians\n\n{table}\n## Failed runs (not in the table)\n\n"
-                                   f"{failed}\n## Notes\n\n{noted}")
+    readme = out / "README.md"
+    old = readme.read_text() if readme.exists() else ""
+    hand = old[old.index(HAND_WRITTEN):] if HAND_WRITTEN in old else ""
+    readme.write_text(f"{header}\n\n## Medians\n\n{table}\n## Failed runs (not in the table)\n\n"
+                      f"{failed}\n## Notes\n\n{noted}{hand}")
     return table
 
 
@@ -760,17 +765,11 @@ def rewrite_readme(out: Path) -> str:
     """The summary of results in ``out`` written again by this code (after a change to the
     summary, or for a sweep an older version ran), from its runs.csv, failures.txt and notes.txt;
     the header the bench wrote and the hand-written part after the notes stay as they are."""
-    readme = (out / "README.md").read_text()
-    header = readme.split("\n\n## Medians", 1)[0]
-    hand = readme[readme.index(HAND_WRITTEN):] if HAND_WRITTEN in readme else ""
+    header = (out / "README.md").read_text().split("\n\n## Medians", 1)[0]
     lines = {name: (out / name).read_text().splitlines() if (out / name).exists() else []
              for name in ("failures.txt", "notes.txt")}
-    table = write_readme(out, header, read_runs(out / "runs.csv", LinkRun), lines["failures.txt"],
-                         lines["notes.txt"])
-    if hand:
-        with (out / "README.md").open("a") as written:
-            written.write(hand)
-    return table
+    return write_readme(out, header, read_runs(out / "runs.csv", LinkRun), lines["failures.txt"],
+                        lines["notes.txt"])
 
 
 def main() -> int:

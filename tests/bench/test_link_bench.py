@@ -32,6 +32,7 @@ from tests.bench.link_bench import (
     to_link_run,
     transport_buffer_bytes,
     waited_by,
+    write_readme,
 )
 from tests.bench.xen_bench import REPO, Run, append_run, read_runs
 
@@ -314,6 +315,20 @@ def test_rewrite_readme_keeps_the_header_and_the_hand_written_part(tmp_path: Pat
     assert "old table" not in text and "work lost, M pages" in text
     assert "- 07:00:00 the neighbour was gone or dead" in text and "## Failed runs" in text
     assert text.endswith("## What this run is (written by hand after it)\n\nhuman words\n")
+
+
+def test_a_continued_sweep_keeps_the_hand_written_part(tmp_path: Path) -> None:
+    """The bench writes its summary after every run: a continued sweep's README keeps what was
+    written by hand after an earlier session, under a new header and table."""
+    (tmp_path / "README.md").write_text("# old header\n\n## Medians\n\nold table\n"
+                                        "\n## What this run is (written by hand after it)\n\nhuman words\n")
+    write_readme(tmp_path, "# new header", [run("stock", 0, 1.0), run("prune", 0, 0.2)], [], [])
+    text = (tmp_path / "README.md").read_text()
+    assert text.startswith("# new header\n\n## Medians\n\n| user MB") and "old" not in text
+    assert text.endswith("## Notes\n\n- none\n\n"
+                         "## What this run is (written by hand after it)\n\nhuman words\n")
+    write_readme(tmp_path, "# newer header", [run("stock", 0, 1.0)], [], [])
+    assert (tmp_path / "README.md").read_text().count("human words") == 1
 
 
 def test_a_continuation_may_leave_stock_out_once_the_sweep_has_it() -> None:
