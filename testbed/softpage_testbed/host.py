@@ -260,7 +260,8 @@ class Testbed:
         self.disk_rate = config.disk_rate
         """The guests' disks' rate in effect (``set_disk_rate`` changes it): name it beside every time."""
         self.hung = False
-        """Set when dom0 stopped answering: every later command fails at once (Dom0Hung)."""
+        """Set when dom0 stopped answering: every later command of this boot fails at once
+        (Dom0Hung); a new boot clears it."""
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -367,6 +368,7 @@ class Testbed:
 
     def _boot_once(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.hung = False  # a new boot: what hung was the one before
         started = time.monotonic()
         qemu_output = (self.work_dir / "qemu.out").open("wb")
         self._qemu = subprocess.Popen(

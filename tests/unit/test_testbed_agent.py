@@ -208,3 +208,23 @@ def test_a_dom0_boot_that_stalls_twice_fails(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(testbed, "_boot_once", boot_once)
     with pytest.raises(softpage_testbed.Dom0BootStalled):
         testbed.boot()
+
+
+def test_a_new_dom0_boot_does_not_inherit_the_last_ones_hang(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first boot whose dom0 hung and stalled is booted again: that boot's commands must run
+    (they failed at once as "dom0 hung earlier in this boot", 2026-12-06)."""
+    testbed = softpage_testbed.Testbed(softpage_testbed.TestbedConfig(), tmp_path / "payload.img", tmp_path)
+    testbed.hung = True
+    hung_when_waiting: list[bool] = []
+
+    def wait_for_agent(started: float) -> None:
+        hung_when_waiting.append(testbed.hung)
+        raise softpage_testbed.Dom0BootStalled("dom0 boot stalled: no serial output for 301 s")
+
+    monkeypatch.setattr(testbed, "qemu_command", lambda: ["true"])
+    monkeypatch.setattr(testbed, "_wait_for_agent", wait_for_agent)
+    with pytest.raises(softpage_testbed.Dom0BootStalled):
+        testbed._boot_once()
+    assert hung_when_waiting == [False]
