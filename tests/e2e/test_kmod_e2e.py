@@ -435,6 +435,9 @@ def test_freeze_drops_again_only_what_was_read_back_since_the_early_drop(xen_pvh
     assert (stats["early_drops"], stats["freezes"], stats["freeze_drops_skipped"]) == (1, 1, 1)
     assert (stats["drop_ns"], stats["dropped_cache_pages"]) == (0, 0)
     assert final["count"][HELD] == stats["held_pages"] > 0
+    # the early drop is in the guest's kernel log, with what it dropped and how long it took
+    logged = guest_line(guest, "dmesg | grep 'softpage: early drop 30:'")
+    assert re.search(r"early drop 30: dropped \d+ cache and \d+ slab pages in \d+ ms", logged), logged
     assert_healthy(guest, heartbeat)  # its verify reads the data files back into the cache
 
     # 32 MiB of files read back after the early drop: over freeze_drop_min_pages, so dropped.
