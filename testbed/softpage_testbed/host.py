@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -691,27 +692,40 @@ def distro_disk_serial(release: str) -> str:
     return f"sp-distro-{release}"
 
 
-def retry_after_triple_faults(
-    testbed: Testbed, guest: Guest, action: Callable[[Guest], T], start_guest: Callable[[], Guest],
-    errors: tuple[type[Exception], ...] = (TestbedError,), retries: int = 1,
-) -> tuple[Guest, T]:
-    """``action(guest)``; each time it fails with one of ``errors`` while Xen logged a new guest
-    triple fault (nested SVM under TCG, not softpage: testbed/README.md), destroy every guest,
-    start a fresh one and run it again, at most ``retries`` times. Returns the guest in use
-    afterwards and the action's result. For scripts (demo, bench); the e2e suite reruns such a
-    test instead."""
+def again_after_triple_faults(
+    testbed: Testbed, action: Callable[[], T], errors: tuple[type[Exception], ...] = (TestbedError,),
+    retries: int = 1,
+) -> T:
+    """``action()``; each time it fails with one of ``errors`` while Xen logged a new guest
+    triple fault (nested SVM under TCG, not softpage: testbed/README.md), destroy every guest and
+    run it again, at most ``retries`` times. For an action that starts its own guest; for scripts
+    (demo, bench): the e2e suite reruns such a test instead."""
     for attempt in range(retries + 1):
         faults = testbed.triple_faults()
         try:
-            return guest, action(guest)
+            return action()
         except errors as failure:
             if testbed.triple_faults() == faults or attempt == retries:
                 raise
             print(f"softpage_testbed: a guest triple-faulted ({str(failure)[:200]}); again on a fresh guest "
                   f"({attempt + 1} of {retries})", file=sys.stderr, flush=True)
         testbed.destroy_all_guests()
-        guest = start_guest()
     raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def retry_after_triple_faults(
+    testbed: Testbed, guest: Guest, action: Callable[[Guest], T], start_guest: Callable[[], Guest],
+    errors: tuple[type[Exception], ...] = (TestbedError,), retries: int = 1,
+) -> tuple[Guest, T]:
+    """``action(guest)``, then ``action`` on a guest from ``start_guest`` after each triple fault
+    (``again_after_triple_faults``). Returns the guest in use afterwards and the action's result."""
+    guests = itertools.chain([guest], iter(start_guest, None))
+
+    def on_next_guest() -> tuple[Guest, T]:
+        current = next(guests)
+        return current, action(current)
+
+    return again_after_triple_faults(testbed, on_next_guest, errors, retries)
 
 
 def remove_disk_images(work_dir: Path) -> None:

@@ -85,6 +85,7 @@ from softpage_testbed import (
     TestbedConfig,
     TestbedError,
     WrkResult,
+    again_after_triple_faults,
     app_file_names,
     booted_testbed,
     describe_disk_rate,
@@ -759,17 +760,9 @@ def run_method(testbed: Testbed, method: str, names: list[str], settings: Settin
                baseline: MethodRun | None, out: Path, expected: dict[str, str]) -> MethodResult:
     """``measure_on_new_guests``, again from a new boot (up to TRIPLE_FAULT_RETRIES times) when
     it failed while Xen logged a guest triple fault (nested SVM under TCG, testbed/README.md)."""
-    for retry in range(TRIPLE_FAULT_RETRIES + 1):
-        faults = testbed.triple_faults()
-        try:
-            return measure_on_new_guests(testbed, method, names, settings, baseline, out, expected)
-        except TestbedError as failure:
-            if testbed.triple_faults() == faults or retry == TRIPLE_FAULT_RETRIES:
-                raise
-            log(f"guestview: {method}: a guest triple-faulted ({str(failure)[:200]}); again on a new boot "
-                f"({retry + 1} of {TRIPLE_FAULT_RETRIES})")
-            testbed.destroy_all_guests()
-    raise AssertionError("unreachable: the last attempt returns or raises")
+    return again_after_triple_faults(
+        testbed, lambda: measure_on_new_guests(testbed, method, names, settings, baseline, out, expected),
+        retries=TRIPLE_FAULT_RETRIES)
 
 
 def measure_on_new_guests(testbed: Testbed, method: str, names: list[str], settings: Settings,
