@@ -66,7 +66,7 @@ the neighbour loses to its own host's dom0 working, and what it loses to the oth
 this machine's shared cores, which no real pair of hosts has.
 
 A run that fails (a guest triple fault under TCG, a migration error) is written to failures.txt
-(the guest's console logs and each Xen's log tail to failed-N/),
+(and what keep_failure_logs keeps, to failed-N/),
 the guest is started again on host-a, and the bench goes on with the next run (at most
 MAX_FAILURES). Each run is appended to results/link-bench-DATE/runs.csv as it finishes, and the
 summary (medians, ratios to stock, the targets of issue 19) rewritten into README.md after every
