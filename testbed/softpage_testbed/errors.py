@@ -23,7 +23,7 @@ class Dom0BootStalled(TestbedError):
 class GuestTripleFault(TestbedError):
     """A test failed while Xen logged a guest triple fault: nested SVM under TCG does this now
     and then (in early boot as well as in user space, with or without softpage involved). The e2e
-    run reruns such a test once (pytest-rerunfailures, --only-rerun GuestTripleFault)."""
+    run reruns such a test up to twice (pytest-rerunfailures, --only-rerun GuestTripleFault)."""
 
 
 
@@ -31,7 +31,7 @@ class Dom0Hung(TestbedError):
     """dom0 stopped answering while a command ran. Seen once under TCG (2026-11-30, in CI): dom0's
     CPU0 soft-locked in smp_call_function_single, waiting for an IPI to CPU1 that never completed,
     and the whole testbed froze. The test fails at once instead of at its command's timeout, the
-    next test gets a fresh boot, and the run reruns this one once (--only-rerun Dom0Hung)."""
+    next test gets a fresh boot, and the run reruns this one up to twice (--only-rerun Dom0Hung)."""
 
 
 class CommandFailed(TestbedError):

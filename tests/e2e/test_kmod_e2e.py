@@ -367,7 +367,6 @@ def arm_for_final(testbed: Testbed, guest: Guest, final_request: int) -> None:
     testbed.run(f"xenstore-write {base}/armed 1 {base}/request {final_request}", check=True)
 
 
-@pytest.mark.every_kernel
 def test_armed_suspend_publishes_final_and_thaw_releases(xen_pvh_testbed: Testbed, guest_kernel: str) -> None:
     guest = start_guest(xen_pvh_testbed, dataclasses.replace(GUEST, kernel=guest_kernel))
     before = probe(xen_pvh_testbed, guest, "request", "10")["snapshot"]
@@ -522,6 +521,7 @@ def test_pv_guest_publishes_and_republishes_after_save_restore(xen_pvh_testbed: 
     assert stats["held_pages"] > 0
 
 
+@pytest.mark.matrix_only  # make test: the PV module re-publishes after softpage's PV migration on 4.17.5
 def test_pv_stock_live_migration_republishes_on_xen_4_17_5(xen_pv_testbed: Testbed) -> None:
     """PV live migration needs shadow log-dirty: the pinned 4.17.5 hypervisor. The module
     re-grants its pages (machine frames for PV) under the new domain."""

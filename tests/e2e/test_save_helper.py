@@ -97,6 +97,7 @@ def test_xl_migrate_with_the_helper_sends_a_guest_without_the_module_plain(xen_p
         assert_survived(guest, heartbeat)
 
 
+@pytest.mark.matrix_only  # make test: the helper's live migration; save is its one-round case
 def test_xl_save_with_the_helper_then_stock_xl_restore(xen_pvh_testbed: Testbed) -> None:
     """`xl save` is not live: one round, with the guest suspended by libxl. The restore runs with
     the variable still set: the helper hands --restore-domain to the stock one."""

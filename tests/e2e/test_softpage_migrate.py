@@ -74,6 +74,7 @@ def test_softpage_migrate_prunes_and_the_guest_survives_repeatedly(xen_pvh_testb
         assert wait_for_module(guest) == "ready"
 
 
+@pytest.mark.matrix_only  # make test: --no-prune is the benches' (make bench) and the cut link's
 def test_softpage_migrate_without_pruning_repeatedly(xen_pvh_testbed: Testbed) -> None:
     guest = start_guest(xen_pvh_testbed, "sp-plain")
     for attempt in range(REPEAT):
@@ -94,7 +95,6 @@ def stock_restore(testbed: Testbed, image: str) -> CommandResult:
     return testbed.run(["xl", "restore", image], timeout_s=900)
 
 
-@pytest.mark.every_host
 def test_softpage_save_then_stock_restore_repeatedly(xen_pvh_testbed: Testbed) -> None:
     guest = start_guest(xen_pvh_testbed, "sp-save")
     save_and_restore_repeatedly(xen_pvh_testbed, guest, "x86 HVM", softpage_save, stock_restore, REPEAT)
@@ -193,6 +193,7 @@ def assert_inspect_sees_free_memory(guest: Guest) -> None:
 
 
 # -- PV guests --------------------------------------------------------------------------------
+@pytest.mark.matrix_only  # make test: the same records through test_pv_softpage_migrate_prunes_on_xen_4_17_5
 def test_pv_softpage_save_then_stock_restore(xen_pvh_testbed: Testbed) -> None:
     """A 64-bit PV guest through softpage's own sender: p2m, page tables rewritten in pfns,
     SHARED_INFO and vCPU records. Not live (Xen 4.17.7 has no PV log-dirty), so the guest is
