@@ -8,6 +8,8 @@
  *       once softpage.ko has seen i + 2 new dom0 requests (its stats/last_request_id changed:
  *       round 1 asked, and the next round's request came after round 1 was sent), or as soon as
  *       dom0 asks for the early cache drop right before the suspend (stats/early_drops grew).
+ *       A drop before two requests were seen is the first drop of cache=cold, before round 1
+ *       (the request before it asked for the report that drop needs): the count starts again.
  *       Every region is thus sent with data first and freed before the suspend.  After the fill
  *       it polls as a real-time task (SCHED_FIFO): at normal priority, on a loaded machine, it
  *       once ran only after the guest's freeze (CI, Xen 4.17.7) and freed two regions too late.
@@ -104,6 +106,11 @@ static int churn(unsigned long regions, unsigned long region_mb, int fill)
 		if (request != last_request) {
 			last_request = request;
 			requests++;
+		}
+		if (drops != first_drops && requests < 2) {
+			/* the first drop, before round 1: count round 1's request from here */
+			first_drops = drops;
+			requests = 0;
 		}
 		early_drop = drops != first_drops;
 		while (freed < regions && (early_drop || requests >= freed + 2)) {

@@ -6,8 +6,9 @@ while pages are being read or while a report is being built), soft-page
 reports (prompt, silent, lagging, answering an old request, lying, malformed,
 torn), either cache mode (``prune-cache`` cold or all, a module that does not
 know it, cold cache used again after it was reported, hot cache going cold),
-the early drop before the suspend (answered, never answered, not
-offered, not asked for, with guest work right after it), dirty-log harvests
+the early drop before the suspend and the first drop of ``cache=cold`` before
+round 1 (answered, never answered, not offered, not asked for, with guest work
+right after it, and any guest activity between it and round 1), dirty-log harvests
 and live rounds through the real ``MigrationSession`` and ``RoundPlanner`` on
 the simulator, into the real stream writer, reader and ``RestoreModel``. After
 stop-and-copy it checks:
@@ -83,6 +84,7 @@ class SafetyModel(RuleBasedStateMachine):
         super().__init__()
         self.session: MigrationSession | None = None
         self.stopped = False
+        self.first_dropped = False
         self.read_activity = 0
         self.messages: list[str] = []
 
@@ -256,9 +258,21 @@ class SafetyModel(RuleBasedStateMachine):
     @rule()
     def live_round(self) -> None:
         assert self.session is not None
+        if not self.live_rounds and not self.first_dropped:
+            self.first_drop()  # as send_domain: right before round 1, unless a step did it earlier
         self.session.live_round(self.pending if self.live_rounds else None)
         self.pending = PfnSet.empty(self.guest.p2m_size)
         self.live_rounds += 1
+
+    @rule()
+    def first_drop(self) -> None:
+        """What send_domain does before round 1 (nothing unless cache=cold and a module), here
+        with any guest activity between it and round 1; only then (a no-op as a later step)."""
+        assert self.session is not None
+        if self.live_rounds or self.first_dropped:
+            return
+        self.first_dropped = True
+        self.session.drop_cold_cache_first()
 
     @rule()
     def harvest_then_live_round(self) -> None:
@@ -284,6 +298,7 @@ class SafetyModel(RuleBasedStateMachine):
         event(f"XALLOC used: {stats.pages_xalloc > 0}; soft pages skipped: {stats.pages_skipped > 0}")
         event(f"final report used: {stats.rounds[-1].snapshot_used}")
         event(f"early drop: {stats.guest_drop_outcome}")
+        event(f"first drop: {stats.first_drop_outcome}")
         event(f"cache mode: {stats.cache_mode}")
         guest, backend = self.guest, self.backend
         source = backend.suspended_tokens

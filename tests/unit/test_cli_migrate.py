@@ -53,6 +53,14 @@ def test_totals_andsummary_report_the_early_drop() -> None:
     assert "downtime 0.50 s, early cache drop 4.25 s" in summary(stats, 0, 10.0, 0.5)
 
 
+def test_totals_andsummary_report_the_first_drop() -> None:
+    stats = MigrationStats(domid=3, first_drop_s=20.8049, first_drop_outcome=DropOutcome.DONE,
+                           guest_drop_s=1.5, guest_drop_outcome=DropOutcome.DONE)
+    totals = json.loads(json.dumps(_totals(stats, 0, 10.0, 0.5)))
+    assert (totals["first_drop_s"], totals["first_drop_outcome"]) == (20.805, "done")
+    assert "cold cache dropped first 20.80 s, early cache drop 1.50 s" in summary(stats, 0, 10.0, 0.5)
+
+
 def test_totals_say_where_the_time_outside_the_migration_went() -> None:
     totals = _totals(MigrationStats(domid=3), 0, 10.0, None, Timeline(startup_s=2.34567, destroy_s=0.5))
     assert (totals["startup_s"], totals["destroy_s"]) == (2.346, 0.5)
@@ -67,7 +75,9 @@ def test_totals_andsummary_without_an_early_drop() -> None:
     stats = MigrationStats(domid=3)
     totals = _totals(stats, 0, 10.0, None)
     assert totals["guest_drop_s"] is None and totals["guest_drop_outcome"] is None
+    assert totals["first_drop_s"] is None and totals["first_drop_outcome"] is None
     assert "early cache drop" not in summary(stats, 0, 10.0, None)
+    assert "dropped first" not in summary(stats, 0, 10.0, None)
 
 
 def test_a_named_subcommand_loads_only_its_own_module() -> None:

@@ -18,7 +18,14 @@ from softpage.pfnset import PfnArray
 from softpage.sim.backend import SimBackend, SimFaults
 from softpage.sim.destination import DirectSink
 from softpage.sim.experiment import GuestShape, boot_guest
-from softpage.sim.guest import DropBehaviour, FinalBehaviour, PageKind, ReportBehaviour, SimGuest
+from softpage.sim.guest import (
+    STRUCT_PAGES_PER_MEMMAP_PAGE,
+    DropBehaviour,
+    FinalBehaviour,
+    PageKind,
+    ReportBehaviour,
+    SimGuest,
+)
 from softpage.snapshot import SnapshotState
 from softpage.stream.records import PFINFO_SHIFT
 
@@ -402,13 +409,14 @@ def test_early_drop_comes_before_the_final_request_and_the_suspend() -> None:
     sink = DirectSink()
     stats = send_domain(backend, sink, DriverOptions(drop_timeout=5.0), Messages())
     check_destination(backend, sink)
-    assert order == ["drop", "request_final", "suspend"]
-    # Ids only grow: the drop's is newer than the requests before it, and the final request is
+    # cache=cold (the default): the first drop before round 1, the early drop before the suspend.
+    assert order == ["drop", "drop", "request_final", "suspend"]
+    # Ids only grow: each drop's is newer than the requests before it, and the final request is
     # the newest of all (it comes after the after-drop round's).
     requests = channel.requests
     final = requests[-1]
     assert requests == sorted(requests) and len(set(requests)) == len(requests)
-    assert len(channel.drops) == 1 and channel.drops[0] < final
+    assert len(channel.drops) == 2 and channel.drops == sorted(channel.drops) and channel.drops[-1] < final
     assert stats.guest_drop_outcome is DropOutcome.DONE and stats.guest_drop_s is not None
     # The drop is not downtime: that starts at the suspend request, after it.
     assert stats.suspend_requested_at is not None and stats.suspend_requested_at >= dropped_at[0]
@@ -421,8 +429,10 @@ def test_unanswered_early_drop_warns_and_the_migration_completes() -> None:
     backend, sink, log = SimBackend(guest), DirectSink(), Messages()
     stats = send_domain(backend, sink, DriverOptions(drop_timeout=0.5), log)
     check_destination(backend, sink)
-    assert stats.guest_drop_outcome is DropOutcome.TIMED_OUT
-    assert len(stats.warnings) == 1 and "early cache drop within 0.5 s" in stats.warnings[0]
+    assert stats.first_drop_outcome is stats.guest_drop_outcome is DropOutcome.TIMED_OUT
+    assert len(stats.warnings) == 2
+    assert "first cold-cache drop within 0.5 s: round 1 goes ahead" in stats.warnings[0]
+    assert "early cache drop within 0.5 s" in stats.warnings[1]
     assert any(message.startswith("warning:") and "early cache drop" in message for message in log)
     assert backend.suspended and sink.ended
     assert stats.rounds[-1].snapshot_used  # the guest dropped at freeze and held its free pages
@@ -471,11 +481,13 @@ def test_pages_written_between_the_early_drop_and_the_suspend_are_sent() -> None
 @pytest.mark.parametrize("drop_timeout", [0.0, 1.0])
 def test_what_the_early_drop_writes_goes_out_before_the_suspend(drop_timeout: float) -> None:
     """Freeing the cache writes the kernel's memmap: with an early drop those pages are sent in
-    one more live round, and the final round (the downtime) has next to nothing dirty left."""
+    one more live round, and the final round (the downtime) has next to nothing dirty left.
+    cache=all: no first drop took the cache before round 1."""
     guest = small_guest(user_alloc_mib=0)
     assert guest.count(PageKind.CACHE) > 256
     backend, sink = SimBackend(guest), DirectSink()
-    stats = send_domain(backend, sink, DriverOptions(drop_timeout=drop_timeout), Messages())
+    options = DriverOptions(drop_timeout=drop_timeout, cache=CacheMode.ALL)
+    stats = send_domain(backend, sink, options, Messages())
     check_destination(backend, sink)
     final = stats.rounds[-1]
     assert final.kind == "final" and final.dirty is not None
@@ -552,8 +564,37 @@ def test_cache_cold_sends_fewer_pages_with_data_only_by_the_hot_cache() -> None:
     cold_stats = send_domain(SimBackend(cold_guest), DirectSink(), DriverOptions(), Messages())
     all_options = DriverOptions(cache=CacheMode.ALL)
     all_stats = send_domain(SimBackend(all_guest), DirectSink(), all_options, Messages())
+    # cold sends the hot cache besides, and the memmap of the cold cache it dropped before round 1
+    # once where all sends it twice (round 1, after-drop): at most the whole guest's memmap, one
+    # page for each 64 PFNs.
     extra = cold_stats.pages_data - all_stats.pages_data
-    assert int(np.count_nonzero(hot)) <= extra <= int(np.count_nonzero(hot)) + 64
+    hot_pages = int(np.count_nonzero(hot))
+    assert cold_stats.first_drop_outcome is DropOutcome.DONE and all_stats.first_drop_outcome is None
+    memmap_pages = -(-cold_guest.p2m_size // STRUCT_PAGES_PER_MEMMAP_PAGE)
+    assert hot_pages - memmap_pages <= extra <= hot_pages + 64
+
+
+def test_the_cold_cache_dropped_before_round_1_sends_its_memmap_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first drop frees the cold cache before round 1 reads the kernel's memmap, so the
+    after-drop round has only what went cold meanwhile: fewer pages with data than the same
+    migration with the cold cache dropped only at the end of precopy, and a whole destination."""
+    first_guest, _ = guest_with_hot_cache()
+    cache_before = first_guest.count(PageKind.CACHE)
+    first_backend, first_sink = SimBackend(first_guest), DirectSink()
+    first = send_domain(first_backend, first_sink, DriverOptions(), Messages())
+    check_destination(first_backend, first_sink)
+    monkeypatch.setattr(MigrationSession, "drop_cold_cache_first", lambda session: None)
+    late_guest, _ = guest_with_hot_cache()
+    late_backend, late_sink = SimBackend(late_guest), DirectSink()
+    late = send_domain(late_backend, late_sink, DriverOptions(), Messages())
+    check_destination(late_backend, late_sink)
+    assert first.first_drop_outcome is DropOutcome.DONE and late.first_drop_outcome is None
+    cache_after = first_guest.count(PageKind.CACHE)
+    assert cache_after == late_guest.count(PageKind.CACHE) and cache_before - cache_after > 64
+    after_drop = {stats.rounds[-2].kind: stats.rounds[-2].dirty for stats in (first, late)}
+    assert set(after_drop) == {"after-drop"}
+    assert first.rounds[-2].dirty < late.rounds[-2].dirty
+    assert first.pages_data < late.pages_data
 
 
 def test_a_module_without_prune_cache_gets_cache_all_and_a_warning() -> None:
@@ -614,3 +655,20 @@ def test_the_early_drop_wait_grows_with_the_guest() -> None:
     assert options.drop_wait(1 << 20) == 30.0
     assert options.drop_wait(2 << 20) == 60.0
     assert DriverOptions(drop_timeout=0.0).drop_wait(4 << 20) == 0.0
+
+
+def test_round_1_uses_the_first_report_when_the_guest_has_no_cold_cache_to_drop() -> None:
+    """No cold cache in the report asked for before round 1: no drop, nothing discarded, and that
+    report serves round 1 (one scan, not two). After a drop round 1 asks for its own."""
+    for hot, first_drop in ((True, None), (False, DropOutcome.DONE)):
+        guest = small_guest()
+        if hot:
+            guest.use_cache(guest.count(PageKind.CACHE))
+        backend, sink = SimBackend(guest), DirectSink()
+        stats = send_domain(backend, sink, DriverOptions(), Messages())
+        check_destination(backend, sink)
+        assert stats.first_drop_outcome is first_drop
+        reported = [r.round for r in stats.rounds if r.report_s is not None]
+        assert reported[0] == 1 and stats.rounds[0].snapshot_used
+        # every request answered a round, plus the final one, plus the first drop's own report
+        assert len(backend.channel.requests) == len(reported) + 1 + (first_drop is not None)

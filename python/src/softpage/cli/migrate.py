@@ -415,6 +415,8 @@ def _totals(
         "downtime_s": None if downtime is None else round(downtime, 3),
         "guest_drop_s": None if stats.guest_drop_s is None else round(stats.guest_drop_s, 3),
         "guest_drop_outcome": None if stats.guest_drop_outcome is None else stats.guest_drop_outcome.value,
+        "first_drop_s": None if stats.first_drop_s is None else round(stats.first_drop_s, 3),
+        "first_drop_outcome": None if stats.first_drop_outcome is None else stats.first_drop_outcome.value,
         "cache_mode": None if stats.cache_mode is None else stats.cache_mode.value,
         "sender_cpu_s": round(stats.sender_cpu_s, 3),
         "drain_s": round(stats.drain_s, 3),
@@ -438,6 +440,8 @@ def write_stats(path: str | None, stats: MigrationStats, stream_bytes: int, elap
 def summary(stats: MigrationStats, stream_bytes: int, elapsed: float, downtime: float | None) -> str:
     downtime_text = "" if downtime is None else f", downtime {downtime:.2f} s"
     drop_text = "" if stats.guest_drop_s is None else f", early cache drop {stats.guest_drop_s:.2f} s"
+    if stats.first_drop_s is not None:
+        drop_text = f", cold cache dropped first {stats.first_drop_s:.2f} s{drop_text}"
     return (
         f"softpage: {len(stats.rounds)} rounds, {stats.pages_data} pages with data, "
         f"{stats.pages_xalloc} as XALLOC, {stats.pages_skipped} skipped soft; "
