@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import pytest
@@ -13,6 +14,12 @@ from softpage.errors import BackendError
 from softpage.pfnset import PfnSet
 from softpage.snapshot import SnapshotState, SoftSnapshot
 from softpage.xen.channel import XenSoftPageChannel, check_geometry, parse_u32, read_keys
+from softpage.xen.ctrl import (
+    XEN_DOMINF_HVM_GUEST,
+    XEN_DOMINF_SHUTDOWN,
+    XEN_DOMINF_SHUTDOWN_SHIFT,
+    DomainState,
+)
 from softpage.xen.evtchn import EventChannels
 from softpage.xen.gnttab import GrantTable
 from softpage.xenstore import MemoryStore
@@ -204,6 +211,34 @@ def test_drop_times_out_without_an_answer(world: tuple) -> None:
     assert store.read(f"{HOME}/drop") == str(DROP_ID)
     assert sum(sleeps) == pytest.approx(2.0) and max(sleeps) == pytest.approx(0.1)
     assert len(sleeps) < 30  # backed off: about 20 polls in two seconds, not 200
+
+
+def test_a_guest_that_crashed_ends_the_wait_at_once_with_the_reason(world: tuple) -> None:
+    """Its domain shut down (an HVM or PVH triple fault: reason reboot) during a drop: a
+    BackendError within a state check (0.5 s), not a timeout after the whole wait; a report
+    wait ends the same way. A suspended domain is no reason (dom0 suspended it)."""
+    _lib, binding, store, _guest = world
+    states = [DomainState(DOMID, XEN_DOMINF_HVM_GUEST, 100, 100, 1, 0, 0)]
+    channel, _ = XenSoftPageChannel.connect(DOMID, store, P2M_SIZE, GrantTable.open(binding),
+                                            EventChannels.open(binding), lambda: states[-1])
+    assert channel is not None
+    store.write(f"{HOME}/feature-drop", "1")
+
+    def crash_after_a_second(_polls: int) -> None:
+        if clock() >= 1.0 and len(states) == 1:
+            reboot = XEN_DOMINF_HVM_GUEST | XEN_DOMINF_SHUTDOWN | (1 << XEN_DOMINF_SHUTDOWN_SHIFT)
+            states.append(dataclasses.replace(states[0], flags=reboot))
+
+    clock, channel._sleep, sleeps = recording_time(crash_after_a_second)
+    channel._clock = clock
+    with pytest.raises(BackendError, match=r"dom 4 shut down \(reason reboot or a triple fault"):
+        channel.drop_caches(DROP_ID, timeout=60.0)
+    assert sum(sleeps) <= 1.6
+    with pytest.raises(BackendError, match="shut down"):
+        channel.read(7, timeout=60.0)
+    suspend = XEN_DOMINF_HVM_GUEST | XEN_DOMINF_SHUTDOWN | (2 << XEN_DOMINF_SHUTDOWN_SHIFT)
+    states.append(dataclasses.replace(states[0], flags=suspend))
+    assert channel.read(8, timeout=2.0) is None  # suspended: the wait runs its course
 
 
 @pytest.mark.parametrize(

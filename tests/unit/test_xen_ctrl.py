@@ -64,6 +64,18 @@ def test_shutdown_reason_decoding() -> None:
     assert running.nr_vcpus == 2
 
 
+def test_gone_says_why_a_domain_will_not_answer() -> None:
+    hvm = 1 << 1
+    assert DomainState(1, 1 << 5, 10, 10, 1, 0, 0).gone is None  # running
+    assert DomainState(1, (1 << 2) | (2 << 16), 10, 10, 1, 0, 0).gone is None  # suspended by dom0
+    assert DomainState(1, 1, 10, 10, 1, 0, 0).gone == "is dying"
+    assert DomainState(1, (1 << 2) | (0 << 16), 10, 10, 1, 0, 0).gone == "shut down (reason poweroff)"
+    assert DomainState(1, (1 << 2) | (1 << 16), 10, 10, 1, 0, 0).gone == "shut down (reason reboot)"  # PV
+    assert DomainState(1, hvm | (1 << 2) | (1 << 16), 10, 10, 1, 0, 0).gone == (
+        "shut down (reason reboot or a triple fault: `xl dmesg` says which)")
+    assert DomainState(1, hvm | (1 << 2) | (9 << 16), 10, 10, 1, 0, 0).gone == "shut down (reason 9)"
+
+
 def test_domain_state_and_sizes() -> None:
     xc, _lib = open_ctrl(FakeDomain(domid=3, nr_pfns=100, max_vcpu_id=3))
     state = xc.domain_state(3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
 import time
@@ -10,7 +11,13 @@ import pytest
 
 from softpage.errors import BackendError, GuestProtocolError
 from softpage.xen.ctrl import DomainState
-from softpage.xen.suspend import SuspendTimeouts, _withdraw_request, shutdown_node, suspend_guest
+from softpage.xen.suspend import (
+    SUSPEND_REQUEST,
+    SuspendTimeouts,
+    _withdraw_request,
+    shutdown_node,
+    suspend_guest,
+)
 from softpage.xenstore import MemoryStore
 
 DOMID = 9
@@ -85,6 +92,24 @@ def test_shutdown_for_another_reason_is_reported() -> None:
     with pytest.raises(BackendError, match="got 3"):
         suspend_guest(store, DOMID, guest.state, QUICK)
     guest.stop()
+
+
+def test_a_guest_that_shuts_down_instead_of_acknowledging_is_reported_at_once() -> None:
+    """A PVH guest that triple-faulted (Xen shuts it down with reason reboot) never acknowledges:
+    the reason within a state poll, not "did not acknowledge" after the whole ack timeout."""
+    store = MemoryStore({NODE: ""})
+    states = [DomainState(DOMID, 1 << 1, 100, 100, 1, 0, 1)]
+
+    def state() -> DomainState:
+        if store.read(NODE) == "suspend" and len(states) == 1:
+            states.append(dataclasses.replace(states[0], flags=(1 << 1) | (1 << 2) | (1 << 16)))
+        return states[-1]
+
+    started = time.monotonic()
+    gone = r"dom 9 shut down \(reason reboot or a triple fault.*while asked to suspend"
+    with pytest.raises(BackendError, match=gone):
+        suspend_guest(store, DOMID, state, SuspendTimeouts(ack=30, suspended=30))
+    assert time.monotonic() - started < 2.0
 
 
 def test_already_suspended_writes_nothing() -> None:
@@ -180,10 +205,14 @@ def test_an_interrupt_after_the_ack_waits_for_the_suspend_so_that_a_resume_finds
     store = MemoryStore({NODE: ""})
     guest = ScriptedGuest(store, delay=0.2)
     calls = []
+    requested, interrupted = [], []
 
     def state() -> DomainState:
         calls.append(guest.state())
-        if len(calls) == 2:  # the first look after the ack
+        if store.read(NODE) == SUSPEND_REQUEST:
+            requested.append(True)
+        elif requested and not interrupted:  # the first look after the ack
+            interrupted.append(True)
             raise KeyboardInterrupt
         return calls[-1]
 

@@ -275,7 +275,7 @@ class XenBackend:
             grants.close()
             raise
         self._channel, self.channel_reason = XenSoftPageChannel.connect(
-            self.domid, self._xenstore(), self.describe().p2m_size, grants, events
+            self.domid, self._xenstore(), self.describe().p2m_size, grants, events, self.domain_state
         )
         return self._channel
 

@@ -23,6 +23,7 @@ from softpage import abi
 from softpage.backend import DropOutcome
 from softpage.categories import CacheMode
 from softpage.errors import BackendError
+from softpage.xen.ctrl import DomainState
 from softpage.xenstore import XenStore
 
 PROTOCOL_VERSION = str(abi.VERSION)
@@ -38,6 +39,9 @@ usually answers within a scan), then gentle on a 2-core dom0."""
 DROP_POLL_INTERVALS = (0.01, 0.02, 0.05, 0.1)
 """Seconds between reads of ``dropped``: a drop takes up to seconds, and every
 xenstore read is a round trip to xenstored, slow in an emulated dom0."""
+STATE_CHECK_INTERVAL = 0.5
+"""Seconds between checks, while waiting on the guest, that its domain still runs: a guest that
+crashed answers nothing, and the wait then ends at once with the reason, not at its timeout."""
 TORN_RETRIES = 8
 """Copies ``read_current`` tries before giving up on a guest mid-publish."""
 
@@ -190,6 +194,7 @@ class XenSoftPageChannel:
         close_handles: Callable[[], None],
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        domain_state: Callable[[], DomainState] | None = None,
     ) -> None:
         self.domid = domid
         self._store = store
@@ -201,6 +206,7 @@ class XenSoftPageChannel:
         self._close_handles = close_handles
         self._clock = clock
         self._sleep = sleep
+        self._domain_state = domain_state
 
     @classmethod
     def connect(
@@ -210,10 +216,12 @@ class XenSoftPageChannel:
         p2m_size: int,
         grants: GrantMapper,
         events: EventNotifier,
+        domain_state: Callable[[], DomainState] | None = None,
     ) -> tuple[XenSoftPageChannel | None, str | None]:
         """``(channel, None)``, or ``(None, reason)`` when the guest has no usable
         channel. On failure ``grants`` and ``events`` are closed; on success
-        the channel owns them."""
+        the channel owns them. ``domain_state``, when given, ends a wait on the guest as soon
+        as its domain has crashed or shut down (``DomainState.gone``)."""
         header: PageMapping | None = None
         bitmaps: PageMapping | None = None
 
@@ -244,7 +252,8 @@ class XenSoftPageChannel:
             with contextlib.suppress(BackendError, OSError):
                 close_handles()
             return None, f"dom {domid}: soft-page channel unusable: {error}"
-        return cls(domid, store, header, bitmaps, events, local_port, close_handles), None
+        return cls(domid, store, header, bitmaps, events, local_port, close_handles,
+                   domain_state=domain_state), None
 
     # -- SoftPageChannel ---------------------------------------------------
     def arm(self, armed: bool) -> None:
@@ -327,9 +336,16 @@ class XenSoftPageChannel:
         """``attempt()`` until it returns something other than None, sleeping ``intervals``
         in between (the last one repeats); None once ``timeout`` seconds have passed."""
         deadline = self._clock() + timeout
+        next_check = self._clock() + STATE_CHECK_INTERVAL
         tries = 0
         while (result := attempt()) is None:
-            remaining = deadline - self._clock()
+            now = self._clock()
+            remaining = deadline - now
+            if self._domain_state is not None and now >= next_check:
+                next_check = now + STATE_CHECK_INTERVAL
+                gone = self._domain_state().gone
+                if gone is not None:
+                    raise BackendError(f"dom {self.domid} {gone} while dom0 waited for its softpage module")
             if remaining <= 0:
                 return None
             self._sleep(min(remaining, intervals[min(tries, len(intervals) - 1)]))

@@ -33,7 +33,11 @@ XEN_DOMINF_SHUTDOWN_SHIFT = 16
 # xen/include/public/arch-x86/xen.h: only a full HVM guest emulates the PIT.
 XEN_X86_EMU_PIT = 1 << 8
 # xen/include/public/sched.h
+SHUTDOWN_REBOOT = 1
 SHUTDOWN_SUSPEND = 2
+SHUTDOWN_CRASH = 3
+SHUTDOWN_REASONS = {0: "poweroff", 1: "reboot", 2: "suspend", 3: "crash", 4: "watchdog", 5: "soft_reset"}
+"""``SHUTDOWN_*``, by value."""
 
 # xen/include/public/domctl.h, XEN_DOMCTL_shadow_op
 XEN_DOMCTL_SHADOW_OP_OFF = 0
@@ -110,6 +114,23 @@ class DomainState:
     def suspended(self) -> bool:
         """Shut down with reason suspend: what ``suspend_domain()`` checks."""
         return self.shutdown_reason == SHUTDOWN_SUSPEND
+
+    @property
+    def gone(self) -> str | None:
+        """Why this domain will not answer a request any more: dying, or shut down for a
+        reason other than suspend; None while it runs (or is suspended, which is dom0's doing)."""
+        if self.dying:
+            return "is dying"
+        reason = self.shutdown_reason
+        if reason is None or reason == SHUTDOWN_SUSPEND:
+            return None
+        name = SHUTDOWN_REASONS.get(reason, str(reason))
+        # hvm_triple_fault() shuts an HVM or PVH guest down with HVM_PARAM_TRIPLE_FAULT_REASON:
+        # reboot unless the toolstack changed it (hvm_domain_initialise; Xen 4.17's log on the
+        # testbed: "Triple fault - invoking HVM shutdown action 1").
+        triple = reason in (SHUTDOWN_REBOOT, SHUTDOWN_CRASH) and self.flags & XEN_DOMINF_HVM_GUEST
+        hint = " or a triple fault: `xl dmesg` says which" if triple else ""
+        return f"shut down (reason {name}{hint})"
 
     @property
     def guest_type(self) -> GuestType:

@@ -101,6 +101,11 @@ def _request_and_wait(
             deadline = clock() + timeouts.ack
             while not _acked(store.read(node)):
                 remaining = deadline - clock()
+                gone = domain_state().gone
+                if gone is not None:
+                    # It will never answer: say why now, not after the timeout. The request stays
+                    # (a domain that crashed or shut down cannot act on it).
+                    raise BackendError(f"dom {domid} {gone} while asked to suspend")
                 if remaining <= 0:
                     if not run_transaction(store, lambda ops: _withdraw_request(ops, node)):
                         raise GuestProtocolError(
@@ -108,7 +113,7 @@ def _request_and_wait(
                             f"within {timeouts.ack:g} s; request withdrawn"
                         )
                     break
-                shutdown_watch.wait(remaining)
+                shutdown_watch.wait(min(remaining, STATE_POLL_INTERVAL))
 
         deadline = clock() + timeouts.suspended
         while True:
