@@ -36,7 +36,7 @@ from tests.e2e.helpers import (
 
 pytestmark = pytest.mark.e2e
 
-REPEAT = int(os.environ.get("SOFTPAGE_E2E_REPEAT", "3"))
+REPEAT = int(os.environ.get("SOFTPAGE_E2E_REPEAT", "2"))
 REGIONS, REGION_MB = 4, 40
 MODULE_STATS = "/sys/devices/platform/softpage/stats"
 KERNEL_OPTIONS = {

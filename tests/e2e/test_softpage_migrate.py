@@ -169,6 +169,7 @@ def set_injected_fault(guest: Guest, fault: int) -> None:
     guest.wait_for(rf"INJECT-FAULT {fault}\b")
 
 
+@pytest.mark.matrix_only  # make test: the simulator's (test_driver) and the real channel's (test_xen_channel)
 def test_guest_without_the_module_gets_plain_precopy(xen_pvh_testbed: Testbed) -> None:
     guest = start_guest(xen_pvh_testbed, "sp-nomod", load_kmod=False)
     heartbeat = guest.heartbeat()

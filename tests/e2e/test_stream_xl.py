@@ -102,6 +102,7 @@ def rewrite_stats(output: str) -> dict[str, int]:
     return {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", match.group(1))}
 
 
+@pytest.mark.matrix_only  # make test: its own save images restore with stock xl (test_softpage_migrate)
 def test_rewritten_save_image_verifies_and_restores_with_stock_xl(xen_pvh_testbed: Testbed) -> None:
     testbed = xen_pvh_testbed
     testbed.write_file(SCRIPT, REWRITE_SCRIPT)
