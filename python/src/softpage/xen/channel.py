@@ -335,8 +335,8 @@ class XenSoftPageChannel:
     ) -> ResultT | None:
         """``attempt()`` until it returns something other than None, sleeping ``intervals``
         in between (the last one repeats); None once ``timeout`` seconds have passed."""
-        deadline = self._clock() + timeout
-        next_check = self._clock() + STATE_CHECK_INTERVAL
+        started = self._clock()
+        deadline, next_check = started + timeout, started + STATE_CHECK_INTERVAL
         tries = 0
         while (result := attempt()) is None:
             now = self._clock()

@@ -33,11 +33,15 @@ XEN_DOMINF_SHUTDOWN_SHIFT = 16
 # xen/include/public/arch-x86/xen.h: only a full HVM guest emulates the PIT.
 XEN_X86_EMU_PIT = 1 << 8
 # xen/include/public/sched.h
+SHUTDOWN_POWEROFF = 0
 SHUTDOWN_REBOOT = 1
 SHUTDOWN_SUSPEND = 2
 SHUTDOWN_CRASH = 3
-SHUTDOWN_REASONS = {0: "poweroff", 1: "reboot", 2: "suspend", 3: "crash", 4: "watchdog", 5: "soft_reset"}
-"""``SHUTDOWN_*``, by value."""
+SHUTDOWN_WATCHDOG = 4
+SHUTDOWN_SOFT_RESET = 5
+SHUTDOWN_REASONS = {SHUTDOWN_POWEROFF: "poweroff", SHUTDOWN_REBOOT: "reboot", SHUTDOWN_SUSPEND: "suspend",
+                    SHUTDOWN_CRASH: "crash", SHUTDOWN_WATCHDOG: "watchdog", SHUTDOWN_SOFT_RESET: "soft_reset"}
+"""The names of ``SHUTDOWN_*``, by value."""
 
 # xen/include/public/domctl.h, XEN_DOMCTL_shadow_op
 XEN_DOMCTL_SHADOW_OP_OFF = 0
