@@ -67,6 +67,7 @@ from softpage_testbed.guest import (
     Guest,
     GuestSpec,
     VerifyResult,
+    counting_receiver,
 )
 from softpage_testbed.host import (
     APP_DATA_DISK_SERIAL,
@@ -185,6 +186,7 @@ __all__ = [
     "booted_testbed",
     "build_payload",
     "build_testbed",
+    "counting_receiver",
     "describe_disk_rate",
     "distro_disk_serial",
     "fetch_checksums",

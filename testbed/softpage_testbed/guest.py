@@ -25,6 +25,8 @@ VERIFY_RE = re.compile(r"WORKLOAD VERIFY (ok|FAIL) seq=(\d+)(.*)")
 READY_RE = re.compile(r"WORKLOAD READY (.*)")
 BOOT_MARKER = "GUEST-INIT booted"
 STOPPED_CHECK_S = 10.0
+COUNT_BYTES = "/opt/softpage/bin/count-bytes"
+"""The payload's pipe that counts a stream's bytes into a file (testbed/dom0/count-bytes)."""
 GUEST_KERNELS = ("6.1", "6.12")
 """The guest kernels of the payload (testbed/payload.sh): Debian 12's and Debian 13's."""
 DEFAULT_GUEST_KERNEL = "6.1"
@@ -46,6 +48,12 @@ HVM_KERNEL_ARGS = ("pci=lastbus=0",)
 """An HVM guest's kernel probes for peer host bridges on all 256 PCI buses through port 0xcf8,
 each access a round trip to QEMU in dom0: about 80 s under TCG (xenctx, 2026-12-05). QEMU's
 i440fx machine has bus 0 only."""
+
+
+def counting_receiver(counter: str) -> str:
+    """Stock ``xl migrate-receive`` behind a pipe that leaves the stream's size in ``counter``:
+    the receiver command for ``xl migrate -s ""``."""
+    return f"python3 {COUNT_BYTES} {counter} | xl migrate-receive"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,8 +257,7 @@ class ConsoleGuest:
         """Stock ``xl migrate`` to this same host (no ssh: ``-s ""`` runs the receiver command
         itself); returns the wall time and the bytes of the migration stream."""
         counter = f"/tmp/migrate-{self.name}.bytes"
-        receiver = f"python3 /opt/softpage/bin/count-bytes {counter} | xl migrate-receive"
-        result = self.testbed.run(["xl", "migrate", "-s", "", self.name, receiver],
+        result = self.testbed.run(["xl", "migrate", "-s", "", self.name, counting_receiver(counter)],
                                   timeout_s=timeout_s, check=True)
         sent = self.testbed.run(["cat", counter], check=True).stdout.strip()
         return {"migrate_s": result.wall_s, "stream_bytes": float(sent or 0)}

@@ -20,8 +20,9 @@ e2e tests using these fixtures skip only when a testbed cannot exist here (not r
 The matrix: ``SOFTPAGE_E2E_MATRIX=full`` (``make test-matrix``) runs every test on every host and
 guest kernel it takes. Otherwise (``make test``, which must fit CI) a test runs on Xen 4.20.4 only
 when marked ``every_host``, with the 6.12 guest only when marked ``every_kernel`` (a test marked
-both: 4.20.4 with 6.12, and 4.17.7 with 6.1), never when marked ``matrix_only``; everything else
-runs on Xen 4.17.7 with the 6.1 guest.
+both: 4.20.4 with 6.12, and 4.17.7 with 6.1), there alone when marked ``on_debian13`` (4.20.4, with
+6.12 if it takes a kernel), never when marked ``matrix_only``; everything else runs on Xen 4.17.7
+with the 6.1 guest.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from softpage_testbed import (
     build_payload,
     build_testbed,
 )
+from tests.e2e.helpers import in_full_matrix
 
 PV_TESTBED_FIXTURE = "xen_pv_testbed"
 
@@ -111,7 +113,6 @@ PVH_HOSTS = (XEN_PVH_VERSION, XEN_TRIXIE_VERSION)
 TESTBED_CPU_MARKER = "testbed_cpu"
 """``@pytest.mark.testbed_cpu(model)``: the test's host boots with QEMU's ``-cpu model``
 (softpage_testbed.LIBVIRT_CPU_MODEL for libvirt) instead of TestbedConfig's default."""
-FULL_MATRIX = "full"
 
 
 PAIR_FIXTURES = ("pvh_pair", "upgrade_pair", "pv_pair")
@@ -135,9 +136,13 @@ def _in_ci_selection(item: pytest.Item) -> bool:
     params = callspec.params if callspec is not None else {}
     new_host = params.get("xen_pvh_testbed", XEN_PVH_VERSION) != XEN_PVH_VERSION
     new_kernel = params.get("guest_kernel", DEFAULT_GUEST_KERNEL) != DEFAULT_GUEST_KERNEL
+    if item.get_closest_marker("matrix_only") is not None:
+        return False
+    if item.get_closest_marker("on_debian13") is not None:
+        return new_host and (new_kernel or "guest_kernel" not in params)
     every_host = item.get_closest_marker("every_host") is not None
     every_kernel = item.get_closest_marker("every_kernel") is not None
-    if item.get_closest_marker("matrix_only") or (new_host and not every_host):
+    if new_host and not every_host:
         return False
     if new_kernel and not every_kernel:
         return False
@@ -147,7 +152,7 @@ def _in_ci_selection(item: pytest.Item) -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if os.environ.get("SOFTPAGE_E2E_MATRIX", "") != FULL_MATRIX:
+    if not in_full_matrix():
         deselected = [item for item in items if not _in_ci_selection(item)]
         if deselected:
             config.hook.pytest_deselected(items=deselected)

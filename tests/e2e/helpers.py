@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from softpage_testbed import (
     GuestSpec,
     Testbed,
     TestbedPair,
+    counting_receiver,
 )
 
 # 256 MiB with 48 MiB of anonymous memory and 64 MiB of page cache: about half the guest is
@@ -27,6 +29,12 @@ from softpage_testbed import (
 PRUNE_GUEST = {"memory_mb": 256, "anon_mb": 48, "cache_mb": 64, "dirty_rate": 200}
 STATS = "/tmp/softpage-stats.json"
 LOCALHOST_RECEIVER = "xl migrate-receive"
+MATRIX_VARIABLE, FULL_MATRIX = "SOFTPAGE_E2E_MATRIX", "full"
+"""``SOFTPAGE_E2E_MATRIX=full``: the run is ``make test-matrix`` (tests/e2e/conftest.py)."""
+
+
+def in_full_matrix() -> bool:
+    return os.environ.get(MATRIX_VARIABLE, "") == FULL_MATRIX
 
 
 def softpage(testbed: Testbed, *arguments: str, timeout_s: float = 900) -> CommandResult:
@@ -153,6 +161,28 @@ def assert_stream_carries_only_data_pages(size: int, rounds: list[dict[str, obje
             + STREAM_RECORDS_SLACK)
     assert data <= size <= most, (f"stream of {size} bytes; the sender counted {data_pages} pages "
                                   f"with data ({data} bytes) and {entries} entries: at most {most}")
+
+
+STREAM_COUNTER = "/tmp/helper-stream.bytes"
+RECEIVER = counting_receiver(STREAM_COUNTER)
+"""``xl migrate-receive`` on this host, the stream's size left in STREAM_COUNTER."""
+
+
+def stream_bytes(testbed: Testbed) -> int:
+    return int(testbed.run(["cat", STREAM_COUNTER], check=True).stdout.strip() or 0)
+
+
+def assert_pruned_through_the_helper(testbed: Testbed, result: CommandResult, rounds: list[dict[str, object]],
+                                     totals: dict[str, object], attempt: int) -> None:
+    """``xl migrate`` to RECEIVER went through softpage's save helper, which pruned: xl printed
+    its summary, soft pages went as XALLOC and the guest dropped its caches at the suspend."""
+    # xl prints the helper's summary from libxl's log (INFO is shown by default).
+    assert "softpage-save-helper: info: softpage:" in result.stderr, result.stderr[-3000:]
+    assert int(totals["pages_xalloc"]) > 2048, (attempt, totals)  # type: ignore[call-overload]
+    assert rounds[-1]["kind"] == "final" and totals["guest_drop_outcome"] == "done", (attempt, rounds, totals)
+    # The whole xl stream (xl's and libxl's records around the helper's) holds the data of the
+    # pages the helper counted with data and no more: the soft pages went without data.
+    assert_stream_carries_only_data_pages(stream_bytes(testbed), rounds, totals)
 
 
 # -- two hosts (TestbedPair) --------------------------------------------------------------------

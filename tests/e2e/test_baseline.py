@@ -66,6 +66,6 @@ def test_pvh_save_restore_then_live_migration_localhost(xen_pvh_testbed: Testbed
     assert_saves_restores_and_migrates(start_guest(xen_pvh_testbed, "pvh-base", "pvh"))
 
 
-@pytest.mark.matrix_only  # make test: no stock PV live migration; softpage's on Xen 4.17.5
+@pytest.mark.matrix_only  # make test: no PV live migration (4.17.5's boot); softpage's PV save on 4.17.7
 def test_pv_save_restore_then_live_migration_localhost(xen_pv_testbed: Testbed) -> None:
     assert_saves_restores_and_migrates(start_guest(xen_pv_testbed, "pv-base", "pv"))

@@ -20,13 +20,15 @@ import pytest
 
 from softpage_testbed import CommandResult, Guest, Testbed
 from tests.e2e.helpers import (
+    RECEIVER,
     STATS,
-    assert_stream_carries_only_data_pages,
+    assert_pruned_through_the_helper,
     assert_survived,
     domid,
     read_stats,
     save_and_restore_repeatedly,
     start_guest,
+    stream_bytes,
     verify_stream_v2,
     wait_for_module,
 )
@@ -36,8 +38,6 @@ pytestmark = pytest.mark.e2e
 REPEAT = int(os.environ.get("SOFTPAGE_E2E_HELPER_REPEAT", "1"))
 HELPER = "/opt/softpage/py/bin/softpage-save-helper"
 """The console script of the testbed's build of the package (pip --target)."""
-STREAM_COUNTER = "/tmp/helper-stream.bytes"
-RECEIVER = f"python3 /opt/softpage/bin/count-bytes {STREAM_COUNTER} | xl migrate-receive"
 
 
 def xl_with_helper(testbed: Testbed, *arguments: str, options: str = "",
@@ -46,10 +46,6 @@ def xl_with_helper(testbed: Testbed, *arguments: str, options: str = "",
     environment = {"LIBXL_SAVE_HELPER": HELPER, "SOFTPAGE_SAVE_HELPER_OPTIONS": f"--stats {STATS} {options}"}
     command = " ".join(f"{key}={shlex.quote(value)}" for key, value in environment.items())
     return testbed.run(f"rm -f {STATS}; {command} xl {shlex.join(arguments)}", timeout_s=timeout_s)
-
-
-def stream_bytes(testbed: Testbed) -> int:
-    return int(testbed.run(["cat", STREAM_COUNTER], check=True).stdout.strip() or 0)
 
 
 def migrate_through_the_helper(testbed: Testbed, guest: Guest, attempt: int
@@ -63,17 +59,8 @@ def migrate_through_the_helper(testbed: Testbed, guest: Guest, attempt: int
     return heartbeat, result, rounds, totals
 
 
-def assert_pruned_through_the_helper(testbed: Testbed, result: CommandResult, rounds: list[dict[str, object]],
-                                     totals: dict[str, object], attempt: int) -> None:
-    # xl prints the helper's summary from libxl's log (INFO is shown by default).
-    assert "softpage-save-helper: info: softpage:" in result.stderr, result.stderr[-3000:]
-    assert int(totals["pages_xalloc"]) > 2048, (attempt, totals)  # type: ignore[call-overload]
-    assert rounds[-1]["kind"] == "final" and totals["guest_drop_outcome"] == "done", (attempt, rounds, totals)
-    # The whole xl stream (xl's and libxl's records around the helper's) holds the data of the
-    # pages the helper counted with data and no more: the soft pages went without data.
-    assert_stream_carries_only_data_pages(stream_bytes(testbed), rounds, totals)
-
-
+# make test: the installed package's helper through xl migrate, same checks (test_debian_packages).
+@pytest.mark.matrix_only
 def test_xl_migrate_with_the_helper_prunes_and_the_guest_survives(xen_pvh_testbed: Testbed) -> None:
     guest = start_guest(xen_pvh_testbed, "helper-mig")
     for attempt in range(REPEAT):
