@@ -36,6 +36,7 @@ from softpage_testbed.agent import (
 )
 from softpage_testbed.distro import (
     BRIDGE_ADDRESS,
+    DISTRO_GUEST_TYPES,
     DISTRO_RELEASES,
     GUEST_ADDRESS,
     GUEST_BRIDGE,
@@ -125,6 +126,7 @@ __all__ = [
     "DATA_DISK_SERIAL",
     "DEFAULT_GUEST_KERNEL",
     "DISK_RATE_ENV",
+    "DISTRO_GUEST_TYPES",
     "DISTRO_RELEASES",
     "DOM0_BOOT_ATTEMPTS",
     "DOM0_BOOT_STALL_S",

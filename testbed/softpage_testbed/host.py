@@ -59,13 +59,17 @@ class HostPlatform:
     dom0_kernel: str
     xen: str
     """Paths relative to the cache."""
+    pv_live_migration: bool = False
+    """Whether this Xen live-migrates PV guests: their log-dirty mode needs shadow paging, which
+    only the pinned 4.17.5 is built with (docs/platforms.md)."""
 
 
 HOST_PLATFORMS = {
     XEN_PVH_VERSION: HostPlatform(
         "bookworm", "dom0.img", "rootfs", "boot/vmlinuz", f"boot/xen-{XEN_PVH_VERSION}"),
     XEN_PV_VERSION: HostPlatform(
-        "bookworm", "dom0.img", "rootfs", "boot/vmlinuz", f"boot/xen-{XEN_PV_VERSION}"),
+        "bookworm", "dom0.img", "rootfs", "boot/vmlinuz", f"boot/xen-{XEN_PV_VERSION}",
+        pv_live_migration=True),
     XEN_TRIXIE_VERSION: HostPlatform(
         "trixie", "dom0-trixie.img", "rootfs-trixie", "boot/trixie/vmlinuz", "boot/trixie/xen"),
 }

@@ -72,11 +72,13 @@ from pathlib import Path
 
 from softpage_testbed import (
     DISK_RATE_ENV,
+    DISTRO_GUEST_TYPES,
     GUEST_ADDRESS,
     HOT_FRACTION,
     HOT_SKEW,
     HOTPLUG_TIMEOUT_MESSAGE,
     HTTP_PORT,
+    XEN_PV_VERSION,
     XEN_PVH_VERSION,
     CommandFailed,
     DistroGuest,
@@ -143,6 +145,9 @@ guest's one vCPU): run once beside the load in ``compare_load_generators`` to sh
 class Settings:
     guest_mb: int
     release: str
+    guest_type: str
+    """SOFTPAGE_GUESTVIEW_GUEST_TYPE: pvh (the default) or pv, which needs SOFTPAGE_BENCH_XEN=4.17.5
+    (``HostPlatform.pv_live_migration``) and never meets TCG's nested-SVM triple faults."""
     xen_version: str
     methods: tuple[str, ...]
     settle_s: float
@@ -166,6 +171,7 @@ class Settings:
         settings = cls(
             guest_mb=int(os.environ.get("SOFTPAGE_GUESTVIEW_GUEST_MB", "1024")),
             release=os.environ.get("SOFTPAGE_GUESTVIEW_RELEASE", "bookworm"),
+            guest_type=os.environ.get("SOFTPAGE_GUESTVIEW_GUEST_TYPE", "pvh"),
             xen_version=os.environ.get("SOFTPAGE_BENCH_XEN", XEN_PVH_VERSION),
             methods=tuple(name for name in ALL_METHODS if name in names),
             settle_s=float(os.environ.get("SOFTPAGE_GUESTVIEW_SETTLE_S", "70")),
@@ -176,6 +182,9 @@ class Settings:
             connections=int(os.environ.get("SOFTPAGE_GUESTVIEW_CONNECTIONS", "4")),
             disk_rate=parse_disk_rate(os.environ.get(DISK_RATE_ENV, "")),
         )
+        if settings.guest_type not in DISTRO_GUEST_TYPES:
+            raise SystemExit(f"SOFTPAGE_GUESTVIEW_GUEST_TYPE: {settings.guest_type!r}; expected one of "
+                             f"{', '.join(DISTRO_GUEST_TYPES)}")
         if settings.before_s > settings.settle_s:
             raise SystemExit("SOFTPAGE_GUESTVIEW_BEFORE_S must not exceed SOFTPAGE_GUESTVIEW_SETTLE_S")
         return settings
@@ -247,7 +256,8 @@ class HotplugTimedOut(Exception):
 def create_guest(testbed: Testbed, settings: Settings) -> DistroGuest:
     """The distro guest, created again while its disks' hotplug meets libxl's fixed 40 s (the
     harness itself tries twice)."""
-    spec = DistroGuestSpec(name="guestview", release=settings.release, memory_mb=settings.guest_mb)
+    spec = DistroGuestSpec(name="guestview", release=settings.release, guest_type=settings.guest_type,
+                           memory_mb=settings.guest_mb)
     for attempt in range(1, HOTPLUG_ATTEMPTS + 1):
         try:
             return testbed.create_distro_guest(spec, timeout_s=BOOT_TIMEOUT_S)
@@ -725,7 +735,8 @@ def output_dir(settings: Settings) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     meta = out / "settings.json"
     mine = {key: value for key, value in asdict(settings).items() if key != "methods"}
-    if meta.exists() and json.loads(meta.read_text()) != mine:
+    # sweeps from before SOFTPAGE_GUESTVIEW_GUEST_TYPE ran PVH guests
+    if meta.exists() and {"guest_type": "pvh", **json.loads(meta.read_text())} != mine:
         raise SystemExit(f"guestview: {out} holds a sweep with other settings: {meta.read_text()}")
     meta.write_text(json.dumps(mine) + "\n")
     return out
@@ -736,6 +747,9 @@ def testbed_config(settings: Settings) -> TestbedConfig:
     """QEMU memory for dom0 and the two copies of the guest a localhost migration holds (unless
     SOFTPAGE_QEMU_MEM_MB says otherwise)."""
     config = TestbedConfig.from_env(settings.xen_version)
+    if settings.guest_type == "pv" and not config.platform.pv_live_migration:
+        raise SystemExit(f"guestview: Xen {settings.xen_version} does not live-migrate PV guests (no shadow "
+                         f"paging); SOFTPAGE_BENCH_XEN={XEN_PV_VERSION} does")
     if "SOFTPAGE_QEMU_MEM_MB" in os.environ:
         return config
     return dataclasses.replace(config, qemu_mem_mb=config.dom0_mem_mb + 2 * settings.guest_mb + 1024)
@@ -801,7 +815,8 @@ def main() -> int:
         raise SystemExit("guestview: the baseline runs first: the others' lost and slowed requests need it")
     started = time.monotonic()
     header = (f"The guest's view of a migration, {time.strftime('%Y-%m-%d')}: Debian "
-              f"{settings.release} guest ({settings.guest_mb} MiB, 1 vCPU, nginx, a new boot per method), "
+              f"{settings.release} {settings.guest_type.upper()} guest ({settings.guest_mb} MiB, 1 vCPU, "
+              f"nginx, a new boot per method), "
               f"{describe_disk_rate(settings.disk_rate)}; a keep-alive client in dom0 "
               f"({settings.connections} connections, {HOT_FRACTION:.0%} hot set); "
               f"Xen {settings.xen_version} ({config.platform.release} dom0) under QEMU TCG on this machine "

@@ -21,6 +21,7 @@ from tests.bench.dom0 import http_load
 from tests.bench.guestview_bench import (
     MethodRun,
     Second,
+    Settings,
     cpu_shares,
     longest_pause,
     parse_disk_samples,
@@ -31,6 +32,7 @@ from tests.bench.guestview_bench import (
     table,
     to_seconds,
 )
+from tests.bench.guestview_bench import testbed_config as config_for_the_bench
 
 
 def second(start: float, requests: int, length: float = 1.0, slow: int = 0) -> Second:
@@ -190,3 +192,23 @@ def test_table_and_plot_of_a_baseline_and_a_migration(tmp_path: Path) -> None:
     disk = {"cache=all": [(38.0 + at / 2, at << 20) for at in range(40)]}
     plot([baseline, migrated], seconds, disk, tmp_path / "timeline.png", slow_ms=100)
     assert (tmp_path / "timeline.png").stat().st_size > 10_000
+
+
+def test_a_pv_guest_is_asked_for_by_name_and_needs_a_host_that_live_migrates_pv(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SOFTPAGE_QEMU_MEM_MB", raising=False)
+    monkeypatch.setenv("SOFTPAGE_GUESTVIEW_GUEST_TYPE", "pv")
+    monkeypatch.setenv("SOFTPAGE_GUESTVIEW_GUEST_MB", "2048")
+    monkeypatch.setenv("SOFTPAGE_BENCH_XEN", "4.17.7")
+    with pytest.raises(SystemExit, match=r"does not live-migrate PV guests.*SOFTPAGE_BENCH_XEN=4\.17\.5"):
+        config_for_the_bench(Settings.from_env())
+    monkeypatch.setenv("SOFTPAGE_BENCH_XEN", "4.17.5")
+    settings = Settings.from_env()
+    assert settings.guest_type == "pv"
+    assert config_for_the_bench(settings).qemu_mem_mb == 1024 + 2 * 2048 + 1024
+
+
+def test_a_guest_type_debians_kernels_do_not_boot_as_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOFTPAGE_GUESTVIEW_GUEST_TYPE", "hvm")
+    with pytest.raises(SystemExit, match="SOFTPAGE_GUESTVIEW_GUEST_TYPE: 'hvm'; expected one of pvh, pv"):
+        Settings.from_env()
