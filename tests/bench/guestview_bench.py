@@ -5,9 +5,11 @@ after each migration, on the real testbed.
 A Debian distro guest (testbed/softpage_testbed/distro.py: systemd, Debian's kernel,
 softpage-dkms from apt, nginx serving the app-data disk's 64 KiB files on dom0's bridge;
 SOFTPAGE_GUESTVIEW_RELEASE, default bookworm; SOFTPAGE_GUESTVIEW_GUEST_MB, default 1024; Xen
-SOFTPAGE_BENCH_XEN, default 4.17.7), booted afresh for each method in SOFTPAGE_GUESTVIEW_METHODS,
-so that every method starts from the same hot/cold state of the guest's cache (on one guest the
-earlier runs' reads had made every file active, and cache=cold sent them all). The methods, in
+SOFTPAGE_BENCH_XEN, default 4.17.7; SOFTPAGE_GUESTVIEW_GUEST_TYPE, pvh by default, or pv, which
+needs SOFTPAGE_BENCH_XEN=4.17.5 and never meets TCG's nested-SVM triple faults), booted afresh for
+each method in SOFTPAGE_GUESTVIEW_METHODS, so that every method starts from the same hot/cold
+state of the guest's cache (on one guest the earlier runs' reads had made every file active, and
+cache=cold sent them all). The methods, in
 this order by default:
 
     baseline     no migration: what the same stretch of time looks like without one
