@@ -6,7 +6,9 @@ A Debian distro guest (testbed/softpage_testbed/distro.py: systemd, Debian's ker
 softpage-dkms from apt, nginx serving the app-data disk's 64 KiB files on dom0's bridge;
 SOFTPAGE_GUESTVIEW_RELEASE, default bookworm; SOFTPAGE_GUESTVIEW_GUEST_MB, default 1024; Xen
 SOFTPAGE_BENCH_XEN, default 4.17.7; SOFTPAGE_GUESTVIEW_GUEST_TYPE, pvh by default, or pv, which
-needs SOFTPAGE_BENCH_XEN=4.17.5 and never meets TCG's nested-SVM triple faults), booted afresh for
+needs SOFTPAGE_BENCH_XEN=4.17.5 and never meets TCG's nested-SVM triple faults;
+SOFTPAGE_GUESTVIEW_COLD_AGE_MS, softpage.ko's cold_age_ms in the guest, its own 30 s unless
+given), booted afresh for
 each method in SOFTPAGE_GUESTVIEW_METHODS, so that every method starts from the same hot/cold
 state of the guest's cache (on one guest the earlier runs' reads had made every file active, and
 cache=cold sent them all). The methods, in
@@ -112,6 +114,8 @@ METHODS = {
     "cache=all": ("prune", "free,cache=all,slab"),
 }
 ALL_METHODS = (BASELINE, *METHODS)
+COLD_AGE_PARAMETER = "cold_age_ms"
+"""softpage.ko's parameter for its hot/cold rule (guest_kmod/softpage.c, docs/design.md)."""
 RECOVERED_FRACTION = 0.9
 RECOVERED_SECONDS = 3
 """Back: this many one-second samples in a row at RECOVERED_FRACTION of the throughput before."""
@@ -159,6 +163,9 @@ class Settings:
     """How long the baseline runs where the others migrate: a stand-in for the migration."""
     slow_ms: float
     connections: int
+    cold_age_ms: int | None
+    """SOFTPAGE_GUESTVIEW_COLD_AGE_MS: softpage.ko's ``cold_age_ms`` in the guest, given on its
+    kernel command line (``softpage.cold_age_ms=``); None (the default): the module's own, 30 s."""
     disk_rate: int | None
     """SOFTPAGE_DISK_RATE (bytes per second; None: unthrottled): a sweep holds one rate."""
 
@@ -182,6 +189,8 @@ class Settings:
             baseline_s=float(os.environ.get("SOFTPAGE_GUESTVIEW_BASELINE_S", "60")),
             slow_ms=float(os.environ.get("SOFTPAGE_GUESTVIEW_SLOW_MS", "100")),
             connections=int(os.environ.get("SOFTPAGE_GUESTVIEW_CONNECTIONS", "4")),
+            cold_age_ms=int(os.environ["SOFTPAGE_GUESTVIEW_COLD_AGE_MS"])
+            if os.environ.get("SOFTPAGE_GUESTVIEW_COLD_AGE_MS") else None,
             disk_rate=parse_disk_rate(os.environ.get(DISK_RATE_ENV, "")),
         )
         if settings.guest_type not in DISTRO_GUEST_TYPES:
@@ -259,7 +268,7 @@ def create_guest(testbed: Testbed, settings: Settings) -> DistroGuest:
     """The distro guest, created again while its disks' hotplug meets libxl's fixed 40 s (the
     harness itself tries twice)."""
     spec = DistroGuestSpec(name="guestview", release=settings.release, guest_type=settings.guest_type,
-                           memory_mb=settings.guest_mb)
+                           memory_mb=settings.guest_mb, kernel_args=guest_kernel_args(settings))
     for attempt in range(1, HOTPLUG_ATTEMPTS + 1):
         try:
             return testbed.create_distro_guest(spec, timeout_s=BOOT_TIMEOUT_S)
@@ -271,6 +280,14 @@ def create_guest(testbed: Testbed, settings: Settings) -> DistroGuest:
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
+def guest_kernel_args(settings: Settings) -> tuple[str, ...]:
+    """The distro guest's extra kernel options: module parameters for softpage.ko, which libkmod
+    applies when the module loads at boot."""
+    if settings.cold_age_ms is None:
+        return ()
+    return (f"softpage.{COLD_AGE_PARAMETER}={settings.cold_age_ms}",)
+
+
 def fresh_guest(testbed: Testbed, settings: Settings) -> DistroGuest:
     booting = time.monotonic()
     guest = create_guest(testbed, settings)
@@ -278,6 +295,11 @@ def fresh_guest(testbed: Testbed, settings: Settings) -> DistroGuest:
     log(f"guestview: guest up {time.monotonic() - booting:.0f} s after xl create: {up}")
     if up["system"] != "running" or up["nginx"] != "active":
         raise SystemExit(f"guestview: guest up with {up}")
+    if settings.cold_age_ms is not None:
+        loaded = guest.check_shell(f"cat /sys/module/softpage/parameters/{COLD_AGE_PARAMETER}").strip()
+        if loaded != str(settings.cold_age_ms):
+            raise SystemExit(f"guestview: softpage.ko in the guest runs with {COLD_AGE_PARAMETER}={loaded}, "
+                             f"not the {settings.cold_age_ms} SOFTPAGE_GUESTVIEW_COLD_AGE_MS asked for")
     return guest
 
 
@@ -737,8 +759,9 @@ def output_dir(settings: Settings) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     meta = out / "settings.json"
     mine = {key: value for key, value in asdict(settings).items() if key != "methods"}
-    # sweeps from before SOFTPAGE_GUESTVIEW_GUEST_TYPE ran PVH guests
-    if meta.exists() and {"guest_type": "pvh", **json.loads(meta.read_text())} != mine:
+    # sweeps from before SOFTPAGE_GUESTVIEW_GUEST_TYPE and _COLD_AGE_MS: PVH, the module's own age
+    older = {"guest_type": "pvh", "cold_age_ms": None}
+    if meta.exists() and {**older, **json.loads(meta.read_text())} != mine:
         raise SystemExit(f"guestview: {out} holds a sweep with other settings: {meta.read_text()}")
     meta.write_text(json.dumps(mine) + "\n")
     return out
@@ -816,11 +839,12 @@ def main() -> int:
     if todo and BASELINE not in {run.method for run in runs} and todo[0] != BASELINE:
         raise SystemExit("guestview: the baseline runs first: the others' lost and slowed requests need it")
     started = time.monotonic()
+    cold_age = f"softpage.ko's {COLD_AGE_PARAMETER} {settings.cold_age_ms}; " if settings.cold_age_ms else ""
     header = (f"The guest's view of a migration, {time.strftime('%Y-%m-%d')}: Debian "
               f"{settings.release} {settings.guest_type.upper()} guest ({settings.guest_mb} MiB, 1 vCPU, "
               f"nginx, a new boot per method), "
               f"{describe_disk_rate(settings.disk_rate)}; a keep-alive client in dom0 "
-              f"({settings.connections} connections, {HOT_FRACTION:.0%} hot set); "
+              f"({settings.connections} connections, {HOT_FRACTION:.0%} hot set); {cold_age}"
               f"Xen {settings.xen_version} ({config.platform.release} dom0) under QEMU TCG on this machine "
               f"({os.cpu_count()} cores); one run per method.")
     if todo or not (out / CALIBRATION_FILE).exists():

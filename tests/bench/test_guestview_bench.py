@@ -5,6 +5,7 @@ run against a server on loopback)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import http.server
 import itertools
@@ -23,7 +24,9 @@ from tests.bench.guestview_bench import (
     Second,
     Settings,
     cpu_shares,
+    guest_kernel_args,
     longest_pause,
+    output_dir,
     parse_disk_samples,
     plot,
     rate_over,
@@ -212,3 +215,28 @@ def test_a_guest_type_debians_kernels_do_not_boot_as_is_refused(monkeypatch: pyt
     monkeypatch.setenv("SOFTPAGE_GUESTVIEW_GUEST_TYPE", "hvm")
     with pytest.raises(SystemExit, match="SOFTPAGE_GUESTVIEW_GUEST_TYPE: 'hvm'; expected one of pvh, pv"):
         Settings.from_env()
+
+
+def test_a_cold_age_goes_to_the_module_through_the_guests_kernel_command_line(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SOFTPAGE_GUESTVIEW_COLD_AGE_MS", raising=False)
+    assert guest_kernel_args(Settings.from_env()) == ()
+    monkeypatch.setenv("SOFTPAGE_GUESTVIEW_COLD_AGE_MS", "120000")
+    settings = Settings.from_env()
+    assert settings.cold_age_ms == 120000
+    assert guest_kernel_args(settings) == ("softpage.cold_age_ms=120000",)
+
+
+def test_a_sweep_from_before_the_guest_type_and_cold_age_continues_as_pvh_with_the_modules_age(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("SOFTPAGE_GUESTVIEW_GUEST_TYPE", "SOFTPAGE_GUESTVIEW_COLD_AGE_MS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SOFTPAGE_GUESTVIEW_OUT", str(tmp_path))
+    settings = Settings.from_env()
+    older = {key: value for key, value in dataclasses.asdict(settings).items()
+             if key not in ("methods", "guest_type", "cold_age_ms")}
+    (tmp_path / "settings.json").write_text(json.dumps(older))
+    assert output_dir(settings) == tmp_path
+    monkeypatch.setenv("SOFTPAGE_GUESTVIEW_GUEST_TYPE", "pv")
+    with pytest.raises(SystemExit, match="holds a sweep with other settings"):
+        output_dir(Settings.from_env())
