@@ -8,11 +8,9 @@ SOFTPAGE_GUESTVIEW_RELEASE, default bookworm; SOFTPAGE_GUESTVIEW_GUEST_MB, defau
 SOFTPAGE_BENCH_XEN, default 4.17.7; SOFTPAGE_GUESTVIEW_GUEST_TYPE, pvh by default, or pv, which
 needs SOFTPAGE_BENCH_XEN=4.17.5 and never meets TCG's nested-SVM triple faults;
 SOFTPAGE_GUESTVIEW_COLD_AGE_MS, softpage.ko's cold_age_ms in the guest, its own 30 s unless
-given), booted afresh for
-each method in SOFTPAGE_GUESTVIEW_METHODS, so that every method starts from the same hot/cold
-state of the guest's cache (on one guest the earlier runs' reads had made every file active, and
-cache=cold sent them all). The methods, in
-this order by default:
+given), booted afresh for each method in SOFTPAGE_GUESTVIEW_METHODS, so that every method starts
+from the same hot/cold state of the guest's cache (on one guest the earlier runs' reads had made
+every file active, and cache=cold sent them all). The methods, in this order by default:
 
     baseline     no migration: what the same stretch of time looks like without one
     stock        xl migrate -s "" GUEST "<receiver>"
@@ -839,7 +837,8 @@ def main() -> int:
     if todo and BASELINE not in {run.method for run in runs} and todo[0] != BASELINE:
         raise SystemExit("guestview: the baseline runs first: the others' lost and slowed requests need it")
     started = time.monotonic()
-    cold_age = f"softpage.ko's {COLD_AGE_PARAMETER} {settings.cold_age_ms}; " if settings.cold_age_ms else ""
+    cold_age = (f"softpage.ko's {COLD_AGE_PARAMETER} {settings.cold_age_ms}; "
+                if settings.cold_age_ms is not None else "")
     header = (f"The guest's view of a migration, {time.strftime('%Y-%m-%d')}: Debian "
               f"{settings.release} {settings.guest_type.upper()} guest ({settings.guest_mb} MiB, 1 vCPU, "
               f"nginx, a new boot per method), "
