@@ -10,7 +10,8 @@
 #   /opt/softpage/debs/trixie/   builds them, on this (Debian 12) host and inside the trixie rootfs,
 #                              for each dom0 to install as an admin would (tests/e2e/helpers.py
 #                              installed_package)
-#   /opt/softpage/guest/SERIES/  vmlinuz + initrd.cpio.gz per guest kernel (6.1: Debian 12's,
+#   /opt/softpage/guest/SERIES/  vmlinuz, vmlinux (the same kernel as an ELF file, which the
+#                              test guests boot: guest/vmlinux-of) + initrd.cpio.gz per guest kernel (6.1: Debian 12's,
 #                              6.12: Debian 13's): busybox, guest/init, workload, freemem, the block
 #                              and ext4 modules, and that kernel's softpage.ko when it built
 #   /opt/softpage/guest_kmod/SERIES/  softpage.ko as built (or absent)
@@ -225,6 +226,7 @@ build_guest() {  # SERIES VMLINUZ MODULES_TREE
     mkdir -p "$STAGING/guest/$series"
     (cd "$initrd" && find . | cpio -o -H newc --quiet | gzip -6) > "$STAGING/guest/$series/initrd.cpio.gz"
     cp "$2" "$STAGING/guest/$series/vmlinuz"
+    "$TESTBED_DIR/guest/vmlinux-of" "$2" "$STAGING/guest/$series/vmlinux"
     note "guest_initrd_bytes_$series" "$(stat -c %s "$STAGING/guest/$series/initrd.cpio.gz")"
 }
 build_guest 6.1 "$CACHE/boot/vmlinuz" "$CACHE/boot/guest-modules"

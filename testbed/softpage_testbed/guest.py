@@ -98,6 +98,14 @@ class GuestSpec:
         disks too, and refuses a read-only one (libxl_dm.c): from xvde on a disk is PV only."""
         return "xvde" if self.guest_type == "hvm" else "xvdb"
 
+    @property
+    def kernel_file(self) -> str:
+        """A PVH or PV guest boots its kernel as an ELF file (``vmlinux``, testbed/guest/vmlinux-of):
+        from the bzImage libxenguest would decompress 66 MB of xz in dom0 on every ``xl create``,
+        which took ``xl create`` 9.5-9.9 s against 4.2-4.4 s under TCG (2026-12-07). An HVM guest's
+        kernel goes through SeaBIOS's linuxboot, which needs the bzImage."""
+        return "vmlinuz" if self.guest_type == "hvm" else "vmlinux"
+
     def kernel_command_line(self) -> str:
         words = [
             "console=hvc0",
@@ -121,7 +129,7 @@ class GuestSpec:
         disks = f"['{disk}']" if self.data_disk else "[]"
         boot = f"/opt/softpage/guest/{self.kernel}"
         return xl_config_text(
-            self.name, self.guest_type, f"{boot}/vmlinuz", f"{boot}/initrd.cpio.gz",
+            self.name, self.guest_type, f"{boot}/{self.kernel_file}", f"{boot}/initrd.cpio.gz",
             self.kernel_command_line(), self.memory_mb, self.vcpus, self.tsc_mode, "[]", disks,
             (*(HVM_CONFIG if self.guest_type == "hvm" else ()), *self.extra_config))
 
