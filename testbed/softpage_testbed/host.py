@@ -236,10 +236,13 @@ def build_testbed() -> None:
         raise TestbedError(f"testbed build failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}")
 
 
-def build_payload(output: Path) -> dict[str, str]:
-    """The current checkout as a payload disk; returns its PAYLOAD-INFO (what built, what did not)."""
+def build_payload(output: Path, distro_guests: bool = True) -> dict[str, str]:
+    """The current checkout as a payload disk; returns its PAYLOAD-INFO (what built, what did not).
+    Without ``distro_guests`` it carries no distro guest disks (testbed/payload.sh, 4b)."""
+    environment = {**os.environ, "SOFTPAGE_PAYLOAD_DISTRO": "1" if distro_guests else "0"}
     completed = subprocess.run(
-        [str(BUILD_SCRIPT), "payload", str(output)], capture_output=True, text=True, check=False
+        [str(BUILD_SCRIPT), "payload", str(output)], capture_output=True, text=True, check=False,
+        env=environment,
     )
     if completed.returncode != 0:
         raise TestbedError(f"payload build failed:\n{completed.stderr[-5000:]}")

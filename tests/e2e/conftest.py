@@ -58,6 +58,9 @@ from softpage_testbed import (
 from tests.e2e.helpers import in_full_matrix
 
 PV_TESTBED_FIXTURE = "xen_pv_testbed"
+DISTRO_GUESTS = pytest.StashKey[bool]()
+"""Whether a selected test boots a distro guest (marked ``distro_guests``): the payload then
+carries their disks."""
 
 
 class TestbedPool:
@@ -65,8 +68,11 @@ class TestbedPool:
 
     __test__ = False  # not a pytest test class, despite the name
 
-    def __init__(self, work_dir: Path) -> None:
+    def __init__(self, work_dir: Path, distro_guests: bool = True) -> None:
         self.work_dir = work_dir
+        self.distro_guests = distro_guests
+        """Whether the payload carries the distro guests' disks: only a session that boots one
+        (a test marked ``distro_guests``) needs them."""
         self.current: Testbed | None = None
         self.payload_info: dict[str, str] = {}
         self._payload: Path | None = None
@@ -92,7 +98,7 @@ class TestbedPool:
         if self._payload is None:
             build_testbed()
             self._payload = self.work_dir / "payload.img"
-            self.payload_info = build_payload(self._payload)
+            self.payload_info = build_payload(self._payload, self.distro_guests)
         return self._payload
 
     def close(self) -> None:
@@ -157,6 +163,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if deselected:
             config.hook.pytest_deselected(items=deselected)
             items[:] = [item for item in items if _in_ci_selection(item)]
+    config.stash[DISTRO_GUESTS] = any(item.get_closest_marker("distro_guests") for item in items)
     for item in items:
         # For `make test-matrix`'s table (tests/tools/matrix_table.py), through the JUnit XML.
         fixtures = getattr(item, "fixturenames", ())
@@ -209,12 +216,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 @pytest.fixture(scope="session")
-def testbed_pool() -> Iterator[TestbedPool]:
+def testbed_pool(request: pytest.FixtureRequest) -> Iterator[TestbedPool]:
     reason = testbed_unavailable_reason()
     if reason:
         pytest.skip(reason)
     work_dir = Path(tempfile.mkdtemp(prefix="softpage-e2e-"))
-    pool = TestbedPool(work_dir)
+    pool = TestbedPool(work_dir, distro_guests=request.config.stash.get(DISTRO_GUESTS, True))
     try:
         yield pool
     finally:

@@ -38,7 +38,7 @@ from tests.e2e.helpers import (
     wait_for_module,
 )
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.distro_guests]
 
 GUEST_MEMORY_MB = 512
 STATS_DIR = "/sys/devices/platform/softpage/stats"
