@@ -49,7 +49,9 @@ test-property: setup
 
 # A test during which Xen logged a guest triple fault (nested SVM under TCG) or dom0 stopped
 # answering runs again, up to twice, on a fresh boot when dom0 hung (CI of 2026-12-06: one test
-# met a triple fault in both of its first two runs).
+# met a triple fault in both of its first two runs). The long tests of several steps run only the
+# step again, on a fresh guest (tests/e2e/helpers.py STEP_RETRIES): CI of 2026-12-07 met a triple
+# fault in each of the killed-sender test's three runs.
 E2E_RERUNS := --reruns 2 --only-rerun GuestTripleFault --only-rerun Dom0Hung
 test-e2e: setup testbed
 	$(PYTEST) -v -m e2e $(E2E_RERUNS) --durations=40 tests

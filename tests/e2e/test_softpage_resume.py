@@ -10,16 +10,19 @@ and sends the signal the moment it sees it; it then waits until the receiver is 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 
 import pytest
 
-from softpage_testbed import Guest, Testbed
+from softpage_testbed import Guest, Testbed, TestbedError, retry_after_triple_faults
 from tests.e2e.helpers import (
     LOCALHOST_RECEIVER,
+    STEP_RETRIES,
     assert_survived,
     domid,
+    in_full_matrix,
     softpage,
     start_guest,
     wait_for_module,
@@ -106,30 +109,49 @@ def armed(testbed: Testbed, guest: Guest) -> str:
 def test_a_killed_sender_leaves_one_copy_that_softpage_resume_brings_back(xen_pvh_testbed: Testbed) -> None:
     testbed = xen_pvh_testbed
     guest = start_guest(testbed, "sp-kill")
-    for step in STEPS:
-        source = domid(guest)
-        heartbeat = guest.heartbeat()
-        outcome = migrate_and_signal(guest, step, "SIGKILL")
-        assert outcome["rc"] == -9, (step, outcome)
-        resumed = softpage(testbed, "resume", guest.name, timeout_s=300)
-        if step == "destination-runs":
-            # The destination's copy runs: the suspended source beside it is never resumed but named
-            # for `xl destroy`, unless the sender's own `xl destroy` had already started.
-            print(f"kill after GO: softpage resume exit {resumed.rc}: {resumed.stderr.strip()}")
-            assert domid(guest) != source, (step, resumed.stderr)
-            assert not resumed.ok or "was not suspended" in resumed.stderr, (step, resumed.stderr)
-        if resumed.ok:
-            assert re.search(rf"'{guest.name}' \(domain \d+\): ", resumed.stderr), (step, resumed.stderr)
-        else:
-            # Killed after GO: the receiver started its copy, which owns the guest now.
-            assert step in ("receiver-ack", "destination-runs"), (step, resumed.rc, resumed.stderr)
-            assert "the migration's destination owns the guest" in resumed.stderr, resumed.stderr
-        # Whatever `softpage resume` names as left over goes with the command it names.
-        for leftover in re.findall(r"`xl destroy (\d+)`", resumed.stderr):
-            testbed.run(["xl", "destroy", leftover], timeout_s=120, check=True)
-        assert copies(testbed, guest.name) == [guest.name], (step, testbed.domains(), resumed.stderr)
-        assert_survived(guest, heartbeat)
-        assert armed(testbed, guest) == "0", step
+    for step in killed_steps():
+        # A step during which the guest triple-faulted (TCG's nested SVM, testbed/README.md) runs
+        # again on a fresh guest, up to twice, instead of the whole test: five migrations make
+        # this the test that met most of them (CI of 2026-12-07: three runs, three faults).
+        guest, _ = retry_after_triple_faults(
+            testbed, guest, functools.partial(kill_and_resume, step=step),
+            functools.partial(start_guest, testbed, "sp-kill"),
+            errors=(TestbedError, AssertionError), retries=STEP_RETRIES)
+
+
+def killed_steps() -> tuple[str, ...]:
+    """make test leaves out the kill after the final round, matrix only: its sender and receiver
+    take the path of the kill while suspended (source suspended, stream without its end)."""
+    return STEPS if in_full_matrix() else tuple(step for step in STEPS if step != "final-round")
+
+
+def kill_and_resume(guest: Guest, step: str) -> None:
+    """``softpage migrate`` killed at ``step``, then ``softpage resume``: one copy of the guest
+    runs afterwards, intact, its module disarmed."""
+    testbed = guest.testbed
+    source = domid(guest)
+    heartbeat = guest.heartbeat()
+    outcome = migrate_and_signal(guest, step, "SIGKILL")
+    assert outcome["rc"] == -9, (step, outcome)
+    resumed = softpage(testbed, "resume", guest.name, timeout_s=300)
+    if step == "destination-runs":
+        # The destination's copy runs: the suspended source beside it is never resumed but named
+        # for `xl destroy`, unless the sender's own `xl destroy` had already started.
+        print(f"kill after GO: softpage resume exit {resumed.rc}: {resumed.stderr.strip()}")
+        assert domid(guest) != source, (step, resumed.stderr)
+        assert not resumed.ok or "was not suspended" in resumed.stderr, (step, resumed.stderr)
+    if resumed.ok:
+        assert re.search(rf"'{guest.name}' \(domain \d+\): ", resumed.stderr), (step, resumed.stderr)
+    else:
+        # Killed after GO: the receiver started its copy, which owns the guest now.
+        assert step in ("receiver-ack", "destination-runs"), (step, resumed.rc, resumed.stderr)
+        assert "the migration's destination owns the guest" in resumed.stderr, resumed.stderr
+    # Whatever `softpage resume` names as left over goes with the command it names.
+    for leftover in re.findall(r"`xl destroy (\d+)`", resumed.stderr):
+        testbed.run(["xl", "destroy", leftover], timeout_s=120, check=True)
+    assert copies(testbed, guest.name) == [guest.name], (step, testbed.domains(), resumed.stderr)
+    assert_survived(guest, heartbeat)
+    assert armed(testbed, guest) == "0", step
 
 
 # make test: SIGTERM; SIGHUP takes the same path (one handler) and runs in the matrix.
