@@ -510,6 +510,9 @@ def test_stock_migration_republishes_under_new_domid(xen_pvh_testbed: Testbed) -
     assert_stock_migration_republishes(xen_pvh_testbed, GUEST, "30")
 
 
+# make test: the PV module re-publishes after softpage's PV save and a stock restore
+# (test_softpage_migrate.py's test_pv_guest_cannot_migrate_live_here_but_saves_pruned).
+@pytest.mark.matrix_only
 def test_pv_guest_publishes_and_republishes_after_save_restore(xen_pvh_testbed: Testbed) -> None:
     """PV: grants name machine frames, which change across a restore; the module re-grants.
     (Xen 4.17.7 has no PV log-dirty, so save/restore, armed, is the PV resume path here.)"""
@@ -537,7 +540,7 @@ def test_pv_guest_publishes_and_republishes_after_save_restore(xen_pvh_testbed: 
     assert stats["held_pages"] > 0
 
 
-@pytest.mark.matrix_only  # make test: the PV module re-publishes after a save/restore on 4.17.7 (above)
+@pytest.mark.matrix_only  # make test: the PV module re-publishes after a save/restore on 4.17.7
 def test_pv_stock_live_migration_republishes_on_xen_4_17_5(xen_pv_testbed: Testbed) -> None:
     """PV live migration needs shadow log-dirty: the pinned 4.17.5 hypervisor. The module
     re-grants its pages (machine frames for PV) under the new domain."""
