@@ -2,7 +2,7 @@
 testbed: the guest comes back intact on the source (through `softpage resume` after a kill -9,
 by itself after SIGTERM or SIGHUP) or runs on the destination, never both and never neither.
 
-One guest of 256 MiB goes through every step in turn. Each moment is picked from what the sender
+One guest of 256 MiB goes through every step in turn (a fresh one after a triple fault). Each moment is picked from what the sender
 or Xen shows, not from sleeps: a dom0 helper (KILL_AT) starts the sender, polls for the step
 every 5 ms (the sender's own log lines, or the domain's state through softpage's Xen bindings)
 and sends the signal the moment it sees it; it then waits until the receiver is done.
@@ -111,8 +111,9 @@ def test_a_killed_sender_leaves_one_copy_that_softpage_resume_brings_back(xen_pv
     guest = start_guest(testbed, "sp-kill")
     for step in killed_steps():
         # A step during which the guest triple-faulted (TCG's nested SVM, testbed/README.md) runs
-        # again on a fresh guest, up to twice, instead of the whole test: five migrations make
-        # this the test that met most of them (CI of 2026-12-07: three runs, three faults).
+        # again on a fresh guest, up to twice, instead of the whole test: its migrations, one a
+        # step, make this the test that met most of them (CI of 2026-12-07: three runs, three
+        # faults).
         guest, _ = retry_after_triple_faults(
             testbed, guest, functools.partial(kill_and_resume, step=step),
             functools.partial(start_guest, testbed, "sp-kill"),
