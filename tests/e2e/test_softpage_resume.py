@@ -2,10 +2,11 @@
 testbed: the guest comes back intact on the source (through `softpage resume` after a kill -9,
 by itself after SIGTERM or SIGHUP) or runs on the destination, never both and never neither.
 
-One guest of 256 MiB goes through every step in turn (a fresh one after a triple fault). Each moment is picked from what the sender
-or Xen shows, not from sleeps: a dom0 helper (KILL_AT) starts the sender, polls for the step
-every 5 ms (the sender's own log lines, or the domain's state through softpage's Xen bindings)
-and sends the signal the moment it sees it; it then waits until the receiver is done.
+One guest of 256 MiB goes through every step in turn (a fresh one after a triple fault). Each
+moment is picked from what the sender or Xen shows, not from sleeps: a dom0 helper (KILL_AT)
+starts the sender, polls for the step every 5 ms (the sender's own log lines, or the domain's
+state through softpage's Xen bindings) and sends the signal the moment it sees it; it then waits
+until the receiver is done.
 """
 
 from __future__ import annotations
