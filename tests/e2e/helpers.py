@@ -33,10 +33,10 @@ LOCALHOST_RECEIVER = "xl migrate-receive"
 MATRIX_VARIABLE, FULL_MATRIX = "SOFTPAGE_E2E_MATRIX", "full"
 """``SOFTPAGE_E2E_MATRIX=full``: the run is ``make test-matrix`` (tests/e2e/conftest.py)."""
 STEP_RETRIES = 2
-START_ATTEMPTS = 3
-"""How often ``start_guest`` boots a guest that triple-faulted before its workload was ready."""
 """How often a step of a long test runs again on a fresh guest after a guest triple fault
 (``retry_after_triple_faults``): as often as the Makefile's ``--reruns`` runs a whole test."""
+START_ATTEMPTS = 3
+"""How often ``boot_until_ready`` boots a guest that triple-faulted before its workload was ready."""
 
 
 def in_full_matrix() -> bool:
@@ -75,22 +75,7 @@ def module_state(guest: ConsoleGuest) -> str:
 def start_guest(testbed: Testbed, name: str, guest_type: str = "pvh", toolstack: str = "xl",
                 **overrides: object) -> Guest:
     spec = GuestSpec(name=name, guest_type=guest_type, **{**PRUNE_GUEST, **overrides})  # type: ignore[arg-type]
-    for attempt in range(1, START_ATTEMPTS + 1):
-        faults = testbed.triple_faults()
-        guest = testbed.create_guest(spec, toolstack=toolstack)
-        try:
-            guest.wait_for_workload_ready()
-            break
-        except TestbedError as failure:
-            # create_guest boots again a guest that died before its first heartbeat; one that
-            # triple-faulted (TCG's nested SVM) between it and its workload's start is booted
-            # again here instead of failing the test (seen 2026-12-07 on Xen 4.20.4: right after
-            # heartbeat 0, before READY).
-            if attempt == START_ATTEMPTS or testbed.triple_faults() == faults or not guest.stopped():
-                raise
-            print(f"start_guest {name}: the guest triple-faulted before its workload was ready, booting it "
-                  f"again ({attempt} of {START_ATTEMPTS - 1}): {str(failure)[:200]}", file=sys.stderr)
-            testbed.run(["xl", "destroy", name], timeout_s=120)
+    guest = boot_until_ready(testbed, spec, toolstack)
     if spec.load_kmod:
         assert re.search(r"GUEST-KMOD loaded", guest.console_log()), guest.console_log()[-2000:]
         guest_ready = wait_for_module(guest)
@@ -98,6 +83,27 @@ def start_guest(testbed: Testbed, name: str, guest_type: str = "pvh", toolstack:
     before = guest.verify()
     assert before.ok, before.line
     return guest
+
+
+def boot_until_ready(testbed: Testbed, spec: GuestSpec, toolstack: str = "xl") -> Guest:
+    """``create_guest``, then its workload's READY line. create_guest boots again a guest that died
+    before its first heartbeat; one that triple-faulted (TCG's nested SVM) between it and its
+    workload's start is booted again here, at most START_ATTEMPTS times in all, instead of failing
+    the test (seen 2026-12-07 on Xen 4.20.4: right after heartbeat 0, before READY)."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        faults = testbed.triple_faults()
+        guest = testbed.create_guest(spec, toolstack=toolstack)
+        try:
+            guest.wait_for_workload_ready()
+            return guest
+        except TestbedError as failure:
+            if attempt == START_ATTEMPTS or testbed.triple_faults() == faults or not guest.stopped():
+                raise
+            print(f"boot_until_ready {spec.name}: the guest triple-faulted before its workload was ready, "
+                  f"booting it again ({attempt} of {START_ATTEMPTS - 1}): {str(failure)[:200]}",
+                  file=sys.stderr)
+            testbed.run(["xl", "destroy", spec.name], timeout_s=120)
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def wait_for_module(guest: ConsoleGuest) -> str:

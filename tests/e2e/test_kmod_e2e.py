@@ -31,6 +31,7 @@ import pytest
 
 from softpage import abi
 from softpage_testbed import REPO_DIR, Guest, GuestSpec, Testbed, TestbedConfig
+from tests.e2e.helpers import boot_until_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -276,9 +277,8 @@ def assert_between(count: int, samples: list[int]) -> None:
 
 
 def start_guest(testbed: Testbed, spec: GuestSpec = GUEST) -> Guest:
-    guest = testbed.create_guest(spec)
+    guest = boot_until_ready(testbed, spec)
     assert guest.wait_for(r"GUEST-KMOD (\w+)").group(1) == "loaded", guest.console_log()[-3000:]
-    guest.wait_for_workload_ready()
     return guest
 
 

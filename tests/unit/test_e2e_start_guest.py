@@ -1,5 +1,6 @@
-"""tests/e2e/helpers.start_guest boots a guest again when it triple-faulted between its first
-heartbeat and its workload's start, and only then (fakes of the testbed and its guests)."""
+"""tests/e2e/helpers.start_guest (through boot_until_ready, which test_kmod_e2e's guests share)
+boots a guest again when it triple-faulted between its first heartbeat and its workload's start,
+and only then (fakes of the testbed and its guests)."""
 
 from __future__ import annotations
 
