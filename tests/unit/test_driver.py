@@ -281,9 +281,36 @@ def test_backend_call_order() -> None:
     ]
     assert sink.calls[0] == "begin" and sink.calls[-1] == "end"
     assert "write_pages" in sink.calls
-    # Drained once, after the live rounds and before the final one (whose first write follows).
-    assert sink.calls.count("drain") == 1
-    assert sink.calls.index("drain") < len(sink.calls) - 1 - sink.calls[::-1].index("write_pages")
+    # Drained after each live round (two, then the after-drop round) and once more before the
+    # suspend, so before the final round's first write.
+    assert sink.calls.count("drain") == 4
+    last_drain = len(sink.calls) - 1 - sink.calls[::-1].index("drain")
+    assert "write_pages" in sink.calls[last_drain:]
+
+
+def test_each_live_round_drains_before_the_next_harvest() -> None:
+    """A harvest taken while the queue still holds a round's data would leave what the guest
+    writes during its transfer to the final round, in the downtime."""
+    # The guest writes while each round reads it: the policy runs all its rounds.
+    backend = SimBackend(small_guest(), read_hook=lambda guest, pfns: guest.dirty_in_use(200))
+    sink = ContractSink()
+    events = sink.calls
+    harvest = backend.harvest_dirty
+
+    def logged_harvest(final: bool) -> object:
+        events.append("harvest(final)" if final else "harvest")
+        return harvest(final)
+
+    backend.harvest_dirty = logged_harvest  # type: ignore[method-assign]
+    stats = send_domain(backend, sink, DriverOptions(), Messages())
+    assert [r.kind for r in stats.rounds] == ["live"] * 5 + ["after-drop", "final"]
+    # Every harvest after round 1 (the early drop's and the final one included) comes after a
+    # drain with no write between them.
+    for index, event in enumerate(events):
+        if event.startswith("harvest") and "write_pages" in events[:index]:
+            before = [e for e in events[:index] if e in ("drain", "write_pages")]
+            assert before[-1] == "drain", events
+    assert all(r.drain_s >= 0 for r in stats.rounds)
 
 
 def test_snapshot_is_requested_after_the_harvest() -> None:

@@ -113,6 +113,9 @@ class RoundStats:
     """Of ``duration_s``: handing the pages to the stream, waiting for room whenever the receiver
     is ``max_queued_bytes`` behind (softpage.stream.background: it populates, maps and copies
     each record before it reads the next)."""
+    drain_s: float = 0.0
+    """After ``duration_s``, live rounds only: waiting for the receiver to take what this round
+    queued, before the next harvest (``MigrationSession.live_round``)."""
 
 
 @dataclass
@@ -140,8 +143,9 @@ class MigrationStats:
     module predates ``prune-cache``; None without a soft-page channel."""
     sender_cpu_s: float = 0.0
     drain_s: float = 0.0
-    """Seconds waited before the suspend request for the receiver to take what the live rounds
-    had queued (their ``write_s`` counts only the waits for room in the queue)."""
+    """Seconds waited just before the suspend request for the receiver to take what was still
+    queued; each live round drains its own data first (``RoundStats.drain_s``: their
+    ``write_s`` counts only the waits for room in the queue)."""
     downtime_steps: dict[str, float] = field(default_factory=dict)
     """Seconds from the suspend request to the end of each step of the downtime, in order:
     ``suspended``, ``final_harvest``, ``final_report``, ``final_round``, ``stream_end`` here,
@@ -351,6 +355,14 @@ class MigrationSession:
         round_stats.report_s = report_s
         if few:
             round_stats.snapshot_note = FEW_CANDIDATES_NOTE
+        # The next harvest must find what the guest wrote while this round went over the link,
+        # as libxenguest's blocking writes make it: harvested while the queue still holds up to
+        # 64 MiB, the pages written during the backlog's transfer are left to the final round,
+        # in the downtime (link-bench-20261207-080347: 40 s of backlog at 16 Mbit/s after five
+        # rounds of 0.1-0.7 s; 745 pages in the final round, 1.5 s of that link).
+        draining = time.monotonic()
+        self.sink.drain()
+        round_stats.drain_s = time.monotonic() - draining
         self._finish_round(round_stats)
         return round_stats
 
@@ -361,8 +373,8 @@ class MigrationSession:
             # Freeing the cache writes the kernel's own pages (struct pages, free
             # lists, slab): send them now, while the guest runs, not in the downtime.
             self.live_round(self.harvest(), kind="after-drop")
-        # What the live rounds queued goes to the receiver while the guest still runs, not
-        # in the downtime.
+        # Each live round drained its own data; what is left (the stream's headers when no
+        # round ran live) goes to the receiver while the guest still runs, not in the downtime.
         draining = time.monotonic()
         self.sink.drain()
         self.stats.drain_s = time.monotonic() - draining

@@ -391,7 +391,14 @@ def round_line(round_stats: RoundStats) -> str:
     return (f"softpage: round {round_stats.round} ({round_stats.kind}): "
             f"{round_stats.pages_data} pages with data, {round_stats.pages_xalloc} as XALLOC, "
             f"{round_stats.pages_skipped} skipped soft, {round_stats.bytes / MIB:.1f} MiB "
-            f"in {round_stats.duration_s:.1f} s")
+            f"in {round_stats.duration_s:.1f} s{_drain_text(round_stats)}")
+
+
+def _drain_text(round_stats: RoundStats) -> str:
+    """The wait for the receiver to take what the round queued, when it is worth a mention."""
+    if round_stats.drain_s < 0.05:
+        return ""
+    return f", {round_stats.drain_s:.1f} s more until the receiver took it"
 
 
 def _print_quietly(message: str, stream: TextIO) -> None:
