@@ -179,7 +179,8 @@ COMPARED_WITH_STOCK = ("pages_data", "stream_bytes", "wire_bytes", "wall_s", "do
                        "dom0_cpu_a_s", "dom0_cpu_b_s", "neighbour_loss", "neighbour_work_lost")
 SUMMARY_FIELDS = (*COMPARED_WITH_STOCK, "suspended_s", "pages_xalloc", "rounds", "early_drop_s",
                   "neighbour_without", "neighbour_during", "clock_rtt_s", "load_1min",
-                  "stream_end_s", "receiver_wait_s", "restore_s", "qemu_cores_a", "qemu_cores_b")
+                  "stream_end_s", "receiver_wait_s", "restore_s", "qemu_cores_a", "qemu_cores_b",
+                  "final_pages_data")
 
 
 @dataclass
@@ -229,6 +230,9 @@ class LinkRun(MigrationRun):
     vCPUs' guests: what the two QEMUs take beyond this machine's two cores, it waits for."""
     qemu_cores_b: float | None = None
     """The same for host-b's QEMU over the same interval."""
+    final_pages_data: int | None = None
+    """``Run.final_pages_data``: softpage's final round, in the downtime (None before 2026-12-07's
+    noon, and for stock)."""
 
     @property
     def neighbour_work_lost(self) -> float | None:
@@ -386,11 +390,13 @@ def markdown(rows: list[dict[str, object]], verdicts: list[Verdict]) -> str:
             f"{cell(row['neighbour_loss_vs_stock'])} | {cell(millions(row['neighbour_work_lost']), 1)} | "
             f"{cell(row['neighbour_work_lost_vs_stock'])} | {cell(row['load_1min'], 1)} |")
     lines += ["", "Where the downtime goes (medians, seconds; the stream's END record at host-b's tap splits "
-              "it; of the first part, the tap's waits for the receiver):", "",
+              "it; of the first part, the tap's waits for the receiver; softpage's final round from its "
+              "`--stats`, stock's rounds the stream does not tell apart):", "",
               "| user MB | method | downtime | suspend to END at host-b | of it, waiting for the receiver "
-              "| END to running |", "|---:|---|---:|---:|---:|---:|"]
+              "| END to running | final round, pages with data |", "|---:|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {row['anon_mb']} | {row['method']} | {cell(row['downtime_s'])} | "
-              f"{cell(row['stream_end_s'])} | {cell(row['receiver_wait_s'])} | {cell(row['restore_s'])} |"
+              f"{cell(row['stream_end_s'])} | {cell(row['receiver_wait_s'])} | {cell(row['restore_s'])} | "
+              f"{cell(row['final_pages_data'], 0)} |"
               for row in rows]
     if any(row.get("qemu_cores_a") is not None for row in rows):
         lines += ["", "Where the neighbour's rate goes (medians: this machine's cores each host's QEMU took "
@@ -644,7 +650,7 @@ def to_link_run(run: Run, extra: dict[str, float | int | None]) -> LinkRun:
         clock_rtt_s=measured("clock_rtt_s") or 0.0, load_1min=os.getloadavg()[0],
         stream_end_s=measured("stream_end_s"), receiver_wait_s=measured("receiver_wait_s"),
         restore_s=measured("restore_s"), qemu_cores_a=measured("qemu_cores_a"),
-        qemu_cores_b=measured("qemu_cores_b"),
+        qemu_cores_b=measured("qemu_cores_b"), final_pages_data=run.final_pages_data,
     )
 
 

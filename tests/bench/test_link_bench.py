@@ -34,7 +34,7 @@ from tests.bench.link_bench import (
     waited_by,
     write_readme,
 )
-from tests.bench.xen_bench import REPO, Run, append_run, read_runs
+from tests.bench.xen_bench import REPO, Run, append_run, read_runs, to_run
 
 
 def test_spin_rate_counts_whole_lines_only() -> None:
@@ -179,6 +179,25 @@ def test_to_link_run_adds_the_cross_host_measures() -> None:
     assert link_run.qemu_cores_a is None  # not in extra: an older run
     cores = to_link_run(base, {**extra, "qemu_cores_a": 1.2, "qemu_cores_b": 0.7})
     assert (cores.qemu_cores_a, cores.qemu_cores_b) == (1.2, 0.7)
+
+
+def test_softpages_final_round_comes_from_its_stats_and_shows_in_the_downtime_table() -> None:
+    send = {"wall_s": 100.0, "downtime_s": 3.0, "suspended_s": 2.5, "dom0_cpu_s": 20.0, "cpu_s": 30.0}
+    tap = {"stream_bytes": 40_000_000, "pages_data": 9000, "pages_xalloc": 50000}
+    stats = [{"round": 1, "kind": "live", "pages_data": 8000},
+             {"round": 2, "kind": "after-drop", "pages_data": 900},
+             {"round": 3, "kind": "final", "pages_data": 100}, {"totals": True, "guest_drop_s": 0.5}]
+    pruned = to_run(0, 96, "prune", 0, {"send": send, "recv": {"cpu_s": 10.0}, "tap": tap, "stats": stats})
+    assert (pruned.rounds, pruned.final_pages_data, pruned.early_drop_s) == (3, 100, 0.5)
+    stock = to_run(0, 96, "stock", 0, {"send": send, "recv": {}, "tap": tap})
+    assert stock.final_pages_data is None
+    runs = [dataclasses.replace(run("stock", 0, 1.0), final_pages_data=None),
+            dataclasses.replace(run("prune", 0, 0.2), final_pages_data=100)]
+    table = markdown(summarise(runs), targets(summarise(runs)))
+    assert "| END to running | final round, pages with data |" in table
+    downtime_rows = table.split("Where the downtime goes")[1].splitlines()
+    assert "| 0 | prune | 2.00 | - | - | - | 100 |" in downtime_rows
+    assert "| 0 | stock | 2.00 | - | - | - | - |" in downtime_rows
 
 
 def test_cores_taken_is_cpu_seconds_over_wall_time() -> None:

@@ -147,6 +147,9 @@ class Run(MigrationRun):
     the guest runs with init_on_free or page poisoning (SOFTPAGE_BENCH_KERNEL_ARGS)."""
     guest_reinit_pages: int | None = None
     """HELD pages that check rewrote (held_reinit_pages)."""
+    final_pages_data: int | None = None
+    """Pages with data in softpage's final round, the one in the downtime (its ``--stats``); None
+    for stock xl, whose rounds the stream does not tell apart."""
 
 
 def environment_list(name: str, default: str) -> list[int]:
@@ -207,10 +210,12 @@ def to_run(anon_mb: int, cache_mb: int, method: str, repetition: int, measured: 
     send, recv, tap = measured["send"], measured["recv"], measured["tap"]
     assert isinstance(send, dict) and isinstance(recv, dict) and isinstance(tap, dict)
     stats = measured.get("stats")
-    rounds = scan_ms = early_drop_s = None
+    rounds = scan_ms = early_drop_s = final_pages_data = None
     if isinstance(stats, list):
         per_round = [record for record in stats if not record.get("totals")]
         rounds = len(per_round)
+        if per_round and per_round[-1].get("kind") == "final":
+            final_pages_data = int(per_round[-1]["pages_data"])
         scans = [record["guest_scan_ms"] for record in per_round[:-1] if record.get("guest_scan_ms")]
         scan_ms = statistics.median(scans) if scans else None
         totals = [record for record in stats if record.get("totals")]
@@ -229,6 +234,7 @@ def to_run(anon_mb: int, cache_mb: int, method: str, repetition: int, measured: 
         guest_dropped_slab_pages=counters.get("dropped_slab_pages"),
         early_drop_s=early_drop_s, dom0_cpu_s=send.get("dom0_cpu_s"),  # type: ignore[arg-type]
         guest_reinit_ms=guest_ms.get("held_reinit_ns"), guest_reinit_pages=counters.get("held_reinit_pages"),
+        final_pages_data=final_pages_data,
     )
 
 
