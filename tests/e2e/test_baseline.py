@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 from softpage_testbed import Guest, GuestSpec, Testbed
+from tests.e2e.helpers import boot_until_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -21,7 +22,7 @@ BASELINE_GUEST = {"memory_mb": 256, "anon_mb": 64, "cache_mb": 48, "dirty_rate":
 
 def start_guest(testbed: Testbed, name: str, guest_type: str) -> Guest:
     spec = GuestSpec(name=name, guest_type=guest_type, load_kmod=False, **BASELINE_GUEST)
-    guest = testbed.create_guest(spec)
+    guest = boot_until_ready(testbed, spec)
     guest.wait_for(r"GUEST-KMOD (skipped|absent)")
     ready = guest.wait_for_workload_ready()
     assert int(ready["anon_pages"]) == BASELINE_GUEST["anon_mb"] * 256

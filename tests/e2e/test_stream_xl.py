@@ -15,7 +15,7 @@ import re
 import pytest
 
 from softpage_testbed import Guest, GuestSpec, Testbed
-from tests.e2e.helpers import verify_stream_v2
+from tests.e2e.helpers import boot_until_ready, verify_stream_v2
 
 pytestmark = pytest.mark.e2e
 
@@ -83,8 +83,7 @@ with open(out_path, "wb") as out:
 
 
 def start_guest(testbed: Testbed) -> Guest:
-    guest = testbed.create_guest(GuestSpec(name="stream-xl", guest_type="pvh", **GUEST))
-    guest.wait_for_workload_ready()
+    guest = boot_until_ready(testbed, GuestSpec(name="stream-xl", guest_type="pvh", **GUEST))
     assert guest.verify().ok
     return guest
 

@@ -25,6 +25,7 @@ import pytest
 
 from softpage.backend import TSC_MODE_NEVER_EMULATE
 from softpage_testbed import REPO_DIR, Guest, GuestSpec, Testbed
+from tests.e2e.helpers import boot_until_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -101,7 +102,8 @@ COMMAND_CHUNK = 96 * 1024
 
 
 def start_guest(testbed: Testbed, name: str) -> tuple[Guest, int]:
-    guest = testbed.create_guest(GuestSpec(name=name, guest_type="pvh", dirty_rate=200, tsc_mode="native"))
+    spec = GuestSpec(name=name, guest_type="pvh", dirty_rate=200, tsc_mode="native")
+    guest = boot_until_ready(testbed, spec)
     domid = int(testbed.run(["xl", "domid", name], check=True).stdout.strip())
     return guest, domid
 
