@@ -16,6 +16,7 @@ import re
 
 import pytest
 
+from softpage.abi import PAGE_SIZE
 from softpage_testbed import Testbed, describe_disk_rate
 from tests.e2e.helpers import start_guest
 from tests.e2e.test_cold_cache import PAGES_PER_FILE
@@ -28,7 +29,6 @@ RATE = 1 << 20
 DOM0_READ_MB = 16
 FILES = (2, 1)
 """data-002: 16 MiB."""
-PAGE_BYTES = 4096
 THROTTLE_SLACK = 1.15
 """QEMU's bucket lets a tenth of a second's bytes through at once, and dd's and the workload's
 clocks start a little after the first request: a read may beat RATE by that much, no more."""
@@ -47,7 +47,7 @@ def test_guest_disks_read_at_the_stated_rate(xen_pvh_testbed: Testbed) -> None:
     configured = xen_pvh_testbed.disk_rate
     guest = start_guest(xen_pvh_testbed, "sp-diskrate", memory_mb=256, anon_mb=16, cache_mb=0,
                         load_kmod=False)
-    read_mb = FILES[1] * PAGES_PER_FILE * PAGE_BYTES / 2**20
+    read_mb = FILES[1] * PAGES_PER_FILE * PAGE_SIZE / 2**20
     seconds: dict[str, dict[str, float]] = {}
     try:
         xen_pvh_testbed.set_disk_rate(None)

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from softpage.abi import PAGE_SIZE as PAGE
 from softpage_testbed import REPO_DIR, VERIFY_RE
 
 pytestmark = pytest.mark.e2e
 
 WORKLOAD_SOURCE = REPO_DIR / "testbed" / "guest" / "workload.c"
 ANON_MB = 4
-PAGE = 4096
 
 
 class RunningWorkload:
