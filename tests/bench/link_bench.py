@@ -180,7 +180,7 @@ COMPARED_WITH_STOCK = ("pages_data", "stream_bytes", "wire_bytes", "wall_s", "do
 SUMMARY_FIELDS = (*COMPARED_WITH_STOCK, "suspended_s", "pages_xalloc", "rounds", "early_drop_s",
                   "neighbour_without", "neighbour_during", "clock_rtt_s", "load_1min",
                   "stream_end_s", "receiver_wait_s", "restore_s", "qemu_cores_a", "qemu_cores_b",
-                  "final_pages_data")
+                  "final_pages_data", "after_suspend_bytes", "after_suspend_pages")
 
 
 @dataclass
@@ -233,6 +233,12 @@ class LinkRun(MigrationRun):
     final_pages_data: int | None = None
     """``Run.final_pages_data``: softpage's final round, in the downtime (None before 2026-12-07's
     noon, and for stock)."""
+    after_suspend_bytes: float | None = None
+    """Stream bytes that reached host-b's tap between the suspend request and the END record (the
+    final round and what the link still held), for every method alike; None before 2026-12-07's
+    noon."""
+    after_suspend_pages: float | None = None
+    """Of them, pages with data (read off the tap's timeline: within about 25 pages at 16 Mbit/s)."""
 
     @property
     def neighbour_work_lost(self) -> float | None:
@@ -274,34 +280,58 @@ def cross_host_interval(start_on_a: float | None, end_on_b: float | None, offset
     return end_on_b - (offset_before + offset_after) / 2 - start_on_a
 
 
-def waited_by(timeline: list[list[float]], moment: float) -> float:
-    """The tap's cumulative wait for the receiver at ``moment`` (its clock), interpolated
-    between the samples of its timeline ([moment, bytes, cumulative wait], in time order)."""
-    if not timeline or moment <= timeline[0][0]:
+TIMELINE_BYTES, TIMELINE_WAITED, TIMELINE_PAGES = 1, 2, 3
+"""The columns of a sample of the tap's timeline after its moment (tests/bench/dom0/tap.py):
+stream bytes read, seconds waited for the receiver, pages with data read, all cumulative."""
+
+
+def timeline_at(timeline: list[list[float]], moment: float, column: int) -> float | None:
+    """The tap's cumulative ``column`` at ``moment`` (its clock), interpolated between the samples
+    of its timeline (in time order); None for a timeline without that column (before 2026-12-07's
+    noon a sample had no pages)."""
+    if not timeline:
         return 0.0
-    for (start, _, waited_start), (end, _, waited_end) in itertools.pairwise(timeline):
-        if moment <= end:
-            share = (moment - start) / (end - start) if end > start else 1.0
-            return waited_start + share * (waited_end - waited_start)
-    return timeline[-1][2]
+    if len(timeline[0]) <= column:
+        return None
+    if moment <= timeline[0][0]:
+        return 0.0
+    for start, end in itertools.pairwise(timeline):
+        if moment <= end[0]:
+            share = (moment - start[0]) / (end[0] - start[0]) if end[0] > start[0] else 1.0
+            return start[column] + share * (end[column] - start[column])
+    return timeline[-1][column]
+
+
+DOWNTIME_PARTS = ("stream_end_s", "receiver_wait_s", "restore_s", "after_suspend_bytes",
+                  "after_suspend_pages")
 
 
 def downtime_parts(requested_on_a: float | None, tap: dict[str, object], running_on_b: float | None,
                    offset_before: float, offset_after: float) -> dict[str, float | None]:
     """The downtime split at the stream's END record on host-b (``stream_end_s``,
-    ``restore_s``), and the tap's waits for the receiver within the first part."""
+    ``restore_s``); within the first part, the tap's waits for the receiver and the stream's
+    bytes and pages with data that reached host-b after the suspend request."""
     end_at = tap.get("end_at")
     if not isinstance(end_at, float | int) or requested_on_a is None or running_on_b is None:
-        return {"stream_end_s": None, "receiver_wait_s": None, "restore_s": None}
+        return dict.fromkeys(DOWNTIME_PARTS)
     timeline = tap.get("timeline")
     samples = timeline if isinstance(timeline, list) else []
     stream_end_s = cross_host_interval(requested_on_a, end_at, offset_before, offset_after)
     assert stream_end_s is not None  # both moments are known
+    # the suspend request on host-b's clock: the END, stream_end_s earlier
+    requested_on_b = end_at - stream_end_s
+
+    def since_request(column: int) -> float | None:
+        at_end = timeline_at(samples, end_at, column)
+        at_request = timeline_at(samples, requested_on_b, column)
+        return None if at_end is None or at_request is None else at_end - at_request
+
     return {
         "stream_end_s": stream_end_s,
-        # the suspend request on host-b's clock: the END, stream_end_s earlier
-        "receiver_wait_s": waited_by(samples, end_at) - waited_by(samples, end_at - stream_end_s),
+        "receiver_wait_s": since_request(TIMELINE_WAITED),
         "restore_s": running_on_b - end_at,
+        "after_suspend_bytes": since_request(TIMELINE_BYTES),
+        "after_suspend_pages": since_request(TIMELINE_PAGES),
     }
 
 
@@ -390,13 +420,16 @@ def markdown(rows: list[dict[str, object]], verdicts: list[Verdict]) -> str:
             f"{cell(row['neighbour_loss_vs_stock'])} | {cell(millions(row['neighbour_work_lost']), 1)} | "
             f"{cell(row['neighbour_work_lost_vs_stock'])} | {cell(row['load_1min'], 1)} |")
     lines += ["", "Where the downtime goes (medians, seconds; the stream's END record at host-b's tap splits "
-              "it; of the first part, the tap's waits for the receiver; softpage's final round from its "
-              "`--stats`, stock's rounds the stream does not tell apart):", "",
+              "it; of the first part, the tap's waits for the receiver and what reached host-b after the "
+              "suspend request; softpage's final round from its `--stats`, stock's rounds the stream "
+              "does not tell apart):", "",
               "| user MB | method | downtime | suspend to END at host-b | of it, waiting for the receiver "
-              "| END to running | final round, pages with data |", "|---:|---|---:|---:|---:|---:|---:|"]
+              "| stream after the suspend request, MiB | of it, pages with data | END to running "
+              "| final round, pages with data |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {row['anon_mb']} | {row['method']} | {cell(row['downtime_s'])} | "
-              f"{cell(row['stream_end_s'])} | {cell(row['receiver_wait_s'])} | {cell(row['restore_s'])} | "
-              f"{cell(row['final_pages_data'], 0)} |"
+              f"{cell(row['stream_end_s'])} | {cell(row['receiver_wait_s'])} | "
+              f"{cell(mib(row['after_suspend_bytes']), 1)} | {cell(row['after_suspend_pages'], 0)} | "
+              f"{cell(row['restore_s'])} | {cell(row['final_pages_data'], 0)} |"
               for row in rows]
     if any(row.get("qemu_cores_a") is not None for row in rows):
         lines += ["", "Where the neighbour's rate goes (medians: this machine's cores each host's QEMU took "
@@ -651,6 +684,8 @@ def to_link_run(run: Run, extra: dict[str, float | int | None]) -> LinkRun:
         stream_end_s=measured("stream_end_s"), receiver_wait_s=measured("receiver_wait_s"),
         restore_s=measured("restore_s"), qemu_cores_a=measured("qemu_cores_a"),
         qemu_cores_b=measured("qemu_cores_b"), final_pages_data=run.final_pages_data,
+        after_suspend_bytes=measured("after_suspend_bytes"),
+        after_suspend_pages=measured("after_suspend_pages"),
     )
 
 

@@ -15,6 +15,9 @@ from softpage_testbed import LinkShape
 from tests.bench.dom0.clock_offset import best_offset
 from tests.bench.link_bench import (
     LINK_METHODS,
+    TIMELINE_BYTES,
+    TIMELINE_PAGES,
+    TIMELINE_WAITED,
     LinkRun,
     cores_taken,
     cross_host_interval,
@@ -29,9 +32,9 @@ from tests.bench.link_bench import (
     summarise,
     targets,
     throughput_loss,
+    timeline_at,
     to_link_run,
     transport_buffer_bytes,
-    waited_by,
     write_readme,
 )
 from tests.bench.xen_bench import REPO, Run, append_run, read_runs, to_run
@@ -196,8 +199,8 @@ def test_softpages_final_round_comes_from_its_stats_and_shows_in_the_downtime_ta
     table = markdown(summarise(runs), targets(summarise(runs)))
     assert "| END to running | final round, pages with data |" in table
     downtime_rows = table.split("Where the downtime goes")[1].splitlines()
-    assert "| 0 | prune | 2.00 | - | - | - | 100 |" in downtime_rows
-    assert "| 0 | stock | 2.00 | - | - | - | - |" in downtime_rows
+    assert "| 0 | prune | 2.00 | - | - | - | - | - | 100 |" in downtime_rows
+    assert "| 0 | stock | 2.00 | - | - | - | - | - | - |" in downtime_rows
 
 
 def test_cores_taken_is_cpu_seconds_over_wall_time() -> None:
@@ -251,22 +254,31 @@ def test_the_transport_buffers_are_seconds_of_the_shaped_rate() -> None:
     assert transport_buffer_bytes(None, 0.25) is None
 
 
-def test_waited_by_interpolates_the_taps_timeline() -> None:
-    timeline = [[10.0, 0, 0.0], [11.0, 1 << 20, 0.5], [13.0, 2 << 20, 0.5], [14.0, 3 << 20, 1.5]]
-    assert waited_by(timeline, 9.0) == 0.0
-    assert waited_by(timeline, 10.5) == pytest.approx(0.25)
-    assert waited_by(timeline, 12.0) == pytest.approx(0.5)
-    assert waited_by(timeline, 13.5) == pytest.approx(1.0)
-    assert waited_by(timeline, 20.0) == pytest.approx(1.5)
-    assert waited_by([], 1.0) == 0.0
+def test_timeline_at_interpolates_the_taps_timeline() -> None:
+    timeline = [[10.0, 0, 0.0, 0], [11.0, 1 << 20, 0.5, 200], [13.0, 2 << 20, 0.5, 400],
+                [14.0, 3 << 20, 1.5, 600]]
+    assert timeline_at(timeline, 9.0, TIMELINE_WAITED) == 0.0
+    assert timeline_at(timeline, 10.5, TIMELINE_WAITED) == pytest.approx(0.25)
+    assert timeline_at(timeline, 12.0, TIMELINE_WAITED) == pytest.approx(0.5)
+    assert timeline_at(timeline, 13.5, TIMELINE_WAITED) == pytest.approx(1.0)
+    assert timeline_at(timeline, 20.0, TIMELINE_WAITED) == pytest.approx(1.5)
+    assert timeline_at(timeline, 12.0, TIMELINE_BYTES) == pytest.approx(1.5 * (1 << 20))
+    assert timeline_at(timeline, 13.5, TIMELINE_PAGES) == pytest.approx(500)
+    assert timeline_at([], 1.0, TIMELINE_WAITED) == 0.0
+    # a sample of an older tap has no pages
+    assert timeline_at([[10.0, 0, 0.0], [11.0, 1, 0.5]], 10.5, TIMELINE_PAGES) is None
 
 
 def test_the_downtime_splits_at_the_streams_end_on_host_b() -> None:
     # host-b's clock is 100 s ahead of host-a's; the suspend at 50 (a) = 150 (b)
-    tap = {"end_at": 156.0, "timeline": [[140.0, 0, 0.0], [150.0, 1, 1.0], [156.0, 2, 4.0]]}
+    tap = {"end_at": 156.0, "timeline": [[140.0, 0, 0.0, 0], [150.0, 1000, 1.0, 100],
+                                         [156.0, 5096, 4.0, 101]]}
     parts = downtime_parts(50.0, tap, 160.5, 100.0, 100.0)
     assert parts == {"stream_end_s": pytest.approx(6.0), "receiver_wait_s": pytest.approx(3.0),
-                     "restore_s": pytest.approx(4.5)}
+                     "restore_s": pytest.approx(4.5), "after_suspend_bytes": pytest.approx(4096),
+                     "after_suspend_pages": pytest.approx(1)}
+    older_tap = {"end_at": 156.0, "timeline": [[140.0, 0, 0.0], [150.0, 1, 1.0], [156.0, 2, 4.0]]}
+    assert downtime_parts(50.0, older_tap, 160.5, 100.0, 100.0)["after_suspend_pages"] is None
     assert downtime_parts(50.0, {"end_at": None}, 160.5, 100.0, 100.0)["restore_s"] is None
     assert downtime_parts(None, tap, 160.5, 100.0, 100.0)["stream_end_s"] is None
 
