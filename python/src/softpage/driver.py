@@ -355,11 +355,12 @@ class MigrationSession:
         round_stats.report_s = report_s
         if few:
             round_stats.snapshot_note = FEW_CANDIDATES_NOTE
-        # The next harvest must find what the guest wrote while this round went over the link,
-        # as libxenguest's blocking writes make it: harvested while the queue still holds up to
-        # 64 MiB, the pages written during the backlog's transfer are left to the final round,
-        # in the downtime (link-bench-20261207-080347: 40 s of backlog at 16 Mbit/s after five
-        # rounds of 0.1-0.7 s; 745 pages in the final round, 1.5 s of that link).
+        # The next harvest finds what the guest wrote while this round went over the link, as
+        # libxenguest's blocking writes make it; harvested while the queue still held up to 64 MiB,
+        # the rounds after the first took 0.1-0.7 s each with 40 s of backlog behind them (16 Mbit/s,
+        # link-bench-20261207-080347). The final round did not shrink with the drains (682 pages
+        # against 737-760, link-bench-20261207-102719): its pages are what the guest writes in
+        # about the second before it is suspended, whatever the rounds before it did.
         draining = time.monotonic()
         self.sink.drain()
         round_stats.drain_s = time.monotonic() - draining
