@@ -13,6 +13,7 @@ import pytest
 
 from softpage_testbed import LinkShape
 from tests.bench.dom0.clock_offset import best_offset
+from tests.bench.dom0.tap import Timeline
 from tests.bench.link_bench import (
     LINK_METHODS,
     TIMELINE_BYTES,
@@ -370,3 +371,20 @@ def test_a_continuation_may_leave_stock_out_once_the_sweep_has_it() -> None:
     assert step_methods("prune,no-prune,stock", [], 0) == LINK_METHODS
     with pytest.raises(SystemExit, match="unknown cache=all"):
         step_methods("cache=all", [], 0)
+
+
+def test_the_taps_timeline_keeps_the_read_before_a_pause_and_the_end() -> None:
+    timeline = Timeline()
+    for moment, total in ((0.0, 1), (0.01, 2), (0.06, 3), (0.07, 4)):
+        timeline.read([moment, total])
+    timeline.read([1.0, 5])  # after a pause: the read at 0.07 is kept before it
+    timeline.read([1.01, 6], end=True)  # the END: kept though within SAMPLE_S
+    timeline.read([1.02, 7])
+    assert timeline.close([5.0, 7]) == [[0.0, 1], [0.06, 3], [0.07, 4], [1.0, 5], [1.01, 6], [1.02, 7],
+                                        [5.0, 7]]
+    # read off at the END it is exact; within the pause it is off by one read at most (without the
+    # sample at 0.07, 0.5 s would read 3 + 2 x 0.47: the read at 0.07 spread over the pause)
+    samples = [[moment, total, 0.0, total] for moment, total in timeline.samples]
+    assert timeline_at(samples, 1.01, TIMELINE_PAGES) == 6
+    value = timeline_at(samples, 0.5, TIMELINE_PAGES)
+    assert value is not None and 4 <= value < 5

@@ -5,11 +5,12 @@ counts what the stream carries (the same for stock xl and softpage), then writes
 
 Beside the counts, on this dom0's ``time.monotonic()`` clock (the one measure.py and
 clock_offset.py use): ``end_at``, when the chunk that completed the stream's END record was read,
-and ``timeline``, a sample at most every SAMPLE_S seconds of [moment, bytes read, seconds spent
-so far waiting for the receiver to take what was read, pages with data read]. A stream that
-arrives late because the receiver was slow shows as waits here; one that arrives late because of
-the link does not. The bench reads off the timeline what reached this host after the sender's
-suspend request, for stock xl as for softpage (whose rounds the stream does not mark).
+and ``timeline``, samples of [moment, bytes read, seconds spent so far waiting for the receiver
+to take what was read, pages with data read] (``Timeline``). A stream that arrives late because
+the receiver was slow shows as waits here; one that arrives late because of the link does not.
+The bench reads off the timeline what reached this host after the sender's suspend request, for
+stock xl as for softpage (whose rounds the stream does not mark). A page counts when its record
+is complete.
 """
 
 from __future__ import annotations
@@ -28,9 +29,36 @@ SAMPLE_S = 0.05
 off the timeline between two samples. Stock's 2 GiB migration at that rate writes about 30,000."""
 
 
+class Timeline:
+    """The samples read off later by interpolating between two neighbours, so that a value in
+    between is only ever a stretch of steady reading: a read is sampled when SAMPLE_S passed since
+    the last sample; the read before a pause of SAMPLE_S or more is sampled too, so that what came
+    before the pause is not spread over it; so is the read that completed the stream's END."""
+
+    def __init__(self) -> None:
+        self.samples: list[list[float]] = []
+        self._last: list[float] | None = None
+
+    def read(self, sample: list[float], end: bool = False) -> None:
+        """``sample``: [moment, cumulative values...] after a read."""
+        last = self._last
+        if last is not None and sample[0] - last[0] >= SAMPLE_S and self.samples[-1] is not last:
+            self.samples.append(last)
+        if not self.samples or sample[0] - self.samples[-1][0] >= SAMPLE_S or end:
+            self.samples.append(sample)
+        self._last = sample
+
+    def close(self, sample: list[float]) -> list[list[float]]:
+        """The samples, with the last read's and then ``sample`` (the end of the copy) after them."""
+        if self._last is not None and self.samples[-1] is not self._last:
+            self.samples.append(self._last)
+        self.samples.append(sample)
+        return self.samples
+
+
 def main() -> int:
     counts = {"page_records": 0, "pages_data": 0, "pages_xalloc": 0, "xtab": 0}
-    timeline: list[list[float]] = []
+    timeline = Timeline()
     end_at: float | None = None
     receiver_wait_s = 0.0
 
@@ -53,16 +81,16 @@ def main() -> int:
             while len(view):
                 view = view[os.write(stdout, view):]
             receiver_wait_s += time.monotonic() - read_at
+            ended = False
             if not feeder.done:
                 feeder.feed(chunk)
                 if feeder.done:
-                    end_at = read_at
-            if not timeline or read_at - timeline[-1][0] >= SAMPLE_S:
-                timeline.append([read_at, stream_bytes, receiver_wait_s, counts["pages_data"]])
+                    end_at, ended = read_at, True
+            timeline.read([read_at, stream_bytes, receiver_wait_s, counts["pages_data"]], end=ended)
     finally:
-        timeline.append([time.monotonic(), stream_bytes, receiver_wait_s, counts["pages_data"]])
+        samples = timeline.close([time.monotonic(), stream_bytes, receiver_wait_s, counts["pages_data"]])
         with open(sys.argv[1], "w", encoding="utf-8") as summary:
-            json.dump({"stream_bytes": stream_bytes, **counts, "end_at": end_at, "timeline": timeline},
+            json.dump({"stream_bytes": stream_bytes, **counts, "end_at": end_at, "timeline": samples},
                       summary)
     return 0
 
