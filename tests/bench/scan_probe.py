@@ -5,7 +5,10 @@ pruning SOFTPAGE_BENCH_REPS times (default 2) for each value of softpage.ko's ``
 in SOFTPAGE_PROBE_INTERVALS (default "1000,0": every second while armed, the default, against
 scans on dom0's requests only), interleaved, the parameter written in the guest (it is writable
 at run time) before each migration. Per migration: every round's dirty pages and pages with
-data from softpage's ``--stats``, the downtime.
+data from softpage's ``--stats``, the downtime, and what the receiver's tap read between the
+suspend request and the stream's END (bytes, pages with data; one clock: one host). With
+SOFTPAGE_PROBE_STOCK=1, first one stock `xl migrate` of the same guest, whose rounds only the tap
+can count.
 
 While armed the module walks the guest's memory every ``scan_interval_ms`` and publishes: it
 clears and refills its private copy of the four category bitmaps and copies all of it into the
@@ -26,6 +29,7 @@ import time
 from pathlib import Path
 
 from softpage_testbed import Guest, TestbedConfig, booted_testbed
+from tests.bench.link_bench import TIMELINE_BYTES, TIMELINE_PAGES, timeline_at
 from tests.bench.xen_bench import (
     REPO,
     XEN_PVH_VERSION,
@@ -45,6 +49,21 @@ def set_interval(guest: Guest, interval_ms: int, token: str) -> None:
     guest.wait_for(rf"{marker} {interval_ms}\b")
 
 
+def after_suspend(measured: dict[str, object]) -> list[float | None]:
+    """[bytes, pages with data] the tap read from the suspend request to the END (both moments on
+    this host's clock)."""
+    send, tap = measured["send"], measured["tap"]
+    assert isinstance(send, dict) and isinstance(tap, dict)
+    requested, end_at, samples = send.get("requested_at"), tap.get("end_at"), tap.get("timeline")
+    if not isinstance(requested, float | int) or not isinstance(end_at, float | int) or not samples:
+        return [None, None]
+    values: list[float | None] = []
+    for column in (TIMELINE_BYTES, TIMELINE_PAGES):
+        at_end, at_request = timeline_at(samples, end_at, column), timeline_at(samples, requested, column)
+        values.append(None if at_end is None or at_request is None else at_end - at_request)
+    return values
+
+
 def rounds_of(measured: dict[str, object]) -> list[dict[str, object]]:
     stats = measured.get("stats")
     assert isinstance(stats, list)
@@ -54,7 +73,7 @@ def rounds_of(measured: dict[str, object]) -> list[dict[str, object]]:
 def summary_line(lines: list[dict[str, object]], interval: int) -> str:
     """The final rounds' pages with data, and the median dirty pages of the live rounds between
     the first and the final, of the migrations at ``interval``."""
-    chosen = [line["rounds"] for line in lines if line["scan_interval_ms"] == interval]
+    chosen = [line["rounds"] for line in lines if line.get("scan_interval_ms") == interval]
     finals = [rounds[-1][2] for rounds in chosen]  # type: ignore[index]
     between = [r[1] for rounds in chosen for r in rounds[1:-1] if r[1] is not None]  # type: ignore[index]
     middle = statistics.median(between) if between else None
@@ -76,6 +95,14 @@ def main() -> int:
                         Path(tempfile.mkdtemp(prefix="softpage-probe-"))) as testbed:
         install_dom0_tools(testbed)
         guest = start_guest(testbed, bench_guest("probe", guest_mb, 0))
+        if os.environ.get("SOFTPAGE_PROBE_STOCK") == "1":
+            measured = migrate_and_check(guest, "stock", "stock", full_check=False)
+            send = measured["send"]
+            assert isinstance(send, dict)
+            line = {"method": "stock", "downtime_s": send.get("downtime_s"),
+                    "after_suspend": after_suspend(measured)}
+            lines.append(line)
+            print(f"scan_probe: {json.dumps(line)}", flush=True)
         for repetition in range(repetitions):
             for interval in intervals:
                 token = f"{interval}-{repetition}"
@@ -86,7 +113,7 @@ def main() -> int:
                 assert isinstance(send, dict)
                 rounds = rounds_of(measured)
                 line = {"scan_interval_ms": interval, "repetition": repetition,
-                        "downtime_s": send.get("downtime_s"),
+                        "downtime_s": send.get("downtime_s"), "after_suspend": after_suspend(measured),
                         "rounds": [[r["kind"], r["dirty"], r["pages_data"]] for r in rounds]}
                 lines.append(line)
                 print(f"scan_probe: {json.dumps(line)}", flush=True)
