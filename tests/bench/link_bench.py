@@ -302,6 +302,13 @@ def timeline_at(timeline: list[list[float]], moment: float, column: int) -> floa
     return timeline[-1][column]
 
 
+def timeline_between(timeline: list[list[float]], start: float, end: float, column: int) -> float | None:
+    """How much of the tap's cumulative ``column`` came between ``start`` and ``end`` (its clock);
+    None for a timeline without that column."""
+    at_end, at_start = timeline_at(timeline, end, column), timeline_at(timeline, start, column)
+    return None if at_end is None or at_start is None else at_end - at_start
+
+
 DOWNTIME_PARTS = ("stream_end_s", "receiver_wait_s", "restore_s", "after_suspend_bytes",
                   "after_suspend_pages")
 
@@ -320,18 +327,12 @@ def downtime_parts(requested_on_a: float | None, tap: dict[str, object], running
     assert stream_end_s is not None  # both moments are known
     # the suspend request on host-b's clock: the END, stream_end_s earlier
     requested_on_b = end_at - stream_end_s
-
-    def since_request(column: int) -> float | None:
-        at_end = timeline_at(samples, end_at, column)
-        at_request = timeline_at(samples, requested_on_b, column)
-        return None if at_end is None or at_request is None else at_end - at_request
-
     return {
         "stream_end_s": stream_end_s,
-        "receiver_wait_s": since_request(TIMELINE_WAITED),
+        "receiver_wait_s": timeline_between(samples, requested_on_b, end_at, TIMELINE_WAITED),
         "restore_s": running_on_b - end_at,
-        "after_suspend_bytes": since_request(TIMELINE_BYTES),
-        "after_suspend_pages": since_request(TIMELINE_PAGES),
+        "after_suspend_bytes": timeline_between(samples, requested_on_b, end_at, TIMELINE_BYTES),
+        "after_suspend_pages": timeline_between(samples, requested_on_b, end_at, TIMELINE_PAGES),
     }
 
 

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from softpage_testbed import Guest, TestbedConfig, booted_testbed
-from tests.bench.link_bench import TIMELINE_BYTES, TIMELINE_PAGES, timeline_at
+from tests.bench.link_bench import TIMELINE_BYTES, TIMELINE_PAGES, timeline_between
 from tests.bench.xen_bench import (
     REPO,
     XEN_PVH_VERSION,
@@ -57,11 +57,8 @@ def after_suspend(measured: dict[str, object]) -> list[float | None]:
     requested, end_at, samples = send.get("requested_at"), tap.get("end_at"), tap.get("timeline")
     if not isinstance(requested, float | int) or not isinstance(end_at, float | int) or not samples:
         return [None, None]
-    values: list[float | None] = []
-    for column in (TIMELINE_BYTES, TIMELINE_PAGES):
-        at_end, at_request = timeline_at(samples, end_at, column), timeline_at(samples, requested, column)
-        values.append(None if at_end is None or at_request is None else at_end - at_request)
-    return values
+    return [timeline_between(samples, requested, end_at, column)
+            for column in (TIMELINE_BYTES, TIMELINE_PAGES)]
 
 
 def rounds_of(measured: dict[str, object]) -> list[dict[str, object]]:

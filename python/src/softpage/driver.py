@@ -361,9 +361,7 @@ class MigrationSession:
         # link-bench-20261207-080347). The final round did not shrink with the drains (682 pages
         # against 737-760, link-bench-20261207-102719): most of its pages are what the guest's
         # own suspend writes (scan-probe-20261207-121905), whatever the rounds before it did.
-        draining = time.monotonic()
-        self.sink.drain()
-        round_stats.drain_s = time.monotonic() - draining
+        round_stats.drain_s = self._drain()
         self._finish_round(round_stats)
         return round_stats
 
@@ -376,9 +374,7 @@ class MigrationSession:
             self.live_round(self.harvest(), kind="after-drop")
         # Each live round drained its own data; what is left (the stream's headers when no
         # round ran live) goes to the receiver while the guest still runs, not in the downtime.
-        draining = time.monotonic()
-        self.sink.drain()
-        self.stats.drain_s = time.monotonic() - draining
+        self.stats.drain_s = self._drain()
         # Taken last: Rf must be greater than every request id used before it,
         # the after-drop round's included (docs/spec/guest-protocol.md).
         final_request = self._requests.next()
@@ -495,6 +491,12 @@ class MigrationSession:
             return None
 
     # -- bookkeeping ------------------------------------------------------
+    def _drain(self) -> float:
+        """Wait until the receiver has taken everything written so far; the seconds it took."""
+        draining = time.monotonic()
+        self.sink.drain()
+        return time.monotonic() - draining
+
     def _finish_round(self, round_stats: RoundStats) -> None:
         self.stats.rounds.append(round_stats)
         if not round_stats.snapshot_used and round_stats.snapshot_note not in QUIET_NOTES:
