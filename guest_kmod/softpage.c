@@ -325,11 +325,21 @@ static bool softpage_is_cold(struct folio *folio, unsigned long pfn,
 /* What one walk of the memory map looks for. */
 struct softpage_walk_spec {
 	bool free;
+	bool held;			/* free pages into HELD, nothing else */
 	bool cache;
 	bool cold;			/* prune-cache=cold: hot cache left out */
 	const unsigned long *aged;	/* for softpage_is_cold(), or NULL */
 	unsigned long *age_into;	/* an aging pass: fill this instead */
 };
+
+/* Where a walk puts the free pages it finds. */
+static unsigned long *softpage_free_into(const struct softpage *sp,
+					 const struct softpage_walk_spec *spec)
+{
+	return softpage_category(sp, sp->scan_bitmaps,
+				 spec->held ? SOFTPAGE_CAT_HELD :
+					      SOFTPAGE_CAT_FREE);
+}
 
 /*
  * Classify the page at @pfn and return how many PFNs it accounts for: a whole
@@ -354,8 +364,7 @@ static unsigned long softpage_classify(const struct softpage *sp,
 			order = 0;
 		nr = min(1UL << order, end - pfn);
 		if (spec->free)
-			bitmap_set(softpage_category(sp, sp->scan_bitmaps,
-						     SOFTPAGE_CAT_FREE), pfn, nr);
+			bitmap_set(softpage_free_into(sp, spec), pfn, nr);
 		return nr;
 	}
 
@@ -396,10 +405,9 @@ static unsigned int softpage_pcp_order(unsigned int pindex)
  * moment is left out and its pages are sent.  In the syscore callback no lock
  * can be held (holders run with preemption off, which stop_machine waits for).
  */
-static void softpage_mark_pcp_free(struct softpage *sp, struct zone *zone)
+static void softpage_mark_pcp_free(struct softpage *sp, struct zone *zone,
+				   unsigned long *free)
 {
-	unsigned long *free = softpage_category(sp, sp->scan_bitmaps,
-						SOFTPAGE_CAT_FREE);
 	unsigned int cpu, pindex;
 
 	for_each_possible_cpu(cpu) {
@@ -426,7 +434,8 @@ static void softpage_mark_pcp_free(struct softpage *sp, struct zone *zone)
 }
 
 /*
- * Fill the private bitmaps from a walk of every RAM zone.  The SLAB bitmap
+ * Fill the private bitmaps from a walk of every RAM zone (the final walk:
+ * HELD only, the rest left as last published).  The SLAB bitmap
  * stays empty: telling reclaimable slab pages apart needs struct slab, which
  * is private to mm/.  Reclaimable slab is instead freed by the drop at an
  * armed suspend, after which those pages are free and end up HELD.
@@ -439,11 +448,22 @@ static u64 softpage_walk(struct softpage *sp,
 	u64 start = ktime_get_ns();
 	int nid, zid;
 
-	if (spec->age_into)
+	if (spec->age_into) {
 		bitmap_zero(spec->age_into, sp->nr_pfns);
-	else
+	} else if (spec->held) {
+		unsigned long *held = softpage_free_into(sp, spec);
+
+		/*
+		 * Every page written here is sent again in the final round:
+		 * HELD is empty outside FINAL, so this clears nothing but
+		 * after a FINAL nobody published over.
+		 */
+		if (!bitmap_empty(held, sp->nr_pfns))
+			bitmap_zero(held, sp->nr_pfns);
+	} else {
 		memset(sp->scan_bitmaps, 0,
 		       (size_t)softpage_bitmap_frames(sp) * PAGE_SIZE);
+	}
 	for_each_online_node(nid) {
 		for (zid = 0; zid < MAX_NR_ZONES; zid++) {
 			struct zone *zone = &NODE_DATA(nid)->node_zones[zid];
@@ -466,7 +486,8 @@ static u64 softpage_walk(struct softpage *sp,
 				}
 			}
 			if (spec->free)
-				softpage_mark_pcp_free(sp, zone);
+				softpage_mark_pcp_free(sp, zone,
+						       softpage_free_into(sp, spec));
 		}
 	}
 	return ktime_get_ns() - start;
@@ -531,13 +552,23 @@ static void softpage_publish(struct softpage *sp, u32 state, u64 request_id,
 			     u64 scan_ns, u32 state_flags)
 {
 	struct softpage_header *header = sp->header;
-	unsigned int category;
+	unsigned int category, frame;
 
 	WRITE_ONCE(header->generation, ++sp->generation);
 	/* dom0 reads from another domain: order against it, even on UP. */
 	virt_wmb();
-	memcpy(sp->shared_bitmaps, sp->scan_bitmaps,
-	       (size_t)softpage_bitmap_frames(sp) * PAGE_SIZE);
+	/*
+	 * A frame written is a page the next round sends: copy only those that
+	 * changed (FINAL's FREE, CACHE and SLAB never do).
+	 */
+	for (frame = 0; frame < softpage_bitmap_frames(sp); frame++) {
+		void *to = (char *)sp->shared_bitmaps + (size_t)frame * PAGE_SIZE;
+		const void *from = (const char *)sp->scan_bitmaps +
+				   (size_t)frame * PAGE_SIZE;
+
+		if (memcmp(to, from, PAGE_SIZE))
+			memcpy(to, from, PAGE_SIZE);
+	}
 	for (category = 0; category < SOFTPAGE_NR_CATEGORIES; category++) {
 		unsigned long *bitmap = softpage_category(sp, sp->scan_bitmaps,
 							  category);
@@ -1154,20 +1185,22 @@ static int softpage_pm_freeze(struct device *dev)
  */
 static int softpage_syscore_suspend(void)
 {
-	static const struct softpage_walk_spec final_spec = { .free = true };
+	/*
+	 * Whatever this writes, the final round sends: HELD alone is filled,
+	 * and only the shared frames that changed are copied (at 2 GiB, 16
+	 * private and 16 shared pages instead of 64 and 64).
+	 */
+	static const struct softpage_walk_spec final_spec = {
+		.free = true,
+		.held = true,
+	};
 	struct softpage *sp = READ_ONCE(softpage_suspending);
 	u64 scan_ns;
 
 	if (!sp || !sp->final_pending)
 		return 0;
 	sp->final_pending = false;
-	/* The walk clears the bitmaps first. */
 	scan_ns = softpage_walk(sp, &final_spec, false);
-	bitmap_copy(softpage_category(sp, sp->scan_bitmaps, SOFTPAGE_CAT_HELD),
-		    softpage_category(sp, sp->scan_bitmaps, SOFTPAGE_CAT_FREE),
-		    sp->nr_pfns);
-	bitmap_zero(softpage_category(sp, sp->scan_bitmaps, SOFTPAGE_CAT_FREE),
-		    sp->nr_pfns);
 	softpage_account_scan(sp, scan_ns);
 	sp->stats.final_scan_ns = scan_ns;
 	softpage_publish(sp, SOFTPAGE_STATE_FINAL, sp->final_request_id,
