@@ -162,11 +162,12 @@ def install_dom0_tools(testbed: Testbed) -> None:
         testbed.write_file(f"{DOM0_TOOLS}/{name}", (REPO / "tests/bench/dom0" / name).read_text())
 
 
-def receiver_command(receive: str = "xl migrate-receive", watch: str = "-") -> str:
+def receiver_command(receive: str = "xl migrate-receive", watch: str = "-", tap_pfns: str = "") -> str:
     """The receiver every method migrates to: ``receive`` behind the tap, under measure.py
-    (``watch``: its first argument, ``incoming`` on another host than the sender's)."""
+    (``watch``: its first argument, ``incoming`` on another host than the sender's; ``tap_pfns``:
+    where the tap writes the PFNs each record carried data for, if anywhere)."""
     return (f"python3 {DOM0_TOOLS}/measure.py {watch} /tmp/bench-recv.json -- "
-            f"sh -c 'python3 {DOM0_TOOLS}/tap.py /tmp/bench-tap.json | {receive}'")
+            f"sh -c 'python3 {DOM0_TOOLS}/tap.py /tmp/bench-tap.json {tap_pfns} | {receive}'")
 
 
 def measured_sender_command(method: str, guest: ConsoleGuest, receiver: str,
@@ -189,10 +190,10 @@ def measured_sender_command(method: str, guest: ConsoleGuest, receiver: str,
 
 
 def migrate(guest: ConsoleGuest, method: str, receive: str = "xl migrate-receive",
-            prune: str | None = None) -> dict[str, object]:
+            prune: str | None = None, tap_pfns: str = "") -> dict[str, object]:
     """One measured migration of ``guest`` by ``method`` to ``receive`` (see ``receiver_command``)."""
     testbed = guest.testbed
-    command = measured_sender_command(method, guest, receiver_command(receive), prune)
+    command = measured_sender_command(method, guest, receiver_command(receive, tap_pfns=tap_pfns), prune)
     testbed.run(["rm", "-f", "/tmp/bench-recv.json", "/tmp/bench-tap.json", BENCH_STATS])
     result = testbed.run(command, timeout_s=3600)
     if not result.ok:
@@ -301,14 +302,14 @@ def start_guest(testbed: Testbed, spec: GuestSpec) -> Guest:
 
 
 def migrate_and_check(guest: Guest, method: str, token: str, full_check: bool = True,
-                      prune: str | None = None) -> dict[str, object]:
+                      prune: str | None = None, tap_pfns: str = "") -> dict[str, object]:
     """One migration by ``method``; the guest must then run on (heartbeats, no reboot) and, with
     ``full_check``, pass the workload's check of all its memory and files, which also reads its
     files back into the page cache; without, the files are only read back (``warm_cache``), so
     that every migration starts with the step's page cache, whatever a pruned one dropped.
-    ``prune``: as ``measured_sender_command``'s."""
+    ``prune``: as ``measured_sender_command``'s; ``tap_pfns``: as ``receiver_command``'s."""
     heartbeat = guest.heartbeat()
-    measured = migrate(guest, method, prune=prune)
+    measured = migrate(guest, method, prune=prune, tap_pfns=tap_pfns)
     guest.wait_for_heartbeat(heartbeat + 2, timeout_s=300)
     if guest.boot_count() != 1:
         raise RuntimeError(f"guest rebooted after {method}")

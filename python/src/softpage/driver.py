@@ -359,8 +359,8 @@ class MigrationSession:
         # libxenguest's blocking writes make it; harvested while the queue still held up to 64 MiB,
         # the rounds after the first took 0.1-0.7 s each with 40 s of backlog behind them (16 Mbit/s,
         # link-bench-20261207-080347). The final round did not shrink with the drains (682 pages
-        # against 737-760, link-bench-20261207-102719): most of its pages are what the guest's
-        # own suspend writes (scan-probe-20261207-121905), whatever the rounds before it did.
+        # against 737-760, link-bench-20261207-102719): most of its excess over stock's was the
+        # guest module's final walk (scan-probe-20261207-131639), whatever the rounds before did.
         round_stats.drain_s = self._drain()
         self._finish_round(round_stats)
         return round_stats

@@ -1,7 +1,7 @@
 """Runs in dom0 between a migration sender and `xl migrate-receive`: copies stdin to stdout and
 counts what the stream carries (the same for stock xl and softpage), then writes a JSON summary.
 
-    tap.py SUMMARY.json      (stdin: the sender's stream; stdout: the receiver)
+    tap.py SUMMARY.json [PFNS.txt]   (stdin: the sender's stream; stdout: the receiver)
 
 Beside the counts, on this dom0's ``time.monotonic()`` clock (the one measure.py and
 clock_offset.py use): ``end_at``, when the chunk that completed the stream's END record was read,
@@ -10,7 +10,8 @@ to take what was read, pages with data read] (``Timeline``). A stream that arriv
 the receiver was slow shows as waits here; one that arrives late because of the link does not.
 The bench reads off the timeline what reached this host after the sender's suspend request, for
 stock xl as for softpage (whose rounds the stream does not mark). A page counts when its record
-is complete.
+is complete. With PFNS.txt, one line for each PAGE_DATA record with data: the moment its chunk was
+read and the PFNs it carried data for (scan_probe classifies those of the final round).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import os
 import sys
 import time
+from typing import TextIO
 
 from softpage.stream.reader import PageData, StreamFeeder
 from softpage.stream.records import PageType
@@ -56,19 +58,23 @@ class Timeline:
         return self.samples
 
 
-def main() -> int:
+def tap(summary_path: str, pfns_out: TextIO | None) -> int:
     counts = {"page_records": 0, "pages_data": 0, "pages_xalloc": 0, "xtab": 0}
     timeline = Timeline()
     end_at: float | None = None
     receiver_wait_s = 0.0
+    read_at = 0.0
 
     def on_record(record: object) -> None:
         if isinstance(record, PageData):
             types = record.stream_types()
+            mask = record.data_mask()
             counts["page_records"] += 1
-            counts["pages_data"] += int(record.data_mask().sum())
+            counts["pages_data"] += int(mask.sum())
             counts["pages_xalloc"] += int((types == PageType.XALLOC).sum())
             counts["xtab"] += int((types == PageType.XTAB).sum())
+            if pfns_out is not None and mask.any():
+                pfns_out.write(f"{read_at!r} {' '.join(map(str, record.pfns[mask].tolist()))}\n")
 
     feeder = StreamFeeder(on_record)
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
@@ -89,10 +95,17 @@ def main() -> int:
             timeline.read([read_at, stream_bytes, receiver_wait_s, counts["pages_data"]], end=ended)
     finally:
         samples = timeline.close([time.monotonic(), stream_bytes, receiver_wait_s, counts["pages_data"]])
-        with open(sys.argv[1], "w", encoding="utf-8") as summary:
+        with open(summary_path, "w", encoding="utf-8") as summary:
             json.dump({"stream_bytes": stream_bytes, **counts, "end_at": end_at, "timeline": samples},
                       summary)
     return 0
+
+
+def main() -> int:
+    if len(sys.argv) > 2:
+        with open(sys.argv[2], "w", encoding="ascii") as pfns_out:
+            return tap(sys.argv[1], pfns_out)
+    return tap(sys.argv[1], None)
 
 
 if __name__ == "__main__":
