@@ -211,7 +211,7 @@ def wrk_command(nfiles: int, duration_s: int = 5, connections: int = 4, address:
                 seed: int = WRK_SEED) -> list[str]:
     """wrk in dom0 against the guest's nginx, one thread, for ``duration_s``: requests drawn from
     the hot fraction of the application's ``nfiles`` files (the guest's-view bench's load,
-    tests/bench/dom0/http_load.py, draws them the same way)."""
+    tests/bench/dom0/app_load.py, draws them the same way)."""
     return ["wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--timeout", "10s",
             "-s", f"{DISTRO_PAYLOAD_DIR}/hot-set.lua", f"http://{address}:{HTTP_PORT}/", "--",
             str(nfiles), str(hot_fraction), str(skew), str(seed)]

@@ -19,7 +19,7 @@ every file active, and cache=cold sent them all). The methods, in this order by 
     cache=all    softpage migrate --prune free,cache=all,slab (the whole clean cache dropped)
 
 A run: the new guest reads every application file once into its page cache (``cat``: read once,
-a file is cold for softpage.ko's rule 30-60 s later); the load generator (dom0/http_load.py)
+a file is cold for softpage.ko's rule 30-60 s later); the load generator (dom0/app_load.py)
 starts in dom0 against nginx and runs for SOFTPAGE_GUESTVIEW_SETTLE_S (70) before the migration,
 so that softpage.ko's aging passes (every cold_age_ms, 30 s) can tell the hot files (the load's,
 read again and again: active) from the cold ones; the migration runs to localhost, measured as
@@ -201,7 +201,7 @@ class Settings:
 
 @dataclass(frozen=True)
 class Second:
-    """One second of the load generator (dom0/http_load.py), times in seconds from the
+    """One second of the load generator (dom0/app_load.py), times in seconds from the
     migration's start (the baseline's stand-in moment)."""
 
     start: float
@@ -359,7 +359,8 @@ def stop_disk_sampler(guest: DistroGuest) -> list[tuple[float, int]]:
 
 
 def load_command(nfiles: int, settings: Settings, out: str, stop: str, max_s: float) -> str:
-    return shlex.join(["python3", f"{DOM0_TOOLS}/http_load.py", GUEST_ADDRESS, str(HTTP_PORT), out, stop,
+    return shlex.join(["python3", f"{DOM0_TOOLS}/app_load.py", "http", GUEST_ADDRESS, str(HTTP_PORT), out,
+                       stop,
                        str(max_s), str(nfiles), str(HOT_FRACTION), str(HOT_SKEW), str(LOAD_SEED),
                        str(settings.connections), str(settings.slow_ms)])
 
@@ -396,7 +397,7 @@ def stop_load(testbed: Testbed, pid: int) -> list[dict[str, object]]:
 
 
 def to_seconds(records: list[dict[str, object]], origin: float) -> list[Second]:
-    """http_load.py's lines -> seconds from ``origin`` (dom0's monotonic clock)."""
+    """app_load.py's lines -> seconds from ``origin`` (dom0's monotonic clock)."""
     def optional(record: dict[str, object], key: str) -> float | None:
         return float(str(record[key])) if key in record else None
 
@@ -440,7 +441,7 @@ def check_guest(testbed: Testbed, guest: DistroGuest, expected: dict[str, str], 
 
 
 def summarise_load(records: list[dict[str, object]]) -> dict[str, object]:
-    """A calibration run of http_load.py: its requests per second over the whole run, and the
+    """A calibration run of app_load.py: its requests per second over the whole run, and the
     latency of its slowest second's p99."""
     seconds = to_seconds(records, 0.0)
     p99s = [second.p99_ms for second in seconds if second.p99_ms is not None]
@@ -490,9 +491,9 @@ def compare_load_generators(testbed: Testbed, guest: DistroGuest, nfiles: int,
     """Where the requests of the one-second wrk samples went: on one guest with its cache filled,
     one after the other, wrk as the e2e runs it (one run of CALIBRATION_S), wrk run for one second
     CALIBRATION_WRK_SECONDS times (each one's wall time from dom0's start of it to its end, as
-    the old samples were taken), http_load.py for CALIBRATION_S, and http_load.py again beside each
+    the old samples were taken), app_load.py for CALIBRATION_S, and app_load.py again beside each
     of the guest's disk samplers (the old one, a process a sample; today's, builtins only); where
-    the time goes: the guest's and dom0's CPU shares (/proc/stat) around one more http_load.py run
+    the time goes: the guest's and dom0's CPU shares (/proc/stat) around one more app_load.py run
     (the guest's over GUEST_CPU_WINDOW_S around it), and nginx without the network
     (``loopback_fetches``)."""
     calibration: dict[str, object] = {"load_1m_start": os.getloadavg()[0]}

@@ -1,6 +1,6 @@
 """The guest's-view bench without a testbed: its arithmetic (guestview_bench.py: what counts as
 back to 90%, where the guest's pause is, the load generator's lines as the bench reads them) and
-its load generator (dom0/http_load.py: the hot set's draw, replies, per-second lines, and a short
+its load generator (dom0/app_load.py: the hot set's draw, replies, per-second lines, and a short
 run against a server on loopback)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bench.dom0 import http_load
+from tests.bench.dom0 import app_load
 from tests.bench.guestview_bench import (
     MethodRun,
     Second,
@@ -92,7 +92,7 @@ def test_load_lines_become_seconds_from_the_migration_start() -> None:
 
 
 def test_the_hot_set_is_drawn_as_hot_set_lua_draws_it() -> None:
-    hot_set = http_load.HotSet(nfiles=4096, hot_fraction=0.25, skew=2.0, seed=7)
+    hot_set = app_load.HotSet(nfiles=4096, hot_fraction=0.25, skew=2.0, seed=7)
     assert hot_set.hot == 1024
     assert (hot_set.index(0.0), hot_set.index(0.5), hot_set.index(0.999999)) == (0, 256, 1023)
     drawn = Counter(hot_set.next_path() for _ in range(20000))
@@ -101,37 +101,37 @@ def test_the_hot_set_is_drawn_as_hot_set_lua_draws_it() -> None:
     assert 0.47 < sum(count for path, count in drawn.items() if int(path[2:]) < 256) / 20000 < 0.53
     # the same seed, the same sequence in every run; another seed, another
     def draws(seed: int) -> list[str]:
-        drawing = http_load.HotSet(nfiles=4096, hot_fraction=0.25, skew=2.0, seed=seed)
+        drawing = app_load.HotSet(nfiles=4096, hot_fraction=0.25, skew=2.0, seed=seed)
         return [drawing.next_path() for _ in range(50)]
 
     assert draws(7) == draws(7) != draws(8)
     with pytest.raises(ValueError, match="hot_fraction"):
-        http_load.HotSet(nfiles=10, hot_fraction=0.0, skew=2.0, seed=1)
+        app_load.HotSet(nfiles=10, hot_fraction=0.0, skew=2.0, seed=1)
 
 
 def test_replies_need_a_status_line_and_a_length() -> None:
-    head = http_load.parse_head(b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 65536")
-    assert head == http_load.ReplyHead(200, 65536, keep_alive=True)
-    closing = http_load.parse_head(b"HTTP/1.1 404 Not Found\r\nContent-Length: 153\r\nConnection: close")
-    assert closing == http_load.ReplyHead(404, 153, keep_alive=False)
-    assert not http_load.parse_head(b"HTTP/1.0 200 OK\r\nContent-Length: 1").keep_alive
+    head = app_load.parse_head(b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 65536")
+    assert head == app_load.ReplyHead(200, 65536, keep_alive=True)
+    closing = app_load.parse_head(b"HTTP/1.1 404 Not Found\r\nContent-Length: 153\r\nConnection: close")
+    assert closing == app_load.ReplyHead(404, 153, keep_alive=False)
+    assert not app_load.parse_head(b"HTTP/1.0 200 OK\r\nContent-Length: 1").keep_alive
     with pytest.raises(ValueError, match=r"expected an HTTP/1\.x status line"):
-        http_load.parse_head(b"SSH-2.0-OpenSSH")
+        app_load.parse_head(b"SSH-2.0-OpenSSH")
     with pytest.raises(ValueError, match="expected a Content-Length"):
-        http_load.parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked")
+        app_load.parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked")
 
 
 def test_a_second_reports_nearest_rank_percentiles_and_the_slow_requests() -> None:
-    interval = http_load.Interval(10.0, 11.0, [i / 1000 for i in range(1, 201)], errors=1)
+    interval = app_load.Interval(10.0, 11.0, [i / 1000 for i in range(1, 201)], errors=1)
     line = interval.record(slow_s=0.150)
     assert (line["requests"], line["errors"], line["slow"]) == (200, 1, 50)
     assert line["p50_ms"] == pytest.approx(100.0)
     assert line["p99_ms"] == pytest.approx(198.0)
     assert line["max_ms"] == pytest.approx(200.0)
-    assert http_load.Interval(11.0, 12.0).record(slow_s=0.1) == {
+    assert app_load.Interval(11.0, 12.0).record(slow_s=0.1) == {
         "start": 11.0, "end": 12.0, "requests": 0, "errors": 0, "slow": 0}
-    assert http_load.percentile([5.0], 0.99) == 5.0
-    assert http_load.percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.0
+    assert app_load.percentile([5.0], 0.99) == 5.0
+    assert app_load.percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.0
 
 
 @pytest.fixture
@@ -159,9 +159,9 @@ def file_server(tmp_path: Path) -> Iterator[int]:
 def test_the_client_keeps_its_connections_and_writes_a_line_a_second(tmp_path: Path,
                                                                       file_server: int) -> None:
     out = tmp_path / "load.jsonl"
-    hot_set = http_load.HotSet(nfiles=64, hot_fraction=0.25, skew=2.0, seed=3)
-    http_load.run(("127.0.0.1", file_server), str(out), str(tmp_path / "stop"), 2.5, hot_set,
-                  connections=2, slow_s=0.5)
+    hot_set = app_load.HotSet(nfiles=64, hot_fraction=0.25, skew=2.0, seed=3)
+    clients = [app_load.Connection(("127.0.0.1", file_server), hot_set) for _ in range(2)]
+    app_load.run(str(out), str(tmp_path / "stop"), 2.5, clients, slow_s=0.5)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == 3
     assert all(math.isclose(b["start"], a["end"]) for a, b in itertools.pairwise(lines))
@@ -172,13 +172,13 @@ def test_the_client_keeps_its_connections_and_writes_a_line_a_second(tmp_path: P
 def test_a_refused_connection_is_an_error_and_tried_again(tmp_path: Path) -> None:
     out = tmp_path / "load.jsonl"
     (tmp_path / "stop").touch()  # stops after the first second
-    hot_set = http_load.HotSet(nfiles=4, hot_fraction=1.0, skew=1.0, seed=1)
-    http_load.run(("127.0.0.1", 9), str(out), str(tmp_path / "stop"), 60, hot_set, connections=1,
+    hot_set = app_load.HotSet(nfiles=4, hot_fraction=1.0, skew=1.0, seed=1)
+    app_load.run(str(out), str(tmp_path / "stop"), 60, [app_load.Connection(("127.0.0.1", 9), hot_set)],
                   slow_s=0.1)
     [line] = [json.loads(line) for line in out.read_text().splitlines()]
     # tried at 0 and again RECONNECT_S after each refusal
     assert line["requests"] == 0
-    assert line["errors"] == math.ceil(http_load.INTERVAL_S / http_load.RECONNECT_S)
+    assert line["errors"] == math.ceil(app_load.INTERVAL_S / app_load.RECONNECT_S)
 
 
 def test_table_and_plot_of_a_baseline_and_a_migration(tmp_path: Path) -> None:

@@ -158,7 +158,7 @@ def environment_list(name: str, default: str) -> list[int]:
 
 def install_dom0_tools(testbed: Testbed) -> None:
     testbed.run(["mkdir", "-p", DOM0_TOOLS], check=True)
-    for name in ("tap.py", "measure.py", "stamp.py", "http_load.py"):
+    for name in ("tap.py", "measure.py", "stamp.py", "app_load.py"):
         testbed.write_file(f"{DOM0_TOOLS}/{name}", (REPO / "tests/bench/dom0" / name).read_text())
 
 

@@ -1,8 +1,11 @@
-"""Runs in dom0 (Python's standard library only): the guest's nginx under a steady load, reported
-second by second by the client itself, for the guest's-view bench (tests/bench/guestview_bench.py).
+"""Runs in dom0 (Python's standard library only): the guest's application, nginx or PostgreSQL,
+under a steady load, reported second by second by the client itself, for the guest's-view bench
+(tests/bench/guestview_bench.py).
 
-    http_load.py ADDRESS PORT OUT.jsonl STOP_FILE MAX_S NFILES HOT_FRACTION SKEW SEED
-                 CONNECTIONS SLOW_MS
+    app_load.py http ADDRESS PORT OUT.jsonl STOP_FILE MAX_S NFILES HOT_FRACTION SKEW SEED
+                CONNECTIONS SLOW_MS
+    app_load.py postgresql ADDRESS PORT OUT.jsonl STOP_FILE MAX_S NROWS HOT_FRACTION SKEW SEED
+                CONNECTIONS SLOW_MS DATABASE USER
 
 CONNECTIONS keep-alive HTTP/1.1 connections, each with one request outstanding at a time (as
 wrk's connections), drawn as testbed/distro/hot-set.lua draws them: file i = floor(hot * u^SKEW)
@@ -19,6 +22,12 @@ connection is closed and made again after RECONNECT_S; a new connection that doe
 within CONNECT_TIMEOUT_S is tried again, so that once a paused guest runs again a SYN reaches it
 within about a second (a connection left to the kernel's SYN back-off could wait half a minute
 more, and the figure would be dom0's TCP timers, not the guest).
+
+PostgreSQL (``PgConnection``): each request is ``SELECT abalance FROM pgbench_accounts WHERE aid =
+N`` (the table ``pgbench -i`` makes, NROWS rows), N drawn as the files are (row N is "file" N-1).
+Frontend/backend protocol 3.0, simple queries, ``trust`` authentication only (the testbed's guest
+allows it from dom0's bridge): a startup message, then each query answered up to its
+ReadyForQuery. An ErrorResponse is an error like a reply that is not 200.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import os
 import random
 import selectors
 import socket
+import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -57,8 +67,11 @@ class HotSet:
     def index(self, uniform: float) -> int:
         return math.floor(self.hot * float(uniform**self.skew))
 
+    def next_index(self) -> int:
+        return self.index(self._random.random())
+
     def next_path(self) -> str:
-        return f"/f{self.index(self._random.random()):05d}"
+        return f"/f{self.next_index():05d}"
 
 
 def request_bytes(host: str, path: str) -> bytes:
@@ -149,13 +162,21 @@ class Connection:
         self.retry_at = now + RECONNECT_S
 
     def send_next(self, selector: selectors.BaseSelector, now: float) -> None:
-        assert self.sock is not None
-        self.outgoing = request_bytes(self.address[0], self.hot_set.next_path())
         self.incoming.clear()
         self.head = None
+        self.ask(selector, now, request_bytes(self.address[0], self.hot_set.next_path()))
+
+    def ask(self, selector: selectors.BaseSelector, now: float, request: bytes) -> None:
+        """Send ``request``; it times out REQUEST_TIMEOUT_S from now."""
+        assert self.sock is not None
+        self.outgoing = request
         self.sent_at = now
         self.deadline = now + REQUEST_TIMEOUT_S
         selector.modify(self.sock, selectors.EVENT_WRITE, self)
+
+    def connected(self, selector: selectors.BaseSelector, now: float) -> None:
+        """The connection is up: HTTP asks its first request at once."""
+        self.send_next(selector, now)
 
     def on_event(self, selector: selectors.BaseSelector, events: int, now: float) -> float | None:
         """Progress on a ready socket: the latency of a reply completed, else None. OSError or
@@ -166,7 +187,7 @@ class Connection:
             if code:
                 raise OSError(code, os.strerror(code))
             self.connecting = False
-            self.send_next(selector, now)
+            self.connected(selector, now)
             return None
         if events & selectors.EVENT_WRITE and self.outgoing:
             self.outgoing = self.outgoing[self.sock.send(self.outgoing):]
@@ -177,6 +198,10 @@ class Connection:
         if not chunk:
             raise ValueError("connection closed before the reply's end")
         self.incoming += chunk
+        return self.on_reply_bytes(selector, now)
+
+    def on_reply_bytes(self, selector: selectors.BaseSelector, now: float) -> float | None:
+        """More of the reply arrived (in ``incoming``): its latency once it is complete."""
         if self.head is None:
             end = self.incoming.find(HEADER_END)
             if end < 0:
@@ -196,10 +221,87 @@ class Connection:
         return latency
 
 
-def run(address: tuple[str, int], out_path: str, stop_file: str, max_s: float, hot_set: HotSet,
-        connections: int, slow_s: float) -> None:
+PROTOCOL_3_0 = 196608
+AUTHENTICATION_OK = 0
+
+
+def startup_message(user: str, database: str) -> bytes:
+    body = struct.pack("!i", PROTOCOL_3_0) + b"".join(
+        key.encode("ascii") + b"\0" + value.encode("utf-8") + b"\0"
+        for key, value in (("user", user), ("database", database), ("application_name", "pg_load"))) + b"\0"
+    return struct.pack("!i", len(body) + 4) + body
+
+
+def query_message(sql: str) -> bytes:
+    body = sql.encode("utf-8") + b"\0"
+    return b"Q" + struct.pack("!i", len(body) + 4) + body
+
+
+def error_text(body: bytes) -> str:
+    """An ErrorResponse's fields as ``S: M`` (severity, then message)."""
+    fields = {chunk[:1]: chunk[1:].decode("utf-8", "replace") for chunk in body.split(b"\0") if chunk}
+    return f"{fields.get(b'S', '?')}: {fields.get(b'M', '?')}"
+
+
+def take_messages(buffer: bytearray) -> list[tuple[bytes, bytes]]:
+    """The complete backend messages at the start of ``buffer`` as (type, body), removed from it."""
+    messages = []
+    while len(buffer) >= 5:
+        (length,) = struct.unpack_from("!i", buffer, 1)
+        if length < 4:
+            raise ValueError(f"expected a message length of at least 4, got {length}")
+        if len(buffer) < 1 + length:
+            break
+        messages.append((bytes(buffer[:1]), bytes(buffer[5 : 1 + length])))
+        del buffer[: 1 + length]
+    return messages
+
+
+class PgConnection(Connection):
+    """One client connection to PostgreSQL: start up, then one point read after another."""
+
+    def __init__(self, address: tuple[str, int], hot_set: HotSet, database: str, user: str) -> None:
+        super().__init__(address, hot_set)
+        self.database = database
+        self.user = user
+        self.started = False
+
+    def open(self, selector: selectors.BaseSelector, now: float) -> None:
+        self.started = False
+        self.incoming.clear()
+        super().open(selector, now)
+
+    def send_next(self, selector: selectors.BaseSelector, now: float) -> None:
+        aid = self.hot_set.next_index() + 1
+        self.ask(selector, now, query_message(f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid}"))
+
+    def connected(self, selector: selectors.BaseSelector, now: float) -> None:
+        """The connection is up: the startup message first, its ReadyForQuery before any query."""
+        self.ask(selector, now, startup_message(self.user, self.database))
+
+    def on_reply_bytes(self, selector: selectors.BaseSelector, now: float) -> float | None:
+        ready = False
+        for kind, body in take_messages(self.incoming):
+            if kind == b"E":
+                raise ValueError(error_text(body))
+            if kind == b"R" and struct.unpack_from("!i", body)[0] != AUTHENTICATION_OK:
+                raise ValueError(f"the server asks for authentication {struct.unpack_from('!i', body)[0]}: "
+                                 "app_load.py speaks trust only")
+            ready = ready or kind == b"Z"
+        if not ready:
+            return None
+        if not self.started:
+            self.started = True
+            self.send_next(selector, now)
+            return None
+        latency = now - self.sent_at
+        self.send_next(selector, now)
+        return latency
+
+
+def run(out_path: str, stop_file: str, max_s: float, clients: list[Connection], slow_s: float) -> None:
+    """Drive ``clients`` (HTTP or PostgreSQL connections) until STOP_FILE or MAX_S."""
     selector = selectors.DefaultSelector()
-    clients = [Connection(address, hot_set) for _ in range(connections)]
     started = time.monotonic()
     interval = Interval(started, started + INTERVAL_S)
     with open(out_path, "w", encoding="utf-8", buffering=1) as out:
@@ -235,16 +337,28 @@ def run(address: tuple[str, int], out_path: str, stop_file: str, max_s: float, h
                     interval.latencies_s.append(latency)
 
 
+USAGE = ("usage: app_load.py http ADDRESS PORT OUT.jsonl STOP_FILE MAX_S NFILES HOT_FRACTION SKEW SEED "
+         "CONNECTIONS SLOW_MS\n"
+         "       app_load.py postgresql ADDRESS PORT OUT.jsonl STOP_FILE MAX_S NROWS HOT_FRACTION SKEW SEED "
+         "CONNECTIONS SLOW_MS DATABASE USER")
+
+
 def main() -> int:
     try:
-        (host, port, out_path, stop_file, max_s, nfiles, hot_fraction, skew, seed, connections,
-         slow_ms) = sys.argv[1:]
-        hot_set = HotSet(int(nfiles), float(hot_fraction), float(skew), int(seed))
-        run((host, int(port)), out_path, stop_file, float(max_s), hot_set, int(connections),
-            float(slow_ms) / 1e3)
+        protocol, host, port, out_path, stop_file, max_s, items, hot_fraction, skew, seed, connections, \
+            slow_ms, *login = sys.argv[1:]
+        hot_set = HotSet(int(items), float(hot_fraction), float(skew), int(seed))
+        address = (host, int(port))
+        clients: list[Connection]
+        if protocol == "http" and not login:
+            clients = [Connection(address, hot_set) for _ in range(int(connections))]
+        elif protocol == "postgresql" and len(login) == 2:
+            clients = [PgConnection(address, hot_set, *login) for _ in range(int(connections))]
+        else:
+            raise ValueError(f"protocol {protocol!r} with {len(login)} more arguments")
+        run(out_path, stop_file, float(max_s), clients, float(slow_ms) / 1e3)
     except ValueError as bad:
-        print(f"http_load.py: {bad}\nusage: http_load.py ADDRESS PORT OUT.jsonl STOP_FILE MAX_S NFILES "
-              "HOT_FRACTION SKEW SEED CONNECTIONS SLOW_MS", file=sys.stderr)
+        print(f"app_load.py: {bad}\n{USAGE}", file=sys.stderr)
         return 2
     return 0
 
