@@ -1,21 +1,21 @@
 #!/usr/bin/env python3
-"""What fills a pruned migration's final round (issue 19's downtime), first asked of the armed
-guest module's periodic rescans: one PVH guest (SOFTPAGE_BENCH_GUEST_MB, default 2048) migrated to localhost with
-pruning SOFTPAGE_BENCH_REPS times (default 2) for each value of softpage.ko's ``scan_interval_ms``
-in SOFTPAGE_PROBE_INTERVALS (default "1000,0": every second while armed, the default, against
-scans on dom0's requests only), interleaved, the parameter written in the guest (it is writable
-at run time) before each migration. Per migration: every round's dirty pages and pages with
-data from softpage's ``--stats``, the downtime, and what the receiver's tap read between the
-suspend request and the stream's END (bytes, pages with data; one clock: one host). With
+"""What fills a pruned migration's final round (issue 19's downtime), first asked of the armed guest
+module's periodic rescans: one PVH guest (SOFTPAGE_BENCH_GUEST_MB, default 2048) migrated to
+localhost with pruning SOFTPAGE_BENCH_REPS times (default 2) for each value of softpage.ko's
+``scan_interval_ms`` in SOFTPAGE_PROBE_INTERVALS (default "1000,0": every second while armed, the
+default, against scans on dom0's requests only), interleaved, the parameter written in the guest
+(it is writable at run time) before each migration. Per migration: every round's dirty pages and
+pages with data from softpage's ``--stats``, the downtime, and what the receiver's tap read between
+the suspend request and the stream's END (bytes, pages with data; one clock: one host). With
 SOFTPAGE_PROBE_STOCK=1, first one stock `xl migrate` of the same guest, whose rounds only the tap
 can count. With SOFTPAGE_PROBE_PFNS=1, each migration's final round is also classified: the PFNs
 the tap saw with data between the suspend request and the END, looked up in the guest's
 /proc/kpageflags once it runs again (``final_round_kinds``).
 
 While armed the module walks the guest's memory every ``scan_interval_ms`` and publishes: it
-clears and refills its private copy of the four category bitmaps and copies all of it into the
-pages it shares with dom0 (softpage_publish), and both are guest pages the dirty log sees. A
-migration that asks for no report in a round gains nothing from those scans.
+clears and refills its private copy of the four category bitmaps and copies the frames that
+changed into the pages it shares with dom0 (softpage_publish), and both are guest pages the dirty
+log sees. A migration that asks for no report in a round gains nothing from those scans.
 
     .venv/bin/python -m tests.bench.scan_probe     (writes results/scan-probe-DATE/)
 """
