@@ -20,6 +20,7 @@
 #   SOFTPAGE_TESTBED_CACHE   cache directory (default ${XDG_CACHE_HOME:-~/.cache}/softpage/testbed)
 #   SOFTPAGE_DATA_MB         size of the guest data-disk files (default 512)
 #   SOFTPAGE_APP_DATA_MB     size of the distro guests' application files (default 256)
+#   SOFTPAGE_PG_SCALE        pgbench scale of the Debian 12 distro guest's database (default 100)
 #   SOFTPAGE_SKIP_APT=1      deps stage: do not apt-get install on the host (already provisioned)
 set -euo pipefail
 TESTBED_DIR=$(cd "$(dirname "$0")" && pwd)
@@ -65,6 +66,12 @@ TRIXIE_DOM0_PACKAGES="xen-hypervisor-4.20-amd64 xen-utils-4.20 xen-utils-common 
 DISTRO_GUEST_PACKAGES="systemd-sysv udev kmod iproute2 procps e2fsprogs initramfs-tools dkms"
 APP_DATA_MB=${SOFTPAGE_APP_DATA_MB:-256}
 APP_FILE_KB=64
+# The Debian 12 distro guest's second application (issue 21): PostgreSQL 15 with a pgbench
+# database of scale PG_SCALE (pgbench_accounts: 100,000 rows a unit, about 15 MiB with its index),
+# added to the guest's built disk (add_postgresql). Its service is not started at boot: the
+# guest's-view bench starts it when it measures it (SOFTPAGE_GUESTVIEW_APP=postgresql).
+PG_SCALE=${SOFTPAGE_PG_SCALE:-100}
+PG_PACKAGES="postgresql-15"
 HOST_PACKAGES="qemu-system-x86 qemu-utils debootstrap busybox-static cpio e2fsprogs gzip xz-utils
  gcc make libc6-dev libxen-dev python3 kmod openssh-client"
 
@@ -195,8 +202,9 @@ ssh_public_keys() { cat "$SSH_KEYS/ssh_host_ed25519_key.pub" "$SSH_KEYS/id_ed255
 key_distro_bookworm() {
     local packages; packages=$(distro_guest_packages bookworm)
     # shellcheck disable=SC2086
-    { echo "distro_bookworm $packages"; declare -f stage_distro_bookworm build_distro_guest distro_guest_packages
-      package_versions $packages; } | hash_inputs rootfs.sh
+    { echo "distro_bookworm $packages $PG_PACKAGES $PG_SCALE"
+      declare -f stage_distro_bookworm build_distro_guest distro_guest_packages add_postgresql
+      package_versions $packages $PG_PACKAGES; } | hash_inputs rootfs.sh
 }
 key_distro_trixie() {
     local packages; packages=$(distro_guest_packages trixie)
@@ -353,7 +361,52 @@ build_distro_guest() {
     rm -rf "$tree"
     du -h --apparent-size "$image"; du -h "$image"
 }
-stage_distro_bookworm() { build_distro_guest bookworm; }
+stage_distro_bookworm() { build_distro_guest bookworm; add_postgresql "$CACHE/distro-bookworm.img"; }
+
+# add_postgresql IMAGE: PG_PACKAGES installed into a built distro guest's disk (grown for the
+# database first), the cluster Debian's package makes started in the chroot, the database "bench"
+# filled by `pgbench -i` at PG_SCALE (with wal_level=minimal for the fill alone: pgbench loads each
+# table in the transaction that truncates it, so no WAL copy of the data needs the disk twice),
+# the cluster stopped cleanly. Done on the image rather than in
+# build_distro_guest so that the Debian 13 guest, which shares that function, is not rebuilt.
+add_postgresql() {
+    local image=$1
+    truncate -s "+$(( PG_SCALE * 20 + 768 ))M" "$image"
+    e2fsck -f -p "$image" >/dev/null
+    resize2fs "$image" >/dev/null 2>&1
+    mkdir -p "$PG_ROOT"
+    mount -o loop "$image" "$PG_ROOT"
+    trap unmount_pg_root EXIT
+    printf '#!/bin/sh\nexit 101\n' > "$PG_ROOT/usr/sbin/policy-rc.d"
+    chmod +x "$PG_ROOT/usr/sbin/policy-rc.d"
+    mount -t proc proc "$PG_ROOT/proc"
+    mount --bind /dev "$PG_ROOT/dev"
+    mount --bind /dev/pts "$PG_ROOT/dev/pts"
+    mount -t sysfs sys "$PG_ROOT/sys"
+    # shellcheck disable=SC2086
+    chroot "$PG_ROOT" /bin/sh -c "export DEBIAN_FRONTEND=noninteractive LC_ALL=C
+        apt-get update -qq && apt-get install -y -qq --no-install-recommends $PG_PACKAGES >/dev/null &&
+        apt-get clean &&
+        pg_ctlcluster 15 main start -- -o '-c wal_level=minimal -c max_wal_senders=0' &&
+        su postgres -c 'createdb bench && /usr/lib/postgresql/15/bin/pgbench -i -q -s $PG_SCALE bench' &&
+        pg_ctlcluster 15 main stop"
+    rm -f "$PG_ROOT/usr/sbin/policy-rc.d"
+    du -sh "$PG_ROOT/var/lib/postgresql"
+    unmount_pg_root
+    trap - EXIT
+    rmdir "$PG_ROOT"
+}
+PG_ROOT=$CACHE/distro-pg.mnt
+unmount_pg_root() {
+    local m
+    if [ -f "$PG_ROOT/var/run/postgresql/15-main.pid" ]; then  # a fill that failed midway
+        chroot "$PG_ROOT" pg_ctlcluster 15 main stop -m fast || true
+    fi
+    for m in dev/pts dev sys proc; do
+        if mountpoint -q "$PG_ROOT/$m"; then umount -l "$PG_ROOT/$m"; fi
+    done
+    if mountpoint -q "$PG_ROOT"; then umount "$PG_ROOT"; fi
+}
 stage_distro_trixie() { build_distro_guest trixie; }
 
 # The application's files: APP_DATA_MB of random bytes in APP_FILE_KB files (f00000, f00001, ...)

@@ -92,3 +92,14 @@ for unit in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer fstrim.tim
     getty-static.service getty@tty1.service; do
     ln -sf /dev/null "$ROOT/etc/systemd/system/$unit"
 done
+
+# PostgreSQL (the Debian 12 guest's second application, build.sh add_postgresql): reachable from
+# dom0's bridge without a password (the testbed's own network, nothing else reaches it), and not
+# started at boot, so that a guest measured with nginx does not run it; the guest's-view bench
+# starts it when it measures it.
+for cluster in "$ROOT"/etc/postgresql/*/main; do
+    [ -d "$cluster" ] || continue
+    echo "listen_addresses = '*'" > "$cluster/conf.d/softpage-testbed.conf"
+    echo "host all postgres 0.0.0.0/0 trust" >> "$cluster/pg_hba.conf"
+    echo manual > "$cluster/start.conf"  # Debian's way: `systemctl start postgresql@15-main` still works
+done
