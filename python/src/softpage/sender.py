@@ -36,17 +36,27 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 
+UNSENT_POLL_S = 0.005
+UNSENT_STALL_S = 5.0
+"""``drain`` stops waiting for the receiver to take what is left in the connection when that did
+not shrink for this long (a receiver that stopped reading fails the next write instead)."""
+
+
 class XlStreamSink:
     """The driver's ``PageSink`` over a ``StreamWriter`` writing an xl stream (``config_json``
     None: the bare libxc stream of a save helper), through ``background`` if its writes go out
-    from a thread (None: they are written when made)."""
+    from a thread (None: they are written when made). ``unsent()``, if given, tells how much of
+    what was written the receiver's end of the connection has not taken yet
+    (``handshake.unsent_bytes``)."""
 
     def __init__(
-        self, writer: StreamWriter, config_json: bytes | None, background: BackgroundWritev | None = None
+        self, writer: StreamWriter, config_json: bytes | None, background: BackgroundWritev | None = None,
+        unsent: Callable[[], int] | None = None,
     ) -> None:
         self.writer = writer
         self.background = background
         self.config_json = config_json
+        self.unsent = unsent
 
     def begin(self, domain: DomainInfo, static: StaticInfo) -> None:
         self.writer.begin(self.config_json, domain.guest_type, domain.xen_version, static)
@@ -57,8 +67,20 @@ class XlStreamSink:
         return self.writer.bytes_written - before
 
     def drain(self) -> None:
+        """Until the receiver took everything written: out of the writer thread's queue, then out
+        of the pipe or socket. The pipe to a receiver command holds 1 MiB
+        (``handshake.STREAM_PIPE_BYTES``), half a second of a 16 Mbit/s link: still in it when
+        the guest was asked to suspend, it was downtime (link-bench-20261207-132218)."""
         if self.background is not None:
             self.background.drain()
+        if self.unsent is None:
+            return
+        left, changed = self.unsent(), time.monotonic()
+        while left > 0 and time.monotonic() - changed < UNSENT_STALL_S:
+            time.sleep(UNSENT_POLL_S)
+            now_left = self.unsent()
+            if now_left != left:
+                left, changed = now_left, time.monotonic()
 
     def end(self, end_of_checkpoint: EndOfCheckpoint) -> None:
         self.writer.finish(end_of_checkpoint)
@@ -77,6 +99,7 @@ def _send(
     options: DriverOptions,
     log: Log,
     progress: Progress | None,
+    unsent: Callable[[], int] | None = None,
 ) -> SendResult:
     """``send_domain`` into ``writev``, written from a thread; returns once all of it was written.
 
@@ -89,7 +112,8 @@ def _send(
     background = BackgroundWritev(writev)
     writer = StreamWriter(background)
     try:
-        stats = send_domain(backend, XlStreamSink(writer, config_json, background), options, log, progress)
+        stats = send_domain(backend, XlStreamSink(writer, config_json, background, unsent), options, log,
+                            progress)
     except BaseException as error:
         background.close()
         if not background.join(FAILED_STREAM_FLUSH_S):
@@ -127,7 +151,8 @@ def save_domain(
     ``MigrationError`` raised. The caller destroys the domain, or resumes it to
     keep it running (``xl save -c``).
     """
-    return _send(backend, lambda buffers: os.writev(fd, buffers), config_json, options, log, progress)
+    return _send(backend, lambda buffers: os.writev(fd, buffers), config_json, options, log, progress,
+                 lambda: handshake.unsent_bytes(fd))
 
 
 def save_libxc_stream(
@@ -143,7 +168,8 @@ def save_libxc_stream(
     Returns with the domain suspended. On failure the backend's ``resume()`` was called, as in
     ``save_domain``; under libxl that is the toolstack's to do (``softpage.savehelper``).
     """
-    return _send(backend, lambda buffers: os.writev(fd, buffers), None, options, log, progress)
+    return _send(backend, lambda buffers: os.writev(fd, buffers), None, options, log, progress,
+                 lambda: handshake.unsent_bytes(fd))
 
 
 Rename = Callable[[str, str], None]
@@ -183,6 +209,7 @@ def migrate_domain(
     progress: Progress | None = None,
     timeouts: HandshakeTimeouts | None = None,
     destroy_source: Callable[[], None] | None = None,
+    unsent: Callable[[], int] | None = None,
 ) -> MigrateResult:
     """Migrate the backend's domain to an ``xl migrate-receive`` on ``receiver``.
 
@@ -200,7 +227,8 @@ def migrate_domain(
     signals are held until its outcome was acted on (the source destroyed, or
     resumed if the target gave the guest back): resuming while the target may
     unpause its copy could leave the guest running twice. The receiver's answers
-    are bounded by ``timeouts``.
+    are bounded by ``timeouts``. ``unsent()``: what the connection still holds
+    (``XlStreamSink.drain`` waits for it to empty before each harvest and the suspend).
     """
     timeouts = timeouts or HandshakeTimeouts()
     handshake.expect_banner(receiver.read, timeouts.banner)
@@ -208,7 +236,7 @@ def migrate_domain(
     streamed = False
     renamed = False
     try:
-        sent = _send(backend, receiver.writev, config_json, options, log, progress)
+        sent = _send(backend, receiver.writev, config_json, options, log, progress, unsent)
         streamed = True
         handshake.expect_receiver_ready(receiver.read, timeouts.ready)
         sent.stats.mark_downtime("receiver_ready")

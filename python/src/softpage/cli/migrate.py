@@ -254,7 +254,7 @@ def run_migrate(args: argparse.Namespace) -> int:
                 backend, _Receiver(receiver), domain.config_json(preserve_domid=args.preserve_domid),
                 domain.name, functools.partial(toolstack.rename, store, domain.domid, domain.uuid),
                 driver_options(args, live=True), log, None if args.quiet else _progress(sys.stderr),
-                destroy_source=destroy_source,
+                destroy_source=destroy_source, unsent=receiver.channel.unsent_bytes,
             )
     finally:
         if backend is not None:

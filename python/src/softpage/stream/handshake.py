@@ -55,12 +55,15 @@ GO is case 4; a timeout after GO is UNDEFINED, never "resume".
 
 from __future__ import annotations
 
+import array
 import contextlib
 import enum
 import fcntl
 import os
 import select
+import stat
 import subprocess
+import termios
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -171,6 +174,21 @@ def hand_over(
 # -- transports -----------------------------------------------------------------
 
 
+def unsent_bytes(fd: int) -> int:
+    """What was written to ``fd`` and its reader has not taken yet: a pipe's content (FIONREAD,
+    which Linux answers on either end), a socket's send queue (TIOCOUTQ); 0 for a file."""
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISFIFO(mode):
+        request = termios.FIONREAD
+    elif stat.S_ISSOCK(mode):
+        request = termios.TIOCOUTQ
+    else:
+        return 0
+    count = array.array("i", [0])
+    fcntl.ioctl(fd, request, count, True)
+    return count[0]
+
+
 class FdChannel:
     """The two ends of a receiver connection: ``send_fd`` carries the stream
     and GO, ``recv_fd`` the receiver's messages (xl's ``send_fd``/``recv_fd``).
@@ -196,6 +214,9 @@ class FdChannel:
 
     def writev(self, buffers: Sequence[Buffer]) -> int:
         return os.writev(self.send_fd, buffers)
+
+    def unsent_bytes(self) -> int:
+        return unsent_bytes(self.send_fd)
 
 
 STREAM_PIPE_BYTES = 1 << 20
