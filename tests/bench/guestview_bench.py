@@ -29,6 +29,12 @@ bytes (a sample of files checked through it) and systemd must still say running;
 destroyed. A method during which Xen logged a guest triple fault (nested SVM under TCG,
 testbed/README.md) runs again on a new boot, up to xen_bench's TRIPLE_FAULT_RETRIES times.
 
+SOFTPAGE_GUESTVIEW_APP=postgresql measures the Debian 12 guest's PostgreSQL 15 instead of nginx
+(testbed/build.sh add_postgresql: a pgbench database, SOFTPAGE_PG_SCALE 100 by default, about
+1.5 GiB): started after the boot, its database files read once, then point reads of
+pgbench_accounts drawn from the first 25% of the rows (skew 2) by the same client's PostgreSQL
+connections; afterwards the cluster must be active and a sample of rows as pgbench wrote them.
+
 The load: SOFTPAGE_GUESTVIEW_CONNECTIONS (4) keep-alive connections from one Python client in
 dom0, one request outstanding on each, requests drawn as testbed/distro/hot-set.lua draws them
 (the first 25% of the files, skew 2); the client itself writes one line a second: requests
@@ -139,6 +145,16 @@ CALIBRATION_FILE = "calibration.json"
 """Written once per output directory; SOFTPAGE_GUESTVIEW_METHODS="" makes only this."""
 CALIBRATION_WRK_SECONDS = 3
 """One-second wrk runs, as the samples were taken before 2026-12-06's change."""
+APPS = ("nginx", "postgresql")
+POSTGRESQL = "postgresql"
+PG_PORT = 5432
+PG_DATABASE = "bench"
+PG_USER = "postgres"
+PG_UNIT = "postgresql@15-main"
+PG_DATA = "/var/lib/postgresql/15/main"
+PG_ROWS_PER_SCALE = 100_000
+"""pgbench_accounts rows for each unit of pgbench's scale (pgbench_branches holds one row a unit)."""
+SAMPLE_ROWS = 24
 FORKING_DISK_SAMPLER = ("while :; do echo $(date +%s.%N) $(cat /sys/block/xvd*/stat | awk '{s += $3} "
                         "END {print s}'); sleep 0.5; done")
 """The guest's disk sampler before 2026-12-06's change (four processes every half second on the
@@ -166,6 +182,9 @@ class Settings:
     kernel command line (``softpage.cold_age_ms=``); None (the default): the module's own, 30 s."""
     disk_rate: int | None
     """SOFTPAGE_DISK_RATE (bytes per second; None: unthrottled): a sweep holds one rate."""
+    app: str = "nginx"
+    """SOFTPAGE_GUESTVIEW_APP: the application the load asks, nginx (the default) or postgresql
+    (the Debian 12 guest's pgbench database, testbed/build.sh add_postgresql)."""
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -190,7 +209,13 @@ class Settings:
             cold_age_ms=int(os.environ["SOFTPAGE_GUESTVIEW_COLD_AGE_MS"])
             if os.environ.get("SOFTPAGE_GUESTVIEW_COLD_AGE_MS") else None,
             disk_rate=parse_disk_rate(os.environ.get(DISK_RATE_ENV, "")),
+            app=os.environ.get("SOFTPAGE_GUESTVIEW_APP", "nginx"),
         )
+        if settings.app not in APPS:
+            raise SystemExit(f"SOFTPAGE_GUESTVIEW_APP: {settings.app!r}; expected one of {', '.join(APPS)}")
+        if settings.app == POSTGRESQL and settings.release != "bookworm":
+            raise SystemExit("SOFTPAGE_GUESTVIEW_APP=postgresql: only the Debian 12 (bookworm) guest has "
+                             "the database")
         if settings.guest_type not in DISTRO_GUEST_TYPES:
             raise SystemExit(f"SOFTPAGE_GUESTVIEW_GUEST_TYPE: {settings.guest_type!r}; expected one of "
                              f"{', '.join(DISTRO_GUEST_TYPES)}")
@@ -293,6 +318,9 @@ def fresh_guest(testbed: Testbed, settings: Settings) -> DistroGuest:
     log(f"guestview: guest up {time.monotonic() - booting:.0f} s after xl create: {up}")
     if up["system"] != "running" or up["nginx"] != "active":
         raise SystemExit(f"guestview: guest up with {up}")
+    if settings.app == POSTGRESQL:
+        # not started at boot (testbed/distro/configure.sh); systemctl waits until it accepts connections
+        guest.check_shell(f"systemctl start {PG_UNIT}", timeout_s=600)
     if settings.cold_age_ms is not None:
         loaded = guest.check_shell(f"cat /sys/module/softpage/parameters/{COLD_AGE_PARAMETER}").strip()
         if loaded != str(settings.cold_age_ms):
@@ -319,10 +347,29 @@ def meminfo_mb(guest: DistroGuest, *fields: str) -> list[int]:
     return [values[field] for field in fields]
 
 
-def fill_cache(guest: DistroGuest) -> float:
+def fill_cache(guest: DistroGuest, settings: Settings) -> float:
+    """Read the application's data once: nginx's files, or every file of PostgreSQL's databases."""
     started = time.monotonic()
-    guest.check_shell("cat /srv/app/f* > /dev/null", timeout_s=1800)
+    files = f"{PG_DATA}/base/*/*" if settings.app == POSTGRESQL else "/srv/app/f*"
+    guest.check_shell(f"cat {files} > /dev/null", timeout_s=1800)
     return time.monotonic() - started
+
+
+def psql(guest: DistroGuest, sql: str) -> str:
+    """One query in the guest, as the database's owner, unaligned and without headers."""
+    # from /: su keeps root's working directory, which psql cannot enter and says so on stdout
+    query = shlex.join(["psql", "-tAc", sql, PG_DATABASE])
+    return guest.check_shell(f"cd / && su postgres -c {shlex.quote(query)}", timeout_s=600).strip()
+
+
+def pg_rows(guest: DistroGuest) -> int:
+    """pgbench_accounts' rows, from pgbench's scale (one pgbench_branches row a unit)."""
+    return int(psql(guest, "SELECT count(*) FROM pgbench_branches")) * PG_ROWS_PER_SCALE
+
+
+def load_items(guest: DistroGuest, settings: Settings, names: list[str]) -> int:
+    """What the load draws from: nginx's files, or PostgreSQL's rows."""
+    return pg_rows(guest) if settings.app == POSTGRESQL else len(names)
 
 
 def disk_sampler_loop(sample_s: float = DISK_SAMPLE_S) -> str:
@@ -358,11 +405,15 @@ def stop_disk_sampler(guest: DistroGuest) -> list[tuple[float, int]]:
     return samples
 
 
-def load_command(nfiles: int, settings: Settings, out: str, stop: str, max_s: float) -> str:
-    return shlex.join(["python3", f"{DOM0_TOOLS}/app_load.py", "http", GUEST_ADDRESS, str(HTTP_PORT), out,
-                       stop,
-                       str(max_s), str(nfiles), str(HOT_FRACTION), str(HOT_SKEW), str(LOAD_SEED),
-                       str(settings.connections), str(settings.slow_ms)])
+def load_command(nitems: int, settings: Settings, out: str, stop: str, max_s: float) -> str:
+    """app_load.py against the guest's nginx (``nitems`` files) or PostgreSQL (``nitems`` rows)."""
+    if settings.app == POSTGRESQL:
+        protocol, port, login = POSTGRESQL, PG_PORT, [PG_DATABASE, PG_USER]
+    else:
+        protocol, port, login = "http", HTTP_PORT, []
+    return shlex.join(["python3", f"{DOM0_TOOLS}/app_load.py", protocol, GUEST_ADDRESS, str(port), out, stop,
+                       str(max_s), str(nitems), str(HOT_FRACTION), str(HOT_SKEW), str(LOAD_SEED),
+                       str(settings.connections), str(settings.slow_ms), *login])
 
 
 def start_load(testbed: Testbed, nfiles: int, settings: Settings) -> int:
@@ -429,8 +480,28 @@ def longest_pause(disk: list[tuple[float, int]]) -> int:
     return 1 + gaps.index(max(gaps))
 
 
+def check_postgresql(guest: DistroGuest, rows: int, when: str) -> None:
+    """systemd running, the cluster active, and rows spread over the whole table as ``pgbench -i``
+    wrote them (the load only reads): every sampled row there with a zero balance, and a range of
+    10,000 rows complete."""
+    state = guest.shell(f"systemctl is-system-running; systemctl is-active {PG_UNIT}")
+    if state.output.split() != ["running", "active"]:
+        raise SystemExit(f"guestview: after {when}: systemd/PostgreSQL say {state.output.split()}")
+    step = max(1, rows // SAMPLE_ROWS)
+    aids = sorted({*range(1, rows + 1, step), rows})
+    middle = rows // 2
+    answer = psql(guest, f"SELECT count(*), sum(abalance) FROM pgbench_accounts WHERE aid IN "
+                         f"({', '.join(map(str, aids))}); SELECT count(*) FROM pgbench_accounts "
+                         f"WHERE aid BETWEEN {middle} AND {middle + 9999}")
+    if answer.split() != [f"{len(aids)}|0", "10000"]:
+        raise SystemExit(f"guestview: after {when}: PostgreSQL's rows are not pgbench's: {answer!r}")
+
+
 def check_guest(testbed: Testbed, guest: DistroGuest, expected: dict[str, str], sample: list[str],
-                when: str) -> None:
+                when: str, settings: Settings, nitems: int) -> None:
+    if settings.app == POSTGRESQL:
+        check_postgresql(guest, nitems, when)
+        return
     state = guest.shell("systemctl is-system-running; systemctl is-active nginx")
     if state.output.split() != ["running", "active"]:
         raise SystemExit(f"guestview: after {when}: systemd/nginx say {state.output.split()}")
@@ -758,8 +829,9 @@ def output_dir(settings: Settings) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     meta = out / "settings.json"
     mine = {key: value for key, value in asdict(settings).items() if key != "methods"}
-    # sweeps from before SOFTPAGE_GUESTVIEW_GUEST_TYPE and _COLD_AGE_MS: PVH, the module's own age
-    older = {"guest_type": "pvh", "cold_age_ms": None}
+    # sweeps from before SOFTPAGE_GUESTVIEW_GUEST_TYPE, _COLD_AGE_MS and _APP: PVH, the module's own
+    # age, nginx
+    older = {"guest_type": "pvh", "cold_age_ms": None, "app": "nginx"}
     if meta.exists() and {**older, **json.loads(meta.read_text())} != mine:
         raise SystemExit(f"guestview: {out} holds a sweep with other settings: {meta.read_text()}")
     meta.write_text(json.dumps(mine) + "\n")
@@ -781,9 +853,10 @@ def testbed_config(settings: Settings) -> TestbedConfig:
 
 def calibrate_once(testbed: Testbed, guest: DistroGuest, names: list[str], settings: Settings,
                    out: Path) -> None:
-    """``compare_load_generators`` on the sweep's first guest, once its cache is filled."""
+    """``compare_load_generators`` on the sweep's first guest, once its cache is filled (nginx only:
+    it compares wrk's runs with app_load.py's)."""
     calibration = out / CALIBRATION_FILE
-    if not calibration.exists():
+    if settings.app != POSTGRESQL and not calibration.exists():
         log(f"guestview: the load generators side by side ({CALIBRATION_FILE})")
         measured = compare_load_generators(testbed, guest, len(names), settings)
         calibration.write_text(json.dumps(measured, indent=1) + "\n")
@@ -810,19 +883,20 @@ def measure_on_new_guests(testbed: Testbed, method: str, names: list[str], setti
     sample = names[:: max(1, len(names) // SAMPLE_FILES)]
     for attempt in range(1, HOTPLUG_ATTEMPTS + 1):
         guest = fresh_guest(testbed, settings)
-        fill_s = fill_cache(guest)
+        fill_s = fill_cache(guest, settings)
+        nitems = load_items(guest, settings, names)
         calibrate_once(testbed, guest, names, settings, out)
         try:
-            run, seconds, disk = measure(testbed, guest, method, len(names), settings, baseline, out, fill_s)
+            run, seconds, disk = measure(testbed, guest, method, nitems, settings, baseline, out, fill_s)
         except HotplugTimedOut as timed_out:
             if attempt == HOTPLUG_ATTEMPTS:
                 raise
             log(f"guestview: {method}: the receiver's disk hotplug timed out (try {attempt}), "
                 f"the guest resumed at the sender; measuring again on a new boot:\n{timed_out}")
-            check_guest(testbed, guest, expected, sample, f"{method}'s failed migration")
+            check_guest(testbed, guest, expected, sample, f"{method}'s failed migration", settings, nitems)
             retire_guest(guest)
             continue
-        check_guest(testbed, guest, expected, sample, method)
+        check_guest(testbed, guest, expected, sample, method, settings, nitems)
         retire_guest(guest)
         return run, seconds, disk
     raise AssertionError("unreachable: the last attempt returns or raises")
@@ -842,12 +916,13 @@ def main() -> int:
                 if settings.cold_age_ms is not None else "")
     header = (f"The guest's view of a migration, {time.strftime('%Y-%m-%d')}: Debian "
               f"{settings.release} {settings.guest_type.upper()} guest ({settings.guest_mb} MiB, 1 vCPU, "
-              f"nginx, a new boot per method), "
+              f"{settings.app}, a new boot per method), "
               f"{describe_disk_rate(settings.disk_rate)}; a keep-alive client in dom0 "
               f"({settings.connections} connections, {HOT_FRACTION:.0%} hot set); {cold_age}"
               f"Xen {settings.xen_version} ({config.platform.release} dom0) under QEMU TCG on this machine "
               f"({os.cpu_count()} cores); one run per method.")
-    if todo or not (out / CALIBRATION_FILE).exists():
+    calibrate = settings.app != POSTGRESQL and not (out / CALIBRATION_FILE).exists()
+    if todo or calibrate:
         with booted_testbed(config, Path(tempfile.mkdtemp(prefix="softpage-guestview-"))) as testbed:
             install_dom0_tools(testbed)
             info = testbed.payload_info()
@@ -859,7 +934,7 @@ def main() -> int:
             baseline = next((run for run in runs if run.method == BASELINE), None)
             if not todo:
                 guest = fresh_guest(testbed, settings)
-                fill_cache(guest)
+                fill_cache(guest, settings)
                 calibrate_once(testbed, guest, names, settings, out)
                 retire_guest(guest)
             for method in todo:

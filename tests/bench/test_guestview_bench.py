@@ -11,6 +11,7 @@ import http.server
 import itertools
 import json
 import math
+import shlex
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -18,13 +19,16 @@ from pathlib import Path
 
 import pytest
 
+from softpage_testbed.distro import ShellResult
 from tests.bench.dom0 import app_load
 from tests.bench.guestview_bench import (
     MethodRun,
     Second,
     Settings,
+    check_postgresql,
     cpu_shares,
     guest_kernel_args,
+    load_command,
     longest_pause,
     output_dir,
     parse_disk_samples,
@@ -229,14 +233,63 @@ def test_a_cold_age_goes_to_the_module_through_the_guests_kernel_command_line(
 
 def test_a_sweep_from_before_the_guest_type_and_cold_age_continues_as_pvh_with_the_modules_age(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in ("SOFTPAGE_GUESTVIEW_GUEST_TYPE", "SOFTPAGE_GUESTVIEW_COLD_AGE_MS"):
+    for name in ("SOFTPAGE_GUESTVIEW_GUEST_TYPE", "SOFTPAGE_GUESTVIEW_COLD_AGE_MS", "SOFTPAGE_GUESTVIEW_APP"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SOFTPAGE_GUESTVIEW_OUT", str(tmp_path))
     settings = Settings.from_env()
     older = {key: value for key, value in dataclasses.asdict(settings).items()
-             if key not in ("methods", "guest_type", "cold_age_ms")}
+             if key not in ("methods", "guest_type", "cold_age_ms", "app")}
     (tmp_path / "settings.json").write_text(json.dumps(older))
     assert output_dir(settings) == tmp_path
     monkeypatch.setenv("SOFTPAGE_GUESTVIEW_GUEST_TYPE", "pv")
     with pytest.raises(SystemExit, match="holds a sweep with other settings"):
         output_dir(Settings.from_env())
+
+
+def test_the_load_asks_nginx_for_files_or_postgresql_for_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SOFTPAGE_GUESTVIEW_APP", raising=False)
+    monkeypatch.delenv("SOFTPAGE_GUESTVIEW_RELEASE", raising=False)
+    nginx = shlex.split(load_command(24576, Settings.from_env(), "/tmp/out", "/tmp/stop", 100.0))
+    assert nginx[2:5] == ["http", "10.98.0.2", "80"] and nginx[8] == "24576" and len(nginx) == 14
+    monkeypatch.setenv("SOFTPAGE_GUESTVIEW_APP", "postgresql")
+    postgresql = shlex.split(load_command(10_000_000, Settings.from_env(), "/tmp/out", "/tmp/stop", 100.0))
+    assert postgresql[2:5] == ["postgresql", "10.98.0.2", "5432"] and postgresql[8] == "10000000"
+    assert postgresql[-2:] == ["bench", "postgres"]
+    monkeypatch.setenv("SOFTPAGE_GUESTVIEW_RELEASE", "trixie")
+    with pytest.raises(SystemExit, match="only the Debian 12"):
+        Settings.from_env()
+    monkeypatch.setenv("SOFTPAGE_GUESTVIEW_APP", "redis")
+    with pytest.raises(SystemExit, match="expected one of nginx, postgresql"):
+        Settings.from_env()
+
+
+class FakePostgresGuest:
+    """A distro guest whose shell answers ``check_postgresql``'s two commands."""
+
+    def __init__(self, state: str, answer: str) -> None:
+        self.state, self.answer = state, answer
+        self.commands: list[str] = []
+
+    def shell(self, command: str, timeout_s: float = 120) -> ShellResult:
+        self.commands.append(command)
+        return ShellResult(rc=0, output=self.state)
+
+    def check_shell(self, command: str, timeout_s: float = 120) -> str:
+        self.commands.append(command)
+        return self.answer
+
+
+def test_postgresql_is_checked_on_rows_spread_over_the_table() -> None:
+    good = FakePostgresGuest("running\nactive\n", "26|0\n10000\n")
+    check_postgresql(good, 10_000_000, "stock")  # type: ignore[arg-type]
+    query = good.commands[-1]
+    assert "su postgres -c" in query and "psql -tAc" in query and " bench" in query
+    # a row every 24th of the table (25 of them), the last one, and 10,000 from the middle
+    assert "aid IN (1, 416667, " in query and ", 10000000)" in query
+    assert "BETWEEN 5000000 AND 5009999" in query
+    with pytest.raises(SystemExit, match="not pgbench's"):
+        check_postgresql(FakePostgresGuest("running\nactive\n", "25|0\n10000\n"),  # type: ignore[arg-type]
+                         10_000_000, "stock")
+    with pytest.raises(SystemExit, match="systemd/PostgreSQL say"):
+        check_postgresql(FakePostgresGuest("degraded\nactive\n", ""),  # type: ignore[arg-type]
+                         10_000_000, "stock")
