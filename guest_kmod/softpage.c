@@ -103,7 +103,7 @@ MODULE_PARM_DESC(freeze_drop_min_pages,
 static uint scan_interval_ms = 1000;
 module_param(scan_interval_ms, uint, 0644);
 MODULE_PARM_DESC(scan_interval_ms,
-		 "Rescan period while data/softpage/armed is 1 (0: only on dom0 requests)");
+		 "Rescan period while data/softpage/armed is 1, until a drop dom0 asks for (0: only on dom0 requests)");
 
 /*
  * Fault injection, for proving on real Xen that dom0 survives what a buggy or
@@ -663,7 +663,16 @@ static void softpage_queue_periodic(struct softpage *sp)
 	uint interval = READ_ONCE(scan_interval_ms);
 
 	lockdep_assert_held(&sp->lock);
-	if (sp->armed && interval && !sp->frozen && !sp->stopping)
+	/*
+	 * dom0 asks for every report it uses through the event channel; a
+	 * periodic rescan answers its newest request again (or one whose notify
+	 * was lost).  Not after a drop dom0 asked for (the first drop before
+	 * round 1 with prune-cache=cold, the early drop at stop-and-copy): each
+	 * rescan rewrites the private bitmaps, pages the next round, or the
+	 * final one, has to carry.
+	 */
+	if (sp->armed && interval && !sp->frozen && !sp->stopping &&
+	    !sp->early_dropped)
 		mod_delayed_work(system_wq, &sp->periodic_work,
 				 msecs_to_jiffies(interval));
 	else
@@ -1091,6 +1100,7 @@ static void softpage_drop_work(struct work_struct *work)
 		sp->stats.early_drops++;
 		sp->early_dropped = !sp->stats.drop_error;
 		sp->early_drop_left = softpage_droppable_pages();
+		softpage_queue_periodic(sp);
 		dev_info(sp->dev, "early drop %llu: dropped %llu cache and %llu slab pages in %llu ms\n",
 			 drop_id, sp->stats.dropped_cache_pages,
 			 sp->stats.dropped_slab_pages,
