@@ -146,6 +146,7 @@ struct softpage_stats {
 	u64 cache_cold;			/* the last scan applied prune-cache=cold */
 	u64 evict_candidates;		/* reported cache still cold at the last drop */
 	u64 evicted_cache_pages;	/* of them evicted by that targeted drop */
+	u64 last_mark_ns;		/* the walk after a first cold drop */
 	u64 freezes;			/* armed suspends */
 	u64 thaws;
 	u64 restores;
@@ -210,6 +211,14 @@ struct softpage {
 	u64 aged_at[2];
 	unsigned int aged_newest;
 	unsigned long *reported_cache;
+	/*
+	 * prune-cache=cold: the clean cache right after the first drop of this
+	 * armed period, valid while cached_marked.  Cache that came in since
+	 * and was read is the application's own reads during the migration:
+	 * hot, however long ago (softpage_is_cold()).
+	 */
+	unsigned long *cached_at_drop;
+	bool cached_marked;
 
 	struct softpage_stats stats;
 };
@@ -308,17 +317,28 @@ static bool softpage_is_clean_cache(struct folio *folio)
  * folio, not in the workingset, has not been used since it came in or since
  * reclaim aged it; a referenced one that was already inactive and referenced
  * at an aging pass at least cold_age_ms ago (@aged) has not been used since
- * that pass, or it would be active now.  Mapped folios are never soft
+ * that pass, or it would be active now.  A referenced one that came in after
+ * the migration's first drop (@cached_then) was read during the migration and
+ * is hot whatever its age.  Mapped folios are never soft
  * (softpage_is_clean_cache()), so the young bits of page tables, which this
  * cannot see, do not matter.
  */
 static bool softpage_is_cold(struct folio *folio, unsigned long pfn,
-			     const unsigned long *aged)
+			     const unsigned long *aged,
+			     const unsigned long *cached_then)
 {
 	if (folio_test_active(folio) || folio_test_workingset(folio))
 		return false;
 	if (!folio_test_referenced(folio))
 		return true;
+	/*
+	 * Read since the migration's first drop (@cached_then): the
+	 * application asked for it while the migration ran.  A PFN that was
+	 * cache then and holds another file's page now falls to the aging
+	 * rule, which may call it cold early: a re-read, never a stale page.
+	 */
+	if (cached_then && !test_bit(pfn, cached_then))
+		return false;
 	return aged && test_bit(pfn, aged);
 }
 
@@ -329,7 +349,9 @@ struct softpage_walk_spec {
 	bool cache;
 	bool cold;			/* prune-cache=cold: hot cache left out */
 	const unsigned long *aged;	/* for softpage_is_cold(), or NULL */
+	const unsigned long *cached_then; /* for softpage_is_cold(), or NULL */
 	unsigned long *age_into;	/* an aging pass: fill this instead */
+	unsigned long *cached_into;	/* every clean cache PFN: fill this instead */
 };
 
 /* Where a walk puts the free pages it finds. */
@@ -368,11 +390,15 @@ static unsigned long softpage_classify(const struct softpage *sp,
 		return nr;
 	}
 
-	if (!spec->cache && !spec->age_into)
+	if (!spec->cache && !spec->age_into && !spec->cached_into)
 		return 1;
 	folio = page_folio(page);
 	if (!softpage_is_clean_cache(folio))
 		return 1;
+	if (spec->cached_into) {
+		__set_bit(pfn, spec->cached_into);
+		return 1;
+	}
 	if (spec->age_into) {
 		if (!folio_test_active(folio) &&
 		    !folio_test_workingset(folio) &&
@@ -380,7 +406,8 @@ static unsigned long softpage_classify(const struct softpage *sp,
 			__set_bit(pfn, spec->age_into);
 		return 1;
 	}
-	if (!spec->cold || softpage_is_cold(folio, pfn, spec->aged))
+	if (!spec->cold ||
+	    softpage_is_cold(folio, pfn, spec->aged, spec->cached_then))
 		__set_bit(pfn, softpage_category(sp, sp->scan_bitmaps,
 						 SOFTPAGE_CAT_CACHE));
 	return 1;
@@ -448,8 +475,8 @@ static u64 softpage_walk(struct softpage *sp,
 	u64 start = ktime_get_ns();
 	int nid, zid;
 
-	if (spec->age_into) {
-		bitmap_zero(spec->age_into, sp->nr_pfns);
+	if (spec->age_into || spec->cached_into) {
+		bitmap_zero(spec->age_into ?: spec->cached_into, sp->nr_pfns);
 	} else if (spec->held) {
 		unsigned long *held = softpage_free_into(sp, spec);
 
@@ -528,6 +555,12 @@ static const unsigned long *softpage_aged_before(const struct softpage *sp,
 	return NULL;
 }
 
+/* The clean cache right after this armed period's first drop, or NULL. */
+static const unsigned long *softpage_cached_then(const struct softpage *sp)
+{
+	return sp->cached_marked ? sp->cached_at_drop : NULL;
+}
+
 /* A precopy snapshot, from process context. */
 static u64 softpage_scan(struct softpage *sp)
 {
@@ -539,6 +572,7 @@ static u64 softpage_scan(struct softpage *sp)
 	if (spec.cache && softpage_cache_cold_wanted()) {
 		spec.cold = true;
 		spec.aged = softpage_aged_before(sp, ktime_get_ns());
+		spec.cached_then = softpage_cached_then(sp);
 	}
 	sp->stats.cache_cold = spec.cold;
 	return softpage_walk(sp, &spec, true);
@@ -750,6 +784,7 @@ static void softpage_armed_changed(struct xenbus_watch *watch,
 	sp->armed = !softpage_read_u64(SOFTPAGE_XS_ARMED, &armed) && armed == 1;
 	if (!sp->armed) {
 		sp->early_dropped = false;
+		sp->cached_marked = false;
 		/* Disarmed: that migration's reports are history. */
 		if (!sp->frozen)
 			bitmap_zero(sp->reported_cache, sp->nr_pfns);
@@ -962,6 +997,7 @@ static unsigned long softpage_evict_range(struct address_space *mapping,
 static unsigned long softpage_evict_reported_cache(struct softpage *sp)
 {
 	const unsigned long *aged = softpage_aged_before(sp, ktime_get_ns());
+	const unsigned long *cached_then = softpage_cached_then(sp);
 	struct address_space *run_mapping = NULL;
 	struct inode *run_inode = NULL;
 	pgoff_t run_first = 0, run_last = 0;
@@ -982,7 +1018,7 @@ static unsigned long softpage_evict_reported_cache(struct softpage *sp)
 			continue;
 		folio = page_folio(page);
 		if (!softpage_is_clean_cache(folio) ||
-		    !softpage_is_cold(folio, pfn, aged))
+		    !softpage_is_cold(folio, pfn, aged, cached_then))
 			continue;
 		if (!folio_try_get(folio))
 			continue;
@@ -1101,6 +1137,14 @@ static void softpage_drop_work(struct work_struct *work)
 		sp->early_dropped = !sp->stats.drop_error;
 		sp->early_drop_left = softpage_droppable_pages();
 		softpage_queue_periodic(sp);
+		if (sp->stats.cache_cold && !sp->cached_marked) {
+			struct softpage_walk_spec spec = {
+				.cached_into = sp->cached_at_drop,
+			};
+
+			sp->stats.last_mark_ns = softpage_walk(sp, &spec, true);
+			sp->cached_marked = true;
+		}
 		dev_info(sp->dev, "early drop %llu: dropped %llu cache and %llu slab pages in %llu ms\n",
 			 drop_id, sp->stats.dropped_cache_pages,
 			 sp->stats.dropped_slab_pages,
@@ -1340,6 +1384,7 @@ static void softpage_end_suspend(struct softpage *sp)
 	sp->held_published = false;
 	sp->armed = false;
 	sp->early_dropped = false;
+	sp->cached_marked = false;
 	sp->frozen = false;
 	bitmap_zero(sp->reported_cache, sp->nr_pfns);
 }
@@ -1420,6 +1465,7 @@ static void softpage_free_shared(struct softpage *sp)
 	vfree(sp->aged[0]);
 	vfree(sp->aged[1]);
 	vfree(sp->reported_cache);
+	vfree(sp->cached_at_drop);
 	if (!sp->shared)
 		return;
 	/* A page dom0 still maps is freed once dom0 lets go of it. */
@@ -1464,8 +1510,10 @@ static int softpage_alloc_shared(struct softpage *sp)
 	sp->aged[1] = vzalloc(BITS_TO_LONGS(sp->nr_pfns) * sizeof(long));
 	sp->reported_cache = vzalloc(BITS_TO_LONGS(sp->nr_pfns) *
 				     sizeof(long));
+	sp->cached_at_drop = vzalloc(BITS_TO_LONGS(sp->nr_pfns) *
+				     sizeof(long));
 	if (!sp->shared_bitmaps || !sp->scan_bitmaps || !sp->aged[0] ||
-	    !sp->aged[1] || !sp->reported_cache)
+	    !sp->aged[1] || !sp->reported_cache || !sp->cached_at_drop)
 		return -ENOMEM;
 	return softpage_grant_all(sp);
 }
@@ -1547,6 +1595,7 @@ SOFTPAGE_STAT_ATTR(held_reinit_pages, held_reinit_pages);
 SOFTPAGE_STAT_ATTR(held_reinit_ns, held_reinit_ns);
 SOFTPAGE_STAT_ATTR(age_passes, age_passes);
 SOFTPAGE_STAT_ATTR(last_age_ns, last_age_ns);
+SOFTPAGE_STAT_ATTR(last_mark_ns, last_mark_ns);
 SOFTPAGE_STAT_ATTR(cache_cold, cache_cold);
 SOFTPAGE_STAT_ATTR(evict_candidates, evict_candidates);
 SOFTPAGE_STAT_ATTR(evicted_cache_pages, evicted_cache_pages);
@@ -1585,6 +1634,7 @@ static struct attribute *softpage_stats_attrs[] = {
 	&dev_attr_held_reinit_ns.attr,
 	&dev_attr_age_passes.attr,
 	&dev_attr_last_age_ns.attr,
+	&dev_attr_last_mark_ns.attr,
 	&dev_attr_cache_cold.attr,
 	&dev_attr_evict_candidates.attr,
 	&dev_attr_evicted_cache_pages.attr,
