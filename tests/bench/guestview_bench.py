@@ -29,7 +29,7 @@ bytes (a sample of files checked through it) and systemd must still say running;
 destroyed. A method during which Xen logged a guest triple fault (nested SVM under TCG,
 testbed/README.md) runs again on a new boot, up to xen_bench's TRIPLE_FAULT_RETRIES times.
 
-SOFTPAGE_GUESTVIEW_APP=postgresql measures the Debian 12 guest's PostgreSQL 15 instead of nginx
+SOFTPAGE_GUESTVIEW_APP=postgresql measures the Debian 12 guest's PostgreSQL instead of nginx
 (testbed/build.sh add_postgresql: a pgbench database, SOFTPAGE_PG_SCALE 100 by default, about
 1.5 GiB): started after the boot, its database files read once, then point reads of
 pgbench_accounts drawn from the first 25% of the rows (skew 2) by the same client's PostgreSQL
@@ -150,8 +150,6 @@ POSTGRESQL = "postgresql"
 PG_PORT = 5432
 PG_DATABASE = "bench"
 PG_USER = "postgres"
-PG_UNIT = "postgresql@15-main"
-PG_DATA = "/var/lib/postgresql/15/main"
 PG_ROWS_PER_SCALE = 100_000
 """pgbench_accounts rows for each unit of pgbench's scale (pgbench_branches holds one row a unit)."""
 SAMPLE_ROWS = 24
@@ -320,7 +318,7 @@ def fresh_guest(testbed: Testbed, settings: Settings) -> DistroGuest:
         raise SystemExit(f"guestview: guest up with {up}")
     if settings.app == POSTGRESQL:
         # not started at boot (testbed/distro/configure.sh); systemctl waits until it accepts connections
-        guest.check_shell(f"systemctl start {PG_UNIT}", timeout_s=600)
+        guest.check_shell(f"systemctl start {pg_cluster(guest).unit}", timeout_s=600)
     if settings.cold_age_ms is not None:
         loaded = guest.check_shell(f"cat /sys/module/softpage/parameters/{COLD_AGE_PARAMETER}").strip()
         if loaded != str(settings.cold_age_ms):
@@ -350,9 +348,37 @@ def meminfo_mb(guest: DistroGuest, *fields: str) -> list[int]:
 def fill_cache(guest: DistroGuest, settings: Settings) -> float:
     """Read the application's data once: nginx's files, or every file of PostgreSQL's databases."""
     started = time.monotonic()
-    files = f"{PG_DATA}/base/*/*" if settings.app == POSTGRESQL else "/srv/app/f*"
+    files = f"{pg_cluster(guest).data}/base/*/*" if settings.app == POSTGRESQL else "/srv/app/f*"
     guest.check_shell(f"cat {files} > /dev/null", timeout_s=1800)
     return time.monotonic() - started
+
+
+@dataclass(frozen=True)
+class PgCluster:
+    """The guest's one PostgreSQL cluster, as Debian's ``pg_lsclusters`` names it: its major version
+    is the image's (testbed/build.sh add_postgresql), not this bench's."""
+
+    version: str
+    name: str
+    data: str
+
+    @property
+    def unit(self) -> str:
+        return f"postgresql@{self.version}-{self.name}"
+
+    @classmethod
+    def parse(cls, listing: str) -> PgCluster:
+        """``pg_lsclusters --no-header``: version, cluster, port, status, owner, data directory, log."""
+        clusters = [line.split() for line in listing.splitlines() if line.strip()]
+        if len(clusters) != 1 or len(clusters[0]) < 6:
+            raise SystemExit(f"guestview: expected one PostgreSQL cluster in the guest, pg_lsclusters says "
+                             f"{listing!r}")
+        version, name, _port, _status, _owner, data, *_log = clusters[0]
+        return cls(version, name, data)
+
+
+def pg_cluster(guest: DistroGuest) -> PgCluster:
+    return PgCluster.parse(guest.check_shell("pg_lsclusters --no-header"))
 
 
 def psql(guest: DistroGuest, sql: str) -> str:
@@ -484,7 +510,7 @@ def check_postgresql(guest: DistroGuest, rows: int, when: str) -> None:
     """systemd running, the cluster active, and rows spread over the whole table as ``pgbench -i``
     wrote them (the load only reads): every sampled row there with a zero balance, and a range of
     10,000 rows complete."""
-    state = guest.shell(f"systemctl is-system-running; systemctl is-active {PG_UNIT}")
+    state = guest.shell(f"systemctl is-system-running; systemctl is-active {pg_cluster(guest).unit}")
     if state.output.split() != ["running", "active"]:
         raise SystemExit(f"guestview: after {when}: systemd/PostgreSQL say {state.output.split()}")
     step = max(1, rows // SAMPLE_ROWS)

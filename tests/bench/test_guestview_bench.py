@@ -23,6 +23,7 @@ from softpage_testbed.distro import ShellResult
 from tests.bench.dom0 import app_load
 from tests.bench.guestview_bench import (
     MethodRun,
+    PgCluster,
     Second,
     Settings,
     check_postgresql,
@@ -263,8 +264,13 @@ def test_the_load_asks_nginx_for_files_or_postgresql_for_rows(monkeypatch: pytes
         Settings.from_env()
 
 
+PG_LISTING = ("15  main    5432 down   postgres /var/lib/postgresql/15/main "
+              "/var/log/postgresql/postgresql-15-main.log\n")
+"""``pg_lsclusters --no-header`` in the Debian 12 guest, its cluster stopped."""
+
+
 class FakePostgresGuest:
-    """A distro guest whose shell answers ``check_postgresql``'s two commands."""
+    """A distro guest whose shell answers ``check_postgresql``'s commands."""
 
     def __init__(self, state: str, answer: str) -> None:
         self.state, self.answer = state, answer
@@ -276,12 +282,25 @@ class FakePostgresGuest:
 
     def check_shell(self, command: str, timeout_s: float = 120) -> str:
         self.commands.append(command)
-        return self.answer
+        return PG_LISTING if command.startswith("pg_lsclusters") else self.answer
+
+
+def test_the_postgresql_cluster_is_the_one_pg_lsclusters_names() -> None:
+    cluster = PgCluster.parse(PG_LISTING)
+    assert cluster == PgCluster("15", "main", "/var/lib/postgresql/15/main")
+    assert cluster.unit == "postgresql@15-main"
+    trixie = PgCluster.parse("17  main    5432 online postgres /var/lib/postgresql/17/main "
+                             "/var/log/postgresql/postgresql-17-main.log\n")
+    assert (trixie.unit, trixie.data) == ("postgresql@17-main", "/var/lib/postgresql/17/main")
+    for listing in ("", PG_LISTING + PG_LISTING.replace("main", "other"), "15 main\n"):
+        with pytest.raises(SystemExit, match="expected one PostgreSQL cluster"):
+            PgCluster.parse(listing)
 
 
 def test_postgresql_is_checked_on_rows_spread_over_the_table() -> None:
     good = FakePostgresGuest("running\nactive\n", "26|0\n10000\n")
     check_postgresql(good, 10_000_000, "stock")  # type: ignore[arg-type]
+    assert "systemctl is-active postgresql@15-main" in good.commands[1]
     query = good.commands[-1]
     assert "su postgres -c" in query and "psql -tAc" in query and " bench" in query
     # a row every 24th of the table (25 of them), the last one, and 10,000 from the middle
