@@ -25,6 +25,7 @@ from tests.e2e.helpers import (
     LOCALHOST_RECEIVER,
     PRUNE_GUEST,
     STATS,
+    assert_early_drop_as_decided,
     assert_survived,
     domid,
     read_stats,
@@ -63,10 +64,9 @@ def test_softpage_migrate_prunes_and_the_guest_survives_repeatedly(xen_pvh_testb
         assert first["types_s"] + first["read_s"] + first["write_s"] <= first["duration_s"], rounds[0]
         assert float(rounds[0]["report_s"]) > 0, (attempt, rounds[0])  # type: ignore[arg-type]
         assert rounds[-1]["kind"] == "final"
-        # The guest dropped its cache while it still ran, before the suspend request, and what
-        # the drop wrote went out in one more round before the suspend.
-        assert totals["guest_drop_outcome"] == "done", (attempt, totals)
-        assert rounds[-2]["kind"] == "after-drop", (attempt, rounds)
+        # The early drop came only if enough reported cold cache was left at the end of precopy
+        # (with or without the first drop: the workload reads its cache and may leave none cold).
+        assert_early_drop_as_decided(rounds, totals)
         assert 0 < float(totals["startup_s"]) < 300, (attempt, totals)  # type: ignore[arg-type]
         assert_survived(guest, heartbeat)
         assert domid(guest) != source_domid

@@ -268,7 +268,7 @@ class ContractSink:
 def test_backend_call_order() -> None:
     guest = small_guest()
     backend, sink = SimBackend(guest), ContractSink()
-    session = MigrationSession(backend, sink, DriverOptions(), Messages())
+    session = MigrationSession(backend, sink, DriverOptions(early_drop_min_cache_pages=0), Messages())
     session.start()
     session.live_round()
     session.live_round(session.harvest())
@@ -302,7 +302,7 @@ def test_each_live_round_drains_before_the_next_harvest() -> None:
         return harvest(final)
 
     backend.harvest_dirty = logged_harvest  # type: ignore[method-assign]
-    stats = send_domain(backend, sink, DriverOptions(), Messages())
+    stats = send_domain(backend, sink, DriverOptions(early_drop_min_cache_pages=0), Messages())
     assert [r.kind for r in stats.rounds] == ["live"] * 5 + ["after-drop", "final"]
     # Every harvest after round 1 (the early drop's and the final one included) comes after a
     # drain with no write between them.
@@ -434,9 +434,11 @@ def test_early_drop_comes_before_the_final_request_and_the_suspend() -> None:
     channel.request_final = logged_request_final  # type: ignore[method-assign]
     backend.suspend = logged_suspend  # type: ignore[method-assign]
     sink = DirectSink()
-    stats = send_domain(backend, sink, DriverOptions(drop_timeout=5.0), Messages())
+    options = DriverOptions(drop_timeout=5.0, early_drop_min_cache_pages=0)
+    stats = send_domain(backend, sink, options, Messages())
     check_destination(backend, sink)
-    # cache=cold (the default): the first drop before round 1, the early drop before the suspend.
+    # cache=cold (the default): the first drop before round 1, the early drop before the suspend
+    # (asked for whatever reported cold cache is left: early_drop_min_cache_pages=0).
     assert order == ["drop", "drop", "request_final", "suspend"]
     # Ids only grow: each drop's is newer than the requests before it, and the final request is
     # the newest of all (it comes after the after-drop round's).
@@ -454,7 +456,7 @@ def test_unanswered_early_drop_warns_and_the_migration_completes() -> None:
     guest = small_guest()
     guest.drop_behaviour = DropBehaviour.SILENT
     backend, sink, log = SimBackend(guest), DirectSink(), Messages()
-    stats = send_domain(backend, sink, DriverOptions(drop_timeout=0.5), log)
+    stats = send_domain(backend, sink, DriverOptions(drop_timeout=0.5, early_drop_min_cache_pages=0), log)
     check_destination(backend, sink)
     assert stats.first_drop_outcome is stats.guest_drop_outcome is DropOutcome.TIMED_OUT
     assert len(stats.warnings) == 2
@@ -469,7 +471,7 @@ def test_old_module_is_not_asked_to_drop_and_gets_no_warning() -> None:
     guest = small_guest()
     guest.drop_behaviour = DropBehaviour.OLD_MODULE
     backend, sink, log = SimBackend(guest), DirectSink(), Messages()
-    stats = send_domain(backend, sink, DriverOptions(), log)
+    stats = send_domain(backend, sink, DriverOptions(early_drop_min_cache_pages=0), log)
     check_destination(backend, sink)
     assert stats.guest_drop_outcome is DropOutcome.UNSUPPORTED and backend.channel.drops == []
     assert stats.warnings == []
@@ -488,6 +490,45 @@ def test_drop_timeout_zero_skips_the_early_drop() -> None:
     assert stats.guest_drop_s is None and stats.guest_drop_outcome is None
 
 
+def test_no_early_drop_when_the_first_drop_left_no_reported_cold_cache() -> None:
+    """cache=cold evicts only reported cache: once the first drop took it, an early drop would
+    cost its own time and an after-drop round, while the guest writes pages for the final round."""
+    guest = small_guest()
+    backend, sink, log = SimBackend(guest), DirectSink(), Messages()
+    stats = send_domain(backend, sink, DriverOptions(), log)
+    check_destination(backend, sink)
+    assert stats.first_drop_outcome is DropOutcome.DONE and len(backend.channel.drops) == 1
+    assert stats.guest_drop_outcome is None and stats.guest_drop_s is None
+    assert stats.cold_cache_left is not None and stats.cold_cache_left < 256
+    assert "after-drop" not in [r.kind for r in stats.rounds]
+    assert (f"domain {backend.domid}: {stats.cold_cache_left} pages of reported cold cache left: "
+            "no early drop (they go out in the final round unless the guest frees them)") in log
+    assert stats.warnings == [] and stats.rounds[-1].snapshot_used  # its free pages held all the same
+
+
+@pytest.mark.parametrize(("threshold", "asked"), [(100, True), (256, False)])
+def test_the_early_drop_is_asked_for_when_enough_reported_cold_cache_is_left(
+    monkeypatch: pytest.MonkeyPatch, threshold: int, asked: bool
+) -> None:
+    """Without the first drop, round 1 reports the guest's cold cache (about 120 of its 160 pages)
+    and nothing takes it before the end of precopy: the early drop comes if that is at least
+    ``early_drop_min_cache_pages``; either way the destination is whole."""
+    monkeypatch.setattr(MigrationSession, "drop_cold_cache_first", lambda session: None)
+    guest, _hot = guest_with_hot_cache()
+    backend, sink = SimBackend(guest), DirectSink()
+    stats = send_domain(backend, sink, DriverOptions(early_drop_min_cache_pages=threshold), Messages())
+    check_destination(backend, sink)
+    assert stats.cold_cache_left is not None and 100 <= stats.cold_cache_left < 256
+    assert (stats.guest_drop_outcome is DropOutcome.DONE) is asked
+    assert ("after-drop" in [r.kind for r in stats.rounds]) is asked
+
+
+def test_cache_all_always_asks_for_the_early_drop() -> None:
+    guest = small_guest()
+    stats = send_domain(SimBackend(guest), DirectSink(), DriverOptions(cache=CacheMode.ALL), Messages())
+    assert stats.guest_drop_outcome is DropOutcome.DONE and stats.cold_cache_left is None
+
+
 def test_pages_written_between_the_early_drop_and_the_suspend_are_sent() -> None:
     guest = small_guest()
 
@@ -498,7 +539,7 @@ def test_pages_written_between_the_early_drop_and_the_suspend_are_sent() -> None
 
     guest.after_drop = read_back_and_write
     backend, sink = SimBackend(guest), DirectSink()
-    stats = send_domain(backend, sink, DriverOptions(), Messages())
+    stats = send_domain(backend, sink, DriverOptions(early_drop_min_cache_pages=0), Messages())
     check_destination(backend, sink)
     assert stats.guest_drop_outcome is DropOutcome.DONE
     after_drop = stats.rounds[-2]
@@ -608,12 +649,12 @@ def test_the_cold_cache_dropped_before_round_1_sends_its_memmap_once(monkeypatch
     first_guest, _ = guest_with_hot_cache()
     cache_before = first_guest.count(PageKind.CACHE)
     first_backend, first_sink = SimBackend(first_guest), DirectSink()
-    first = send_domain(first_backend, first_sink, DriverOptions(), Messages())
+    first = send_domain(first_backend, first_sink, DriverOptions(early_drop_min_cache_pages=0), Messages())
     check_destination(first_backend, first_sink)
     monkeypatch.setattr(MigrationSession, "drop_cold_cache_first", lambda session: None)
     late_guest, _ = guest_with_hot_cache()
     late_backend, late_sink = SimBackend(late_guest), DirectSink()
-    late = send_domain(late_backend, late_sink, DriverOptions(), Messages())
+    late = send_domain(late_backend, late_sink, DriverOptions(early_drop_min_cache_pages=0), Messages())
     check_destination(late_backend, late_sink)
     assert first.first_drop_outcome is DropOutcome.DONE and late.first_drop_outcome is None
     cache_after = first_guest.count(PageKind.CACHE)

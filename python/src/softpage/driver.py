@@ -132,6 +132,9 @@ class MigrationStats:
     None if it was not asked for (no soft-page channel, or ``drop_timeout`` 0)."""
     guest_drop_outcome: DropOutcome | None = None
     """The guest's answer to the early drop; None if it was not asked for."""
+    cold_cache_left: int | None = None
+    """``cache=cold``: PFNs reported as cold cache and still stale at the end of precopy, which
+    decided the early drop (``DriverOptions.early_drop_min_cache_pages``); None in other modes."""
     first_drop_s: float | None = None
     """Seconds spent before round 1 on the guest's report and its drop of the cold cache it
     reported (``MigrationSession.drop_cold_cache_first``); None if that was not asked for."""
@@ -250,6 +253,8 @@ class MigrationSession:
         self._first_report: tuple[SoftSnapshot, int, float] | None = None
         """The report ``drop_cold_cache_first`` asked for, with its request id and wait, when no
         drop followed it: round 1's report then (requested after log-dirty was on, rule 2)."""
+        self._reported_cache = PfnSet.empty(self.domain.p2m_size)
+        """Every PFN a report used for a live round called cache (what a cold drop may evict)."""
         self._started = time.monotonic()
         self._cpu_started = _cpu_seconds()
         self.planner = RoundPlanner(self.domain.p2m_size, options.prune, honour_held=False)
@@ -345,6 +350,8 @@ class MigrationSession:
             snapshot, request_id = (None, None) if few else self._precopy_snapshot()
             report_s = None if request_id is None else time.monotonic() - asked
         plan = self.planner.plan_precopy(candidates, snapshot, request_id)
+        if plan.snapshot_used and snapshot is not None:
+            self._reported_cache |= snapshot.cache
         scan_ms = _scan_ms(snapshot)
         # The report's bitmaps are in the plan now: not held through the round as well.
         del snapshot, candidates
@@ -367,7 +374,8 @@ class MigrationSession:
 
     def stop_and_copy(self) -> RoundStats:
         """Suspend, send what may be stale (less what the guest holds), end the stream."""
-        dropped = self.channel is not None and self._early_drop(self.channel, self._requests.next())
+        dropped = (self.channel is not None and self._early_drop_pays()
+                   and self._early_drop(self.channel, self._requests.next()))
         if dropped and self.options.live:
             # Freeing the cache writes the kernel's own pages (struct pages, free
             # lists, slab): send them now, while the guest runs, not in the downtime.
@@ -448,6 +456,22 @@ class MigrationSession:
         return CacheMode.ALL
 
     # -- the guest's early drop ------------------------------------------
+    def _early_drop_pays(self) -> bool:
+        """Whether the early drop can spare the final round more pages than the guest writes
+        while it drops and while the after-drop round goes out. ``cache=cold`` evicts only
+        reported cache, so it can spare only the reported cold cache still stale; ``cache=all``
+        drops the whole cache and always pays. Nothing depends on it for safety: a drop only
+        frees pages, and what it leaves in use is sent (planner rule 3)."""
+        if self.stats.cache_mode is not CacheMode.COLD:
+            return True
+        left = (self._reported_cache & self.planner.stale).count()
+        self.stats.cold_cache_left = left
+        if left >= self.options.early_drop_min_cache_pages:
+            return True
+        self.log(f"domain {self.domain.domid}: {left} pages of reported cold cache left: no early drop "
+                 "(they go out in the final round unless the guest frees them)")
+        return False
+
     def _early_drop(self, channel: SoftPageChannel, drop_id: int) -> bool:
         """Have the guest drop its caches while it still runs, so that its ``.freeze``
         finds little left to drop: this wait comes before the suspend request, outside

@@ -39,6 +39,13 @@ class DriverOptions:
     report costs the guest a scan of its memory map and the sender that wait (0.4-0.7 s for 1 GiB
     under TCG, `make bench` 2026-12-01), about what sending 1024 pages in full costs (418 took
     0.38 s), and the dirty pages of a late round are rarely soft (7 of 425). 0: always ask."""
+    early_drop_min_cache_pages: int = 256
+    """``cache=cold``: the early drop is asked for only if at least this many PFNs reported as
+    cold cache are still stale at the end of precopy. A cold drop evicts only reported cache, so
+    with fewer its only effect would be its own time and the after-drop round, while the guest
+    writes more pages than that for the final round (376-467 pages on the testbed's 2 GiB guest
+    across a 16 Mbit/s link, link-bench-20261207-132218); those few go out in the final round
+    instead. 0: always ask. ``cache=all`` always asks."""
     live: bool = True
     """False: suspend first and send everything once (``xl save`` without live)."""
 

@@ -425,6 +425,7 @@ def _totals(
         "first_drop_s": None if stats.first_drop_s is None else round(stats.first_drop_s, 3),
         "first_drop_outcome": None if stats.first_drop_outcome is None else stats.first_drop_outcome.value,
         "cache_mode": None if stats.cache_mode is None else stats.cache_mode.value,
+        "cold_cache_left": stats.cold_cache_left,
         "sender_cpu_s": round(stats.sender_cpu_s, 3),
         "drain_s": round(stats.drain_s, 3),
         "startup_s": None if timeline is None or timeline.startup_s is None else round(timeline.startup_s, 3),
