@@ -146,6 +146,7 @@ struct softpage_stats {
 	u64 cache_cold;			/* the last scan applied prune-cache=cold */
 	u64 evict_candidates;		/* reported cache still cold at the last drop */
 	u64 evicted_cache_pages;	/* of them evicted by that targeted drop */
+	u64 remembered_cache;		/* reported cache PFNs it left to evict */
 	u64 last_mark_ns;		/* the walk after a first cold drop */
 	u64 freezes;			/* armed suspends */
 	u64 thaws;
@@ -205,7 +206,8 @@ struct softpage {
 	 * the clean, inactive, referenced page cache of an aging pass that
 	 * ended at aged_at[i] (0: none yet); aged_newest is the later of the
 	 * two.  reported_cache: every CACHE PFN reported since dom0 armed us,
-	 * which is all that a cold drop may evict.
+	 * which is all that a cold drop may evict; a drop clears the bits of
+	 * the pages it evicts and of those that left the page cache.
 	 */
 	unsigned long *aged[2];
 	u64 aged_at[2];
@@ -987,6 +989,20 @@ static unsigned long softpage_evict_range(struct address_space *mapping,
 }
 
 /*
+ * Has the page at a PFN that was reported as cache left the page cache since
+ * (freed, truncated, or taken for anonymous memory)?  Then its bit in
+ * reported_cache names a page that no longer exists: if the PFN comes back
+ * as another file's page, only a report of its own may make it evictable.
+ * Transient states (locked, isolated from the LRU, under writeback) do not
+ * count: the folio is still the file page that was reported.
+ */
+static bool softpage_left_the_cache(struct folio *folio)
+{
+	return folio_test_anon(folio) || folio_test_swapbacked(folio) ||
+	       !folio_mapping(folio);
+}
+
+/*
  * prune-cache=cold: evict the page cache reported soft since dom0 armed us
  * that is still clean, unmapped and cold, and nothing else.  Each folio is
  * checked with a reference and its lock held: while it is locked and in
@@ -1003,6 +1019,7 @@ static unsigned long softpage_evict_reported_cache(struct softpage *sp)
 	pgoff_t run_first = 0, run_last = 0;
 	unsigned long pfn, evicted = 0, candidates = 0, since_resched = 0;
 
+	lockdep_assert_held(&sp->lock);
 	for_each_set_bit(pfn, sp->reported_cache, sp->nr_pfns) {
 		struct page *page = pfn_to_online_page(pfn);
 		struct address_space *mapping;
@@ -1014,9 +1031,15 @@ static unsigned long softpage_evict_reported_cache(struct softpage *sp)
 			since_resched = 0;
 			cond_resched();
 		}
-		if (!page)
+		if (!page) {
+			__clear_bit(pfn, sp->reported_cache);
 			continue;
+		}
 		folio = page_folio(page);
+		if (softpage_left_the_cache(folio)) {
+			__clear_bit(pfn, sp->reported_cache);
+			continue;
+		}
 		if (!softpage_is_clean_cache(folio) ||
 		    !softpage_is_cold(folio, pfn, aged, cached_then))
 			continue;
@@ -1027,6 +1050,12 @@ static unsigned long softpage_evict_reported_cache(struct softpage *sp)
 			continue;
 		}
 		candidates++;
+		/*
+		 * Evicted now, or kept by the kernel (mapped or dirtied since):
+		 * either way no longer the page dom0 was told about.  A later
+		 * report marks it again if it is still soft.
+		 */
+		__clear_bit(pfn, sp->reported_cache);
 		mapping = folio_mapping(folio);
 		first = folio->index;
 		last = first + folio_nr_pages(folio) - 1;
@@ -1054,6 +1083,8 @@ static unsigned long softpage_evict_reported_cache(struct softpage *sp)
 					run_last);
 	sp->stats.evict_candidates = candidates;
 	sp->stats.evicted_cache_pages = evicted;
+	sp->stats.remembered_cache = bitmap_weight(sp->reported_cache,
+						   sp->nr_pfns);
 	return evicted;
 }
 
@@ -1599,6 +1630,7 @@ SOFTPAGE_STAT_ATTR(last_mark_ns, last_mark_ns);
 SOFTPAGE_STAT_ATTR(cache_cold, cache_cold);
 SOFTPAGE_STAT_ATTR(evict_candidates, evict_candidates);
 SOFTPAGE_STAT_ATTR(evicted_cache_pages, evicted_cache_pages);
+SOFTPAGE_STAT_ATTR(remembered_cache, remembered_cache);
 SOFTPAGE_STAT_ATTR(freezes, freezes);
 SOFTPAGE_STAT_ATTR(thaws, thaws);
 SOFTPAGE_STAT_ATTR(restores, restores);
@@ -1638,6 +1670,7 @@ static struct attribute *softpage_stats_attrs[] = {
 	&dev_attr_cache_cold.attr,
 	&dev_attr_evict_candidates.attr,
 	&dev_attr_evicted_cache_pages.attr,
+	&dev_attr_remembered_cache.attr,
 	&dev_attr_freezes.attr,
 	&dev_attr_thaws.attr,
 	&dev_attr_restores.attr,

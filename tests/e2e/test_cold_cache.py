@@ -138,7 +138,7 @@ def test_cache_cold_keeps_the_hot_files_cached_and_drops_the_cold_ones(
     rounds, totals = read_stats(xen_pvh_testbed)
     assert totals["cache_mode"] == cache and totals["warnings"] == [], totals
     after_hot, after_cold = files(guest, *HOT, "resident"), files(guest, *COLD, "resident")
-    dropped = module_stats(guest, "cache_cold", "evict_candidates", "evicted_cache_pages",
+    dropped = module_stats(guest, "cache_cold", "evict_candidates", "evicted_cache_pages", "remembered_cache",
                            "dropped_cache_pages", "age_passes", "last_age_ns", "early_drops",
                            "early_drop_ns", "drop_ns", "freeze_drops_skipped")
     hot_read, cold_read = files(guest, *HOT, "check"), files(guest, *COLD, "check")
@@ -193,6 +193,11 @@ def test_cache_read_after_the_first_drop_stays_hot(xen_pvh_testbed: Testbed) -> 
         early_drop(xen_pvh_testbed, guest, 1)
         dropped = files(guest, *COLD, "resident")
         assert dropped["resident"] <= dropped["pages"] // 20, dropped
+        # The drop forgot the PFNs it evicted: refilled with other files' pages they are not
+        # evictable until a report calls them cache in turn.
+        first = module_stats(guest, "evicted_cache_pages", "remembered_cache")
+        assert first["evicted_cache_pages"] >= dropped["pages"] * 9 // 10, first
+        assert first["remembered_cache"] <= dropped["pages"] // 20, first
         # Two of the cold files read again after the first drop, once, then left alone long
         # enough for the aging rule alone to call them cold.
         again = (COLD[0], 2)
@@ -203,7 +208,8 @@ def test_cache_read_after_the_first_drop_stays_hot(xen_pvh_testbed: Testbed) -> 
         kept = files(guest, *again, "resident")
         stats = module_stats(guest, "cache_cold", "evicted_cache_pages", "last_mark_ns", "early_drops")
     print(f"read after the first drop: {kept['resident']:.0f}/{kept['pages']:.0f} pages still cached after "
-          f"the second drop; report 2's CACHE {report['count'][abi.CAT_CACHE]} pages; module {stats}")
+          f"the second drop; report 2's CACHE {report['count'][abi.CAT_CACHE]} pages; after the first "
+          f"drop {first}; module {stats}")
     assert kept["resident"] == kept["pages"] == again[1] * PAGES_PER_FILE, kept
     assert stats["cache_cold"] == 1 and stats["early_drops"] == 2 and stats["last_mark_ns"] > 0, stats
     assert_survived(guest, heartbeat)
