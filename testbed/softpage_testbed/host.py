@@ -83,6 +83,8 @@ APP_DATA_IMAGE = "app-data.img"
 APP_DATA_CHECKSUMS = "app-data.sha256"
 """In the cache (testbed/build.sh stage app_data): the distro guests' application files, and
 their SHA256SUMS."""
+DATA_MANIFEST = "data.manifest"
+"""In the cache (stage data): the data disk's files, one line ``NAME BYTES HASH`` each."""
 DISTRO_DISK_IMAGE = "distro-{release}.img"
 """A distro guest's root disk, beside the payload (testbed/payload.sh)."""
 SCRATCH_MOUNT = "/mnt/scratch"
@@ -645,6 +647,11 @@ class Testbed:
         root, app_data = (self.run(f"readlink -f /dev/disk/by-id/virtio-{serial}", check=True).stdout.strip()
                           for serial in (distro_disk_serial(spec.release), APP_DATA_DISK_SERIAL))
         return self._create(DistroGuest(self, spec), spec.xl_config(root, app_data), timeout_s)
+
+    def data_file_sizes(self) -> dict[str, int]:
+        """The data disk's files (``data-000``, ...) and their sizes in bytes, as the cache built them."""
+        lines = (self.config.cache_dir / DATA_MANIFEST).read_text().splitlines()
+        return {name: int(size) for name, size, _hash in (line.split() for line in lines if line.strip())}
 
     def app_checksums(self) -> str:
         """SHA256SUMS of the distro guests' application files, as the cache built them."""

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 from softpage.abi import PAGE_SIZE
@@ -295,3 +296,42 @@ def installed_package(testbed: Testbed) -> Iterator[None]:
         yield
     finally:
         testbed.run(["apt-get", "purge", "-y", "softpage"], timeout_s=600)
+
+
+MODULE_STATS = "/sys/devices/platform/softpage/stats"
+"""softpage.ko's counters in the guest (guest_kmod/README.md, "Counters")."""
+
+
+def wait_for_count(guest: Guest, pattern: str, count: int, timeout_s: float = 300) -> list[re.Match[str]]:
+    """Until the guest's console shows ``pattern`` at least ``count`` times; all the matches."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = list(re.finditer(pattern, guest.console_log()))
+        if len(found) >= count:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(found)} of {count} lines {pattern!r}: {guest.console_log()[-3000:]}")
+        time.sleep(1)
+
+
+def guest_output(guest: Guest, marker: str, command: str) -> str:
+    """Run ``command`` in the guest's shell; its output on one console line after ``marker``."""
+    # The split marker keeps the echoed command line from matching the answer.
+    head, tail = marker[:2], marker[2:]
+    seen = len(re.findall(rf"^{marker} ", guest.console_log(), re.MULTILINE))
+    guest.console_command(f'echo "{head}""{tail} $({command} | tr "\\n" " ")"')
+    return wait_for_count(guest, rf"(?m)^{marker} (.*)$", seen + 1, timeout_s=120)[-1].group(1)
+
+
+def module_stats(guest: Guest, *names: str) -> dict[str, int]:
+    paths = " ".join(f"{MODULE_STATS}/{name}" for name in names)
+    values = guest_output(guest, "MODSTATS", f"cat {paths}").split()
+    return dict(zip(names, (int(value) for value in values), strict=True))
+
+
+def data_file_pages(testbed: Testbed, first: int, count: int) -> int:
+    """Pages of ``count`` data disk files from the ``first``-th on (the order ``workload files``
+    takes them in), from the cache's manifest."""
+    sizes = list(testbed.data_file_sizes().values())
+    assert first + count <= len(sizes), f"the data disk has {len(sizes)} files, not {first + count}"
+    return sum(-(-size // PAGE_SIZE) for size in sizes[first:first + count])

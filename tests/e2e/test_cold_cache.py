@@ -28,13 +28,15 @@ from tests.e2e.helpers import (
     LOCALHOST_RECEIVER,
     STATS,
     assert_survived,
+    data_file_pages,
     domid,
+    guest_output,
+    module_stats,
     read_stats,
     softpage,
     start_guest,
 )
-from tests.e2e.test_free_page_contents import guest_output
-from tests.e2e.test_kmod_e2e import early_drop, probe
+from tests.e2e.kmod_probe import early_drop, probe
 
 pytestmark = pytest.mark.e2e
 
@@ -43,20 +45,12 @@ HOT = (0, 2)
 """Manifest index and count of the hot files: data-000 and data-001, 16 MiB each."""
 COLD = (2, 8)
 """The cold files: data-002 to data-009."""
-PAGES_PER_FILE = 4096
-MODULE_STATS = "/sys/devices/platform/softpage/stats"
 SCAN_SAMPLES = 4
 PAGES_PER_GIB = 262144
 
 
 def files(guest: Guest, first: int, count: int, mode: str) -> dict[str, float]:
     return guest.workload_files(first, count, mode, timeout_s=300)
-
-
-def module_stats(guest: Guest, *names: str) -> dict[str, int]:
-    paths = " ".join(f"{MODULE_STATS}/{name}" for name in names)
-    values = guest_output(guest, "MODSTATS", f"cat {paths}").split()
-    return dict(zip(names, (int(value) for value in values), strict=True))
 
 
 @contextlib.contextmanager
@@ -112,8 +106,8 @@ def test_cache_cold_keeps_the_hot_files_cached_and_drops_the_cold_ones(
                                        for mode in ("all", "cold")}
     guest.console_command("kill $(cat /run/hot-reader.pid)")
     before_hot, before_cold = files(guest, *HOT, "resident"), files(guest, *COLD, "resident")
-    assert before_hot["resident"] == before_hot["pages"] == HOT[1] * PAGES_PER_FILE, before_hot
-    assert before_cold["resident"] == before_cold["pages"] == COLD[1] * PAGES_PER_FILE, before_cold
+    for before, which in ((before_hot, HOT), (before_cold, COLD)):
+        assert before["resident"] == before["pages"] == data_file_pages(xen_pvh_testbed, *which), before
 
     heartbeat = guest.heartbeat()
     disk = describe_disk_rate(xen_pvh_testbed.disk_rate)
@@ -210,6 +204,6 @@ def test_cache_read_after_the_first_drop_stays_hot(xen_pvh_testbed: Testbed) -> 
     print(f"read after the first drop: {kept['resident']:.0f}/{kept['pages']:.0f} pages still cached after "
           f"the second drop; report 2's CACHE {report['count'][abi.CAT_CACHE]} pages; after the first "
           f"drop {first}; module {stats}")
-    assert kept["resident"] == kept["pages"] == again[1] * PAGES_PER_FILE, kept
+    assert kept["resident"] == kept["pages"] == data_file_pages(xen_pvh_testbed, *again), kept
     assert stats["cache_cold"] == 1 and stats["early_drops"] == 2 and stats["last_mark_ns"] > 0, stats
     assert_survived(guest, heartbeat)

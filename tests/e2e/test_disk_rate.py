@@ -18,8 +18,7 @@ import pytest
 
 from softpage.abi import PAGE_SIZE
 from softpage_testbed import Testbed, describe_disk_rate
-from tests.e2e.helpers import start_guest
-from tests.e2e.test_cold_cache import PAGES_PER_FILE
+from tests.e2e.helpers import data_file_pages, start_guest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.matrix_only]
 
@@ -47,7 +46,7 @@ def test_guest_disks_read_at_the_stated_rate(xen_pvh_testbed: Testbed) -> None:
     configured = xen_pvh_testbed.disk_rate
     guest = start_guest(xen_pvh_testbed, "sp-diskrate", memory_mb=256, anon_mb=16, cache_mb=0,
                         load_kmod=False)
-    read_mb = FILES[1] * PAGES_PER_FILE * PAGE_SIZE / 2**20
+    read_mb = data_file_pages(xen_pvh_testbed, *FILES) * PAGE_SIZE / 2**20
     seconds: dict[str, dict[str, float]] = {}
     try:
         xen_pvh_testbed.set_disk_rate(None)

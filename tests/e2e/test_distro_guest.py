@@ -31,6 +31,7 @@ from softpage_testbed import (
 from softpage_testbed.host import REPO_DIR
 from tests.e2e.helpers import (
     LOCALHOST_RECEIVER,
+    MODULE_STATS,
     STATS,
     assert_early_drop_as_decided,
     domid,
@@ -42,7 +43,6 @@ from tests.e2e.helpers import (
 pytestmark = [pytest.mark.e2e, pytest.mark.distro_guests]
 
 GUEST_MEMORY_MB = 512
-STATS_DIR = "/sys/devices/platform/softpage/stats"
 WRK_SECONDS = 5
 SAMPLE_FILES = 16
 """Files whose bytes dom0 checks through nginx before and after: the first and last of the hot
@@ -57,7 +57,7 @@ def module_version() -> str:
 
 
 def guest_stats(guest: DistroGuest) -> dict[str, int]:
-    text = guest.check_shell(f"cd {STATS_DIR} && grep . *")
+    text = guest.check_shell(f"cd {MODULE_STATS} && grep . *")
     return {name: int(value) for name, value in (line.split(":", 1) for line in text.split())}
 
 

@@ -19,20 +19,22 @@ from __future__ import annotations
 
 import os
 import re
-import time
 
 import pytest
 
-from softpage_testbed import Guest, Testbed
+from softpage_testbed import Testbed
 from tests.e2e.helpers import (
     LOCALHOST_RECEIVER,
+    MODULE_STATS,
     STATS,
     assert_survived,
     domid,
+    guest_output,
     in_full_matrix,
     read_stats,
     softpage,
     start_guest,
+    wait_for_count,
 )
 
 pytestmark = pytest.mark.e2e
@@ -41,7 +43,6 @@ pytestmark = pytest.mark.e2e
 # rewrote HELD pages).
 REPEAT = int(os.environ.get("SOFTPAGE_E2E_REPEAT", "2" if in_full_matrix() else "1"))
 REGIONS, REGION_MB = 4, 40
-MODULE_STATS = "/sys/devices/platform/softpage/stats"
 KERNEL_OPTIONS = {
     # option: (the flag softpage.ko publishes, what the guest kernel logs when it is on)
     "init_on_free=1": ("init_on_free", r"mem auto-init: .*heap free:on"),
@@ -52,27 +53,6 @@ KERNEL_TROUBLE = (r"pagealloc: (memory corruption|single bit error)|general prot
                   r"|BUG:|Oops")
 CHECK_TIMEOUT_S = 240
 CHECK_LINE = r"FREEMEM CHECK pages=(\d+) nonzero=(\d+) filled=(\d+)"
-
-
-def wait_for_count(guest: Guest, pattern: str, count: int, timeout_s: float = 300) -> list[re.Match[str]]:
-    """Until the guest's console shows ``pattern`` at least ``count`` times; all the matches."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        found = list(re.finditer(pattern, guest.console_log()))
-        if len(found) >= count:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{len(found)} of {count} lines {pattern!r}: {guest.console_log()[-3000:]}")
-        time.sleep(1)
-
-
-def guest_output(guest: Guest, marker: str, command: str) -> str:
-    """Run ``command`` in the guest's shell; its output on one console line after ``marker``."""
-    # The split marker keeps the echoed command line from matching the answer.
-    head, tail = marker[:2], marker[2:]
-    seen = len(re.findall(rf"^{marker} ", guest.console_log(), re.MULTILINE))
-    guest.console_command(f'echo "{head}""{tail} $({command} | tr "\\n" " ")"')
-    return wait_for_count(guest, rf"(?m)^{marker} (.*)$", seen + 1, timeout_s=120)[-1].group(1)
 
 
 # make test: init_on_free=1 (issue 7's case); page_poison=1 takes the same path through the module

@@ -3,27 +3,19 @@
 from the last instant before the suspend, and the guest stays
 healthy (and the module re-publishes under the new domid) across xl save/restore and xl migrate.
 
-dom0 reads the guest's pages with its own small grant-mapping reader (``_dom0_*`` functions
-below, shipped to dom0 as a script), independent of the softpage package, so these tests
+dom0 reads the guest's pages with its own small grant-mapping reader (tests/e2e/kmod_probe.py,
+shipped to dom0 as a script), independent of the softpage package's decoder, so these tests
 also cross-check the dom0 library's reading of the same ABI.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import gzip
-import inspect
-import json
-import mmap
 import re
 import shutil
-import struct
 import subprocess
-import sys
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +23,12 @@ import pytest
 
 from softpage import abi
 from softpage_testbed import REPO_DIR, Guest, GuestSpec, Testbed, TestbedConfig
-from tests.e2e.helpers import boot_until_ready
+from tests.e2e.helpers import MODULE_STATS, boot_until_ready
+from tests.e2e.kmod_probe import early_drop, probe
 
 pytestmark = pytest.mark.e2e
 
 GUEST = GuestSpec(name="kmod", guest_type="pvh", memory_mb=256, anon_mb=64, cache_mb=32)
-PROBE_PATH = "/root/kmod_probe.py"
 INSTALLER = REPO_DIR / "dom0_tools" / "softpage-guest-install"
 INSTALLER_PATH = "/root/softpage-guest-install"
 STATE_EMPTY, STATE_SNAPSHOT, STATE_FINAL = abi.STATE_EMPTY, abi.STATE_SNAPSHOT, abi.STATE_FINAL
@@ -46,172 +38,6 @@ FREE, CACHE, SLAB, HELD = abi.CAT_FREE, abi.CAT_CACHE, abi.CAT_SLAB, abi.CAT_HEL
 # before its scan and just after, give or take this much. (One kpageflags walk after the scan
 # alone drifted 756 pages from it on a 6.12 guest in CI, 2026-12-06; see free_pages.)
 COUNT_TOLERANCE_PAGES = 512
-
-# --- dom0 side: shipped to dom0 as a script (stdlib only; dom0 has Python 3.11) ------------
-
-SOFTPAGE_PAGE = 4096
-SOFTPAGE_MAGIC = 0x47505353
-# struct softpage_header (guest_kmod/uapi/softpage_abi.h), 512 bytes
-SOFTPAGE_HEADER = "<IHHIIQQQII4QQ21Q64I"
-SOFTPAGE_KEYS = ("version", "header-gref", "event-channel", "state", "request", "armed",
-                 "feature-drop", "drop", "dropped", "feature-cache-cold", "prune-cache")
-
-
-def _dom0_xenstore_read(path: str) -> str | None:
-    done = subprocess.run(["xenstore-read", path], capture_output=True, text=True, check=False)
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def _dom0_map_and_copy(domid: int, refs: list[int]) -> bytes:
-    """Map grant refs read-only with libxengnttab, copy the pages out, unmap."""
-    lib = ctypes.CDLL("libxengnttab.so.1", use_errno=True)
-    lib.xengnttab_open.restype = ctypes.c_void_p
-    lib.xengnttab_map_domain_grant_refs.restype = ctypes.c_void_p
-    lib.xengnttab_map_domain_grant_refs.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_uint32,
-        ctypes.c_uint32,
-        ctypes.POINTER(ctypes.c_uint32),
-        ctypes.c_int,
-    ]
-    lib.xengnttab_unmap.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32]
-    lib.xengnttab_close.argtypes = [ctypes.c_void_p]
-    handle = lib.xengnttab_open(None, 0)
-    if not handle:
-        raise OSError(ctypes.get_errno(), "xengnttab_open")
-    try:
-        array = (ctypes.c_uint32 * len(refs))(*refs)
-        address = lib.xengnttab_map_domain_grant_refs(handle, len(refs), domid, array, mmap.PROT_READ)
-        if not address:
-            raise OSError(ctypes.get_errno(), f"mapping grants {refs[:4]} of domain {domid}")
-        try:
-            return ctypes.string_at(address, len(refs) * SOFTPAGE_PAGE)
-        finally:
-            lib.xengnttab_unmap(handle, address, len(refs))
-    finally:
-        lib.xengnttab_close(handle)
-
-
-def _dom0_notify(domid: int, remote_port: int) -> None:
-    lib = ctypes.CDLL("libxenevtchn.so.1", use_errno=True)
-    lib.xenevtchn_open.restype = ctypes.c_void_p
-    lib.xenevtchn_bind_interdomain.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32]
-    lib.xenevtchn_notify.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
-    lib.xenevtchn_unbind.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
-    lib.xenevtchn_close.argtypes = [ctypes.c_void_p]
-    handle = lib.xenevtchn_open(None, 0)
-    if not handle:
-        raise OSError(ctypes.get_errno(), "xenevtchn_open")
-    try:
-        local_port = lib.xenevtchn_bind_interdomain(handle, domid, remote_port)
-        if local_port < 0:
-            raise OSError(ctypes.get_errno(), f"binding port {remote_port} of domain {domid}")
-        lib.xenevtchn_notify(handle, local_port)
-        lib.xenevtchn_unbind(handle, local_port)
-    finally:
-        lib.xenevtchn_close(handle)
-
-
-def _dom0_snapshot(domid: int, header_ref: int) -> dict[str, Any]:
-    """Copy header, list and bitmap pages under the generation sequence lock; decode."""
-    for _ in range(200):
-        header = _dom0_map_and_copy(domid, [header_ref])
-        fields = struct.unpack_from(SOFTPAGE_HEADER, header)
-        magic, version, header_size, flags, state, generation, request_id, nr_pfns = fields[:8]
-        frames_per_category, nr_list_frames = fields[8:10]
-        if (magic, version, header_size) != (SOFTPAGE_MAGIC, 1, 512):
-            raise ValueError(f"bad header: magic {magic:#x} version {version} size {header_size}")
-        if generation % 2:
-            time.sleep(0.05)
-            continue
-        list_refs = list(fields[36 : 36 + nr_list_frames])
-        lists = _dom0_map_and_copy(domid, list_refs)
-        bitmap_refs = list(struct.unpack_from(f"<{4 * frames_per_category}I", lists))
-        bitmaps = _dom0_map_and_copy(domid, bitmap_refs)
-        again = struct.unpack_from("<Q", _dom0_map_and_copy(domid, [header_ref]), 16)[0]
-        if again != generation:
-            continue
-        per_category = frames_per_category * SOFTPAGE_PAGE
-        sets = [
-            int.from_bytes(bitmaps[c * per_category : (c + 1) * per_category], "little") for c in range(4)
-        ]
-        in_range = (1 << nr_pfns) - 1
-        return {
-            "flags": flags,
-            "state": state,
-            "generation": generation,
-            "request_id": request_id,
-            "nr_pfns": nr_pfns,
-            "frames_per_category": frames_per_category,
-            "nr_list_frames": nr_list_frames,
-            "count": list(fields[10:14]),
-            "popcount": [bin(s & in_range).count("1") for s in sets],
-            "bits_beyond_nr_pfns": sum(bin(s >> nr_pfns).count("1") for s in sets),
-            "scan_ns": fields[14],
-            "reserved_nonzero": sum(1 for v in fields[15:36] if v)
-            + sum(1 for v in fields[36 + nr_list_frames :] if v)
-            + (0 if header[512:] == bytes(SOFTPAGE_PAGE - 512) else 1),
-            "list_tail_nonzero": sum(1 for b in lists[4 * len(bitmap_refs) :] if b),
-        }
-    raise TimeoutError("the generation never settled")
-
-
-def _dom0_main(argv: list[str]) -> None:
-    """``keys DOMID`` | ``read DOMID`` | ``request DOMID R``: print one JSON object."""
-    mode, domid = argv[0], int(argv[1])
-    base = f"/local/domain/{domid}/data/softpage"
-    keys = {key: _dom0_xenstore_read(f"{base}/{key}") for key in SOFTPAGE_KEYS}
-    result: dict[str, Any] = {"keys": keys}
-    if mode in ("read", "request"):
-        header_ref = int(keys["header-gref"] or "-1")
-        if mode == "request":
-            request_id = int(argv[2])
-            subprocess.run(["xenstore-write", f"{base}/request", str(request_id)], check=True)
-            started = time.monotonic()
-            _dom0_notify(domid, int(keys["event-channel"] or "-1"))
-            while _dom0_snapshot(domid, header_ref)["request_id"] != request_id:
-                if time.monotonic() - started > 120:
-                    raise TimeoutError(f"no answer to request {request_id}")
-                time.sleep(0.1)
-            result["answer_s"] = round(time.monotonic() - started, 3)
-        result["snapshot"] = _dom0_snapshot(domid, header_ref)
-    print(json.dumps(result))
-
-
-def probe_script() -> str:
-    constants = "\n".join(
-        f"{name} = {globals()[name]!r}"
-        for name in ("SOFTPAGE_PAGE", "SOFTPAGE_MAGIC", "SOFTPAGE_HEADER", "SOFTPAGE_KEYS")
-    )
-    functions: list[Callable[..., Any]] = [
-        _dom0_xenstore_read,
-        _dom0_map_and_copy,
-        _dom0_notify,
-        _dom0_snapshot,
-        _dom0_main,
-    ]
-    return "\n\n".join(
-        [
-            "from __future__ import annotations",
-            "import ctypes, json, mmap, struct, subprocess, sys, time",
-            "from typing import Any",
-            constants,
-            *(inspect.getsource(function) for function in functions),
-            "_dom0_main(sys.argv[1:])\n",
-        ]
-    )
-
-
-# --- host side ---------------------------------------------------------------------------
-
-
-def probe(testbed: Testbed, guest: Guest, *args: str) -> dict[str, Any]:
-    testbed.write_file(PROBE_PATH, probe_script())
-    domid = testbed.run(["xl", "domid", guest.name], check=True).stdout.strip()
-    done = testbed.run(["python3", PROBE_PATH, args[0], domid, *args[1:]], timeout_s=300, check=True)
-    result: dict[str, Any] = json.loads(done.stdout)
-    result["domid"] = int(domid)
-    return result
 
 
 def guest_line(guest: Guest, command: str, timeout_s: float = 180) -> str:
@@ -235,7 +61,7 @@ def ram_end_pfn(guest: Guest) -> int:
 
 
 def guest_stats(guest: Guest) -> dict[str, int]:
-    line = guest_line(guest, "cd /sys/devices/platform/softpage/stats && grep -H . *")
+    line = guest_line(guest, f"cd {MODULE_STATS} && grep -H . *")
     return {name: int(value) for name, value in re.findall(r"(\w+):(-?\d+)", line)}
 
 
@@ -379,8 +205,8 @@ def test_publishes_answers_requests_and_agrees_with_kpageflags(xen_pvh_testbed: 
 
 def arm_for_final(testbed: Testbed, guest: Guest, final_request: int) -> None:
     domid = testbed.run(["xl", "domid", guest.name], check=True).stdout.strip()
-    base = f"/local/domain/{domid}/data/softpage"
-    testbed.run(f"xenstore-write {base}/armed 1 {base}/request {final_request}", check=True)
+    base = f"/local/domain/{domid}/{abi.XS_DIR}"
+    testbed.run(f"xenstore-write {base}/{abi.XS_ARMED} 1 {base}/{abi.XS_REQUEST} {final_request}", check=True)
 
 
 def test_armed_suspend_publishes_final_and_thaw_releases(xen_pvh_testbed: Testbed, guest_kernel: str) -> None:
@@ -417,18 +243,6 @@ def test_armed_suspend_publishes_final_and_thaw_releases(xen_pvh_testbed: Testbe
     # the pages stayed free: nothing was allocated to hold them
     after = probe(xen_pvh_testbed, guest, "request", "12")["snapshot"]
     assert after["count"][FREE] > final["count"][HELD] // 2
-
-
-def early_drop(testbed: Testbed, guest: Guest, drop_id: int) -> None:
-    """Ask for the drop dom0 asks for right before a suspend, and wait for the answer."""
-    domid = testbed.run(["xl", "domid", guest.name], check=True).stdout.strip()
-    base = f"/local/domain/{domid}/data/softpage"
-    testbed.run(f"xenstore-write {base}/drop {drop_id}", check=True)
-    for _ in range(120):
-        if testbed.run(["xenstore-read", f"{base}/dropped"]).stdout.strip() == str(drop_id):
-            return
-        testbed.run(["sleep", "1"])
-    raise AssertionError(f"no answer to drop {drop_id}")
 
 
 def suspend_paused_and_unpause(testbed: Testbed, guest: Guest) -> dict[str, Any]:
@@ -610,7 +424,3 @@ def test_refuses_to_load_outside_xen(tmp_path: Path) -> None:
     assert "KMOD-INSMOD-RC=1" in console, console[-3000:]
     assert "softpage: not running in a Xen guest; refusing to load" in console
     assert "KMOD-LOADED=0" in console
-
-
-if __name__ == "__main__":  # print the dom0 script, for reading or running it by hand
-    sys.stdout.write(probe_script() + "\n")
