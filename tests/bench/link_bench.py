@@ -177,8 +177,8 @@ TARGETS = {
 (``neighbour_work_lost``)."""
 COMPARED_WITH_STOCK = ("pages_data", "stream_bytes", "wire_bytes", "wall_s", "downtime_s",
                        "dom0_cpu_a_s", "dom0_cpu_b_s", "neighbour_loss", "neighbour_work_lost")
-SUMMARY_FIELDS = (*COMPARED_WITH_STOCK, "suspended_s", "pages_xalloc", "rounds", "early_drop_s",
-                  "neighbour_without", "neighbour_during", "clock_rtt_s", "load_1min",
+SUMMARY_FIELDS = (*COMPARED_WITH_STOCK, "suspended_s", "guest_suspend_s", "pages_xalloc", "rounds",
+                  "early_drop_s", "neighbour_without", "neighbour_during", "clock_rtt_s", "load_1min",
                   "stream_end_s", "receiver_wait_s", "restore_s", "qemu_cores_a", "qemu_cores_b",
                   "final_pages_data", "after_suspend_bytes", "after_suspend_pages")
 
@@ -421,14 +421,17 @@ def markdown(rows: list[dict[str, object]], verdicts: list[Verdict]) -> str:
             f"{cell(row['neighbour_loss_vs_stock'])} | {cell(millions(row['neighbour_work_lost']), 1)} | "
             f"{cell(row['neighbour_work_lost_vs_stock'])} | {cell(row['load_1min'], 1)} |")
     lines += ["", "Where the downtime goes (medians, seconds; the stream's END record at host-b's tap splits "
-              "it; of the first part, the tap's waits for the receiver and what reached host-b after the "
-              "suspend request; softpage's final round from its `--stats`, stock's rounds the stream "
+              "it; of the first part, the guest's own suspend (from the request to Xen showing it shut "
+              "down), the tap's waits for the receiver and what reached host-b after the suspend "
+              "request; softpage's final round from its `--stats`, stock's rounds the stream "
               "does not tell apart):", "",
-              "| user MB | method | downtime | suspend to END at host-b | of it, waiting for the receiver "
+              "| user MB | method | downtime | suspend to END at host-b | of it, the guest's suspend "
+              "| of it, waiting for the receiver "
               "| stream after the suspend request, MiB | of it, pages with data | END to running "
-              "| final round, pages with data |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| final round, pages with data |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {row['anon_mb']} | {row['method']} | {cell(row['downtime_s'])} | "
-              f"{cell(row['stream_end_s'])} | {cell(row['receiver_wait_s'])} | "
+              f"{cell(row['stream_end_s'])} | {cell(row['guest_suspend_s'])} | "
+              f"{cell(row['receiver_wait_s'])} | "
               f"{cell(mib(row['after_suspend_bytes']), 1)} | {cell(row['after_suspend_pages'], 0)} | "
               f"{cell(row['restore_s'])} | {cell(row['final_pages_data'], 0)} |"
               for row in rows]

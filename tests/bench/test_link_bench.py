@@ -200,8 +200,8 @@ def test_softpages_final_round_comes_from_its_stats_and_shows_in_the_downtime_ta
     table = markdown(summarise(runs), targets(summarise(runs)))
     assert "| END to running | final round, pages with data |" in table
     downtime_rows = table.split("Where the downtime goes")[1].splitlines()
-    assert "| 0 | prune | 2.00 | - | - | - | - | - | 100 |" in downtime_rows
-    assert "| 0 | stock | 2.00 | - | - | - | - | - | - |" in downtime_rows
+    assert "| 0 | prune | 2.00 | - | 0.50 | - | - | - | - | 100 |" in downtime_rows
+    assert "| 0 | stock | 2.00 | - | 0.50 | - | - | - | - | - |" in downtime_rows
 
 
 def test_cores_taken_is_cpu_seconds_over_wall_time() -> None:
@@ -388,3 +388,18 @@ def test_the_taps_timeline_keeps_the_read_before_a_pause_and_the_end() -> None:
     assert timeline_at(samples, 1.01, TIMELINE_PAGES) == 6
     value = timeline_at(samples, 0.5, TIMELINE_PAGES)
     assert value is not None and 4 <= value < 5
+
+
+def test_the_guests_own_suspend_is_the_downtime_before_xen_shows_it_suspended() -> None:
+    runs = [dataclasses.replace(run("stock", r, 1.0), downtime_s=13.0 + r, suspended_s=12.8 + r)
+            for r in range(3)]
+    runs += [dataclasses.replace(run("no-prune", 0, 1.0), downtime_s=17.3, suspended_s=16.6),
+             dataclasses.replace(run("no-prune", 1, 1.0), downtime_s=17.3, suspended_s=None)]  # not seen
+    assert runs[0].guest_suspend_s == pytest.approx(0.2)
+    assert runs[4].guest_suspend_s is None
+    rows = summarise(runs)
+    assert rows[0]["guest_suspend_s"] == pytest.approx(0.2)
+    assert rows[1]["guest_suspend_s"] == pytest.approx(0.7)  # the run that has both ends only
+    table = markdown(rows, targets(rows))
+    assert "| of it, the guest's suspend |" in table
+    assert "| 0 | no-prune | 17.30 | - | 0.70 | - |" in table  # downtime 17.3 (the median of one)

@@ -118,6 +118,14 @@ class MigrationRun:
     suspended_s: float | None
     """From the source shut down for suspend, as Xen shows it, to the incoming copy running."""
 
+    @property
+    def guest_suspend_s(self) -> float | None:
+        """From the suspend request to the source shut down for suspend: the guest's own suspend
+        (acknowledging the request, freezing, its devices), as dom0's watcher saw both ends."""
+        if self.downtime_s is None or self.suspended_s is None:
+            return None
+        return self.downtime_s - self.suspended_s
+
 
 @dataclass
 class Run(MigrationRun):
