@@ -52,7 +52,9 @@ pause in a migration run is taken as the downtime: what it read from the first s
 is "read after the resume".
 
 Per method (runs.csv, table.md): throughput before (the last SOFTPAGE_GUESTVIEW_BEFORE_S, 20, of
-the settle), time from the resume until three seconds in a row reach 90% of it, requests lost
+the settle), time from the resume until three seconds in a row reach 90% of it, the time from the
+resume until the sender returned (``source_gone_s``: xl and softpage return once they destroyed
+the source, a teardown the resumed guest shares this one host with), requests lost
 (the baseline's rate over the window, less the requests completed in it; and the same against
 the run's own throughput before, which does not depend on the load of the baseline's minutes) and
 slowed (slow requests over the baseline's rate of them) in the window from the migration's start
@@ -278,6 +280,15 @@ class MethodRun:
     """The resume (incoming copy unpaused), from the migration's start."""
     request_s: float | None = None
     """The suspend request, from the migration's start."""
+
+    @property
+    def source_gone_s(self) -> float | None:
+        """From the resume to the sender's end, which both ``xl migrate`` and ``softpage migrate``
+        reach only once they destroyed the source: on this one host the resumed guest shares
+        dom0 and the machine with that teardown (Xen relinquishing the old domain's memory)."""
+        if self.wall_s is None or self.resume_s is None:
+            return None
+        return self.wall_s - self.resume_s
 
 
 class HotplugTimedOut(Exception):
@@ -779,15 +790,17 @@ def table(runs: list[MethodRun], header: str, slow_ms: float) -> str:
         return "-" if value is None else f"{value / 2**20:.1f}"
 
     lines = [header, "",
-             "| method | req/s before | back to 90% s | requests in window | window s | lost vs baseline "
+             "| method | req/s before | back to 90% s | source gone s | requests in window | window s "
+             "| lost vs baseline "
              f"| lost vs own before | slow (> {slow_ms:g} ms) | slowed | errors | MiB read after resume "
              "| cache MiB before / after "
              "| file cache MiB active / inactive | migration s | downtime s | pages with data "
              "| pages without data | MiB sent | load |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
         lines.append(
             f"| {run.method} | {cell(run.throughput_before)} | {cell(run.recovered_s)} | "
+            f"{cell(run.source_gone_s)} | "
             f"{run.requests_in_window} | {cell(run.window_s)} | {cell(run.lost, 0)} | "
             f"{cell(lost_against_before(run), 0)} | {run.slow_in_window} | "
             f"{cell(run.slowed, 0)} | {run.errors_in_window} | {mib(run.disk_read_after_resume)} | "

@@ -193,8 +193,10 @@ def test_table_and_plot_of_a_baseline_and_a_migration(tmp_path: Path) -> None:
                          200 << 20, 210 << 20, 3.1, 60, 230, 4.5, 40.0, 3.5, 30000, 200000, 130 << 20,
                          38.0, 36.5)
     text = table([baseline, migrated], "header", slow_ms=100)
-    assert ("| cache=all | 100.0 | 12.0 | 5000 | 80.0 | 3000 | 3000 | 400 | 393 | 7 | 200.0 | 300 / 20 "
+    # the sender returned 2 s after the resume, the source destroyed
+    assert ("| cache=all | 100.0 | 12.0 | 2.0 | 5000 | 80.0 | 3000 | 3000 | 400 | 393 | 7 | 200.0 | 300 / 20 "
             "| 60 / 230 | 40.0 | 3.50 | 30000 | 200000 | 130.0 | 4.5 |" in text)
+    assert "| baseline | 100.0 | - | - | 6000 |" in text
     seconds = {"baseline": [second(float(at), 100) for at in range(-20, 60)],
                "cache=all": [second(float(at), 0 if 36 <= at < 40 else 100) for at in range(-20, 100)]}
     disk = {"cache=all": [(38.0 + at / 2, at << 20) for at in range(40)]}
