@@ -913,7 +913,12 @@ def main() -> int:
                       f"downtime {link_run.downtime_s}, neighbour loss {link_run.neighbour_loss}, "
                       f"load {link_run.load_1min:.1f}", file=sys.stderr, flush=True)
             if not full_check:
-                check_guest(guest, f"after the last migration of the {anon_mb} MB step")
+                try:
+                    check_guest(guest, f"after the last migration of the {anon_mb} MB step")
+                except (RuntimeError, TestbedError):
+                    # Xen's log says whether the guest met TCG's triple fault or died of its own
+                    keep_failure_logs(pair, spec.name, out / "failed-check")
+                    raise
             guest.destroy()
         neighbour.destroy()
     table = write_readme(out, header, runs, failures, notes)
