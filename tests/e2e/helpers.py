@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
+from softpage import abi
 from softpage.abi import PAGE_SIZE
 from softpage.options import DriverOptions
 from softpage.stream.records import LIBXC_RECORD_HEADER, MAX_BATCH_SIZE, PAGE_DATA_HEADER
@@ -83,8 +84,13 @@ def domid(guest: ConsoleGuest) -> int:
     return int(guest.testbed.run(["xl", "domid", guest.name], check=True).stdout)
 
 
+def softpage_home(guest: ConsoleGuest) -> str:
+    """The guest module's xenstore directory (docs/spec/guest-protocol.md)."""
+    return f"/local/domain/{domid(guest)}/{abi.XS_DIR}"
+
+
 def module_state(guest: ConsoleGuest) -> str:
-    path = f"/local/domain/{domid(guest)}/data/softpage/state"
+    path = f"{softpage_home(guest)}/{abi.XS_STATE}"
     return guest.testbed.run(["xenstore-read", path]).stdout.strip()
 
 

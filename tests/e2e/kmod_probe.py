@@ -21,6 +21,7 @@ from typing import Any
 
 from softpage import abi
 from softpage_testbed import Guest, Testbed
+from tests.e2e.helpers import domid, softpage_home
 
 PROBE_PATH = "/root/kmod_probe.py"
 
@@ -208,17 +209,17 @@ def probe_script() -> str:
 
 def probe(testbed: Testbed, guest: Guest, *args: str) -> dict[str, Any]:
     testbed.write_file(PROBE_PATH, probe_script())
-    domid = testbed.run(["xl", "domid", guest.name], check=True).stdout.strip()
-    done = testbed.run(["python3", PROBE_PATH, args[0], domid, *args[1:]], timeout_s=300, check=True)
+    guest_domid = domid(guest)
+    done = testbed.run(["python3", PROBE_PATH, args[0], str(guest_domid), *args[1:]], timeout_s=300,
+                       check=True)
     result: dict[str, Any] = json.loads(done.stdout)
-    result["domid"] = int(domid)
+    result["domid"] = guest_domid
     return result
 
 
 def early_drop(testbed: Testbed, guest: Guest, drop_id: int) -> None:
     """Ask for the drop dom0 asks for right before a suspend, and wait for the answer."""
-    domid = testbed.run(["xl", "domid", guest.name], check=True).stdout.strip()
-    base = f"/local/domain/{domid}/{abi.XS_DIR}"
+    base = softpage_home(guest)
     testbed.run(f"xenstore-write {base}/{abi.XS_DROP} {drop_id}", check=True)
     for _ in range(120):
         if testbed.run(["xenstore-read", f"{base}/{abi.XS_DROPPED}"]).stdout.strip() == str(drop_id):

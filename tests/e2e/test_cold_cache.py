@@ -29,11 +29,11 @@ from tests.e2e.helpers import (
     STATS,
     assert_survived,
     data_file_pages,
-    domid,
     guest_output,
     module_stats,
     read_stats,
     softpage,
+    softpage_home,
     start_guest,
 )
 from tests.e2e.kmod_probe import early_drop, probe
@@ -57,12 +57,14 @@ def files(guest: Guest, first: int, count: int, mode: str) -> dict[str, float]:
 def armed(testbed: Testbed, guest: Guest, mode: str) -> Iterator[None]:
     """The module armed with ``prune-cache`` = ``mode`` by hand, as dom0 arms it for a migration;
     disarmed (and back to ``all``, as the module creates the key) afterwards."""
-    home = f"/local/domain/{domid(guest)}/data/softpage"
-    testbed.run(["xenstore-write", f"{home}/prune-cache", mode, f"{home}/armed", "1"], check=True)
+    home = softpage_home(guest)
+    testbed.run(["xenstore-write", f"{home}/{abi.XS_PRUNE_CACHE}", mode, f"{home}/{abi.XS_ARMED}", "1"],
+                check=True)
     try:
         yield
     finally:
-        testbed.run(["xenstore-write", f"{home}/armed", "0", f"{home}/prune-cache", "all"], check=True)
+        testbed.run(["xenstore-write", f"{home}/{abi.XS_ARMED}", "0", f"{home}/{abi.XS_PRUNE_CACHE}",
+                     abi.XS_PRUNE_CACHE_ALL], check=True)
 
 
 def scan_cost(testbed: Testbed, guest: Guest, mode: str) -> list[int]:

@@ -25,12 +25,12 @@ import pytest
 from softpage_testbed import Testbed
 from tests.e2e.helpers import (
     LOCALHOST_RECEIVER,
-    MODULE_STATS,
     STATS,
     assert_survived,
     domid,
     guest_output,
     in_full_matrix,
+    module_stats,
     read_stats,
     softpage,
     start_guest,
@@ -102,11 +102,11 @@ def test_free_memory_after_a_pruned_migration_is_what_the_guest_kernel_trusts(
             logged = guest_output(guest, "TROUBLE-LINES", f"dmesg | grep -E '{KERNEL_TROUBLE}' | tail -5")
             pytest.fail(f"freemem check exited {exited} without its verdict; the guest kernel said: {logged}")
         pages, nonzero, filled = (int(value) for value in checked[-1].groups())
-        counters = " ".join(f"{MODULE_STATS}/{name}" for name in REINIT_COUNTERS)
-        reinit = guest_output(guest, "REINIT", f"cat {counters}").split()
+        reinit = module_stats(guest, *REINIT_COUNTERS)
         print(f"{kernel_option} #{attempt}: {on_source} of {REGIONS} regions freed on the source; "
               f"checked {pages} pages, {nonzero} not zero ({filled} all 0xa5); "
-              f"held {reinit[0]}, rewritten at resume {reinit[1]} in {int(reinit[2]) / 1e6:.1f} ms; "
+              f"held {reinit['held_pages']}, rewritten at resume {reinit['held_reinit_pages']} in "
+              f"{reinit['held_reinit_ns'] / 1e6:.1f} ms; "
               f"downtime steps {totals.get('downtime_steps')}")
         # Most of the guest's free memory, the freed regions included, was handed out again.
         assert pages > REGIONS * REGION_MB * 256, checked[-1].group(0)
@@ -114,7 +114,7 @@ def test_free_memory_after_a_pruned_migration_is_what_the_guest_kernel_trusts(
         # The regions' old data reached the destination in HELD pages, and the module rewrote them:
         # most of them, less what the guest allocated again before its suspend (the early drop's
         # own allocations among them). Measured: 20.3k-30.8k of the regions' 41k pages.
-        assert int(reinit[1]) >= REGIONS * REGION_MB * 256 // 4, reinit
+        assert reinit["held_reinit_pages"] >= REGIONS * REGION_MB * 256 // 4, reinit
         trouble = guest_output(guest, "TROUBLE", f"dmesg | grep -cE '{KERNEL_TROUBLE}'")
         if trouble.strip() != "0":
             pytest.fail(guest_output(guest, "TROUBLE-LINES", f"dmesg | grep -E '{KERNEL_TROUBLE}'"))

@@ -23,7 +23,7 @@ import pytest
 
 from softpage import abi
 from softpage_testbed import REPO_DIR, Guest, GuestSpec, Testbed, TestbedConfig
-from tests.e2e.helpers import MODULE_STATS, boot_until_ready
+from tests.e2e.helpers import MODULE_STATS, boot_until_ready, softpage_home
 from tests.e2e.kmod_probe import early_drop, probe
 
 pytestmark = pytest.mark.e2e
@@ -204,8 +204,7 @@ def test_publishes_answers_requests_and_agrees_with_kpageflags(xen_pvh_testbed: 
 
 
 def arm_for_final(testbed: Testbed, guest: Guest, final_request: int) -> None:
-    domid = testbed.run(["xl", "domid", guest.name], check=True).stdout.strip()
-    base = f"/local/domain/{domid}/{abi.XS_DIR}"
+    base = softpage_home(guest)
     testbed.run(f"xenstore-write {base}/{abi.XS_ARMED} 1 {base}/{abi.XS_REQUEST} {final_request}", check=True)
 
 
