@@ -26,22 +26,13 @@ from tests.e2e.helpers import domid, softpage_home
 PROBE_PATH = "/root/kmod_probe.py"
 
 
-def _field_indexes() -> dict[str, int]:
-    """Each header field's index among ``abi.HEADER``'s unpacked values."""
-    indexes, position = {}, 0
-    for name, _offset, elements in abi.HEADER_FIELDS:
-        indexes[name] = position
-        position += elements
-    return indexes
-
-
 # What the script knows of the ABI, all from ``softpage.abi``: PROBE_CONSTANTS names them.
 SOFTPAGE_PAGE = abi.PAGE_SIZE
 SOFTPAGE_MAGIC = abi.MAGIC
 SOFTPAGE_VERSION = abi.VERSION
 SOFTPAGE_HEADER = abi.HEADER.format
 SOFTPAGE_HEADER_SIZE = abi.HEADER.size
-SOFTPAGE_FIELD = _field_indexes()
+SOFTPAGE_FIELD = dict(abi.HEADER_VALUE_INDEX)
 SOFTPAGE_CATEGORIES = abi.NR_CATEGORIES
 SOFTPAGE_GENERATION_OFFSET = abi.GENERATION_OFFSET
 SOFTPAGE_DIR = abi.XS_DIR

@@ -108,6 +108,19 @@ HEADER_FIELDS: Final[tuple[tuple[str, int, int], ...]] = (
     ("list_gref", 256, MAX_LIST_FRAMES),
 )
 
+
+
+def _value_positions() -> dict[str, int]:
+    positions, position = {}, 0
+    for name, _offset, elements in HEADER_FIELDS:
+        positions[name] = position
+        position += elements
+    return positions
+
+
+HEADER_VALUE_INDEX: Final[dict[str, int]] = _value_positions()
+"""Each header field's index among ``HEADER.unpack``'s flat values (its first, for an array)."""
+
 GENERATION: Final = struct.Struct("<Q")
 """The generation word alone (spec section 9, "Publication"), for sequence-lock readers."""
 GENERATION_OFFSET: Final = 16
@@ -150,13 +163,12 @@ def unpack_header(buffer: bytes | bytearray | memoryview) -> Header:
     """
     flat = HEADER.unpack_from(buffer)
     values: dict[str, int | tuple[int, ...]] = {}
-    position = 0
     for name, _offset, elements in HEADER_FIELDS:
+        position = HEADER_VALUE_INDEX[name]
         if elements == 1:
             values[name] = flat[position]
         else:
             values[name] = tuple(flat[position : position + elements])
-        position += elements
     return Header(**values)  # type: ignore[arg-type]
 
 
