@@ -19,6 +19,7 @@ from softpage.errors import StreamError
 from softpage.stream.reader import PageData, StreamParser, parse_stream
 from softpage.stream.receiver import RestoreModel
 from softpage.stream.writer import StreamWriter
+from tests.unit.stream_builders import ByteSink
 
 KINDS = {"data": 0x0000_0000, "pinned_l1": 0x9000_0000, "xalloc": 0xE000_0000, "xtab": 0xF000_0000,
          "broken": 0xD000_0000}
@@ -45,24 +46,6 @@ small_rounds = st.lists(entries, min_size=1, max_size=40)
 large_rounds = st.lists(entries, min_size=1000, max_size=1100)
 small_plans = st.lists(small_rounds, min_size=1, max_size=4)
 plans = st.lists(st.one_of(small_rounds, small_rounds, small_rounds, large_rounds), min_size=1, max_size=4)
-
-
-class Sink:
-    def __init__(self, limit: int | None) -> None:
-        self.buffer = bytearray()
-        self.limit = limit
-
-    def writev(self, buffers: Sequence[object]) -> int:
-        room = self.limit or 1 << 62
-        written = 0
-        for buffer in buffers:
-            view = memoryview(buffer).cast("B")  # type: ignore[arg-type]
-            take = view[: room - written]
-            self.buffer += take
-            written += len(take)
-            if written == room:
-                break
-        return written
 
 
 def write_plan(writer: StreamWriter, plan: Plan, use_add_page: Sequence[bool]) -> None:
@@ -107,7 +90,7 @@ def assert_matches_reference(model: RestoreModel, plan: Plan) -> None:
 def test_written_streams_restore_like_the_reference(
     plan: Plan, use_add_page: list[bool], limit: int | None
 ) -> None:
-    sink = Sink(limit)
+    sink = ByteSink(limit)
     write_plan(StreamWriter(sink.writev), plan, use_add_page[: len(plan)])
     parsed = RestoreModel()
     parsed.apply_all(parse_stream(sink.buffer))
@@ -123,7 +106,7 @@ def test_written_streams_restore_like_the_reference(
 @COSTLY
 @given(plan=plans)
 def test_entries_round_trip_in_order_with_batches_of_at_most_1024(plan: Plan) -> None:
-    sink = Sink(None)
+    sink = ByteSink()
     write_plan(StreamWriter(sink.writev), plan, [False] * len(plan))
     records = [record for record in parse_stream(sink.buffer) if isinstance(record, PageData)]
     assert all(1 <= len(record.pfns) <= 1024 for record in records)
@@ -142,7 +125,7 @@ def test_entries_round_trip_in_order_with_batches_of_at_most_1024(plan: Plan) ->
 
 @given(plan=small_plans, data=st.data())
 def test_every_truncation_and_every_extension_is_rejected(plan: Plan, data: st.DataObject) -> None:
-    sink = Sink(None)
+    sink = ByteSink()
     write_plan(StreamWriter(sink.writev), plan, [False] * len(plan))
     stream = bytes(sink.buffer)
     cut = data.draw(st.integers(0, len(stream) - 1), label="cut")
@@ -178,7 +161,7 @@ def page_data_offsets(stream: bytes) -> list[tuple[int, int]]:
 
 @given(plan=small_plans, data=st.data())
 def test_corrupt_pfn_words_are_rejected(plan: Plan, data: st.DataObject) -> None:
-    sink = Sink(None)
+    sink = ByteSink()
     write_plan(StreamWriter(sink.writev), plan, [False] * len(plan))
     stream = bytearray(sink.buffer)
     page_records = page_data_offsets(bytes(stream))
