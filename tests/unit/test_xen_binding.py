@@ -8,7 +8,11 @@ import pytest
 
 from softpage.errors import BackendError
 from softpage.xen import _binding, ctrl
-from softpage.xen._binding import EXPECTED_BINDING_ABI, check_stamp, describe_call, errno_error
+from softpage.xen._binding import EXPECTED_BINDING_ABI, LibraryHandle, check_stamp, describe_call, errno_error
+from softpage.xen.ctrl import XenCtrl
+from softpage.xen.evtchn import EventChannels
+from softpage.xen.foreignmemory import ForeignMemory
+from softpage.xen.gnttab import GrantTable
 from tests.xen_fakes import FakeDomain, fake_binding
 
 
@@ -127,3 +131,34 @@ def test_package_imports_and_fails_cleanly_without_the_compiled_module() -> None
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
     )
     assert completed.stdout.startswith("refused: the Xen bindings (softpage._xen) are unavailable")
+
+
+@pytest.mark.parametrize("wrapper", [XenCtrl, ForeignMemory, GrantTable, EventChannels],
+                         ids=lambda wrapper: wrapper.__name__)
+def test_each_library_handle_closes_once_and_refuses_use_after(wrapper: type[LibraryHandle]) -> None:
+    binding, lib = fake_binding([FakeDomain(domid=3, nr_pfns=8)])
+    with wrapper.open(binding) as opened:
+        assert isinstance(opened, wrapper) and lib.open_handles == 1
+        assert opened.handle is not None
+    assert lib.open_handles == 0
+    opened.close()
+    assert lib.open_handles == 0
+    with pytest.raises(BackendError, match=f"{wrapper.LIBRARY} used after close"):
+        opened.handle  # noqa: B018
+
+
+def test_a_library_that_will_not_open_names_its_call() -> None:
+    binding, lib = fake_binding([])
+    lib.fail["xengnttab_open"] = errno.ENOENT
+    with pytest.raises(OSError, match="xengnttab_open"):
+        GrantTable.open(binding)
+    assert lib.open_handles == 0
+
+
+def test_event_channels_unbind_what_they_bound_before_the_close() -> None:
+    binding, lib = fake_binding([FakeDomain(domid=3, nr_pfns=8)])
+    channels = EventChannels.open(binding)
+    ports = {channels.bind_interdomain(3, 7), channels.bind_interdomain(3, 8)}
+    assert lib.bound_ports == ports
+    channels.close()
+    assert lib.bound_ports == set() and lib.open_handles == 0

@@ -13,7 +13,7 @@ import functools
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Self
 
 from softpage.errors import BackendError
 
@@ -89,3 +89,52 @@ def load_binding() -> XenBinding:
     ffi, lib = module.ffi, module.lib
     check_stamp(int(lib.SOFTPAGE_XEN_BINDING_ABI), ffi.string(lib.SOFTPAGE_XEN_CDEF_SHA256).decode())
     return XenBinding(ffi=ffi, lib=lib)
+
+
+class LibraryHandle:
+    """An open handle of one of Xen's libraries, the part each wrapper shares: ``open``,
+    ``handle`` (refused after ``close``), an idempotent ``close`` and the context manager.
+
+    A subclass names its library (``LIBRARY``, as in the errors) and its open and close calls;
+    one whose open takes other arguments overrides ``_open_raw``, one that must undo more
+    before the close overrides ``_release``.
+    """
+
+    LIBRARY: ClassVar[str]
+    OPEN: ClassVar[str]
+    CLOSE: ClassVar[str]
+
+    def __init__(self, binding: XenBinding, handle: Any) -> None:
+        self.binding = binding
+        self._handle: Any = handle
+
+    @classmethod
+    def _open_raw(cls, binding: XenBinding) -> Any:
+        return getattr(binding.lib, cls.OPEN)(binding.ffi.NULL, 0)
+
+    @classmethod
+    def open(cls, binding: XenBinding | None = None) -> Self:
+        binding = binding or load_binding()
+        handle = binding.check_ptr(cls._open_raw(binding), cls.OPEN)
+        return cls(binding, handle)
+
+    @property
+    def handle(self) -> Any:
+        if self._handle is None:
+            raise BackendError(f"{self.LIBRARY} used after close()")
+        return self._handle
+
+    def _release(self, handle: Any) -> None:
+        getattr(self.binding.lib, self.CLOSE)(handle)
+
+    def close(self) -> None:
+        """Close the handle; idempotent."""
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            self._release(handle)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

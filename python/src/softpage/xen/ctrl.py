@@ -19,7 +19,7 @@ from softpage.abi import PAGE_SIZE
 from softpage.backend import GuestType, StaticInfo, TscInfo
 from softpage.errors import BackendError
 from softpage.pfnset import PfnArray, PfnSet
-from softpage.xen._binding import XenBinding, errno_error, load_binding
+from softpage.xen._binding import LibraryHandle, XenBinding, errno_error
 
 # xen/include/public/domctl.h, struct xen_domctl_getdomaininfo (interface 0x15).
 XEN_DOMINF_DYING = 1 << 0
@@ -220,37 +220,20 @@ class DirtyLog:
         self._memory = None
 
 
-class XenCtrl:
+class XenCtrl(LibraryHandle):
     """An open ``xc_interface``. Use as a context manager or call ``close()``."""
 
+    LIBRARY = "xc_interface"
+    OPEN = "xc_interface_open"
+    CLOSE = "xc_interface_close"
+
     def __init__(self, binding: XenBinding, handle: Any) -> None:
-        self.binding = binding
-        self._handle: Any = handle
+        super().__init__(binding, handle)
         self._type_scratch = np.zeros(PFN_TYPE_BATCH, dtype=np.uint64)
 
     @classmethod
-    def open(cls, binding: XenBinding | None = None) -> XenCtrl:
-        binding = binding or load_binding()
-        handle = binding.lib.xc_interface_open(binding.ffi.NULL, binding.ffi.NULL, 0)
-        binding.check_ptr(handle, "xc_interface_open")
-        return cls(binding, handle)
-
-    @property
-    def handle(self) -> Any:
-        if self._handle is None:
-            raise BackendError("xc_interface used after close()")
-        return self._handle
-
-    def close(self) -> None:
-        if self._handle is not None:
-            handle, self._handle = self._handle, None
-            self.binding.lib.xc_interface_close(handle)
-
-    def __enter__(self) -> XenCtrl:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def _open_raw(cls, binding: XenBinding) -> Any:
+        return binding.lib.xc_interface_open(binding.ffi.NULL, binding.ffi.NULL, 0)
 
     # -- facts -----------------------------------------------------------
     def xen_version(self) -> tuple[int, int]:

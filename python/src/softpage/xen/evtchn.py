@@ -5,46 +5,26 @@ from __future__ import annotations
 import select
 from typing import Any
 
-from softpage.errors import BackendError
-from softpage.xen._binding import XenBinding, load_binding
+from softpage.xen._binding import LibraryHandle, XenBinding
 
 
-class EventChannels:
-    """An open ``xenevtchn_handle`` and the ports bound through it."""
+class EventChannels(LibraryHandle):
+    """An open ``xenevtchn_handle`` and the ports bound through it; ``close`` unbinds every
+    port still bound first."""
+
+    LIBRARY = "xenevtchn handle"
+    OPEN = "xenevtchn_open"
+    CLOSE = "xenevtchn_close"
 
     def __init__(self, binding: XenBinding, handle: Any) -> None:
-        self.binding = binding
-        self._handle: Any = handle
+        super().__init__(binding, handle)
         self._bound: set[int] = set()
 
-    @classmethod
-    def open(cls, binding: XenBinding | None = None) -> EventChannels:
-        binding = binding or load_binding()
-        handle = binding.lib.xenevtchn_open(binding.ffi.NULL, 0)
-        binding.check_ptr(handle, "xenevtchn_open")
-        return cls(binding, handle)
-
-    @property
-    def handle(self) -> Any:
-        if self._handle is None:
-            raise BackendError("xenevtchn handle used after close()")
-        return self._handle
-
-    def close(self) -> None:
-        """Unbind every port still bound, then close; idempotent."""
-        if self._handle is None:
-            return
+    def _release(self, handle: Any) -> None:
         for port in sorted(self._bound):
-            self.binding.lib.xenevtchn_unbind(self._handle, port)
+            self.binding.lib.xenevtchn_unbind(handle, port)
         self._bound.clear()
-        handle, self._handle = self._handle, None
-        self.binding.lib.xenevtchn_close(handle)
-
-    def __enter__(self) -> EventChannels:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        super()._release(handle)
 
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
         """Connect to the guest's unbound ``remote_port``; return the local port."""

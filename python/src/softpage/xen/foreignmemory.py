@@ -9,7 +9,7 @@ import numpy as np
 from softpage.abi import PAGE_SIZE
 from softpage.errors import BackendError
 from softpage.pfnset import PfnArray
-from softpage.xen._binding import XenBinding, errno_error, load_binding
+from softpage.xen._binding import LibraryHandle, errno_error
 
 
 class ForeignMapping:
@@ -51,36 +51,12 @@ class ForeignMapping:
         self.unmap()
 
 
-class ForeignMemory:
+class ForeignMemory(LibraryHandle):
     """An open ``xenforeignmemory_handle``."""
 
-    def __init__(self, binding: XenBinding, handle: Any) -> None:
-        self.binding = binding
-        self._handle: Any = handle
-
-    @classmethod
-    def open(cls, binding: XenBinding | None = None) -> ForeignMemory:
-        binding = binding or load_binding()
-        handle = binding.lib.xenforeignmemory_open(binding.ffi.NULL, 0)
-        binding.check_ptr(handle, "xenforeignmemory_open")
-        return cls(binding, handle)
-
-    @property
-    def handle(self) -> Any:
-        if self._handle is None:
-            raise BackendError("xenforeignmemory handle used after close()")
-        return self._handle
-
-    def close(self) -> None:
-        if self._handle is not None:
-            handle, self._handle = self._handle, None
-            self.binding.lib.xenforeignmemory_close(handle)
-
-    def __enter__(self) -> ForeignMemory:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    LIBRARY = "xenforeignmemory handle"
+    OPEN = "xenforeignmemory_open"
+    CLOSE = "xenforeignmemory_close"
 
     def map_readonly(self, domid: int, pfns: PfnArray) -> ForeignMapping:
         """Map ``pfns`` (GFNs) of ``domid`` in one call, PROT_READ.

@@ -9,7 +9,7 @@ import numpy as np
 
 from softpage.abi import PAGE_SIZE
 from softpage.errors import BackendError
-from softpage.xen._binding import XenBinding, load_binding
+from softpage.xen._binding import LibraryHandle
 
 
 class GrantMapping:
@@ -50,36 +50,12 @@ class GrantMapping:
         self.unmap()
 
 
-class GrantTable:
+class GrantTable(LibraryHandle):
     """An open ``xengnttab_handle`` (needs xen-gntdev in dom0)."""
 
-    def __init__(self, binding: XenBinding, handle: Any) -> None:
-        self.binding = binding
-        self._handle: Any = handle
-
-    @classmethod
-    def open(cls, binding: XenBinding | None = None) -> GrantTable:
-        binding = binding or load_binding()
-        handle = binding.lib.xengnttab_open(binding.ffi.NULL, 0)
-        binding.check_ptr(handle, "xengnttab_open")
-        return cls(binding, handle)
-
-    @property
-    def handle(self) -> Any:
-        if self._handle is None:
-            raise BackendError("xengnttab handle used after close()")
-        return self._handle
-
-    def close(self) -> None:
-        if self._handle is not None:
-            handle, self._handle = self._handle, None
-            self.binding.lib.xengnttab_close(handle)
-
-    def __enter__(self) -> GrantTable:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    LIBRARY = "xengnttab handle"
+    OPEN = "xengnttab_open"
+    CLOSE = "xengnttab_close"
 
     def map_readonly(self, domid: int, refs: Sequence[int]) -> GrantMapping:
         """Map grant ``refs`` of ``domid`` in one call (all or nothing)."""
