@@ -15,9 +15,9 @@ neighbour, host-b idle beside it), then SOFTPAGE_PROBE_REFILLS times (default 6)
 guest's page cache (``echo 3 > /proc/sys/vm/drop_caches``) and reads its files back
 (``warm_cache``, about 1.9 GiB from its data disk); every SOFTPAGE_PROBE_CHECK_EVERY-th time
 (default 3) the workload's full check does the reading, as after a link run. A guest that dies is
-replaced by a fresh one; Xen's triple-fault line and the RIP it dumped are kept, the RIP named
-from SOFTPAGE_PROBE_SYSTEM_MAP (the guest kernel's System.map, from Debian's
-``linux-image-*-dbg``; optional).
+replaced by a fresh one, whose boot (it reads the files in as well) is a row of its own. Xen's
+triple-fault line and the RIP it dumped are kept, the RIP named from SOFTPAGE_PROBE_SYSTEM_MAP
+(the guest kernel's System.map, from Debian's ``linux-image-*-dbg``; optional).
 
     .venv/bin/python -m tests.bench.refill_probe     (writes results/refill-probe-DATE/)
 """
@@ -55,7 +55,7 @@ DUMPED_RIP = re.compile(r"RIP:\s+([0-9a-f]{4}):\[<([0-9a-f]+)>\]")
 
 @dataclass
 class Refill:
-    number: int
+    label: str
     how: str
     seconds: float
     outcome: str
@@ -111,11 +111,12 @@ def last_triple_fault(testbed: Testbed, seen: int, table: tuple[list[int], list[
 
 
 def write_readme(out: Path, header: str, refills: list[Refill]) -> None:
-    rows = "".join(f"| {r.number} | {r.how} | {r.seconds:.1f} | {r.outcome} | {r.rip or '-'} |\n"
+    rows = "".join(f"| {r.label} | {r.how} | {r.seconds:.1f} | {r.outcome} | {r.rip or '-'} |\n"
                    for r in refills)
     died = sum(1 for r in refills if r.outcome != "ok")
-    text = (f"{header}\n\n| refill | how | s | outcome | Xen's triple fault |\n|---:|---|---:|---|---|\n"
-            f"{rows}\n{died} of {len(refills)} refills ended in the guest's death.\n")
+    text = (f"{header}\n\n| refill | how | s | outcome | Xen's triple fault |\n|---|---|---:|---|---|\n"
+            f"{rows}\n{died} of {len(refills)} reads of the files (boots included) ended in the guest's "
+            f"death.\n")
     readme = out / "README.md"
     hand = ""
     if readme.exists() and "\n## What this run is" in readme.read_text():
@@ -141,31 +142,39 @@ def main() -> int:
                   f"{time.strftime('%Y-%m-%d %H:%M')} UTC\n\n`tests/bench/refill_probe.py`: the link "
                   f"bench's pair (Xen {xen_version} on both hosts, host-b idle), its {guest_mb} MiB PVH "
                   f"guest on Linux {bench_guest_kernel()} and its PV neighbour spinning on host-a; "
-                  f"{refill_count} times: drop the guest's page cache, read its files back (every "
-                  f"{check_every}th time the workload's full check instead). Load at start "
+                  f"{refill_count} times: drop the guest's page cache, read its files back (the workload's "
+                  f"full check instead every {check_every} refills). Load at start "
                   f"`{machine_load()}`.")
         neighbour = start_neighbour(pair.a, NEIGHBOUR_SPIN_MB)
         spec = bench_guest("refill0", guest_mb, 0)
         faults_seen, _ = last_triple_fault(pair.a, 0, table)
-        guest = None
-        for number in range(1, refill_count + 1):
-            if guest is None:
-                guest = start_guest(pair.a, spec)
-            how = "full check" if check_every and number % check_every == 0 else "read back"
+        guest: Guest | None = None
+        number = boots = 0
+        while number < refill_count and boots <= refill_count:
             began = time.monotonic()
+            if guest is None:  # a boot reads the files in too: a row of its own
+                boots += 1
+                label, how = f"boot {boots}", "boot (reads the files in)"
+            else:
+                number += 1
+                label = str(number)
+                how = "full check" if check_every and number % check_every == 0 else "read back"
             try:
-                drop_caches(guest, str(number))
-                if how == "full check":
+                if guest is None:
+                    guest = start_guest(pair.a, spec)
+                elif how == "full check":
+                    drop_caches(guest, label)
                     check_guest(guest, f"refill {number}")
                 else:
+                    drop_caches(guest, label)
                     warm_cache(guest, f"refill-{number}")
                 outcome, rip = "ok", ""
             except (RuntimeError, TestbedError) as error:
                 faults_seen, rip = last_triple_fault(pair.a, faults_seen, table)
-                outcome = f"died: {str(error).splitlines()[0][:120]}"
+                outcome = f"died: {type(error).__name__}"
                 pair.a.run(f"xl destroy {spec.name}", timeout_s=300)
                 guest = None
-            refills.append(Refill(number, how, time.monotonic() - began, outcome, rip))
+            refills.append(Refill(label, how, time.monotonic() - began, outcome, rip))
             print(f"refill_probe: {refills[-1]}", file=sys.stderr, flush=True)
             write_readme(out, header, refills)
         if guest is not None:
