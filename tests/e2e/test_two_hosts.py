@@ -10,13 +10,13 @@ there, and the workload's full check (every anonymous byte, every cached file) p
 `make test` runs one of them, the one-way pruned migration over ssh (the pair's boot and that
 migration were 230 s on 2026-12-06, when `make test` had to shed minutes to fit CI and it went to
 the matrix; CI's whole `make test` took 1468 s on 2026-12-07, so it came back). Every other test
-here is `make test-matrix`'s only: the shared disk's check, the pruned migration there and back, the cut link, the plain and stock
-migrations, the link's measurement, the cross-version pair (Debian 12 / Xen 4.17.7 to Debian 13 /
-Xen 4.20.4) and the PV guest on the Xen 4.17.5 pair (``pv_pair``; booted on the libvirt CPU, so
-that test_libvirt.py's `virsh migrate --live` shares the boot). Each costs minutes of TCG: ssh
-carries about 2 MiB/s there. On an idle machine the pruned migration there
-and back, the shared disk's check and the link's measurement took 8 min 53 s with the pair's boot
-(2026-12-06); with other testbeds running, 17 min 44 s (2026-12-05)."""
+here is `make test-matrix`'s only: the shared disk's check, the pruned migration there and
+back, the cut link, the plain and stock migrations, the link's measurement, the cross-version pair
+(Debian 12 / Xen 4.17.7 to Debian 13 / Xen 4.20.4) and the PV guest on the Xen 4.17.5 pair
+(``pv_pair``; booted on the libvirt CPU, so that test_libvirt.py's `virsh migrate --live` shares
+the boot). Each costs minutes of TCG: ssh carries about 2 MiB/s there. On an idle machine the
+pruned migration there and back, the shared disk's check and the link's measurement took 8 min
+53 s with the pair's boot (2026-12-06); with other testbeds running, 17 min 44 s (2026-12-05)."""
 
 from __future__ import annotations
 
