@@ -787,6 +787,21 @@ def machine_load() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
+def size_hosts_for(guest_mb: int) -> None:
+    """The pair's sizes for a guest of ``guest_mb``, unless the environment sets them: the data disk
+    as large as the guest; each host holds dom0, one copy of the guest and the neighbour (no
+    localhost migration: no second copy)."""
+    os.environ.setdefault("SOFTPAGE_DATA_MB", str(guest_mb))
+    os.environ.setdefault("SOFTPAGE_QEMU_MEM_MB", str(1024 + guest_mb + NEIGHBOUR_MB + 768))
+
+
+def hand_written_part(readme: Path) -> str:
+    """The hand-written part of a results README (from HAND_WRITTEN on), or "" if it has none or
+    does not exist yet: what a bench keeps when it writes its summary again."""
+    old = readme.read_text() if readme.exists() else ""
+    return old[old.index(HAND_WRITTEN):] if HAND_WRITTEN in old else ""
+
+
 def write_readme(out: Path, header: str, runs: list[LinkRun], failures: list[str], notes: list[str]) -> str:
     """The summary under ``header``; the hand-written part of a README already in ``out`` (a
     continued sweep's) is kept after it."""
@@ -795,8 +810,7 @@ def write_readme(out: Path, header: str, runs: list[LinkRun], failures: list[str
     failed = "".join(f"- {failure}\n" for failure in failures) or "- none\n"
     noted = "".join(f"- {note}\n" for note in notes) or "- none\n"
     readme = out / "README.md"
-    old = readme.read_text() if readme.exists() else ""
-    hand = old[old.index(HAND_WRITTEN):] if HAND_WRITTEN in old else ""
+    hand = hand_written_part(readme)
     readme.write_text(f"{header}\n\n## Medians\n\n{table}\n## Failed runs (not in the table)\n\n"
                       f"{failed}\n## Notes\n\n{noted}{hand}")
     return table
@@ -837,10 +851,7 @@ def main() -> int:
     buffer_s = float(os.environ.get("SOFTPAGE_LINK_BUFFER_S", str(BUFFER_S)))
     transport = Transport(os.environ.get("SOFTPAGE_LINK_TRANSPORT", "tcp"), ssh_options,
                           transport_buffer_bytes(shape, buffer_s))
-    # the data disk as large as the guest; each host holds dom0, one copy of the guest and the
-    # neighbour (no localhost migration: no second copy)
-    os.environ.setdefault("SOFTPAGE_DATA_MB", str(guest_mb))
-    os.environ.setdefault("SOFTPAGE_QEMU_MEM_MB", str(1024 + guest_mb + NEIGHBOUR_MB + 768))
+    size_hosts_for(guest_mb)
     out = output_dir(guest_mb, prefix="link-bench")
     runs_path = out / "runs.csv"
     runs = read_runs(runs_path, LinkRun)

@@ -34,7 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from softpage_testbed import XEN_PVH_VERSION, Guest, Testbed, TestbedConfig, TestbedError, booted_pair
-from tests.bench.link_bench import NEIGHBOUR_MB, NEIGHBOUR_SPIN_MB, machine_load, start_neighbour
+from tests.bench.link_bench import (
+    NEIGHBOUR_SPIN_MB,
+    hand_written_part,
+    machine_load,
+    size_hosts_for,
+    start_neighbour,
+)
 from tests.bench.xen_bench import (
     REPO,
     bench_guest,
@@ -87,14 +93,13 @@ def name_rip(rip: str, table: tuple[list[int], list[str]]) -> str:
     return f"{rip} ({names[where]}+{value - addresses[where]:#x})"
 
 
-def triple_faults(xen_log: str) -> list[tuple[str, str, str]]:
+def triple_faults(xen_log: str) -> list[tuple[str, str, tuple[str, str] | None]]:
     """Each guest triple fault in ``xl dmesg``'s text: (domain, Xen's uptime, the RIP Xen dumped
-    after it as ``CS:address``, or "no dump")."""
+    after it as (CS, address), or None without a dump)."""
     found = []
     for fault in TRIPLE_FAULT.finditer(xen_log):
         dumped = DUMPED_RIP.search(xen_log, fault.end(), fault.end() + 2000)
-        found.append((fault.group(2), fault.group(1),
-                      f"{dumped.group(1)}:{dumped.group(2)}" if dumped else "no dump"))
+        found.append((fault.group(2), fault.group(1), (dumped.group(1), dumped.group(2)) if dumped else None))
     return found
 
 
@@ -105,8 +110,7 @@ def last_triple_fault(testbed: Testbed, seen: int, table: tuple[list[int], list[
     if len(faults) <= seen:
         return len(faults), ""
     domain, uptime, rip = faults[-1]
-    selector, _, address = rip.partition(":")
-    named = f"{selector}:{name_rip(address, table)}" if address else rip
+    named = f"{rip[0]}:{name_rip(rip[1], table)}" if rip else "no dump"
     return len(faults), f"{domain} at Xen {uptime} s, RIP {named}"
 
 
@@ -118,10 +122,7 @@ def write_readme(out: Path, header: str, refills: list[Refill]) -> None:
             f"{rows}\n{died} of {len(refills)} reads of the files (boots included) ended in the guest's "
             f"death.\n")
     readme = out / "README.md"
-    hand = ""
-    if readme.exists() and "\n## What this run is" in readme.read_text():
-        hand = "\n## What this run is" + readme.read_text().split("\n## What this run is", 1)[1]
-    readme.write_text(text + hand)
+    readme.write_text(text + hand_written_part(readme))
 
 
 def main() -> int:
@@ -130,9 +131,7 @@ def main() -> int:
     guest_mb = int(os.environ.get("SOFTPAGE_BENCH_GUEST_MB", str(GUEST_MB)))
     table = symbols(os.environ.get("SOFTPAGE_PROBE_SYSTEM_MAP", ""))
     xen_version = os.environ.get("SOFTPAGE_BENCH_XEN", XEN_PVH_VERSION)
-    # as the link bench sizes each host: dom0, one copy of the guest and the neighbour
-    os.environ.setdefault("SOFTPAGE_DATA_MB", str(guest_mb))
-    os.environ.setdefault("SOFTPAGE_QEMU_MEM_MB", str(1024 + guest_mb + NEIGHBOUR_MB + 768))
+    size_hosts_for(guest_mb)  # as the link bench sizes its hosts
     out = output_dir(guest_mb, prefix="refill-probe")
     config = TestbedConfig.from_env(xen_version)
     refills: list[Refill] = []

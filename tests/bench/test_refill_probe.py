@@ -27,8 +27,8 @@ ffffffff82000000 D some_data
 
 
 def test_each_triple_fault_with_the_rip_dumped_after_it() -> None:
-    assert triple_faults(XEN_LOG) == [("d3", "1960.507257", "0010:ffffffff819f69b7"),
-                                      ("d4", "2001.000001", "no dump")]
+    assert triple_faults(XEN_LOG) == [("d3", "1960.507257", ("0010", "ffffffff819f69b7")),
+                                      ("d4", "2001.000001", None)]
     assert triple_faults("(XEN) [ 1.0] d1v0: upcall vector f3\n") == []
 
 

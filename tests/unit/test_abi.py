@@ -155,18 +155,11 @@ def _struct_span(name: str) -> tuple[int, int]:
 @pytest.mark.parametrize(("name", "offset", "elements"), abi.HEADER_FIELDS)
 def test_value_index_finds_the_word_at_the_fields_offset(name: str, offset: int, elements: int) -> None:
     buffer = bytearray(abi.HEADER.size)
-    width = struct.calcsize("<" + _struct_span_code(name))
+    width = _struct_span(name)[1] // elements  # one element's octets
     buffer[offset : offset + width] = (0x5A).to_bytes(width, "little")
     flat = abi.HEADER.unpack(bytes(buffer))
     assert flat[abi.HEADER_VALUE_INDEX[name]] == 0x5A
     assert sum(1 for value in flat if value) == 1
-
-
-def _struct_span_code(name: str) -> str:
-    """The single-element struct code of a field (``I``, ``H``, ``Q``) from abi.HEADER's format."""
-    _offset, span_size = _struct_span(name)
-    elements = {field: count for field, _offset, count in abi.HEADER_FIELDS}[name]
-    return {2: "H", 4: "I", 8: "Q"}[span_size // elements]
 
 
 def test_generation_layout_matches_the_compiler(compiled: ModuleType) -> None:

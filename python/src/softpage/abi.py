@@ -109,7 +109,6 @@ HEADER_FIELDS: Final[tuple[tuple[str, int, int], ...]] = (
 )
 
 
-
 def _value_positions() -> dict[str, int]:
     positions, position = {}, 0
     for name, _offset, elements in HEADER_FIELDS:

@@ -41,9 +41,8 @@ SUSPENDED_POLL_INTERVAL = 0.01
 """Seconds between domain-state checks once the guest acknowledged: each is one
 getdomaininfo hypercall, and the time from the guest's shutdown to our noticing
 it is downtime. Woken by @releaseDomain and otherwise every STATE_POLL_INTERVAL,
-the sender noticed the shutdown
-0.03-0.8 s (median 0.2 s) after dom0's own 20 ms poll had seen it on the
-testbed's two hosts (results/link-bench-20261206-* and -20261207-*), 0.01-0.04 s
+the sender noticed the shutdown 0.03-0.8 s (median 0.2 s) after dom0's own
+20 ms poll had seen it on the testbed's two hosts (results/link-bench-20261206-* and -20261207-*), 0.01-0.04 s
 on one host."""
 
 
